@@ -1,0 +1,34 @@
+# CosyVoice2 serving stack. `make up` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.stamp
+# Package roots: each stage's importable package lives in its own service folder.
+PKG_DIRS := common services/tokenizer services/speaker services/llm services/token2wav services/gateway tools protos/gen
+MODEL_SIZE ?= tiny
+MODEL_DIR  ?= models/cosyvoice2-$(MODEL_SIZE)
+GOLDEN     ?= ../shared/golden/tiny-seed1
+export MODEL_DIR
+
+.PHONY: venv proto model parity test up down logs ps bench profile clean help
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+venv: $(STAMP) ## create .venv with every dependency (CPU torch)
+
+$(STAMP): requirements.txt requirements-nodeps.txt protos/cosyvoice/v1/tts.proto
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(PY) tools/cosyvoice_tools/fix_torchaudio.py
+	printf '%s\n' $(addprefix $(CURDIR)/,$(PKG_DIRS)) > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/cosyvoice-stack.pth
+	$(MAKE) proto
+	touch $@
+
+proto: ## generate gRPC code from protos/ into protos/gen (ignored)
+	mkdir -p protos/gen
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos/gen --grpc_python_out=protos/gen protos/cosyvoice/v1/tts.proto
+	touch protos/gen/cosyvoice/__init__.py protos/gen/cosyvoice/v1/__init__.py
