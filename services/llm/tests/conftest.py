@@ -1,0 +1,39 @@
+"""Shared fixtures: the golden tiny checkpoint (skipped with a reason when absent) and a random tiny model."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from cosyvoice_llm.model import Qwen2LM
+
+GOLDEN_DIR = Path("/work/shared/golden/tiny-seed1")
+
+TINY_QWEN2 = {
+    "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "hidden_act": "silu",
+}
+TINY_LLM = {"llm_input_size": 32, "llm_output_size": 32, "speech_token_size": 6561}
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not (GOLDEN_DIR / "llm.npz").is_file():
+        print(f"golden set not found at {GOLDEN_DIR}")
+        pytest.skip(f"golden set not found at {GOLDEN_DIR}")
+    return GOLDEN_DIR
+
+
+@pytest.fixture()
+def tiny_model() -> Qwen2LM:
+    torch.manual_seed(0)
+    model = Qwen2LM.from_config(TINY_LLM, TINY_QWEN2).eval()
+    with torch.no_grad():
+        model.llm_decoder.weight.mul_(4.0)   # sharper logits so greedy margins are not razor thin
+    return model
+
+
+@pytest.fixture()
+def tiny_configs() -> tuple[dict, dict]:
+    """(llm section, Qwen2 config) of a random tiny model."""
+    return dict(TINY_LLM), dict(TINY_QWEN2)
