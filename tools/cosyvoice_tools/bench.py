@@ -1,0 +1,332 @@
+"""Benchmark the stack the way the seed's client_grpc.py does, but async and over our public API.
+
+    python -m cosyvoice_tools.bench --addr 127.0.0.1:50051 \
+        --manifest bench/seedtts-like/manifest.jsonl --concurrency 1,2,4,8,16,32 \
+        --modes stream,stream-cached,offline --out bench_results/run.json
+
+Modes (the seed's three rows):
+  stream         streaming, prompt features recomputed on every request (request.skip_cache = true)
+  stream-cached  streaming, prompt features from the spk2info cache (warmed before timing)
+  offline        whole-utterance Synthesize, cache on
+
+Every request forces its length with min_speech_tokens = max_speech_tokens = target_speech_tokens
+(random weights never choose to stop), so N tokens = N/25 s of audio.
+
+At concurrency c, c workers pull requests from one queue holding max(len(manifest), 2c) items.
+RTF = wall time of the whole level / seconds of audio returned (the seed's definition).
+First-chunk latency = first streamed chunk received - request sent (client side).
+`--engine-only` runs the same workload against the in-process pipeline (no servers): a second line
+that shows what the servers and gRPC cost.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import asyncio
+import json
+import pathlib
+import statistics
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ
+
+STAGES = ("tokenizer", "speaker", "llm", "token2wav")
+MODES = ("stream", "stream-cached", "offline")
+CACHE_WARMUP_TOKENS = 4  # a short request is enough to store a prompt's features
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    item_id: str
+    prompt_audio: bytes
+    prompt_text: str
+    target_text: str
+    speech_tokens: int
+
+
+@dataclass(slots=True)
+class RequestResult:
+    item_id: str
+    ok: bool
+    error: str = ""
+    first_chunk_s: float = 0.0
+    total_s: float = 0.0
+    audio_s: float = 0.0
+    chunks: int = 0
+    first_chunk_samples: int = 0
+    stage_ms: dict = field(default_factory=dict)   # {"llm.queue": ms, "llm.compute": ms, ...}
+    cache_hit: bool = False
+
+
+def load_manifest(path: pathlib.Path) -> list[WorkItem]:
+    items = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        items.append(WorkItem(row["id"], (path.parent / row["prompt_audio"]).read_bytes(),
+                              row["prompt_text"], row["target_text"], int(row["target_speech_tokens"])))
+    if not items:
+        raise SystemExit(f"{path}: empty manifest")
+    return items
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def summarize(mode: str, concurrency: int, results: list[RequestResult], wall_s: float) -> dict:
+    ok = [r for r in results if r.ok]
+    audio_s = sum(r.audio_s for r in ok)
+    first = [r.first_chunk_s * 1000 for r in ok]
+    total = [r.total_s * 1000 for r in ok]
+    stage_ms = {}
+    for key in sorted({k for r in ok for k in r.stage_ms}):
+        stage_ms[key] = statistics.fmean(r.stage_ms.get(key, 0.0) for r in ok)
+    return {
+        "mode": mode, "concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
+        "first_errors": sorted({r.error for r in results if not r.ok})[:3],
+        "wall_s": wall_s, "audio_s": audio_s, "rtf": wall_s / audio_s if audio_s else float("nan"),
+        "audio_s_per_s": audio_s / wall_s if wall_s else float("nan"),
+        "first_chunk_ms": {"avg": statistics.fmean(first) if first else float("nan"), "p50": percentile(first, 50),
+                           "p90": percentile(first, 90), "p99": percentile(first, 99)},
+        "total_ms": {"avg": statistics.fmean(total) if total else float("nan"), "p50": percentile(total, 50),
+                     "p90": percentile(total, 90), "p99": percentile(total, 99)},
+        "first_chunk_samples": statistics.median([r.first_chunk_samples for r in ok]) if ok else 0,
+        "cache_hit_rate": sum(r.cache_hit for r in ok) / len(ok) if ok else 0.0,
+        "stage_ms": stage_ms,
+    }
+
+
+# --- request drivers ------------------------------------------------------------------------------
+
+class GrpcDriver:
+    """Speaks cosyvoice.v1.TextToSpeech to a running gateway."""
+
+    def __init__(self, addr: str, timeout_s: float):
+        import grpc
+        from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
+
+        self._pb = tts_pb2
+        self._channel = grpc.aio.insecure_channel(addr, options=[("grpc.max_receive_message_length", 64 << 20),
+                                                                  ("grpc.max_send_message_length", 64 << 20)])
+        self._stub = tts_pb2_grpc.TextToSpeechStub(self._channel)
+        self._timeout_s = timeout_s
+
+    def _request(self, item: WorkItem, skip_cache: bool):
+        pb = self._pb
+        return pb.SynthesizeRequest(
+            text=item.target_text, prompt_audio=item.prompt_audio, prompt_text=item.prompt_text,
+            encoding=pb.FLOAT32, sample_rate=OUTPUT_SAMPLE_RATE_HZ, request_id=f"bench-{item.item_id}",
+            min_speech_tokens=item.speech_tokens, max_speech_tokens=item.speech_tokens, skip_cache=skip_cache)
+
+    @staticmethod
+    def _stage_ms(timings) -> dict:
+        out = {}
+        for stage in STAGES:
+            t = getattr(timings, stage)
+            out[f"{stage}.queue"] = t.queue_ms
+            out[f"{stage}.compute"] = t.compute_ms
+        return out
+
+    async def run(self, item: WorkItem, mode: str) -> RequestResult:
+        result = RequestResult(item.item_id, ok=False)
+        start = time.perf_counter()
+        try:
+            if mode == "offline":
+                resp = await self._stub.Synthesize(self._request(item, skip_cache=False), timeout=self._timeout_s)
+                result.total_s = result.first_chunk_s = time.perf_counter() - start
+                samples = len(resp.audio) // 4
+                result.chunks, result.first_chunk_samples = 1, samples
+                result.stage_ms, result.cache_hit = self._stage_ms(resp.timings), resp.timings.cache_hit
+            else:
+                samples = 0
+                call = self._stub.SynthesizeStream(self._request(item, skip_cache=(mode == "stream")),
+                                                   timeout=self._timeout_s)
+                async for chunk in call:
+                    n = len(chunk.audio) // 4
+                    if result.chunks == 0 and n:
+                        result.first_chunk_s = time.perf_counter() - start
+                        result.first_chunk_samples = n
+                    result.chunks += 1 if n else 0
+                    samples += n
+                    if chunk.is_final:
+                        result.stage_ms, result.cache_hit = self._stage_ms(chunk.timings), chunk.timings.cache_hit
+                result.total_s = time.perf_counter() - start
+            result.audio_s = samples / OUTPUT_SAMPLE_RATE_HZ
+            result.ok = samples > 0
+            if not result.ok:
+                result.error = "no audio"
+        except Exception as exc:  # a failed request is a row in the table, not a crash of the benchmark
+            result.error = f"{type(exc).__name__}: {getattr(exc, 'details', lambda: str(exc))()}"
+        return result
+
+    async def close(self):
+        await self._channel.close()
+
+
+class EngineDriver:
+    """Runs the gateway pipeline in-process against in-process stages (no servers, no gRPC)."""
+
+    def __init__(self, model_dir: str, device: str):
+        from cosyvoice_gateway.local import LocalPipeline  # built on the same pipeline code as the gateway
+
+        self._pipeline = LocalPipeline.create(model_dir, device)
+
+    async def run(self, item: WorkItem, mode: str) -> RequestResult:
+        return await self._pipeline.bench_request(item, mode)
+
+    async def close(self):
+        await self._pipeline.close()
+
+
+# --- the sweep ------------------------------------------------------------------------------------
+
+async def run_level(driver, items: list[WorkItem], mode: str, concurrency: int, progress) -> dict:
+    total = max(len(items), 2 * concurrency)
+    queue: asyncio.Queue = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(items[i % len(items)])
+    results: list[RequestResult] = []
+
+    async def worker():
+        while True:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            results.append(await driver.run(item, mode))
+            progress.update(1)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return summarize(mode, concurrency, results, time.perf_counter() - start)
+
+
+def triton_stats(urls: list[str]) -> dict:
+    """Per-model queue/compute totals from each stage server's statistics API (HTTP port)."""
+    out = {}
+    for url in urls:
+        try:
+            with urllib.request.urlopen(f"http://{url}/v2/models/stats", timeout=5) as resp:
+                stats = json.load(resp)
+        except OSError:
+            continue
+        for model in stats.get("model_stats", []):
+            inf = model["inference_stats"]
+            entry = out.setdefault(model["name"], {"count": 0, "queue_ns": 0, "compute_ns": 0, "exec": 0})
+            entry["count"] += int(inf["success"]["count"])
+            entry["queue_ns"] += int(inf["queue"]["ns"])
+            entry["compute_ns"] += int(inf["compute_infer"]["ns"])
+            entry["exec"] += int(model.get("execution_count", 0))
+    return out
+
+
+def stats_delta(before: dict, after: dict) -> dict:
+    rows = {}
+    for name, a in after.items():
+        b = before.get(name, {"count": 0, "queue_ns": 0, "compute_ns": 0, "exec": 0})
+        n = a["count"] - b["count"]
+        if n > 0:
+            rows[name] = {"requests": n, "avg_queue_ms": (a["queue_ns"] - b["queue_ns"]) / n / 1e6,
+                          "avg_compute_ms": (a["compute_ns"] - b["compute_ns"]) / n / 1e6,
+                          "avg_batch": n / max(1, a["exec"] - b["exec"])}
+    return rows
+
+
+def format_tables(rows: list[dict], title: str) -> str:
+    lines = [f"## {title}", ""]
+    for mode in MODES:
+        mode_rows = [r for r in rows if r["mode"] == mode]
+        if not mode_rows:
+            continue
+        lines += [f"### {mode}", "",
+                  "| c | reqs | err | first chunk avg / p50 / p90 / p99 (ms) | total avg / p50 / p99 (ms) | RTF | audio s/s | cache hit |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in mode_rows:
+            f, t = r["first_chunk_ms"], r["total_ms"]
+            lines.append(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {f['avg']:.0f} / {f['p50']:.0f} / "
+                         f"{f['p90']:.0f} / {f['p99']:.0f} | {t['avg']:.0f} / {t['p50']:.0f} / {t['p99']:.0f} | "
+                         f"{r['rtf']:.4f} | {r['audio_s_per_s']:.1f} | {r['cache_hit_rate']:.2f} |")
+        lines += ["", "Per-stage time per request (gateway timings, ms, queue + compute):", "",
+                  "| c | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES)]
+        for r in mode_rows:
+            s = r["stage_ms"]
+            cells = [f"{s.get(st + '.queue', 0):.1f} + {s.get(st + '.compute', 0):.1f}" for st in STAGES]
+            lines.append(f"| {r['concurrency']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+async def main_async(args) -> int:
+    from tqdm import tqdm
+
+    items = load_manifest(pathlib.Path(args.manifest))
+    if args.limit:
+        items = items[: args.limit]
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    modes = args.modes.split(",")
+    for mode in modes:
+        if mode not in MODES:
+            raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    driver = EngineDriver(args.model_dir, args.device) if args.engine_only else GrpcDriver(args.addr, args.timeout_s)
+    stage_urls = [u for u in args.triton_stats.split(",") if u]
+    rows = []
+    try:
+        # Warm-up: fill caches, load kernels, capture graphs. The cached rows then measure cache hits.
+        warm = items[: max(1, min(len(items), args.warmup))]
+        for item in tqdm(warm, desc="warm-up", file=sys.stderr):
+            for mode in modes:
+                r = await driver.run(item, mode)
+                if not r.ok:
+                    print(f"warm-up {item.item_id} {mode}: {r.error}", file=sys.stderr)
+        if any(m != "stream" for m in modes):  # every prompt in the cache before the cached rows
+            for item in tqdm(items, desc="cache warm-up", file=sys.stderr):
+                await driver.run(dataclasses.replace(item, speech_tokens=CACHE_WARMUP_TOKENS), "offline")
+        total = sum(max(len(items), 2 * c) for c in concurrencies) * len(modes)
+        with tqdm(total=total, desc="bench", file=sys.stderr) as progress:
+            for mode in modes:
+                for c in concurrencies:
+                    before = triton_stats(stage_urls)
+                    row = await run_level(driver, items, mode, c, progress)
+                    row["triton"] = stats_delta(before, triton_stats(stage_urls))
+                    rows.append(row)
+    finally:
+        await driver.close()
+    title = f"{'engine-only' if args.engine_only else 'whole stack'}: {args.label}"
+    report = {"label": args.label, "engine_only": args.engine_only, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "argv": sys.argv, "rows": rows}
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+    print(format_tables(rows, title))
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--addr", default="127.0.0.1:50051")
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--concurrency", default="1,2,4,8,16,32")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N manifest items")
+    parser.add_argument("--warmup", type=int, default=4, help="requests per mode before timing")
+    parser.add_argument("--timeout-s", type=float, default=300.0)
+    parser.add_argument("--triton-stats", default="", help="comma list of stage servers' HTTP host:port")
+    parser.add_argument("--engine-only", action="store_true")
+    parser.add_argument("--model-dir", default="models/cosyvoice2-tiny")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--label", default="")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
