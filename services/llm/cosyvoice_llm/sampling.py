@@ -63,10 +63,11 @@ class SamplingParams:
 
 
 def mask_eos(logp: torch.Tensor, block: torch.Tensor | bool) -> torch.Tensor:
-    """Sets logp[..., eos] = -inf where `block` (scalar or [B]) holds; only eos is blocked (spec 4.4)."""
-    neg_inf = torch.tensor(float("-inf"), dtype=logp.dtype, device=logp.device)
+    """Sets logp[..., eos] = -inf where `block` (scalar or [B] bool) holds; only eos is blocked (spec 4.4).
+    No host-to-device copy when `block` is already a device tensor, so it can run inside a captured step."""
     out = logp.clone()
-    out[..., SPEECH_EOS] = torch.where(torch.as_tensor(block, device=logp.device), neg_inf, logp[..., SPEECH_EOS])
+    out[..., SPEECH_EOS] = logp[..., SPEECH_EOS].masked_fill(torch.as_tensor(block, device=logp.device),
+                                                             float("-inf"))
     return out
 
 
