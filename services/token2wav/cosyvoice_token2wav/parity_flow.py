@@ -1,0 +1,84 @@
+"""Golden parity of the flow: every flow.npz case, its intermediates, single estimator calls, t schedule, noise.
+
+Works for any golden dir of the tiny-seed1 format: sizes come from its config.json "flow" section and flow.pt is
+loaded strictly. Tolerances are the golden README's (float32).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import torch
+
+from cosyvoice_common.parity import ParityResult, compare, compare_exact
+
+from .flow import build_flow, cosine_t_schedule, load_flow_state
+
+FLOW_ATOL = 1e-4                    # README: flow mel / decoder_out / mu / encoder_out / est*_out
+_INTERMEDIATES = ("encoder_out", "encoder_proj_out", "spks", "mu", "cond", "decoder_out", "mel")
+_EST_INPUTS = ("x", "mask", "mu", "t", "spks", "cond")
+
+
+def _case_names(z: np.lib.npyio.NpzFile) -> list[str]:
+    return sorted({k.split("__", 1)[0] for k in z.files if k.endswith("__mel")})
+
+
+def _estimator_steps(z: np.lib.npyio.NpzFile, case: str) -> list[str]:
+    """e.g. ["est0", "est3"] for keys "<case>__est0_out" ..."""
+    prefix = f"{case}__"
+    return sorted({k[len(prefix):-len("_out")] for k in z.files
+                   if k.startswith(prefix + "est") and k.endswith("_out")})
+
+
+def load_golden_flow(golden_dir: pathlib.Path, device: str = "cpu"):
+    flow_cfg = json.loads((golden_dir / "config.json").read_text())["flow"]
+    return load_flow_state(build_flow(flow_cfg), golden_dir / "flow.pt", device)
+
+
+def cases(golden_dir: pathlib.Path) -> list[ParityResult]:
+    golden_dir = pathlib.Path(golden_dir)
+    flow = load_golden_flow(golden_dir)
+    z = np.load(golden_dir / "flow.npz")
+    results: list[ParityResult] = []
+
+    noise_path = golden_dir / "rand_noise.npy"
+    if noise_path.exists():
+        results.append(compare_exact("flow.rand_noise", flow.decoder.rand_noise.numpy(), np.load(noise_path)))
+
+    token, prompt_token = torch.from_numpy(z["token"]), torch.from_numpy(z["prompt_token"])
+    prompt_feat, embedding = torch.from_numpy(z["prompt_feat"]), torch.from_numpy(z["embedding"])
+    for case in _case_names(z):
+        used = int(z[f"{case}__token_len_used"])
+        trace = flow.inference_trace(token[:, :used], prompt_token, prompt_feat, embedding,
+                                     streaming=bool(z[f"{case}__streaming"]), finalize=bool(z[f"{case}__finalize"]))
+        for name in _INTERMEDIATES:
+            key = f"{case}__{name}"
+            if key in z.files:
+                results.append(compare(f"flow.{case}.{name}", getattr(trace, name).numpy(), z[key], FLOW_ATOL))
+        mel, _ = flow.inference(token[:, :used], torch.tensor([used]), prompt_token,
+                                torch.tensor([prompt_token.size(1)]), prompt_feat,
+                                torch.tensor([prompt_feat.size(1)]), embedding,
+                                streaming=bool(z[f"{case}__streaming"]), finalize=bool(z[f"{case}__finalize"]))
+        results.append(compare(f"flow.{case}.inference_mel", mel.numpy(), z[f"{case}__mel"], FLOW_ATOL))
+
+        for est in _estimator_steps(z, case):
+            args = [torch.from_numpy(z[f"{case}__{est}_{n}"]) for n in _EST_INPUTS]
+            with torch.inference_mode():
+                out = flow.decoder.estimator(*args, streaming=bool(z[f"{case}__streaming"]))
+            results.append(compare(f"flow.{case}.{est}_out", out.numpy(), z[f"{case}__{est}_out"], FLOW_ATOL))
+
+        t_key = f"{case}__est_t_all"
+        if t_key in z.files:
+            t_all, _ = cosine_t_schedule(len(z[t_key]))
+            results.append(compare_exact(f"flow.{case}.est_t_all", t_all.numpy(), z[t_key]))
+    return results
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m cosyvoice_token2wav.parity_flow GOLDEN_DIR")
+    for r in cases(pathlib.Path(sys.argv[1])):
+        print(f"{'PASS' if r.passed else 'FAIL'} {r.case}: {r.max_abs_err:.3g} (tol {r.tolerance})")
