@@ -1,0 +1,690 @@
+"""Where each stage runs: replicas, devices per replica, Triton instances per device, ports.
+
+One placement is read once (defaults < YAML file < environment) and then drives every way of starting
+the stack, so a stage lands on the same GPUs whichever way it is started:
+
+- the local launcher (`make up`) walks `Placement.process_plan()`: one tritonserver process per slot,
+  with that slot's `CUDA_VISIBLE_DEVICES`, ports and Triton instance group;
+- `to_compose()` renders the docker compose file (`deploy/render.py compose`);
+- `to_k8s()` renders Kubernetes manifests; the Helm chart's values come from `to_helm_values()`.
+
+YAML file (`PLACEMENT_FILE`, example `deploy/placement.example.yaml`):
+
+    default_device: cuda:0          # for stages that name no devices
+    gateway: {replicas: 1}          # Kubernetes only; compose publishes host ports, so one gateway
+    stages:
+      llm:       {replicas: 1, devices: [cuda:0], instances: 1}
+      token2wav: {replicas: 2, devices: [cuda:1, cuda:2]}     # round-robin: one GPU each
+      tokenizer: {devices: [cuda:3]}
+      speaker:   {devices: [cuda:3]}                         # shares GPU 3 with the tokenizer
+      # explicit per-replica lists are allowed too: devices: [[cuda:1], [cuda:2]]
+
+Environment (empty = unset; overrides the file): `{STAGE}_REPLICAS`, `{STAGE}_DEVICES` (comma list of
+`cpu` | `cuda:N`, dealt round-robin to replicas), `{STAGE}_INSTANCES` (Triton instances per device),
+`{STAGE}_PORT_BASE` (HTTP port of replica 0), `PLACEMENT_DEFAULT_DEVICE`, `GATEWAY_REPLICAS`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cosyvoice_common import contracts
+
+STAGES = ("tokenizer", "speaker", "llm", "token2wav")
+STAGE_TRITON_MODELS = {
+    "tokenizer": contracts.TOKENIZER_MODEL,
+    "speaker": contracts.SPEAKER_MODEL,
+    "llm": contracts.LLM_MODEL,
+    "token2wav": contracts.TOKEN2WAV_MODEL,
+}
+CPU_DEVICE = "cpu"
+DEFAULT_DEVICE = "cuda:0"          # the single-H100 target of the brief: every stage on GPU 0
+
+# Stage tritonservers: HTTP on the base, gRPC base+1, metrics base+2; replica r adds r * stride.
+# Bases 100 apart leave room for 10 replicas per stage on one host before ports collide (checked).
+STAGE_HTTP_PORT_BASES = {"tokenizer": 8100, "speaker": 8200, "llm": 8300, "token2wav": 8400}
+GRPC_PORT_DELTA = 1
+METRICS_PORT_DELTA = 2
+REPLICA_PORT_STRIDE = 10
+
+# Public addresses (BRIEF section 1); stage ports must not collide with them.
+GATEWAY_GRPC_PORT = 50051
+GATEWAY_HTTP_PORT = 8080
+SEED_STREAMING_PORTS = (8000, 8001, 8002)   # Triton HTTP, gRPC, metrics of the decoupled `cosyvoice2`
+SEED_OFFLINE_PORTS = (8010, 8011, 8012)     # the same model name, non-decoupled
+REDIS_PORT = 6379
+PUBLIC_PORTS = (GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, *SEED_STREAMING_PORTS, *SEED_OFFLINE_PORTS, REDIS_PORT)
+
+_DEVICE_RE = re.compile(r"^(?:cpu|cuda:(0|[1-9][0-9]*))$")
+_STAGE_KEYS = frozenset({"replicas", "devices", "instances", "port_base"})
+_TOP_KEYS = frozenset({"stages", "default_device", "gateway"})
+
+
+class PlacementError(ValueError):
+    """A placement file or variable is malformed; the message names the stage and the field."""
+
+
+def parse_device(text: object, where: str = "device") -> str:
+    """`cpu` or `cuda:N` (N a GPU index as the host numbers them), normalised to lower case."""
+    if not isinstance(text, str):
+        raise PlacementError(f"{where}: expected 'cpu' or 'cuda:N', got {text!r}")
+    device = text.strip().lower()
+    if not _DEVICE_RE.match(device):
+        raise PlacementError(f"{where}: expected 'cpu' or 'cuda:N' (N >= 0), got {text!r}")
+    return device
+
+
+def gpu_index(device: str) -> int | None:
+    return None if device == CPU_DEVICE else int(device.split(":", 1)[1])
+
+
+def deal_round_robin(devices: tuple[str, ...], replicas: int) -> tuple[tuple[str, ...], ...]:
+    """Device i goes to replica i % replicas; with fewer devices than replicas, replica r reuses device r % n."""
+    if not devices:
+        raise PlacementError("deal_round_robin: empty device list")
+    if len(devices) >= replicas:
+        return tuple(tuple(devices[r::replicas]) for r in range(replicas))
+    return tuple((devices[r % len(devices)],) for r in range(replicas))
+
+
+@dataclass(frozen=True, slots=True)
+class StagePlacement:
+    replicas: int
+    devices_per_replica: tuple[tuple[str, ...], ...]
+    instances_per_device: int = 1
+
+    def __post_init__(self) -> None:
+        _check_count("replicas", self.replicas)
+        _check_count("instances_per_device", self.instances_per_device)
+        if len(self.devices_per_replica) != self.replicas:
+            raise PlacementError(f"devices_per_replica lists {len(self.devices_per_replica)} replicas, "
+                                 f"replicas = {self.replicas}")
+        for r, devices in enumerate(self.devices_per_replica):
+            if not devices:
+                raise PlacementError(f"replica {r}: no device")
+            for d in devices:
+                if parse_device(d, f"replica {r}") != d:
+                    raise PlacementError(f"replica {r}: device {d!r} is not normalised (use parse_device)")
+            if len(set(devices)) != len(devices):
+                raise PlacementError(f"replica {r}: device listed twice in {devices}")
+            if CPU_DEVICE in devices and len(devices) > 1:
+                # One tritonserver is either a CPU or a GPU server: its instance_group has one kind.
+                raise PlacementError(f"replica {r}: 'cpu' cannot be mixed with GPUs in {devices}")
+
+    @property
+    def uses_gpu(self) -> bool:
+        return any(d != CPU_DEVICE for devs in self.devices_per_replica for d in devs)
+
+    @property
+    def gpu_ids(self) -> tuple[int, ...]:
+        """Host GPU indices any replica uses, sorted."""
+        return tuple(sorted({gpu_index(d) for devs in self.devices_per_replica for d in devs} - {None}))
+
+    def gpus_of_replica(self, replica_index: int) -> tuple[int, ...]:
+        return tuple(i for i in map(gpu_index, self.devices_per_replica[replica_index]) if i is not None)
+
+    @property
+    def gpus_per_replica(self) -> int:
+        """GPUs one replica holds; Kubernetes requests this many `nvidia.com/gpu` per pod (must be uniform)."""
+        counts = {len(self.gpus_of_replica(r)) for r in range(self.replicas)}
+        if len(counts) != 1:
+            raise PlacementError(f"replicas hold different GPU counts {sorted(counts)}; one Deployment "
+                                 "cannot express that")
+        return counts.pop()
+
+    @property
+    def replicas_identical(self) -> bool:
+        """All replicas on the same devices: compose can run them as one scaled service."""
+        return len(set(self.devices_per_replica)) == 1
+
+
+def _check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PlacementError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise PlacementError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSlot:
+    """One tritonserver process of the local launcher."""
+    stage: str
+    replica_index: int
+    device: str                 # "cpu", "cuda:1" or "cuda:1,cuda:2"
+    cuda_visible_devices: str   # host indices, "" for a CPU replica (hides every GPU from it)
+    port_offset: int            # replica_index * REPLICA_PORT_STRIDE
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    instance_count: int         # Triton instances per device (per GPU; in all on CPU)
+
+    @property
+    def triton_kind(self) -> str:
+        return "KIND_CPU" if self.device == CPU_DEVICE else "KIND_GPU"
+
+    @property
+    def triton_model(self) -> str:
+        return STAGE_TRITON_MODELS[self.stage]
+
+    def instance_group_pbtxt(self) -> str:
+        # No `gpus:` list: Triton then places `count` instances on every GPU the process sees, and
+        # CUDA_VISIBLE_DEVICES (launcher) or the container's device reservation limits that to ours.
+        return f"instance_group [ {{ count: {self.instance_count} kind: {self.triton_kind} }} ]"
+
+    def env(self) -> dict[str, str]:
+        """Variables for the stage process; the stage entrypoint and config templates read these names."""
+        return {
+            "STAGE": self.stage,
+            "CUDA_VISIBLE_DEVICES": self.cuda_visible_devices,
+            "TRITON_HTTP_PORT": str(self.http_port),
+            "TRITON_GRPC_PORT": str(self.grpc_port),
+            "TRITON_METRICS_PORT": str(self.metrics_port),
+            "TRITON_INSTANCE_COUNT": str(self.instance_count),
+            "TRITON_INSTANCE_KIND": self.triton_kind,
+        }
+
+
+def stage_url_env(stage: str) -> str:
+    """Gateway variable naming a stage's replicas: comma list of host:grpc_port; a host may resolve to
+    several addresses (compose --scale, Kubernetes headless Service) and the gateway re-resolves it."""
+    if stage not in STAGES:
+        raise PlacementError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    return f"{stage.upper()}_URL"
+
+
+def _default_port_bases() -> dict[str, int]:
+    return dict(STAGE_HTTP_PORT_BASES)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    tokenizer: StagePlacement
+    speaker: StagePlacement
+    llm: StagePlacement
+    token2wav: StagePlacement
+    http_port_bases: dict[str, int] = field(default_factory=_default_port_bases)
+    gateway_replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if set(self.http_port_bases) != set(STAGES):
+            raise PlacementError(f"http_port_bases must name exactly {STAGES}, got {sorted(self.http_port_bases)}")
+        _check_count("gateway replicas", self.gateway_replicas)
+        seen: dict[int, str] = {p: "a public port" for p in PUBLIC_PORTS}
+        for slot in self.process_plan():
+            for port in (slot.http_port, slot.grpc_port, slot.metrics_port):
+                if not 1024 <= port <= 65535:
+                    raise PlacementError(f"{slot.stage} replica {slot.replica_index}: port {port} outside 1024..65535")
+                if port in seen:
+                    raise PlacementError(f"{slot.stage} replica {slot.replica_index}: port {port} already used by "
+                                         f"{seen[port]}; change {slot.stage.upper()}_PORT_BASE or replicas")
+                seen[port] = f"{slot.stage} replica {slot.replica_index}"
+
+    def stage(self, name: str) -> StagePlacement:
+        if name not in STAGES:
+            raise PlacementError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+        return getattr(self, name)
+
+    def items(self) -> list[tuple[str, StagePlacement]]:
+        return [(s, self.stage(s)) for s in STAGES]
+
+    def process_plan(self) -> list[ProcessSlot]:
+        plan = []
+        for stage, sp in self.items():
+            base = self.http_port_bases[stage]
+            for r, devices in enumerate(sp.devices_per_replica):
+                offset = r * REPLICA_PORT_STRIDE
+                plan.append(ProcessSlot(
+                    stage=stage, replica_index=r, device=",".join(devices),
+                    cuda_visible_devices=",".join(str(i) for i in sp.gpus_of_replica(r)),
+                    port_offset=offset, http_port=base + offset, grpc_port=base + offset + GRPC_PORT_DELTA,
+                    metrics_port=base + offset + METRICS_PORT_DELTA, instance_count=sp.instances_per_device))
+        return plan
+
+    def stage_urls(self, stage: str, host: str = "127.0.0.1") -> str:
+        """The gateway's `{STAGE}_URL` for processes on one host: every replica's gRPC address."""
+        self.stage(stage)
+        return ",".join(f"{host}:{s.grpc_port}" for s in self.process_plan() if s.stage == stage)
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+@dataclass(slots=True)
+class _StageSpec:
+    """A stage's settings while sources are merged; None = not given yet."""
+    replicas: int | None = None
+    pool: tuple[str, ...] | None = None                       # flat list, dealt round-robin
+    explicit: tuple[tuple[str, ...], ...] | None = None       # per-replica lists from the file
+    instances: int | None = None
+    port_base: int | None = None
+
+
+def _as_int(value: object, where: str) -> int:
+    if isinstance(value, bool):
+        raise PlacementError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        n = int(value)
+    else:
+        raise PlacementError(f"{where}: expected an integer, got {value!r}")
+    if n < 0:
+        raise PlacementError(f"{where}: must not be negative, got {n}")
+    return n
+
+
+def _device_list(value: object, where: str) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise PlacementError(f"{where}: expected a non-empty list of 'cpu' | 'cuda:N', got {value!r}")
+    return tuple(parse_device(d, where) for d in items)
+
+
+def _read_file(path: Path, specs: dict[str, _StageSpec]) -> tuple[str | None, int | None]:
+    import yaml  # only needed when a file is given
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise PlacementError(f"placement file {path}: {e}") from e
+    except yaml.YAMLError as e:
+        raise PlacementError(f"placement file {path}: not valid YAML: {e}") from e
+    doc = doc or {}
+    if not isinstance(doc, Mapping):
+        raise PlacementError(f"placement file {path}: top level must be a mapping")
+    unknown = set(doc) - _TOP_KEYS
+    if unknown:
+        raise PlacementError(f"placement file {path}: unknown keys {sorted(unknown)}; allowed {sorted(_TOP_KEYS)}")
+    default_device = None
+    if doc.get("default_device") is not None:
+        default_device = parse_device(doc["default_device"], f"{path}: default_device")
+    gateway_replicas = None
+    gw = doc.get("gateway") or {}
+    if not isinstance(gw, Mapping) or set(gw) - {"replicas"}:
+        raise PlacementError(f"placement file {path}: gateway takes only {{replicas: N}}, got {gw!r}")
+    if "replicas" in gw:
+        gateway_replicas = _as_int(gw["replicas"], f"{path}: gateway.replicas")
+    stages = doc.get("stages") or {}
+    if not isinstance(stages, Mapping):
+        raise PlacementError(f"placement file {path}: 'stages' must map stage name to settings")
+    for name, cfg in stages.items():
+        where = f"{path}: stages.{name}"
+        if name not in STAGES:
+            raise PlacementError(f"{where}: unknown stage {name!r}; stages are {', '.join(STAGES)}")
+        cfg = cfg or {}
+        if not isinstance(cfg, Mapping):
+            raise PlacementError(f"{where}: expected a mapping, got {cfg!r}")
+        bad = set(cfg) - _STAGE_KEYS
+        if bad:
+            raise PlacementError(f"{where}: unknown keys {sorted(bad)}; allowed {sorted(_STAGE_KEYS)}")
+        spec = specs[name]
+        if "replicas" in cfg:
+            spec.replicas = _as_int(cfg["replicas"], f"{where}.replicas")
+        if "instances" in cfg:
+            spec.instances = _as_int(cfg["instances"], f"{where}.instances")
+        if "port_base" in cfg:
+            spec.port_base = _as_int(cfg["port_base"], f"{where}.port_base")
+        if "devices" in cfg:
+            devs = cfg["devices"]
+            if isinstance(devs, list) and devs and all(isinstance(d, list) for d in devs):
+                spec.explicit = tuple(_device_list(d, f"{where}.devices[{i}]") for i, d in enumerate(devs))
+                if spec.replicas is not None and spec.replicas != len(spec.explicit):
+                    raise PlacementError(f"{where}: replicas = {spec.replicas} but devices lists "
+                                         f"{len(spec.explicit)} replicas")
+            else:
+                spec.pool = _device_list(devs, f"{where}.devices")
+    return default_device, gateway_replicas
+
+
+def load_placement(env: Mapping[str, str] | None = None, path: str | os.PathLike | None = None) -> Placement:
+    """Defaults, then the YAML file (`path`, else env `PLACEMENT_FILE`), then `{STAGE}_*` variables."""
+    env = os.environ if env is None else env
+
+    def var(name: str) -> str | None:
+        value = env.get(name)
+        return value.strip() if value is not None and value.strip() else None
+
+    specs = {s: _StageSpec() for s in STAGES}
+    file_path = path if path is not None else var("PLACEMENT_FILE")
+    default_device, gateway_replicas = _read_file(Path(file_path), specs) if file_path else (None, None)
+    if var("PLACEMENT_DEFAULT_DEVICE"):
+        default_device = parse_device(var("PLACEMENT_DEFAULT_DEVICE"), "PLACEMENT_DEFAULT_DEVICE")
+    if var("GATEWAY_REPLICAS"):
+        gateway_replicas = _as_int(var("GATEWAY_REPLICAS"), "GATEWAY_REPLICAS")
+    default_device = default_device or DEFAULT_DEVICE
+
+    stages: dict[str, StagePlacement] = {}
+    port_bases = _default_port_bases()
+    for name, spec in specs.items():
+        prefix = name.upper()
+        if var(f"{prefix}_REPLICAS"):
+            spec.replicas = _as_int(var(f"{prefix}_REPLICAS"), f"{prefix}_REPLICAS")
+        if var(f"{prefix}_INSTANCES"):
+            spec.instances = _as_int(var(f"{prefix}_INSTANCES"), f"{prefix}_INSTANCES")
+        if var(f"{prefix}_PORT_BASE"):
+            spec.port_base = _as_int(var(f"{prefix}_PORT_BASE"), f"{prefix}_PORT_BASE")
+        if var(f"{prefix}_DEVICES"):
+            spec.pool, spec.explicit = _device_list(var(f"{prefix}_DEVICES"), f"{prefix}_DEVICES"), None
+        if spec.explicit is not None and spec.replicas in (None, len(spec.explicit)):
+            per_replica = spec.explicit
+        else:
+            if spec.explicit is not None:   # replicas changed by env: re-deal the file's devices
+                spec.pool = tuple(dict.fromkeys(d for devs in spec.explicit for d in devs))
+            replicas = 1 if spec.replicas is None else spec.replicas
+            if replicas < 1:
+                raise PlacementError(f"{name}: replicas must be >= 1, got {replicas}")
+            per_replica = deal_round_robin(spec.pool or (default_device,), replicas)
+        if spec.instances == 0:
+            raise PlacementError(f"{name}: instances must be >= 1, got 0")
+        try:
+            stages[name] = StagePlacement(replicas=len(per_replica), devices_per_replica=per_replica,
+                                          instances_per_device=spec.instances or 1)
+        except PlacementError as e:
+            raise PlacementError(f"{name}: {e}") from e
+        if spec.port_base is not None:
+            port_bases[name] = spec.port_base
+    if gateway_replicas == 0:
+        raise PlacementError("gateway replicas must be >= 1, got 0")
+    return Placement(**stages, http_port_bases=port_bases, gateway_replicas=gateway_replicas or 1)
+
+
+def default_placement() -> Placement:
+    """What `make up` and the checked-in docker-compose.yml use when nothing is set."""
+    return load_placement(env={})
+
+
+# --------------------------------------------------------------------------------------------------
+# renderers: docker compose, Kubernetes, Helm values. One source for the three, so they cannot drift.
+
+IMAGE_REGISTRY = "cosyvoice2"
+IMAGE_TAG = "latest"
+REDIS_IMAGE = "redis:7-alpine"
+MODEL_MOUNT_DIR = "/models/cosyvoice2"          # where every container sees MODEL_DIR
+HPA_QUEUE_METRIC = "triton_queue_duration_us_per_request"   # Prometheus adapter rule: deploy/README.md
+HPA_TARGET_QUEUE_US = 10_000      # 10 ms average queue: a quarter of the 40 ms first-chunk budget
+HPA_MAX_REPLICAS_FACTOR = 4       # autoscaler may grow a stage to 4x its placed replicas
+HEALTH_INTERVAL = "5s"
+HEALTH_TIMEOUT = "3s"
+HEALTH_RETRIES = 60
+TRITON_START_PERIOD = "120s"      # full-size weights load and CUDA graphs are captured before ready
+
+
+def _triton_health_cmd(http_port: int) -> list[str]:
+    # python3 is in every Triton image; curl is not guaranteed. urlopen raises (exit 1) unless 2xx.
+    return ["CMD", "python3", "-c",
+            f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{http_port}/v2/health/ready', timeout=2)"]
+
+
+GATEWAY_HEALTH_CMD = [
+    "CMD", "python", "-c",
+    "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; "
+    f"r = g.HealthStub(grpc.insecure_channel('127.0.0.1:{GATEWAY_GRPC_PORT}')).Check("
+    "h.HealthCheckRequest(service=''), timeout=2); sys.exit(r.status != h.HealthCheckResponse.SERVING)",
+]
+
+
+def _image(component: str) -> str:
+    return f"${{COSYVOICE_REGISTRY:-{IMAGE_REGISTRY}}}/{component}:${{COSYVOICE_TAG:-{IMAGE_TAG}}}"
+
+
+def compose_service_names(placement: Placement, stage: str) -> list[str]:
+    """One service scaled with `deploy.replicas` when every replica sits on the same devices (then
+    `docker compose up --scale STAGE=N` works), else one service per replica, each with its own GPUs."""
+    sp = placement.stage(stage)
+    return [stage] if sp.replicas_identical else [f"{stage}-{r}" for r in range(sp.replicas)]
+
+
+def to_compose(placement: Placement) -> dict:
+    """The docker compose file for `placement`. Inside a container every replica of a stage listens on
+    the stage's replica-0 ports (own network namespace); only the gateway publishes host ports."""
+    services: dict[str, dict] = {}
+    model_volume = f"${{MODEL_DIR:-./models/cosyvoice2-tiny}}:{MODEL_MOUNT_DIR}:ro"
+    gateway_env = {
+        "MODEL_DIR": MODEL_MOUNT_DIR,
+        "REDIS_URL": f"redis://redis:{REDIS_PORT}/0",
+        "GATEWAY_GRPC_PORT": str(GATEWAY_GRPC_PORT),
+        "GATEWAY_HTTP_PORT": str(GATEWAY_HTTP_PORT),
+    }
+    gateway_depends = {"redis": {"condition": "service_healthy"}}
+    plan = placement.process_plan()
+    for stage, sp in placement.items():
+        slot0 = next(s for s in plan if s.stage == stage and s.replica_index == 0)
+        names = compose_service_names(placement, stage)
+        for i, name in enumerate(names):
+            replica = 0 if len(names) == 1 else i
+            gpus = sp.gpus_of_replica(replica)
+            env = slot0.env()
+            # Compose hands the reserved GPUs to the container renumbered from 0; hide none of them.
+            del env["CUDA_VISIBLE_DEVICES"]
+            env["TRITON_INSTANCE_KIND"] = "KIND_GPU" if gpus else "KIND_CPU"
+            env["MODEL_DIR"] = MODEL_MOUNT_DIR
+            svc: dict = {
+                "image": _image(stage),
+                "build": {"context": ".", "dockerfile": f"services/{stage}/Dockerfile"},
+                "environment": env,
+                "volumes": [model_volume],
+                "expose": [str(slot0.http_port), str(slot0.grpc_port), str(slot0.metrics_port)],
+                "healthcheck": {"test": _triton_health_cmd(slot0.http_port), "interval": HEALTH_INTERVAL,
+                                "timeout": HEALTH_TIMEOUT, "retries": HEALTH_RETRIES,
+                                "start_period": TRITON_START_PERIOD},
+                "restart": "unless-stopped",
+            }
+            deploy: dict = {}
+            if len(names) == 1 and sp.replicas > 1:
+                deploy["replicas"] = sp.replicas
+            if gpus:
+                deploy["resources"] = {"reservations": {"devices": [
+                    {"driver": "nvidia", "device_ids": [str(g) for g in gpus], "capabilities": ["gpu"]}]}}
+            if deploy:
+                svc["deploy"] = deploy
+            services[name] = svc
+            gateway_depends[name] = {"condition": "service_healthy"}
+        gateway_env[stage_url_env(stage)] = ",".join(f"{n}:{slot0.grpc_port}" for n in names)
+
+    services["redis"] = {
+        "image": REDIS_IMAGE,
+        "command": ["redis-server", "--appendonly", "yes"],
+        "volumes": ["redis-data:/data"],
+        "expose": [str(REDIS_PORT)],
+        "healthcheck": {"test": ["CMD", "redis-cli", "ping"], "interval": HEALTH_INTERVAL,
+                        "timeout": HEALTH_TIMEOUT, "retries": HEALTH_RETRIES},
+        "restart": "unless-stopped",
+    }
+    seed_ports = (*SEED_STREAMING_PORTS, *SEED_OFFLINE_PORTS)
+    services["gateway"] = {
+        "image": _image("gateway"),
+        "build": {"context": ".", "dockerfile": "services/gateway/Dockerfile"},
+        "environment": gateway_env,
+        "volumes": [model_volume],        # the gateway's text tokenizer reads MODEL_DIR/CosyVoice-BlankEN
+        "ports": [f"${{GATEWAY_GRPC_HOST_PORT:-{GATEWAY_GRPC_PORT}}}:{GATEWAY_GRPC_PORT}",
+                  f"${{GATEWAY_HTTP_HOST_PORT:-{GATEWAY_HTTP_PORT}}}:{GATEWAY_HTTP_PORT}",
+                  *(f"{p}:{p}" for p in seed_ports)],
+        "depends_on": gateway_depends,
+        "healthcheck": {"test": GATEWAY_HEALTH_CMD, "interval": HEALTH_INTERVAL, "timeout": HEALTH_TIMEOUT,
+                        "retries": HEALTH_RETRIES, "start_period": "30s"},
+        "restart": "unless-stopped",
+    }
+    return {"name": "cosyvoice2", "services": services, "volumes": {"redis-data": {}}}
+
+
+def to_helm_values(placement: Placement) -> dict:
+    """values.yaml of deploy/helm/cosyvoice2 for `placement`. Kubernetes picks GPUs itself: a replica's
+    device ids become a count of `nvidia.com/gpu` (GPU sharing needs the device plugin's time-slicing)."""
+    stages = {}
+    for stage, sp in placement.items():
+        base = placement.http_port_bases[stage]
+        stages[stage] = {
+            "replicas": sp.replicas,
+            "gpus": sp.gpus_per_replica,
+            "instances": sp.instances_per_device,
+            "httpPort": base,
+            "grpcPort": base + GRPC_PORT_DELTA,
+            "metricsPort": base + METRICS_PORT_DELTA,
+            "autoscaling": {"enabled": True, "maxReplicas": sp.replicas * HPA_MAX_REPLICAS_FACTOR,
+                            "targetQueueUs": HPA_TARGET_QUEUE_US},
+        }
+    return {
+        "image": {"registry": IMAGE_REGISTRY, "tag": IMAGE_TAG, "pullPolicy": "IfNotPresent"},
+        "models": {"claimName": "cosyvoice2-models"},
+        "stages": stages,
+        "gateway": {"replicas": placement.gateway_replicas, "grpcPort": GATEWAY_GRPC_PORT,
+                    "httpPort": GATEWAY_HTTP_PORT, "serviceType": "ClusterIP"},
+        "redis": {"image": REDIS_IMAGE, "storage": "1Gi"},
+        "autoscaling": {"queueMetric": HPA_QUEUE_METRIC},
+    }
+
+
+def to_k8s(placement: Placement, release: str = "cosyvoice2") -> list[dict]:
+    """Kubernetes objects for `placement`: what `helm template` of deploy/helm/cosyvoice2 gives with
+    `to_helm_values(placement)` (deploy/tests check the two agree)."""
+    return k8s_from_values(to_helm_values(placement), release)
+
+
+def _labels(release: str, component: str) -> dict:
+    return {"app.kubernetes.io/name": "cosyvoice2", "app.kubernetes.io/instance": release,
+            "app.kubernetes.io/component": component}
+
+
+def _model_volume(values: dict) -> dict:
+    return {"name": "models", "persistentVolumeClaim": {"claimName": values["models"]["claimName"], "readOnly": True}}
+
+
+def k8s_from_values(values: dict, release: str = "cosyvoice2") -> list[dict]:
+    img = values["image"]
+    objs: list[dict] = []
+    gateway_env = [{"name": "MODEL_DIR", "value": MODEL_MOUNT_DIR},
+                   {"name": "REDIS_URL", "value": f"redis://{release}-redis:{REDIS_PORT}/0"},
+                   {"name": "GATEWAY_GRPC_PORT", "value": str(values["gateway"]["grpcPort"])},
+                   {"name": "GATEWAY_HTTP_PORT", "value": str(values["gateway"]["httpPort"])}]
+    for stage in sorted(values["stages"]):
+        s = values["stages"][stage]
+        name = f"{release}-{stage}"
+        labels = _labels(release, stage)
+        resources = ({"requests": {"nvidia.com/gpu": s["gpus"]}, "limits": {"nvidia.com/gpu": s["gpus"]}}
+                     if s["gpus"] > 0 else {})
+        env = [{"name": "STAGE", "value": stage},
+               {"name": "MODEL_DIR", "value": MODEL_MOUNT_DIR},
+               {"name": "TRITON_HTTP_PORT", "value": str(s["httpPort"])},
+               {"name": "TRITON_GRPC_PORT", "value": str(s["grpcPort"])},
+               {"name": "TRITON_METRICS_PORT", "value": str(s["metricsPort"])},
+               {"name": "TRITON_INSTANCE_COUNT", "value": str(s["instances"])},
+               {"name": "TRITON_INSTANCE_KIND", "value": "KIND_GPU" if s["gpus"] > 0 else "KIND_CPU"}]
+        ports = [{"name": "http", "containerPort": s["httpPort"]},
+                 {"name": "grpc", "containerPort": s["grpcPort"]},
+                 {"name": "metrics", "containerPort": s["metricsPort"]}]
+        objs.append({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {
+                "replicas": s["replicas"],
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels, "annotations": {
+                        "prometheus.io/scrape": "true", "prometheus.io/port": str(s["metricsPort"])}},
+                    "spec": {
+                        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+                        "containers": [{
+                            "name": stage,
+                            "image": f"{img['registry']}/{stage}:{img['tag']}",
+                            "imagePullPolicy": img["pullPolicy"],
+                            "env": env,
+                            "ports": ports,
+                            "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"},
+                                               "periodSeconds": 5},
+                            "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"},
+                                              "initialDelaySeconds": 120, "periodSeconds": 10},
+                            "resources": resources,
+                            "volumeMounts": [{"name": "models", "mountPath": MODEL_MOUNT_DIR, "readOnly": True}],
+                        }],
+                        "volumes": [_model_volume(values)],
+                    },
+                },
+            },
+        })
+        # Headless: DNS returns every ready pod, and the gateway balances over them itself (gRPC keeps
+        # connections open, so a ClusterIP's per-connection balancing would pin one replica).
+        objs.append({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"clusterIP": "None", "selector": labels,
+                     "ports": [{"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]}
+                               for p in ports]},
+        })
+        if s["autoscaling"]["enabled"]:
+            objs.append({
+                "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                "metadata": {"name": name, "labels": labels},
+                "spec": {
+                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                    "minReplicas": s["replicas"],
+                    "maxReplicas": s["autoscaling"]["maxReplicas"],
+                    "metrics": [{"type": "Pods", "pods": {
+                        "metric": {"name": values["autoscaling"]["queueMetric"]},
+                        "target": {"type": "AverageValue",
+                                   "averageValue": str(s["autoscaling"]["targetQueueUs"])}}}],
+                },
+            })
+        gateway_env.append({"name": stage_url_env(stage), "value": f"{name}:{s['grpcPort']}"})
+
+    rlabels = _labels(release, "redis")
+    objs.append({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": f"{release}-redis", "labels": rlabels},
+        "spec": {
+            "serviceName": f"{release}-redis", "replicas": 1, "selector": {"matchLabels": rlabels},
+            "template": {"metadata": {"labels": rlabels}, "spec": {"containers": [{
+                "name": "redis", "image": values["redis"]["image"],
+                "args": ["--appendonly", "yes"],
+                "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
+                "readinessProbe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 5},
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            }]}},
+            "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": values["redis"]["storage"]}}}}],
+        },
+    })
+    objs.append({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": f"{release}-redis", "labels": rlabels},
+        "spec": {"selector": rlabels, "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis"}]},
+    })
+
+    g = values["gateway"]
+    glabels = _labels(release, "gateway")
+    gports = [{"name": "grpc", "containerPort": g["grpcPort"]}, {"name": "http", "containerPort": g["httpPort"]},
+              *({"name": n, "containerPort": p} for n, p in zip(
+                  ("seed-http", "seed-grpc", "seed-metrics", "offline-http", "offline-grpc", "offline-metrics"),
+                  (*SEED_STREAMING_PORTS, *SEED_OFFLINE_PORTS)))]
+    objs.append({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": f"{release}-gateway", "labels": glabels},
+        "spec": {
+            "replicas": g["replicas"], "selector": {"matchLabels": glabels},
+            "template": {"metadata": {"labels": glabels}, "spec": {
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+                "containers": [{
+                    "name": "gateway",
+                    "image": f"{img['registry']}/gateway:{img['tag']}",
+                    "imagePullPolicy": img["pullPolicy"],
+                    "env": gateway_env,
+                    "ports": gports,
+                    "readinessProbe": {"grpc": {"port": g["grpcPort"]}, "periodSeconds": 5},
+                    "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"},
+                                      "initialDelaySeconds": 30, "periodSeconds": 10},
+                    "volumeMounts": [{"name": "models", "mountPath": MODEL_MOUNT_DIR, "readOnly": True}],
+                }],
+                "volumes": [_model_volume(values)],
+            }},
+        },
+    })
+    objs.append({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": f"{release}-gateway", "labels": glabels},
+        "spec": {"type": g["serviceType"], "selector": glabels,
+                 "ports": [{"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]} for p in gports]},
+    })
+    return objs
