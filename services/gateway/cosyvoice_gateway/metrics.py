@@ -1,0 +1,20 @@
+"""Prometheus metrics of the gateway (one registry, the process default; served on METRICS_PORT)."""
+from prometheus_client import Counter, Histogram
+
+# Stage calls range from ~1 ms (cached, tiny model) to many seconds (long offline token2wav).
+_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_S_PER_MS = 1e-3
+
+STAGE_LATENCY = Histogram("cosyvoice_gateway_stage_seconds", "stage call latency seen by the gateway",
+                          ["stage", "part"], buckets=_LATENCY_BUCKETS_S)
+REQUESTS = Counter("cosyvoice_gateway_requests_total", "finished requests", ["rpc", "code"])
+FIRST_CHUNK = Histogram("cosyvoice_gateway_first_chunk_seconds", "request arrival -> first audio chunk",
+                        buckets=_LATENCY_BUCKETS_S)
+REQUEST_LATENCY = Histogram("cosyvoice_gateway_request_seconds", "request arrival -> last audio",
+                            ["rpc"], buckets=_LATENCY_BUCKETS_S)
+CACHE_LOOKUPS = Counter("cosyvoice_gateway_prompt_cache_total", "prompt-feature cache lookups", ["result"])
+
+
+def observe_stage(stage: str, queue_ms: float, compute_ms: float) -> None:
+    STAGE_LATENCY.labels(stage=stage, part="queue").observe(queue_ms * _S_PER_MS)
+    STAGE_LATENCY.labels(stage=stage, part="compute").observe(compute_ms * _S_PER_MS)

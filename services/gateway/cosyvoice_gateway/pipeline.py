@@ -1,0 +1,494 @@
+"""Request orchestration shared by every front end (gRPC server, HTTP API, seed-compatible Triton model).
+
+Transport-neutral: takes a `SynthesisRequest`, raises `RequestError` (with a gRPC status code) for bad
+input, yields float32 24 kHz audio. Two steps so that every validation error surfaces before the
+first byte is sent, on streaming and offline RPCs alike:
+
+    prepared = await pipeline.prepare(request, timings)      # validate, prompt features (cache)
+    async for wav in pipeline.stream(prepared, timings): ...  # or: await pipeline.synthesize(...)
+
+Streaming per segment: an LLM reader task appends speech tokens as the llm stage streams them; the
+chunk schedule (`cosyvoice_common.schedule`) decides when token2wav runs on the whole prefix with the
+token offset, and each chunk's audio is yielded as soon as it exists. token2wav is stateless: the
+vocoder overlap cache it returns travels with the next chunk. Closing the generator (client cancel,
+deadline) cancels the LLM stream and issues no further token2wav call.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+import unicodedata
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from cosyvoice_common.audio import AudioDecodeError, AudioValidationError, PromptAudio, prepare_prompt
+from cosyvoice_common.constants import (
+    FLAT_EOS1_ID,
+    FLAT_SOS_ID,
+    FLAT_TASK_ID,
+    MAX_TOKEN_TEXT_RATIO,
+    MIN_TOKEN_TEXT_RATIO,
+    OUTPUT_SAMPLE_RATE_HZ,
+    SPEECH_CODEBOOK_SIZE,
+    SPEECH_ID_OFFSET,
+    SUPPORTED_OUTPUT_RATES_HZ,
+    TOKEN_MEL_RATIO,
+)
+from cosyvoice_common.schedule import ChunkSchedule, ScheduleConfig
+from cosyvoice_common.spk2info import PromptFeatures, RegistryUnavailableError, Spk2InfoCache
+
+from cosyvoice_gateway import metrics
+from cosyvoice_gateway.stage_client import MS_PER_S, CallTiming, StageError, Stages
+
+log = logging.getLogger(__name__)
+
+ENDOFPROMPT = "<|endofprompt|>"
+SPEAKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+# Sentence splitting (spec 2.2, `split_paragraph`): terminators, and a closing quote stays with its piece.
+_ZH_TERMINATORS = frozenset("。？！；：、.?!;")
+_EN_TERMINATORS = frozenset(".?!;:")
+_CLOSING_QUOTES = frozenset("\"”")
+
+
+class RequestError(Exception):
+    """Bad input or an unservable request; `code` is the gRPC status both RPCs (and HTTP) map from."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    max_text_chars: int = 10_000
+    max_speech_tokens: int = 3000            # per segment: 120 s of audio; more is an absurd request
+    split_max_len: int = 80                  # spec 2.2 token_max_n (characters for zh, tokens otherwise)
+    split_min_len: int = 60                  # token_min_n
+    split_merge_len: int = 20                # merge_len
+    default_temperature: float = 1.0
+    default_top_p: float = 0.8
+    default_top_k: int = 25
+    schedule: ScheduleConfig = ScheduleConfig()
+
+    def __post_init__(self) -> None:
+        if self.max_text_chars < 1 or self.max_speech_tokens < 1:
+            raise ValueError(f"bad pipeline limits: {self}")
+        if not 0 < self.split_merge_len <= self.split_min_len <= self.split_max_len:
+            raise ValueError(f"bad split lengths: {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class SynthesisRequest:
+    text: str
+    speaker_id: str = ""
+    prompt_audio: bytes = b""
+    prompt_text: str = ""
+    instruct: str = ""
+    sample_rate_hz: int = 0                  # 0 = OUTPUT_SAMPLE_RATE_HZ
+    request_id: str = ""
+    temperature: float = 0.0                 # 0 = model default
+    top_p: float = 0.0
+    top_k: int = 0
+    seed: int = 0                            # 0 = random
+    min_speech_tokens: int = 0               # 0 = model rule
+    max_speech_tokens: int = 0
+
+
+@dataclass(slots=True)
+class StageTiming:
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    calls: int = 0
+
+    def add(self, call: CallTiming) -> None:
+        self.queue_ms += call.queue_ms
+        self.compute_ms += call.compute_ms
+        self.calls += 1
+
+
+@dataclass(slots=True)
+class StageTimings:
+    start_s: float = field(default_factory=time.perf_counter)   # request arrival
+    tokenizer: StageTiming = field(default_factory=StageTiming)
+    speaker: StageTiming = field(default_factory=StageTiming)
+    llm: StageTiming = field(default_factory=StageTiming)
+    token2wav: StageTiming = field(default_factory=StageTiming)
+    cache_hit: bool = False
+    first_chunk_ms: float = 0.0
+    total_ms: float = 0.0
+    speech_tokens: int = 0
+    audio_seconds: float = 0.0
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.start_s) * MS_PER_S
+
+    def record(self, stage: str, call: CallTiming) -> None:
+        getattr(self, stage).add(call)
+        metrics.observe_stage(stage, call.queue_ms, call.compute_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    input_ids: np.ndarray        # int32, flat vocabulary
+    min_tokens: int
+    max_tokens: int
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    request_id: str
+    sample_rate_hz: int
+    features: PromptFeatures
+    prompt_tokens_flat: np.ndarray   # int32[T], flow prompt tokens in the flat vocabulary
+    segments: tuple[Segment, ...]
+    temperature: float
+    top_p: float
+    top_k: int
+
+
+# --- text ----------------------------------------------------------------------------------------------
+def _is_zh(text: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
+def _only_punctuation(text: str) -> bool:
+    return all(unicodedata.category(ch)[0] in "PSZ" for ch in text)
+
+
+def split_sentences(text: str, count: Callable[[str], int], max_len: int, min_len: int, merge_len: int
+                    ) -> list[str]:
+    """Spec 2.2 `split_paragraph`, minus normalisation: a text within `max_len` stays one segment
+    (unchanged, so short requests match the reference with text_frontend off); longer text is cut after
+    terminators and pieces are greedily joined to segments of about `min_len`..`max_len`."""
+    text = text.strip()
+    if count(text) <= max_len:
+        return [text]
+    terminators = _ZH_TERMINATORS if _is_zh(text) else _EN_TERMINATORS
+    pieces, start, i = [], 0, 0
+    while i < len(text):
+        if text[i] in terminators:
+            end = i + 1
+            if end < len(text) and text[end] in _CLOSING_QUOTES:
+                end += 1
+            pieces.append(text[start:end])
+            start = i = end
+        else:
+            i += 1
+    if start < len(text):
+        pieces.append(text[start:])
+    segments, current = [], ""
+    for piece in pieces:
+        if current and count(current + piece) > max_len and count(current) > min_len:
+            segments.append(current)
+            current = ""
+        current += piece
+    if current:
+        segments.append(current)
+    if len(segments) > 1 and count(segments[-1]) < merge_len:
+        last = segments.pop()
+        segments[-1] += last
+    return [s.strip() for s in segments if s.strip() and not _only_punctuation(s.strip())]
+
+
+# --- prompt alignment (spec 3.5) ------------------------------------------------------------------------
+def align_prompt(speech_ids_flat: np.ndarray, speech_feat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep n = min(F // 2, T) tokens and 2n mel frames; returns (codes int32[n], mel float32[2n, 80])."""
+    codes = np.asarray(speech_ids_flat, dtype=np.int32).reshape(-1) - SPEECH_ID_OFFSET
+    n = min(speech_feat.shape[0] // TOKEN_MEL_RATIO, codes.shape[0])
+    return codes[:n].copy(), np.ascontiguousarray(speech_feat[: TOKEN_MEL_RATIO * n], dtype=np.float32)
+
+
+def speech_ids_from_llm(output_ids: np.ndarray) -> tuple[list[int], bool]:
+    """Speech ids of one LLM response, and whether a stop id ended it (TRT-LLM may echo end_id)."""
+    ids = []
+    for token in np.asarray(output_ids).reshape(-1).tolist():
+        if token >= FLAT_EOS1_ID:
+            return ids, True
+        if SPEECH_ID_OFFSET <= token < SPEECH_ID_OFFSET + SPEECH_CODEBOOK_SIZE:
+            ids.append(token)
+        # ids below the speech range (spec 8.3: possible with a mis-exported head) are dropped.
+    return ids, False
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig, stages: Stages, cache: Spk2InfoCache,
+                 encode_text: Callable[[str], Sequence[int]]) -> None:
+        self.config = config
+        self.stages = stages
+        self.cache = cache
+        self.encode_text = encode_text
+        self._background: set[asyncio.Task] = set()   # cache writes that must not delay audio
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    # --- validation ------------------------------------------------------------------------------
+    def _validate(self, req: SynthesisRequest) -> None:
+        if not req.text.strip():
+            raise invalid("text is empty")
+        if len(req.text) > self.config.max_text_chars:
+            raise invalid(f"text is {len(req.text)} characters; the limit is {self.config.max_text_chars}")
+        if not req.speaker_id and not req.prompt_audio:
+            raise invalid("no voice: give speaker_id or prompt_audio")
+        if req.speaker_id and req.prompt_audio:
+            raise invalid("give either speaker_id or prompt_audio, not both")
+        if req.sample_rate_hz and req.sample_rate_hz not in SUPPORTED_OUTPUT_RATES_HZ:
+            raise invalid(f"sample_rate {req.sample_rate_hz} is not supported; use 0 or one of "
+                          f"{SUPPORTED_OUTPUT_RATES_HZ}")
+        lo, hi, limit = req.min_speech_tokens, req.max_speech_tokens, self.config.max_speech_tokens
+        if lo < 0 or hi < 0:
+            raise invalid("min_speech_tokens and max_speech_tokens must be >= 0")
+        if hi and lo > hi:
+            raise invalid(f"min_speech_tokens {lo} > max_speech_tokens {hi}")
+        if max(lo, hi) > limit:
+            raise invalid(f"speech token bound {max(lo, hi)} exceeds the limit {limit}")
+        if req.temperature < 0 or not 0 <= req.top_p <= 1 or req.top_k < 0:
+            raise invalid("sampling: temperature >= 0, 0 <= top_p <= 1, top_k >= 0 required")
+
+    # --- prompt features ---------------------------------------------------------------------------
+    async def _decode_prompt(self, audio: bytes) -> PromptAudio:
+        try:
+            return await asyncio.to_thread(prepare_prompt, audio)   # resampling is CPU work
+        except (AudioDecodeError, AudioValidationError) as exc:
+            raise invalid(f"prompt_audio: {exc}") from exc
+
+    async def prompt_features(self, audio: bytes, prompt_text: str, request_id: str, timings: StageTimings
+                              ) -> PromptFeatures:
+        """Features of an uploaded prompt: from the spk2info cache, else tokenizer + speaker in parallel."""
+        prompt = await self._decode_prompt(audio)
+        key = self.cache.prompt_key(prompt.wav_16k, prompt_text)
+        cached = await self.cache.get(key)
+        metrics.CACHE_LOOKUPS.labels(result="hit" if cached else "miss").inc()
+        if cached is not None:
+            timings.cache_hit = True
+            return cached
+        features = await self._compute_features(prompt, prompt_text, request_id, timings)
+        task = asyncio.create_task(self.cache.put(key, features))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return features
+
+    async def _compute_features(self, prompt: PromptAudio, prompt_text: str, request_id: str,
+                                timings: StageTimings) -> PromptFeatures:
+        wav_len = np.array([prompt.wav_16k.shape[0]], np.int32)
+        wav_24k_len = np.array([prompt.wav_24k.shape[0]], np.int32)
+        (tok_out, tok_timing), (spk_out, spk_timing) = await asyncio.gather(
+            self.stages.tokenizer.infer(
+                {"reference_wav": prompt.wav_16k, "reference_wav_len": wav_len},
+                ["prompt_speech_tokens"], request_id),
+            self.stages.speaker.infer(
+                {"reference_wav": prompt.wav_16k, "reference_wav_len": wav_len,
+                 "reference_wav_24k": prompt.wav_24k, "reference_wav_24k_len": wav_24k_len},
+                ["prompt_spk_embedding", "prompt_speech_feat"], request_id),
+        )
+        timings.record("tokenizer", tok_timing)
+        timings.record("speaker", spk_timing)
+        codes, mel = align_prompt(tok_out["prompt_speech_tokens"], spk_out["prompt_speech_feat"])
+        if codes.shape[0] == 0:
+            raise invalid("prompt_audio gave no speech tokens (too short)")
+        return PromptFeatures(
+            speech_codes=codes,
+            speech_feat=mel,
+            spk_embedding=np.ascontiguousarray(spk_out["prompt_spk_embedding"], np.float32).reshape(-1),
+            text_ids=np.asarray(self.encode_text(prompt_text) if prompt_text else [], np.int32),
+            prompt_text=prompt_text,
+            prompt_seconds=prompt.duration_s,
+        )
+
+    async def _speaker_features(self, speaker_id: str) -> PromptFeatures:
+        try:
+            features = await self.cache.get_speaker(speaker_id)
+        except RegistryUnavailableError as exc:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+        if features is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"speaker {speaker_id!r} is not registered")
+        return features
+
+    async def register_speaker(self, speaker_id: str, audio: bytes, prompt_text: str, timings: StageTimings):
+        if not SPEAKER_ID_PATTERN.match(speaker_id):
+            raise invalid(f"speaker_id {speaker_id!r} must match {SPEAKER_ID_PATTERN.pattern}")
+        if not audio:
+            raise invalid("prompt_audio is empty")
+        features = await self.prompt_features(audio, prompt_text, f"register-{speaker_id}", timings)
+        try:
+            return await self.cache.register_speaker(speaker_id, features)
+        except RegistryUnavailableError as exc:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+
+    # --- request preparation -----------------------------------------------------------------------
+    async def prepare(self, req: SynthesisRequest, timings: StageTimings) -> PreparedRequest:
+        self._validate(req)
+        request_id = req.request_id or uuid.uuid4().hex
+        if req.speaker_id:
+            features = await self._speaker_features(req.speaker_id)
+            timings.cache_hit = True
+        else:
+            features = await self.prompt_features(req.prompt_audio, req.prompt_text, request_id, timings)
+
+        # Mode (spec 2.3): instruct2 = I ++ X, no LLM speech prompt; zero-shot = P_txt ++ X + S_p;
+        # cross-lingual (no transcript) = X only.
+        if req.instruct:
+            instruct = req.instruct if req.instruct.endswith(ENDOFPROMPT) else req.instruct + ENDOFPROMPT
+            prefix_ids, llm_prompt = list(self.encode_text(instruct)), np.zeros(0, np.int32)
+        elif features.prompt_text:
+            prefix_ids, llm_prompt = features.text_ids.tolist(), features.speech_codes + SPEECH_ID_OFFSET
+        else:
+            prefix_ids, llm_prompt = [], np.zeros(0, np.int32)
+
+        count = (len) if _is_zh(req.text) else (lambda s: len(self.encode_text(s)))
+        explicit = req.min_speech_tokens or req.max_speech_tokens
+        # Explicit bounds are for the whole text (the benchmark forces exact lengths): no splitting then.
+        texts = [req.text.strip()] if explicit else split_sentences(
+            req.text, count, self.config.split_max_len, self.config.split_min_len, self.config.split_merge_len)
+        base_seed = req.seed or secrets.randbits(63)
+        segments = []
+        for i, text in enumerate(texts):
+            target_ids = list(self.encode_text(text))
+            min_tokens, max_tokens = self._bounds(req, len(target_ids))
+            ids = [FLAT_SOS_ID, *prefix_ids, *target_ids, FLAT_TASK_ID]
+            input_ids = np.concatenate([np.asarray(ids, np.int32), llm_prompt.astype(np.int32)])
+            segments.append(Segment(input_ids, min_tokens, max_tokens, base_seed + i))
+        return PreparedRequest(
+            request_id=request_id,
+            sample_rate_hz=req.sample_rate_hz or OUTPUT_SAMPLE_RATE_HZ,
+            features=features,
+            prompt_tokens_flat=(features.speech_codes + SPEECH_ID_OFFSET).astype(np.int32),
+            segments=tuple(segments),
+            temperature=req.temperature or self.config.default_temperature,
+            top_p=req.top_p or self.config.default_top_p,
+            top_k=req.top_k or self.config.default_top_k,
+        )
+
+    def _bounds(self, req: SynthesisRequest, target_text_tokens: int) -> tuple[int, int]:
+        """Request bounds, else the model's rule (spec 4.4: 2x / 20x target text tokens), capped."""
+        limit = self.config.max_speech_tokens
+        rule_min = min(MIN_TOKEN_TEXT_RATIO * target_text_tokens, limit)
+        rule_max = min(MAX_TOKEN_TEXT_RATIO * target_text_tokens, limit)
+        hi = req.max_speech_tokens or max(rule_max, req.min_speech_tokens)
+        lo = req.min_speech_tokens or min(rule_min, hi)
+        return lo, max(hi, 1)
+
+    # --- stage calls -------------------------------------------------------------------------------
+    def _llm_tensors(self, prepared: PreparedRequest, segment: Segment, streaming: bool) -> dict[str, np.ndarray]:
+        one = lambda value, dtype: np.array([value], dtype)  # noqa: E731 - every scalar is a [1] tensor
+        return {
+            "input_ids": segment.input_ids,
+            "input_lengths": one(segment.input_ids.shape[0], np.int32),
+            "request_output_len": one(segment.max_tokens, np.int32),
+            "end_id": one(FLAT_EOS1_ID, np.int32),
+            "pad_id": one(FLAT_EOS1_ID, np.int32),
+            "streaming": one(streaming, np.bool_),
+            "min_length": one(segment.min_tokens, np.int32),
+            "runtime_top_k": one(prepared.top_k, np.int32),
+            "runtime_top_p": one(prepared.top_p, np.float32),
+            "temperature": one(prepared.temperature, np.float32),
+            "random_seed": one(segment.seed, np.uint64),
+        }
+
+    def _prompt_tensors(self, prepared: PreparedRequest) -> dict[str, np.ndarray]:
+        return {
+            "prompt_speech_tokens": prepared.prompt_tokens_flat,
+            "prompt_speech_feat": prepared.features.speech_feat,
+            "prompt_spk_embedding": prepared.features.spk_embedding,
+        }
+
+    async def _token2wav(self, prepared: PreparedRequest, tokens: np.ndarray, timings: StageTimings,
+                         extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = ["waveform", "cache_mel", "cache_source", "cache_speech"] if "token_offset" in extra \
+            else ["waveform"]
+        out, call = await self.stages.token2wav.infer(
+            {"target_speech_tokens": tokens, **self._prompt_tensors(prepared), **extra}, outputs,
+            prepared.request_id)
+        timings.record("token2wav", call)
+        return out
+
+    async def _read_llm(self, prepared: PreparedRequest, segment: Segment, streaming: bool,
+                        tokens: list[int], arrived: asyncio.Event, timings: StageTimings) -> None:
+        """Append the LLM's speech ids to `tokens` as they stream in; set `arrived` after each response."""
+        call = CallTiming()
+        try:
+            async for out in self.stages.llm.stream(self._llm_tensors(prepared, segment, streaming),
+                                                    ["output_ids"], prepared.request_id, call):
+                ids, stopped = speech_ids_from_llm(out["output_ids"])
+                tokens.extend(ids)
+                arrived.set()
+                if stopped:
+                    break
+        finally:
+            timings.record("llm", call)
+            arrived.set()
+
+    async def _segment_stream(self, prepared: PreparedRequest, segment: Segment, timings: StageTimings
+                              ) -> AsyncIterator[np.ndarray]:
+        tokens: list[int] = []
+        arrived = asyncio.Event()
+        reader = asyncio.create_task(self._read_llm(prepared, segment, True, tokens, arrived, timings))
+        schedule = ChunkSchedule(self.config.schedule)
+        cache: dict[str, np.ndarray] = {}
+        try:
+            while not schedule.done:
+                await arrived.wait()
+                arrived.clear()
+                if reader.done():
+                    reader.result()          # re-raise an LLM failure here, in the consumer
+                while (chunk := schedule.next_chunk(len(tokens), reader.done())) is not None:
+                    out = await self._token2wav(
+                        prepared, np.asarray(tokens[: chunk.end], np.int32), timings,
+                        {"token_offset": np.array([chunk.token_offset], np.int32),
+                         "finalize": np.array([chunk.finalize], np.bool_), **cache})
+                    cache = {name: out[name] for name in ("cache_mel", "cache_source", "cache_speech")}
+                    yield out["waveform"]
+            timings.speech_tokens += len(tokens)
+        finally:
+            if not reader.done():            # consumer left early: stop generating in the llm stage
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+
+    async def stream(self, prepared: PreparedRequest, timings: StageTimings) -> AsyncIterator[np.ndarray]:
+        """Yield float32 24 kHz chunks as they are produced, segment after segment."""
+        for segment in prepared.segments:
+            async for wav in self._segment_stream(prepared, segment, timings):
+                if wav.size == 0:
+                    continue
+                if not timings.first_chunk_ms:
+                    timings.first_chunk_ms = timings.elapsed_ms()
+                timings.audio_seconds += wav.shape[0] / OUTPUT_SAMPLE_RATE_HZ
+                yield wav
+        timings.total_ms = timings.elapsed_ms()
+
+    async def synthesize(self, prepared: PreparedRequest, timings: StageTimings) -> np.ndarray:
+        """Offline: per segment, collect all tokens, then one token2wav call (no token_offset)."""
+        pieces = []
+        for segment in prepared.segments:
+            tokens: list[int] = []
+            await self._read_llm(prepared, segment, False, tokens, asyncio.Event(), timings)
+            timings.speech_tokens += len(tokens)
+            if tokens:
+                out = await self._token2wav(prepared, np.asarray(tokens, np.int32), timings, {})
+                pieces.append(out["waveform"].astype(np.float32, copy=False))
+        wav = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+        timings.total_ms = timings.first_chunk_ms = timings.elapsed_ms()
+        timings.audio_seconds = wav.shape[0] / OUTPUT_SAMPLE_RATE_HZ
+        return wav
+
+
+def stage_error_to_request_error(exc: StageError) -> RequestError:
+    if exc.timed_out:
+        return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+    if exc.unavailable:
+        return RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
+    return RequestError(grpc.StatusCode.INTERNAL, str(exc))

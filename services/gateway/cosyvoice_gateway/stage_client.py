@@ -1,0 +1,286 @@
+"""Triton clients for the four stages: replicas, load balancing, timeouts, readiness, streaming.
+
+One `StageClient` per stage holds one `tritonclient.grpc.aio` client per replica URL (a stage URL env
+var may list several, comma-separated). Each call goes to the ready replica with the fewest
+outstanding calls (ties broken round-robin, so idle replicas share work evenly). Whether a model
+batches (`max_batch_size > 0`, so tensors carry a leading batch dim of 1) is read from the model
+config at readiness time, so the same client serves our models and drop-in ones.
+
+Timing per call, measured by the gateway: `queue_ms` = waiting for a replica slot (only when
+`max_inflight_per_replica` bounds it), `compute_ms` = the call's round trip. Triton's own queue and
+compute split is in its statistics/metrics endpoint, which the benchmark reads.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
+
+from cosyvoice_common.contracts import (
+    LLM_INPUTS,
+    LLM_MODEL,
+    SPEAKER_INPUTS,
+    SPEAKER_MODEL,
+    TOKEN2WAV_INPUTS,
+    TOKEN2WAV_MODEL,
+    TOKENIZER_INPUTS,
+    TOKENIZER_MODEL,
+    TensorSpec,
+)
+
+log = logging.getLogger(__name__)
+
+MS_PER_S = 1000.0
+# Triton request parameter that makes a decoupled model's last (possibly empty) response carry
+# `triton_final_response`, so a stream's end is known without a side channel.
+_EMPTY_FINAL_PARAM = "triton_enable_empty_final_response"
+_FINAL_PARAM = "triton_final_response"
+
+
+class StageError(RuntimeError):
+    """A stage call failed (unreachable, timed out, or the model returned an error)."""
+
+    def __init__(self, stage: str, message: str, *, unavailable: bool = False, timed_out: bool = False):
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+        self.unavailable = unavailable
+        self.timed_out = timed_out
+
+
+@dataclass(frozen=True, slots=True)
+class StageConfig:
+    name: str                        # tokenizer | speaker | llm | token2wav (metrics, logs, StageTimings)
+    model: str                       # Triton model name
+    urls: tuple[str, ...]            # host:port of each replica's gRPC endpoint
+    timeout_s: float
+    inputs: tuple[TensorSpec, ...]
+    max_inflight_per_replica: int = 0   # 0 = unbounded (Triton queues)
+
+    def __post_init__(self) -> None:
+        if not self.urls or any(not u for u in self.urls):
+            raise ValueError(f"stage {self.name}: no replica URLs")
+        if self.timeout_s <= 0 or self.max_inflight_per_replica < 0:
+            raise ValueError(f"stage {self.name}: bad timeout/inflight: {self}")
+
+
+def parse_urls(value: str) -> tuple[str, ...]:
+    return tuple(u.strip().removeprefix("grpc://") for u in value.split(",") if u.strip())
+
+
+STAGE_INPUTS = {
+    "tokenizer": (TOKENIZER_MODEL, TOKENIZER_INPUTS),
+    "speaker": (SPEAKER_MODEL, SPEAKER_INPUTS),
+    "llm": (LLM_MODEL, LLM_INPUTS),
+    "token2wav": (TOKEN2WAV_MODEL, TOKEN2WAV_INPUTS),
+}
+
+
+def stage_config(name: str, urls: str, timeout_s: float, max_inflight_per_replica: int = 0) -> StageConfig:
+    model, inputs = STAGE_INPUTS[name]
+    return StageConfig(name, model, parse_urls(urls), timeout_s, inputs, max_inflight_per_replica)
+
+
+@dataclass(slots=True)
+class CallTiming:
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+
+
+@dataclass(slots=True)
+class _Replica:
+    url: str
+    client: triton_aio.InferenceServerClient
+    slots: asyncio.Semaphore | None
+    outstanding: int = 0
+    ready: bool = False
+    batched: bool = False      # model config max_batch_size > 0: add/strip a leading batch dim of 1
+
+
+@dataclass(slots=True)
+class _Lease:
+    replica: _Replica
+    timing: CallTiming = field(default_factory=CallTiming)
+
+
+class StageClient:
+    def __init__(self, config: StageConfig) -> None:
+        self.config = config
+        self._dtypes = {spec.name: spec.datatype for spec in config.inputs}
+        self._replicas = [
+            _Replica(url, triton_aio.InferenceServerClient(url),
+                     asyncio.Semaphore(config.max_inflight_per_replica) if config.max_inflight_per_replica else None)
+            for url in config.urls
+        ]
+        self._rr = itertools.count()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    async def close(self) -> None:
+        await asyncio.gather(*(r.client.close() for r in self._replicas), return_exceptions=True)
+
+    # --- readiness ----------------------------------------------------------------------------------
+    async def check_ready(self) -> bool:
+        """Refresh each replica's readiness (server ready and model ready); True if any replica is."""
+        await asyncio.gather(*(self._check_replica(r) for r in self._replicas))
+        return any(r.ready for r in self._replicas)
+
+    async def _check_replica(self, replica: _Replica) -> None:
+        was_ready = replica.ready
+        try:
+            ready = (await replica.client.is_server_ready(client_timeout=self.config.timeout_s)
+                     and await replica.client.is_model_ready(self.config.model, client_timeout=self.config.timeout_s))
+            if ready:
+                config = await replica.client.get_model_config(self.config.model, as_json=True,
+                                                               client_timeout=self.config.timeout_s)
+                replica.batched = int(config["config"].get("max_batch_size", 0)) > 0
+        except InferenceServerException:
+            ready = False
+        replica.ready = bool(ready)
+        if replica.ready != was_ready:
+            log.info("stage %s replica %s %s", self.name, replica.url, "ready" if replica.ready else "NOT ready")
+
+    # --- load balancing -----------------------------------------------------------------------------
+    def _pick(self) -> _Replica:
+        candidates = [r for r in self._replicas if r.ready] or self._replicas   # none known ready: try anyway
+        start = next(self._rr) % len(candidates)
+        rotated = candidates[start:] + candidates[:start]
+        return min(rotated, key=lambda r: r.outstanding)    # min keeps the first of equals: round-robin ties
+
+    async def _acquire(self) -> _Lease:
+        replica = self._pick()
+        replica.outstanding += 1
+        lease = _Lease(replica)
+        if replica.slots is not None:
+            start = time.perf_counter()
+            await replica.slots.acquire()
+            lease.timing.queue_ms = (time.perf_counter() - start) * MS_PER_S
+        return lease
+
+    @staticmethod
+    def _release(lease: _Lease) -> None:
+        lease.replica.outstanding -= 1
+        if lease.replica.slots is not None:
+            lease.replica.slots.release()
+
+    # --- tensors ------------------------------------------------------------------------------------
+    def _inputs(self, tensors: Mapping[str, np.ndarray], batched: bool) -> list[InferInput]:
+        inputs = []
+        for name, array in tensors.items():
+            array = np.ascontiguousarray(array)[None] if batched else np.ascontiguousarray(array)
+            infer_input = InferInput(name, list(array.shape), self._dtypes[name])
+            infer_input.set_data_from_numpy(array)
+            inputs.append(infer_input)
+        return inputs
+
+    @staticmethod
+    def _outputs(result, names: Sequence[str], batched: bool) -> dict[str, np.ndarray]:
+        out = {}
+        for name in names:
+            array = result.as_numpy(name)
+            if array is None:
+                raise KeyError(name)
+            out[name] = array[0] if batched else array
+        return out
+
+    def _error(self, replica: _Replica, exc: InferenceServerException) -> StageError:
+        status = (exc.status() or "").upper()
+        unavailable = "UNAVAILABLE" in status
+        if unavailable:
+            replica.ready = False   # the readiness loop brings it back
+        return StageError(self.name, f"{replica.url}: {exc.message()}", unavailable=unavailable,
+                          timed_out="DEADLINE" in status)
+
+    # --- calls --------------------------------------------------------------------------------------
+    async def infer(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = ""
+                    ) -> tuple[dict[str, np.ndarray], CallTiming]:
+        lease = await self._acquire()
+        replica = lease.replica
+        start = time.perf_counter()
+        try:
+            result = await replica.client.infer(
+                self.config.model, self._inputs(tensors, replica.batched),
+                outputs=[InferRequestedOutput(n) for n in outputs], request_id=request_id,
+                client_timeout=self.config.timeout_s)
+            lease.timing.compute_ms = (time.perf_counter() - start) * MS_PER_S
+            return self._outputs(result, outputs, replica.batched), lease.timing
+        except InferenceServerException as exc:
+            raise self._error(replica, exc) from exc
+        finally:
+            self._release(lease)
+
+    async def stream(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = "",
+                     timing: CallTiming | None = None) -> AsyncIterator[dict[str, np.ndarray]]:
+        """Decoupled call: yields each non-empty response's outputs; returns after the final response.
+
+        Closing the generator early (consumer cancelled) cancels the gRPC stream, which Triton turns
+        into a request cancellation the decoupled model sees. `timing` (if given) is filled in place.
+        """
+        timing = timing if timing is not None else CallTiming()
+        lease = await self._acquire()
+        replica = lease.replica
+        timing.queue_ms += lease.timing.queue_ms
+        request = {
+            "model_name": self.config.model,
+            "inputs": self._inputs(tensors, replica.batched),
+            "outputs": [InferRequestedOutput(n) for n in outputs],
+            "request_id": request_id,
+            "parameters": {_EMPTY_FINAL_PARAM: True},
+        }
+
+        async def requests():
+            yield request
+
+        start = time.perf_counter()
+        responses = replica.client.stream_infer(requests(), stream_timeout=self.config.timeout_s)
+        finished = False
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise self._error(replica, error)
+                response = result.get_response()
+                if response.outputs:
+                    yield self._outputs(result, outputs, replica.batched)
+                final = response.parameters.get(_FINAL_PARAM)
+                if final is not None and final.bool_param:
+                    finished = True
+                    break
+            if not finished:
+                raise StageError(self.name, f"{replica.url}: stream ended without a final response")
+        except InferenceServerException as exc:
+            raise self._error(replica, exc) from exc
+        except grpc.aio.AioRpcError as exc:   # the stream itself failed (tritonclient does not wrap these)
+            raise self._error(replica, InferenceServerException(exc.details(), status=str(exc.code()))) from exc
+        finally:
+            timing.compute_ms += (time.perf_counter() - start) * MS_PER_S
+            if not finished:
+                responses.cancel()
+            self._release(lease)
+
+
+@dataclass(slots=True)
+class Stages:
+    tokenizer: StageClient
+    speaker: StageClient
+    llm: StageClient
+    token2wav: StageClient
+
+    def all(self) -> tuple[StageClient, ...]:
+        return (self.tokenizer, self.speaker, self.llm, self.token2wav)
+
+    async def check_ready(self) -> bool:
+        results = await asyncio.gather(*(s.check_ready() for s in self.all()))
+        return all(results)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self.all()))
