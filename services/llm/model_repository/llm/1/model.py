@@ -1,0 +1,236 @@
+"""Triton model `llm` (decoupled): the TensorRT-LLM backend's tensor contract over cosyvoice_llm.LLMEngine.
+
+execute() only validates and enqueues into the in-flight batching engine, then returns. The engine calls
+back on its own thread; a responder thread turns those outputs into responses (one per batch of new
+tokens when streaming, one with every token otherwise). Every path ends in COMPLETE_FINAL: finished,
+failed, cancelled (a cancellation thread polls is_cancelled() and calls engine.cancel, which frees the slot).
+Output ids are flat (speech code + SPEECH_ID_OFFSET), as the TensorRT-LLM export produces them.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from cosyvoice_common.constants import SPEECH_ID_OFFSET
+from cosyvoice_llm.engine import EngineConfig, FinishReason, LLMEngine, LLMOutput, LLMRequest
+from cosyvoice_llm.model import load_llm
+from cosyvoice_llm.sampling import SamplingParams
+
+CANCEL_POLL_S = 0.02          # how soon a client's cancel frees its slot
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def get_parameter(model_config: dict, name: str) -> str:
+    """A string parameter of config.pbtxt; missing or an unfilled `${...}` template is an error."""
+    value = model_config.get("parameters", {}).get(name, {}).get("string_value")
+    if value is None or value.startswith("${"):
+        raise ValueError(f"config.pbtxt parameter {name!r} is not set (got {value!r})")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class LLMStageConfig:
+    model_dir: Path
+    device: str
+    dtype: torch.dtype
+    max_batch_slots: int
+    max_seq_len: int
+
+    @classmethod
+    def from_model_config(cls, model_config: dict) -> "LLMStageConfig":
+        device = get_parameter(model_config, "device")
+        dtype_name = get_parameter(model_config, "dtype")
+        if dtype_name == "auto":   # bf16 where the hardware has it, fp32 on CPU (tests, parity)
+            dtype_name = "bfloat16" if device.startswith("cuda") else "float32"
+        if dtype_name not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {list(_DTYPES)}, got {dtype_name!r}")
+        return cls(Path(get_parameter(model_config, "model_dir")), device, _DTYPES[dtype_name],
+                   int(get_parameter(model_config, "max_batch_slots")),
+                   int(get_parameter(model_config, "max_seq_len")))
+
+
+def _scalar(request, name: str, default=None):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return default
+    values = tensor.as_numpy().reshape(-1)
+    if values.size != 1:
+        raise ValueError(f"{name} must hold one value, got {values.size}")
+    return values[0].item()
+
+
+def parse_request(request, request_id: str) -> tuple[LLMRequest, bool]:
+    """TensorRT-LLM tensors -> (LLMRequest, streaming). Raises ValueError naming the field."""
+    ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
+    if ids.ndim != 2 or ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [1, L] (one sequence per request), got {list(ids.shape)}")
+    length = int(_scalar(request, "input_lengths"))
+    if not 0 < length <= ids.shape[1]:
+        raise ValueError(f"input_lengths={length} outside [1, {ids.shape[1]}]")
+    top_k = int(_scalar(request, "runtime_top_k", 0))
+    top_p = float(_scalar(request, "runtime_top_p", 0.0))
+    temperature = float(_scalar(request, "temperature", 1.0))
+    defaults = SamplingParams()
+    # TensorRT-LLM semantics: top_k 0 / top_p 0 mean "not set"; then the model's RAS defaults apply.
+    sampling = SamplingParams(top_p=top_p if top_p > 0 else defaults.top_p,
+                              top_k=top_k if top_k > 0 else defaults.top_k,
+                              win_size=defaults.win_size, tau_r=defaults.tau_r,
+                              temperature=temperature if temperature > 0 else 1.0)
+    if top_k == 1:   # greedy, as TensorRT-LLM: no repetition fallback either
+        sampling = SamplingParams.greedy()
+    llm_request = LLMRequest(
+        request_id=request_id,
+        input_ids=tuple(int(t) for t in ids[0, :length]),
+        max_new_tokens=int(_scalar(request, "request_output_len")),
+        min_new_tokens=int(_scalar(request, "min_length", 0)),
+        sampling=sampling,
+        seed=int(_scalar(request, "random_seed", 0)))
+    return llm_request, bool(_scalar(request, "streaming", False))
+
+
+def to_triton(name: str, array: np.ndarray):
+    # DLPack, not pb_utils.Tensor(name, ndarray): the wheel's stub reads numpy>=2 arrays as 0 bytes.
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(array))))
+
+
+def tokens_response(tokens: list[int]):
+    flat = np.asarray(tokens, dtype=np.int32).reshape(1, 1, -1) + np.int32(SPEECH_ID_OFFSET)   # [batch, beam, n]
+    return pb_utils.InferenceResponse([to_triton("output_ids", flat),
+                                       to_triton("sequence_length", np.array([[flat.shape[-1]]], np.int32))])
+
+
+@dataclass(slots=True)
+class RequestData:
+    """Per-request state, alive from enqueue to the final response; then dropped from the registry."""
+    request: object            # pb_utils.InferenceRequest (kept for is_cancelled())
+    sender: object
+    streaming: bool
+    tokens: list[int]
+    cancel_sent: bool = False
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise ValueError("model `llm` must be decoupled (model_transaction_policy { decoupled: true })")
+        self.config = LLMStageConfig.from_model_config(model_config)
+        model = load_llm(self.config.model_dir, self.config.device, self.config.dtype)
+        on_cuda = self.config.device.startswith("cuda")
+        self.engine = LLMEngine(model, EngineConfig(max_batch_slots=self.config.max_batch_slots,
+                                                    max_seq_len=self.config.max_seq_len,
+                                                    use_cuda_graphs=on_cuda))
+        self.engine.start()
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        self.active_family = pb_utils.MetricFamily(
+            name="llm_active_requests", description="LLM requests enqueued or decoding (not yet final)",
+            kind=pb_utils.MetricFamily.GAUGE)
+        self.tokens_family = pb_utils.MetricFamily(
+            name="llm_generated_tokens", description="Speech tokens generated by the LLM stage",
+            kind=pb_utils.MetricFamily.COUNTER)
+        self.active_metric = self.active_family.Metric(labels=labels)
+        self.tokens_metric = self.tokens_family.Metric(labels=labels)
+        self.lock = threading.Lock()
+        self.requests: dict[str, RequestData] = {}
+        self.outputs: queue.SimpleQueue[LLMOutput | None] = queue.SimpleQueue()
+        self.ids = itertools.count()
+        self.stopping = threading.Event()
+        self.responder = threading.Thread(target=self.responder_loop, name="llm-responder", daemon=True)
+        self.canceller = threading.Thread(target=self.cancellation_loop, name="llm-cancel", daemon=True)
+        self.responder.start()
+        self.canceller.start()
+
+    # --- enqueue ----------------------------------------------------------------------------------------
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            request_id = f"{request.request_id() or 'llm'}#{next(self.ids)}"   # unique even if clients reuse ids
+            try:
+                llm_request, streaming = parse_request(request, request_id)
+                with self.lock:
+                    self.requests[request_id] = RequestData(request, sender, streaming, [])
+                    self.active_metric.set(len(self.requests))
+                self.engine.submit(llm_request, self.outputs.put)
+            except Exception as exc:  # noqa: BLE001 - a bad request answers only itself
+                with self.lock:
+                    self.requests.pop(request_id, None)
+                    self.active_metric.set(len(self.requests))
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    # --- respond (own thread: the engine loop never waits on IPC) -----------------------------------------
+    def responder_loop(self) -> None:
+        while True:
+            out = self.outputs.get()
+            if out is None:
+                return
+            with self.lock:
+                data = self.requests.get(out.request_id)
+            if data is None:
+                continue
+            try:
+                self.respond(data, out)
+            except Exception as exc:  # noqa: BLE001 - the client may be gone; never kill the loop
+                pb_utils.Logger.log_warn(f"llm: response for {out.request_id} failed: {exc}")
+                if not out.finished:
+                    self.engine.cancel(out.request_id)
+            if out.finished:
+                with self.lock:
+                    self.requests.pop(out.request_id, None)
+                    self.active_metric.set(len(self.requests))
+
+    def respond(self, data: RequestData, out: LLMOutput) -> None:
+        if out.tokens:
+            self.tokens_metric.increment(len(out.tokens))
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if not out.finished:
+            if data.streaming:
+                data.sender.send(tokens_response(list(out.tokens)))
+            else:
+                data.tokens.extend(out.tokens)
+            return
+        if out.finish_reason is FinishReason.ERROR:
+            data.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(out.error or "llm failed")),
+                             flags=final)
+        elif out.finish_reason is FinishReason.CANCELLED:
+            data.sender.send(flags=final)
+        elif data.streaming:
+            if out.tokens:
+                data.sender.send(tokens_response(list(out.tokens)), flags=final)
+            else:
+                data.sender.send(flags=final)
+        else:
+            data.tokens.extend(out.tokens)
+            data.sender.send(tokens_response(data.tokens), flags=final)
+
+    # --- cancellation -------------------------------------------------------------------------------------
+    def cancellation_loop(self) -> None:
+        while not self.stopping.wait(CANCEL_POLL_S):
+            with self.lock:
+                pending = [(rid, d) for rid, d in self.requests.items() if not d.cancel_sent]
+            for request_id, data in pending:
+                try:
+                    cancelled = data.request.is_cancelled()
+                except Exception:  # noqa: BLE001 - a request torn down under us counts as cancelled
+                    cancelled = True
+                if cancelled:
+                    data.cancel_sent = True
+                    self.engine.cancel(request_id)
+
+    def finalize(self) -> None:
+        self.stopping.set()
+        self.canceller.join()
+        self.engine.stop()        # in-flight requests end with an error output -> final responses
+        self.outputs.put(None)
+        self.responder.join()
+        self.active_metric = self.tokens_metric = None
+        self.active_family = self.tokens_family = None

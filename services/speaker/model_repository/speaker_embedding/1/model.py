@@ -1,0 +1,111 @@
+"""Triton model `speaker_embedding`: 16 kHz prompt -> 192-d x-vector; 24 kHz prompt -> prompt mel frames.
+
+Thin adapter over cosyvoice_speaker: the whole request list of one execute() call goes through ONE
+SpeakerEncoder.embed() call (the encoder decides how to run it; CAM++ pools over time, so it never pads).
+The 24 kHz input is optional: without it `prompt_speech_feat` is [1, 0, 80]. A bad request answers only itself.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from cosyvoice_common.constants import MEL_BINS
+from cosyvoice_common.contracts import SPEAKER_INPUTS, SPEAKER_OUTPUTS
+from cosyvoice_speaker import SpeakerEncoder
+from cosyvoice_speaker.features import prompt_mel
+
+WAV, WAV_LEN, WAV_24K, WAV_24K_LEN = (spec.name for spec in SPEAKER_INPUTS)
+EMBEDDING, SPEECH_FEAT = (spec.name for spec in SPEAKER_OUTPUTS)
+
+
+def get_parameter(model_config: dict, name: str) -> str:
+    """A string parameter of config.pbtxt; missing or an unfilled `${...}` template is an error."""
+    value = model_config.get("parameters", {}).get(name, {}).get("string_value")
+    if value is None or value.startswith("${"):
+        raise ValueError(f"config.pbtxt parameter {name!r} is not set (got {value!r})")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class SpeakerStageConfig:
+    model_dir: Path
+    device: str
+    backend: str
+
+    @classmethod
+    def from_model_config(cls, model_config: dict) -> "SpeakerStageConfig":
+        return cls(Path(get_parameter(model_config, "model_dir")), get_parameter(model_config, "device"),
+                   get_parameter(model_config, "backend"))
+
+
+def read_wav(request, name: str, len_name: str) -> np.ndarray | None:
+    """One trimmed prompt per request ([1, L] + [1, 1]); None if the (optional) input is absent."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    wav = tensor.as_numpy()
+    length = pb_utils.get_input_tensor_by_name(request, len_name)
+    if wav.shape[0] != 1:
+        raise ValueError(f"{name}: send one prompt per request (batch {wav.shape[0]})")
+    n = int(length.as_numpy().reshape(-1)[0]) if length is not None else wav.shape[1]
+    if not 0 < n <= wav.shape[1]:
+        raise ValueError(f"{len_name}={n} outside [1, {wav.shape[1]}]")
+    return wav[0, :n]
+
+
+def to_triton(name: str, array: np.ndarray):
+    # DLPack, not pb_utils.Tensor(name, ndarray): the wheel's stub reads numpy>=2 arrays as 0 bytes.
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(array))))
+
+
+def error_response(exc: Exception):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.config = SpeakerStageConfig.from_model_config(json.loads(args["model_config"]))
+        self.encoder = SpeakerEncoder(self.config.model_dir, self.config.backend, self.config.device)
+
+    def execute(self, requests):
+        responses: list = [None] * len(requests)
+        prompts: dict[int, np.ndarray] = {}
+        mels: dict[int, np.ndarray] = {}
+        for i, request in enumerate(requests):
+            try:
+                prompts[i] = read_wav(request, WAV, WAV_LEN)
+                wav_24k = read_wav(request, WAV_24K, WAV_24K_LEN)
+                mels[i] = (np.zeros((0, MEL_BINS), np.float32) if wav_24k is None else
+                           prompt_mel(torch.from_numpy(wav_24k.copy()).to(self.config.device)).float().cpu().numpy())
+            except Exception as exc:  # noqa: BLE001 - a bad request answers only itself
+                responses[i] = error_response(exc)
+                prompts.pop(i, None)
+        for i, embedding in self._embed(prompts).items():
+            responses[i] = error_response(embedding) if isinstance(embedding, Exception) else \
+                pb_utils.InferenceResponse([to_triton(EMBEDDING, np.asarray(embedding, np.float32).reshape(1, -1)),
+                                            to_triton(SPEECH_FEAT, mels[i][None].astype(np.float32))])
+        return responses
+
+    def _embed(self, prompts: dict[int, np.ndarray]) -> dict[int, np.ndarray | Exception]:
+        """One call for the list; if it fails, each prompt alone, so one bad prompt fails only its request."""
+        if not prompts:
+            return {}
+        keys = list(prompts)
+        try:
+            embeddings = np.asarray(self.encoder.embed([prompts[k] for k in keys]))
+            return {k: embeddings[row] for row, k in enumerate(keys)}
+        except Exception as exc:  # noqa: BLE001 - isolate the culprit below
+            if len(keys) == 1:
+                return {keys[0]: exc}
+        results: dict[int, np.ndarray | Exception] = {}
+        for k in keys:
+            try:
+                results[k] = np.asarray(self.encoder.embed([prompts[k]]))[0]
+            except Exception as exc:  # noqa: BLE001
+                results[k] = exc
+        return results

@@ -1,0 +1,131 @@
+"""Triton model `token2wav`: flat speech ids + prompt -> 24 kHz audio chunk, stateless.
+
+Thin adapter over cosyvoice_token2wav.Token2Wav.chunk: the vocoder overlap cache (mel frames, source
+and speech tails) arrives as input tensors and leaves as output tensors, so any replica serves any chunk
+and a cancelled stream leaves nothing behind. Without `token_offset` the call is offline (one pass).
+Token2Wav has no batched chunk call yet, so the request list is processed one by one; each request's
+failure answers only that request.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from cosyvoice_common.constants import MEL_BINS, SPEECH_ID_OFFSET
+from cosyvoice_token2wav.token2wav import VocoderCache, load_token2wav
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def get_parameter(model_config: dict, name: str) -> str:
+    """A string parameter of config.pbtxt; missing or an unfilled `${...}` template is an error."""
+    value = model_config.get("parameters", {}).get(name, {}).get("string_value")
+    if value is None or value.startswith("${"):
+        raise ValueError(f"config.pbtxt parameter {name!r} is not set (got {value!r})")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Token2WavStageConfig:
+    model_dir: Path
+    device: str
+    flow_dtype: torch.dtype
+
+    @classmethod
+    def from_model_config(cls, model_config: dict) -> "Token2WavStageConfig":
+        dtype_name = get_parameter(model_config, "dtype")
+        dtype_name = "float32" if dtype_name == "auto" else dtype_name   # the reference's numerics
+        if dtype_name not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {list(_DTYPES)}, got {dtype_name!r}")
+        return cls(Path(get_parameter(model_config, "model_dir")), get_parameter(model_config, "device"),
+                   _DTYPES[dtype_name])
+
+
+def _input(request, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _one(array: np.ndarray, name: str) -> np.ndarray:
+    if array.shape[0] != 1:
+        raise ValueError(f"{name}: send one utterance per request (batch {array.shape[0]})")
+    return array[0]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkCall:
+    tokens: torch.Tensor           # [1, T] speech codes
+    prompt_tokens: torch.Tensor    # [1, Tp]
+    prompt_feat: torch.Tensor      # [1, 2 Tp, 80]
+    embedding: torch.Tensor        # [1, 192]
+    token_offset: int
+    finalize: bool
+    streaming: bool
+    cache: VocoderCache | None
+
+    @classmethod
+    def from_request(cls, request) -> "ChunkCall":
+        codes = _one(_input(request, "target_speech_tokens"), "target_speech_tokens").astype(np.int64) - SPEECH_ID_OFFSET
+        prompt_codes = _one(_input(request, "prompt_speech_tokens"), "prompt_speech_tokens").astype(np.int64) - SPEECH_ID_OFFSET
+        if codes.size == 0 or codes.min() < 0 or (prompt_codes.size and prompt_codes.min() < 0):
+            raise ValueError(f"speech token ids must be flat ids >= {SPEECH_ID_OFFSET} (code + offset)")
+        offset = _input(request, "token_offset")
+        finalize = _input(request, "finalize")
+        if offset is None:   # offline: one flow pass, one vocoder pass
+            token_offset, is_final, streaming = 0, True, False
+        else:
+            token_offset = int(offset.reshape(-1)[0])
+            is_final = bool(finalize.reshape(-1)[0]) if finalize is not None else False
+            streaming = not is_final
+        cache = None
+        if token_offset > 0:
+            mel, source, speech = (_input(request, n) for n in ("cache_mel", "cache_source", "cache_speech"))
+            if mel is None or source is None or speech is None:
+                raise ValueError("a chunk after the first (token_offset > 0) needs cache_mel, cache_source, cache_speech")
+            cache = VocoderCache(mel=torch.from_numpy(_one(mel, "cache_mel")[None].copy()),
+                                 source=torch.from_numpy(_one(source, "cache_source")[None, None].copy()),
+                                 speech=torch.from_numpy(_one(speech, "cache_speech")[None].copy()))
+        feat = _one(_input(request, "prompt_speech_feat"), "prompt_speech_feat")
+        embedding = _one(_input(request, "prompt_spk_embedding"), "prompt_spk_embedding")
+        return cls(torch.from_numpy(codes[None].copy()), torch.from_numpy(prompt_codes[None].copy()),
+                   torch.from_numpy(feat[None].copy()), torch.from_numpy(embedding.reshape(1, -1).copy()),
+                   token_offset, is_final, streaming, cache)
+
+
+def to_triton(name: str, tensor: torch.Tensor):
+    # DLPack, not pb_utils.Tensor(name, ndarray): the wheel's stub reads numpy>=2 arrays as 0 bytes.
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor.detach().float().cpu().contiguous()))
+
+
+def chunk_response(wav: torch.Tensor, cache: VocoderCache | None):
+    if cache is None:   # after the final chunk: empty caches, same ranks
+        mel, source, speech = torch.zeros(1, MEL_BINS, 0), torch.zeros(1, 0), torch.zeros(1, 0)
+    else:
+        mel, source, speech = cache.mel, cache.source.reshape(1, -1), cache.speech.reshape(1, -1)
+    return pb_utils.InferenceResponse([to_triton("waveform", wav.reshape(1, -1)), to_triton("cache_mel", mel),
+                                       to_triton("cache_source", source), to_triton("cache_speech", speech)])
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.config = Token2WavStageConfig.from_model_config(json.loads(args["model_config"]))
+        self.token2wav = load_token2wav(self.config.model_dir, self.config.device, self.config.flow_dtype)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                call = ChunkCall.from_request(request)
+                wav, cache = self.token2wav.chunk(call.tokens, call.prompt_tokens, call.prompt_feat, call.embedding,
+                                                  token_offset=call.token_offset, finalize=call.finalize,
+                                                  streaming=call.streaming, cache=call.cache)
+                responses.append(chunk_response(wav, cache))
+            except Exception as exc:  # noqa: BLE001 - a failed chunk answers only its own request
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")))
+        return responses

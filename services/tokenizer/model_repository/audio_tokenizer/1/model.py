@@ -1,0 +1,100 @@
+"""Triton model `audio_tokenizer`: 16 kHz prompts -> flat speech ids (code + SPEECH_ID_OFFSET).
+
+Thin adapter over cosyvoice_tokenizer.SpeechTokenizer: the whole request list of one execute() call
+(dynamic batching, ragged lengths) goes through ONE tokenize() call. A request whose input is bad gets
+its own error; the rest of the batch proceeds.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from cosyvoice_common.constants import SPEECH_ID_OFFSET
+from cosyvoice_common.contracts import TOKENIZER_INPUTS, TOKENIZER_OUTPUTS
+from cosyvoice_tokenizer import SpeechTokenizer
+
+WAV, WAV_LEN = (spec.name for spec in TOKENIZER_INPUTS)
+(CODES,) = (spec.name for spec in TOKENIZER_OUTPUTS)
+
+
+def get_parameter(model_config: dict, name: str) -> str:
+    """A string parameter of config.pbtxt; missing or an unfilled `${...}` template is an error."""
+    value = model_config.get("parameters", {}).get(name, {}).get("string_value")
+    if value is None or value.startswith("${"):
+        raise ValueError(f"config.pbtxt parameter {name!r} is not set (got {value!r})")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerStageConfig:
+    model_dir: Path
+    device: str
+    backend: str
+
+    @classmethod
+    def from_model_config(cls, model_config: dict) -> "TokenizerStageConfig":
+        return cls(Path(get_parameter(model_config, "model_dir")), get_parameter(model_config, "device"),
+                   get_parameter(model_config, "backend"))
+
+
+def read_prompt(request) -> np.ndarray:
+    """One trimmed 16 kHz prompt per request ([1, L] + [1, 1]); the length trims client zero-padding."""
+    wav = pb_utils.get_input_tensor_by_name(request, WAV).as_numpy()
+    wav_len = pb_utils.get_input_tensor_by_name(request, WAV_LEN).as_numpy().reshape(-1)
+    if wav.shape[0] != 1 or wav_len.shape[0] != 1:
+        raise ValueError(f"send one prompt per request (batch {wav.shape[0]})")
+    n = int(wav_len[0])
+    if not 0 < n <= wav.shape[1]:
+        raise ValueError(f"{WAV_LEN}={n} outside [1, {wav.shape[1]}]")
+    return wav[0, :n]
+
+
+def to_triton(name: str, array: np.ndarray):
+    # DLPack, not pb_utils.Tensor(name, ndarray): the wheel's stub reads numpy>=2 arrays as 0 bytes.
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(array))))
+
+
+def error_response(exc: Exception):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.config = TokenizerStageConfig.from_model_config(json.loads(args["model_config"]))
+        self.tokenizer = SpeechTokenizer(self.config.model_dir, self.config.backend, self.config.device)
+
+    def execute(self, requests):
+        responses: list = [None] * len(requests)
+        prompts: dict[int, np.ndarray] = {}
+        for i, request in enumerate(requests):
+            try:
+                prompts[i] = read_prompt(request)
+            except Exception as exc:  # noqa: BLE001 - a bad request answers only itself
+                responses[i] = error_response(exc)
+        for i, codes in self._tokenize(prompts).items():
+            responses[i] = error_response(codes) if isinstance(codes, Exception) else \
+                pb_utils.InferenceResponse([to_triton(CODES, (codes.astype(np.int32) + SPEECH_ID_OFFSET)[None])])
+        return responses
+
+    def _tokenize(self, prompts: dict[int, np.ndarray]) -> dict[int, np.ndarray | Exception]:
+        """One batched call; if it fails, each prompt alone, so one bad prompt fails only its request."""
+        if not prompts:
+            return {}
+        keys = list(prompts)
+        try:
+            return dict(zip(keys, self.tokenizer.tokenize([prompts[k] for k in keys]), strict=True))
+        except Exception as exc:  # noqa: BLE001 - isolate the culprit below
+            if len(keys) == 1:
+                return {keys[0]: exc}
+        results: dict[int, np.ndarray | Exception] = {}
+        for k in keys:
+            try:
+                results[k] = self.tokenizer.tokenize([prompts[k]])[0]
+            except Exception as exc:  # noqa: BLE001
+                results[k] = exc
+        return results
