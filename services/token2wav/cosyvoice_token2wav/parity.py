@@ -15,7 +15,7 @@ import torch
 
 from cosyvoice_common.parity import ParityResult, compare, compare_exact
 
-from .hift import HiFTGenerator, SourceDraws, build_hift, check_state_dict
+from .hift import HiFTGenerator, SourceDraws, build_hift
 from .token2wav import ChunkPlan, Token2Wav, VocoderCache, plan_reference_chunks
 
 F0_ATOL_HZ = 2e-3
@@ -107,17 +107,9 @@ def joining_cases(golden_dir: Path, t2w: Token2Wav) -> list[ParityResult]:
 
 def build_golden_flow(golden_dir: Path, cfg: dict[str, Any]) -> torch.nn.Module:
     """The flow of a golden dir, strictly loaded from flow.pt (imported lazily: it lands separately)."""
-    from . import flow as flow_pkg
+    from .flow import build_flow, load_flow_state
 
-    flow = flow_pkg.CausalMaskedDiffWithXvec.from_config(cfg["flow"])
-    state = torch.load(str(golden_dir / "flow.pt"), map_location="cpu", weights_only=True)
-    loader = getattr(flow_pkg, "load_flow_state", None)
-    if loader is not None:
-        loader(flow, state)
-    else:
-        check_state_dict(flow, state, str(golden_dir / "flow.pt"))
-        flow.load_state_dict(state, strict=True)
-    return flow.eval()
+    return load_flow_state(build_flow(cfg["flow"]), golden_dir / "flow.pt", "cpu", torch.float32)
 
 
 def flow_cases(golden_dir: Path, t2w: Token2Wav) -> list[ParityResult]:
