@@ -223,6 +223,15 @@ def speech_ids_from_llm(output_ids: np.ndarray) -> tuple[list[int], bool]:
     return ids, False
 
 
+def speech_token_bounds(req: SynthesisRequest, target_text_tokens: int, limit: int) -> tuple[int, int]:
+    """Request bounds, else the model's rule (spec 4.4: 2x / 20x target text tokens), capped at `limit`."""
+    rule_min = min(MIN_TOKEN_TEXT_RATIO * target_text_tokens, limit)
+    rule_max = min(MAX_TOKEN_TEXT_RATIO * target_text_tokens, limit)
+    hi = req.max_speech_tokens or max(rule_max, req.min_speech_tokens)
+    lo = req.min_speech_tokens or min(rule_min, hi)
+    return lo, max(hi, 1)
+
+
 class Pipeline:
     def __init__(self, config: PipelineConfig, stages: Stages, cache: Spk2InfoCache,
                  encode_text: Callable[[str], Sequence[int]]) -> None:
@@ -358,7 +367,7 @@ class Pipeline:
         segments = []
         for i, text in enumerate(texts):
             target_ids = list(self.encode_text(text))
-            min_tokens, max_tokens = self._bounds(req, len(target_ids))
+            min_tokens, max_tokens = speech_token_bounds(req, len(target_ids), self.config.max_speech_tokens)
             ids = [FLAT_SOS_ID, *prefix_ids, *target_ids, FLAT_TASK_ID]
             input_ids = np.concatenate([np.asarray(ids, np.int32), llm_prompt.astype(np.int32)])
             segments.append(Segment(input_ids, min_tokens, max_tokens, base_seed + i))
@@ -372,15 +381,6 @@ class Pipeline:
             top_p=req.top_p or self.config.default_top_p,
             top_k=req.top_k or self.config.default_top_k,
         )
-
-    def _bounds(self, req: SynthesisRequest, target_text_tokens: int) -> tuple[int, int]:
-        """Request bounds, else the model's rule (spec 4.4: 2x / 20x target text tokens), capped."""
-        limit = self.config.max_speech_tokens
-        rule_min = min(MIN_TOKEN_TEXT_RATIO * target_text_tokens, limit)
-        rule_max = min(MAX_TOKEN_TEXT_RATIO * target_text_tokens, limit)
-        hi = req.max_speech_tokens or max(rule_max, req.min_speech_tokens)
-        lo = req.min_speech_tokens or min(rule_min, hi)
-        return lo, max(hi, 1)
 
     # --- stage calls -------------------------------------------------------------------------------
     def _llm_tensors(self, prepared: PreparedRequest, segment: Segment, streaming: bool) -> dict[str, np.ndarray]:

