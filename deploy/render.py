@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO_ROOT / "common"))      # runnable without the venv's
 sys.path.insert(0, str(DEPLOY_DIR))
 
 from cosyvoice_common.placement import (  # noqa: E402
-    load_placement, to_compose, to_helm_values, to_k8s,
+    PlacementError, load_placement, to_compose, to_helm_values, to_k8s,
 )
 import gotemplate  # noqa: E402
 
@@ -76,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         values_path = Path(args.values) if args.values else CHART_DIR / "values.yaml"
         text = dump_all(helm_template(yaml.safe_load(values_path.read_text()), args.release))
     else:
-        placement = load_placement(path=args.placement)
+        try:
+            placement = load_placement(path=args.placement)
+        except PlacementError as e:
+            print(f"render.py: bad placement: {e}", file=sys.stderr)
+            return 2
         if args.what == "compose":
             text = COMPOSE_HEADER + dump_yaml(to_compose(placement))
         elif args.what == "k8s":

@@ -1,0 +1,124 @@
+"""docker-compose.yml and `render.py compose`: valid compose-spec, healthy dependency graph, stages on
+the GPUs their placement names."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from check_jsonschema import builtin_schemas
+
+import render
+from cosyvoice_common.placement import (
+    GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, SEED_OFFLINE_PORTS, SEED_STREAMING_PORTS, STAGES, default_placement,
+    load_placement, to_compose,
+)
+
+REPO = Path(render.REPO_ROOT)
+EXAMPLE = REPO / "deploy" / "placement.example.yaml"
+
+
+def compose_schema() -> dict:
+    path = Path(builtin_schemas.__file__).parent / "vendor" / "compose-spec.json"
+    return json.loads(path.read_text())
+
+
+def checked_in() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def host_port(spec: str) -> int:
+    """'${VAR:-50051}:50051' or '8000:8000' -> the host port with defaults applied."""
+    host = spec.rsplit(":", 1)[0]
+    return int(host.split(":-", 1)[1].rstrip("}")) if host.startswith("${") else int(host)
+
+
+def check_structure(doc: dict, gpu_services: dict[str, list[str]]) -> None:
+    services = doc["services"]
+    for name, svc in services.items():
+        assert "image" in svc or "build" in svc, name
+        assert svc["healthcheck"]["test"][0] == "CMD", name
+        for dep, cond in svc.get("depends_on", {}).items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            assert cond == {"condition": "service_healthy"}, name
+        devices = svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+        if name in gpu_services:
+            assert devices == [{"driver": "nvidia", "device_ids": gpu_services[name], "capabilities": ["gpu"]}], name
+        else:
+            assert devices is None, f"{name} reserves a GPU its placement does not give it"
+    ports = [host_port(p) for svc in services.values() for p in svc.get("ports", [])]
+    assert len(ports) == len(set(ports)), ports
+    # only the gateway publishes; stage services must stay scalable (a fixed host port would clash)
+    assert all("ports" not in svc for name, svc in services.items() if name != "gateway")
+    gw = services["gateway"]
+    assert set(gw["depends_on"]) == set(services) - {"gateway"}
+    assert "redis-data:/data" in services["redis"]["volumes"] and "redis-data" in doc["volumes"]
+
+
+def test_checked_in_compose_is_the_rendered_default_placement():
+    assert checked_in() == to_compose(default_placement())
+    text = (REPO / "docker-compose.yml").read_text()
+    assert text == render.COMPOSE_HEADER + render.dump_yaml(to_compose(default_placement()))
+
+
+@pytest.mark.parametrize("doc", [checked_in(), to_compose(load_placement(env={}, path=EXAMPLE))],
+                         ids=["checked-in", "example"])
+def test_compose_files_match_the_compose_spec_schema(doc):
+    jsonschema.validate(doc, compose_schema())
+
+
+def test_schema_check_catches_a_broken_file():
+    doc = checked_in()
+    doc["services"]["llm"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] = "gpu"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, compose_schema())
+
+
+def test_checked_in_compose_structure_and_public_ports():
+    doc = checked_in()
+    check_structure(doc, {s: ["0"] for s in STAGES})
+    ports = {host_port(p) for p in doc["services"]["gateway"]["ports"]}
+    assert ports == {GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, *SEED_STREAMING_PORTS, *SEED_OFFLINE_PORTS}
+    env = doc["services"]["gateway"]["environment"]
+    # one DNS name per stage: `--scale token2wav=3` adds addresses behind it, nothing else changes
+    assert env["TOKEN2WAV_URL"] == "token2wav:8401"
+    assert env["REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_example_placement_puts_each_stage_on_its_gpus():
+    doc = to_compose(load_placement(env={}, path=EXAMPLE))
+    check_structure(doc, {"llm": ["0"], "token2wav-0": ["1"], "token2wav-1": ["2"],
+                          "tokenizer": ["3"], "speaker": ["3"]})
+    assert "token2wav" not in doc["services"]
+    assert doc["services"]["gateway"]["environment"]["TOKEN2WAV_URL"] == "token2wav-0:8401,token2wav-1:8401"
+    assert doc["services"]["token2wav-1"]["environment"]["TRITON_INSTANCE_COUNT"] == "2"
+
+
+def test_replicas_on_the_same_devices_become_one_scaled_service():
+    doc = to_compose(load_placement(env={"TOKEN2WAV_REPLICAS": "3"}))
+    svc = doc["services"]["token2wav"]
+    assert svc["deploy"]["replicas"] == 3
+    assert svc["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0"]
+
+
+def test_cpu_placement_reserves_no_gpu():
+    doc = to_compose(load_placement(env={"PLACEMENT_DEFAULT_DEVICE": "cpu"}))
+    check_structure(doc, {})
+    assert {doc["services"][s]["environment"]["TRITON_INSTANCE_KIND"] for s in STAGES} == {"KIND_CPU"}
+    jsonschema.validate(doc, compose_schema())
+
+
+def test_render_cli_compose_for_the_example_placement():
+    out = subprocess.run([sys.executable, str(REPO / "deploy" / "render.py"), "compose", "--placement", str(EXAMPLE)],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    assert yaml.safe_load(out) == to_compose(load_placement(env={}, path=EXAMPLE))
+
+
+def test_render_cli_reports_a_bad_placement(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("stages:\n  vocoder: {}\n")
+    r = subprocess.run([sys.executable, str(REPO / "deploy" / "render.py"), "k8s", "--placement", str(bad)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "unknown stage 'vocoder'" in r.stderr
