@@ -127,6 +127,8 @@ class StackConfig:
     gateway_grpc_port: int = 50051          # 0 = a free port
     gateway_http_port: int = 8080
     gateway_env: Mapping[str, str] = field(default_factory=dict)   # extra env for the gateway
+    # <STAGE>_URLS of stage servers started elsewhere (stages with 0 replicas here), e.g. by a test fixture.
+    stage_urls: Mapping[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 300.0
     generate_model: bool = True             # run cosyvoice_tools.modelgen if model_dir is missing
     model_size: str = "tiny"
@@ -254,7 +256,9 @@ class Stack:
 
     # addresses ---------------------------------------------------------------------------------------
     def stage_grpc_urls(self, stage: str) -> list[str]:
-        return [f"{HOST}:{r.ports['grpc']}" for r in self.records if r.stage == stage]
+        urls = [f"{HOST}:{r.ports['grpc']}" for r in self.records if r.stage == stage]
+        external = self.config.stage_urls.get(STAGE_BY_NAME[stage].urls_env, "")
+        return urls or [u for u in external.split(",") if u]
 
     def stage_records(self, stage: str) -> list[ProcessRecord]:
         return [r for r in self.records if r.stage == stage]
@@ -345,6 +349,7 @@ class Stack:
         cfg = self.config
         env = dict(os.environ)
         env.update({s.urls_env: ",".join(self.stage_grpc_urls(s.name)) for s in STAGES})
+        env.update({k: v for k, v in cfg.stage_urls.items() if not env.get(k)})
         env.update({"REDIS_URL": self.redis_url, "MODEL_DIR": str(cfg.model_dir)})
         env.update(cfg.gateway_env)
         # The gateway imports our packages without relying on the venv's .pth (GPU machine: PYTHONPATH).
