@@ -103,7 +103,7 @@ def _parse(pieces: list[tuple[str, str]]) -> list[_Node]:
             if words[1:2] == ["if"]:
                 nested = _Node("if", expr=words[2:])
                 owner.orelse.append(nested)
-                # `end` of the chain closes the outer node too: mark with a sentinel frame.
+                # the outer frame is gone; a sentinel makes the chain's single `end` close it
                 stack.append((_Node("chain"), []))
                 stack.append((nested, nested.body))
             else:
@@ -112,8 +112,8 @@ def _parse(pieces: list[tuple[str, str]]) -> list[_Node]:
             if len(stack) == 1:
                 raise TemplateError("{{ end }} without if/range")
             stack.pop()
+            # an `else if` chain replaced its outer frame with sentinels: one `end` closes them all
             while len(stack) > 1 and stack[-1][0] is not None and stack[-1][0].kind == "chain":
-                stack.pop()
                 stack.pop()
         elif head in ("with", "define", "template", "block", "include", "tpl"):
             raise TemplateError(f"unsupported action {head!r}")
