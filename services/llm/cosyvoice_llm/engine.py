@@ -337,7 +337,7 @@ class LLMEngine:
     def _decode_rows(self, n: int) -> None:
         """The static decode step over slots [0, n): reads and writes only preallocated state."""
         rows = slice(0, n)
-        logp = self.model.decode_step(self._tokens[rows], self._positions[rows], self._slot_ids[rows])
+        logp = self.model.decode_step(self._tokens[rows], self._positions[rows], rows)
         logp = mask_eos(logp, self._generated[rows] < self._min_new[rows])
         tok = sample_batched(logp, self._history[rows], self._generated[rows], self._row_params(rows))
         act = self._active[rows]

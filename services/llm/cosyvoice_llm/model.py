@@ -74,7 +74,7 @@ class Qwen2Encoder(nn.Module):
         self.backbone.setup_caches(max_batch_slots, max_seq_len)
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
-                slot_ids: torch.Tensor | None = None) -> torch.Tensor:
+                slot_ids: torch.Tensor | slice | None = None) -> torch.Tensor:
         return self.model(inputs_embeds, positions, slot_ids)
 
 
@@ -165,8 +165,10 @@ class Qwen2LM(nn.Module):
         hidden = self.llm(self.embed_flat(flat_ids[None]), positions, slot)
         return self.speech_logp(hidden[0, -1])
 
-    def decode_step(self, speech_ids: torch.Tensor, positions: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
-        """One token per slot: speech-head ids [B], their positions [B], slots [B] -> fp32 log-probs [B, 6564]."""
+    def decode_step(self, speech_ids: torch.Tensor, positions: torch.Tensor,
+                    slot_ids: torch.Tensor | slice) -> torch.Tensor:
+        """One token per slot: speech-head ids [B], their positions [B], slots ([B] or a slice of B consecutive
+        slots) -> fp32 log-probs [B, 6564]."""
         hidden = self.llm(self.speech_embedding(speech_ids)[:, None], positions[:, None], slot_ids)
         return self.speech_logp(hidden[:, 0])
 

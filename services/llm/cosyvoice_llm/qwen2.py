@@ -120,12 +120,22 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, slot_ids: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+    def update(self, slot_ids: torch.Tensor | slice, positions: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes k/v [B, Hkv, T, D] at `positions` [B, T] of `slot_ids` [B]; returns the slots' full caches."""
+        """Writes k/v [B, Hkv, T, D] at `positions` [B, T] of `slot_ids` ([B] tensor, or a slice of B consecutive
+        slots); returns the slots' full caches [B, Hkv, max_seq_len, D]."""
+        if isinstance(slot_ids, slice):
+            # Consecutive slots (the engine's decode step): read through a view, no gather copy of the cache.
+            k_all, v_all = self.k_cache[slot_ids], self.v_cache[slot_ids]
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        else:
+            k_all, v_all = self.k_cache, self.v_cache
+            rows = slot_ids[:, None]
         # Advanced indices around a slice put the broadcast [B, T] dims first: target view is [B, T, Hkv, D].
-        self.k_cache[slot_ids[:, None], :, positions] = k.transpose(1, 2)
-        self.v_cache[slot_ids[:, None], :, positions] = v.transpose(1, 2)
+        k_all[rows, :, positions] = k.transpose(1, 2)
+        v_all[rows, :, positions] = v.transpose(1, 2)
+        if isinstance(slot_ids, slice):
+            return k_all, v_all
         return self.k_cache[slot_ids], self.v_cache[slot_ids]
 
 
@@ -142,7 +152,7 @@ class Qwen2Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                slot_ids: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
+                slot_ids: torch.Tensor | slice | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
         bsz, seq_len, _ = x.shape
         q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -152,15 +162,21 @@ class Qwen2Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         if self.kv_cache is not None and slot_ids is not None:
             k, v = self.kv_cache.update(slot_ids, positions, k, v)
+        # GQA: each KV head serves `group` consecutive query heads.
         group = self.num_heads // self.num_kv_heads
-        if group > 1:
-            # GQA: each KV head serves `group` consecutive query heads.
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
         if attn_mask is None:
+            if group > 1:
+                k = k.repeat_interleave(group, dim=1)
+                v = v.repeat_interleave(group, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=seq_len > 1)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            # Fold each KV head's query heads into the query-length axis instead of copying the (max_seq_len long)
+            # cache `group` times: q [B, H, T, D] -> [B, Hkv, group*T, D]; the mask repeats per head of the group.
+            q = q.reshape(bsz, self.num_kv_heads, group * seq_len, self.head_dim)
+            mask = attn_mask.expand(bsz, group, seq_len, attn_mask.shape[-1])
+            mask = mask.reshape(bsz, 1, group * seq_len, attn_mask.shape[-1])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = out.reshape(bsz, self.num_heads, seq_len, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.head_dim))
 
 
@@ -184,7 +200,7 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                slot_ids: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
+                slot_ids: torch.Tensor | slice | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, slot_ids, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -226,10 +242,10 @@ class Qwen2Model(nn.Module):
         self.max_seq_len = max_seq_len
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
-                slot_ids: torch.Tensor | None = None) -> torch.Tensor:
+                slot_ids: torch.Tensor | slice | None = None) -> torch.Tensor:
         """inputs_embeds [B, T, H], positions [B, T] (int64) -> hidden after the final norm [B, T, H].
 
-        With `slot_ids` [B] the KV cache is read and written (caches must be set up). Without it the call is a
+        With `slot_ids` ([B] tensor, or a slice of B consecutive slots) the KV cache is read and written (caches must be set up). Without it the call is a
         plain causal pass over the given tokens only (positions must then be 0..T-1), e.g. for teacher forcing.
         """
         needed = max(positions.shape[-1], self.max_seq_len)
@@ -265,6 +281,6 @@ class Qwen2ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
-                slot_ids: torch.Tensor | None = None) -> torch.Tensor:
+                slot_ids: torch.Tensor | slice | None = None) -> torch.Tensor:
         # The text lm_head is never needed by CosyVoice2 (speech logits come from llm_decoder): skip it.
         return self.model(inputs_embeds, positions, slot_ids)

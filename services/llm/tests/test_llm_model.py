@@ -107,3 +107,15 @@ def test_config_rejects_unsupported_features(tiny_configs):
         Qwen2LM.from_config({**TINY_LLM, "llm_input_size": 16}, TINY_QWEN2)
     with pytest.raises(ValueError, match="num_key_value_heads"):
         Qwen2LM.from_config(TINY_LLM, {**TINY_QWEN2, "num_key_value_heads": 3})
+
+
+@torch.inference_mode()
+def test_decode_over_a_slot_slice_equals_decode_over_slot_ids(tiny_model: Qwen2LM):
+    tiny_model.setup_caches(max_batch_slots=2, max_seq_len=16)
+    seqs = [build_prompt_flat_ids([1, 2, 3], [], [7]), build_prompt_flat_ids([4], [], [])]
+    for s, seq in enumerate(seqs):
+        tiny_model.prefill(torch.tensor(seq), torch.tensor([s]))
+    positions = torch.tensor([len(s) for s in seqs])
+    by_ids = tiny_model.decode_step(torch.tensor([5, 6]), positions, torch.tensor([0, 1]))
+    by_slice = tiny_model.decode_step(torch.tensor([5, 6]), positions, slice(0, 2))   # rewrites the same entries
+    torch.testing.assert_close(by_slice, by_ids, atol=0, rtol=0)
