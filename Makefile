@@ -32,3 +32,12 @@ proto: ## generate gRPC code from protos/ into protos/gen (ignored)
 	mkdir -p protos/gen
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos/gen --grpc_python_out=protos/gen protos/cosyvoice/v1/tts.proto
 	touch protos/gen/cosyvoice/__init__.py protos/gen/cosyvoice/v1/__init__.py
+
+# --- model + parity ---
+MODEL_SEED ?= 1
+
+model: $(STAMP) ## random-weight model dir: MODEL_SIZE=tiny|full, MODEL_DIR (default models/cosyvoice2-$(MODEL_SIZE))
+	$(PY) -m cosyvoice_tools.modelgen --size $(MODEL_SIZE) --out $(MODEL_DIR) --seed $(MODEL_SEED)
+
+parity: $(STAMP) ## every golden-parity case against GOLDEN (default ../shared/golden/tiny-seed1)
+	$(PY) -m cosyvoice_tools.parity --golden $(GOLDEN)
