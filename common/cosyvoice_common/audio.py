@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from cosyvoice_common.constants import (
@@ -66,6 +65,8 @@ class PromptAudio:
 # --- decode ------------------------------------------------------------------------------------------
 def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     """Decode any soundfile-readable container to float32 mono in [-1, 1] (channels averaged)."""
+    import soundfile as sf  # imported here so feature code that only needs the filter banks does not need libsndfile
+
     if not data:
         raise AudioDecodeError("audio is empty (0 bytes)")
     try:
@@ -211,6 +212,8 @@ def encode_audio(wav_24k: np.ndarray, sample_rate_hz: int = OUTPUT_SAMPLE_RATE_H
         return wav_header(sample_rate_hz, wav.shape[0]) + pcm
     container = {"flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III"), "opus": ("OGG", "OPUS")}
     fmt, subtype = container[encoding]
+    import soundfile as sf
+
     buf = io.BytesIO()
     try:
         sf.write(buf, np.clip(wav, -1.0, 1.0), sample_rate_hz, format=fmt, subtype=subtype)
