@@ -14,14 +14,14 @@ YAML file (`PLACEMENT_FILE`, example `deploy/placement.example.yaml`):
     gateway: {replicas: 1}          # Kubernetes only; compose publishes host ports, so one gateway
     stages:
       llm:       {replicas: 1, devices: [cuda:0], instances: 1}
-      token2wav: {replicas: 2, devices: [cuda:1, cuda:2]}     # round-robin: one GPU each
+      token2wav: {replicas: 2, devices: [cuda:1, cuda:2]}     # replica i on device i mod 2
       tokenizer: {devices: [cuda:3]}
       speaker:   {devices: [cuda:3]}                         # shares GPU 3 with the tokenizer
-      # explicit per-replica lists are allowed too: devices: [[cuda:1], [cuda:2]]
+      # explicit per-replica lists (a replica may hold several GPUs): devices: [[cuda:1, cuda:2]]
 
 Environment (empty = unset; overrides the file): `{STAGE}_REPLICAS`, `{STAGE}_DEVICES` (comma list of
-`cpu` | `cuda:N`, dealt round-robin to replicas), `{STAGE}_INSTANCES` (Triton instances per device),
-`{STAGE}_PORT_BASE` (HTTP port of replica 0), `PLACEMENT_DEFAULT_DEVICE`, `GATEWAY_REPLICAS`.
+`cpu` | `cuda:N`; replica i uses device i mod len, as cosyvoice_tools.stack does), `{STAGE}_INSTANCES` (Triton instances per device),
+`{STAGE}_BASE_PORT` (HTTP port of replica 0), `PLACEMENT_DEFAULT_DEVICE`, `GATEWAY_REPLICAS`.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ REDIS_PORT = 6379
 PUBLIC_PORTS = (GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, *SEED_STREAMING_PORTS, *SEED_OFFLINE_PORTS, REDIS_PORT)
 
 _DEVICE_RE = re.compile(r"^(?:cpu|cuda:(0|[1-9][0-9]*))$")
-_STAGE_KEYS = frozenset({"replicas", "devices", "instances", "port_base"})
+_STAGE_KEYS = frozenset({"replicas", "devices", "instances", "base_port"})
 _TOP_KEYS = frozenset({"stages", "default_device", "gateway"})
 
 
@@ -82,11 +82,13 @@ def gpu_index(device: str) -> int | None:
 
 
 def deal_round_robin(devices: tuple[str, ...], replicas: int) -> tuple[tuple[str, ...], ...]:
-    """Device i goes to replica i % replicas; with fewer devices than replicas, replica r reuses device r % n."""
+    """Replica i runs on device i mod len(devices) (the launcher's rule). More devices than replicas would
+    leave some unused, which is always a mistake: an error (several GPUs per replica = explicit lists)."""
     if not devices:
-        raise PlacementError("deal_round_robin: empty device list")
-    if len(devices) >= replicas:
-        return tuple(tuple(devices[r::replicas]) for r in range(replicas))
+        raise PlacementError("empty device list")
+    if len(devices) > replicas:
+        raise PlacementError(f"{len(devices)} devices {list(devices)} for {replicas} replica(s): raise replicas, "
+                             "or give per-replica lists in a placement file (devices: [[cuda:0, cuda:1]])")
     return tuple((devices[r % len(devices)],) for r in range(replicas))
 
 
@@ -184,7 +186,15 @@ class ProcessSlot:
             "TRITON_METRICS_PORT": str(self.metrics_port),
             "TRITON_INSTANCE_COUNT": str(self.instance_count),
             "TRITON_INSTANCE_KIND": self.triton_kind,
+            "TRITON_GPU_COUNT": str(len(self.cuda_visible_devices.split(",")) if self.cuda_visible_devices else 0),
         }
+
+    def template_params(self) -> dict[str, str]:
+        """config.pbtxt `${...}` values (names of cosyvoice_tools.triton.device_params) for a process whose
+        CUDA_VISIBLE_DEVICES is `cuda_visible_devices`, so its GPUs are numbered from 0."""
+        n_gpus = int(self.env()["TRITON_GPU_COUNT"])
+        return {"device": "cuda:0" if n_gpus else CPU_DEVICE, "device_kind": self.triton_kind,
+                "gpu_ids": ", ".join(str(i) for i in range(n_gpus)), "instance_count": str(self.instance_count)}
 
 
 def stage_url_env(stage: str) -> str:
@@ -192,7 +202,7 @@ def stage_url_env(stage: str) -> str:
     several addresses (compose --scale, Kubernetes headless Service) and the gateway re-resolves it."""
     if stage not in STAGES:
         raise PlacementError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    return f"{stage.upper()}_URL"
+    return f"{stage.upper()}_URLS"
 
 
 def _default_port_bases() -> dict[str, int]:
@@ -219,7 +229,7 @@ class Placement:
                     raise PlacementError(f"{slot.stage} replica {slot.replica_index}: port {port} outside 1024..65535")
                 if port in seen:
                     raise PlacementError(f"{slot.stage} replica {slot.replica_index}: port {port} already used by "
-                                         f"{seen[port]}; change {slot.stage.upper()}_PORT_BASE or replicas")
+                                         f"{seen[port]}; change {slot.stage.upper()}_BASE_PORT or replicas")
                 seen[port] = f"{slot.stage} replica {slot.replica_index}"
 
     def stage(self, name: str) -> StagePlacement:
@@ -244,7 +254,7 @@ class Placement:
         return plan
 
     def stage_urls(self, stage: str, host: str = "127.0.0.1") -> str:
-        """The gateway's `{STAGE}_URL` for processes on one host: every replica's gRPC address."""
+        """The gateway's `{STAGE}_URLS` for processes on one host: every replica's gRPC address."""
         self.stage(stage)
         return ",".join(f"{host}:{s.grpc_port}" for s in self.process_plan() if s.stage == stage)
 
@@ -259,7 +269,7 @@ class _StageSpec:
     pool: tuple[str, ...] | None = None                       # flat list, dealt round-robin
     explicit: tuple[tuple[str, ...], ...] | None = None       # per-replica lists from the file
     instances: int | None = None
-    port_base: int | None = None
+    base_port: int | None = None
 
 
 def _as_int(value: object, where: str) -> int:
@@ -325,8 +335,8 @@ def _read_file(path: Path, specs: dict[str, _StageSpec]) -> tuple[str | None, in
             spec.replicas = _as_int(cfg["replicas"], f"{where}.replicas")
         if "instances" in cfg:
             spec.instances = _as_int(cfg["instances"], f"{where}.instances")
-        if "port_base" in cfg:
-            spec.port_base = _as_int(cfg["port_base"], f"{where}.port_base")
+        if "base_port" in cfg:
+            spec.base_port = _as_int(cfg["base_port"], f"{where}.base_port")
         if "devices" in cfg:
             devs = cfg["devices"]
             if isinstance(devs, list) and devs and all(isinstance(d, list) for d in devs):
@@ -364,8 +374,8 @@ def load_placement(env: Mapping[str, str] | None = None, path: str | os.PathLike
             spec.replicas = _as_int(var(f"{prefix}_REPLICAS"), f"{prefix}_REPLICAS")
         if var(f"{prefix}_INSTANCES"):
             spec.instances = _as_int(var(f"{prefix}_INSTANCES"), f"{prefix}_INSTANCES")
-        if var(f"{prefix}_PORT_BASE"):
-            spec.port_base = _as_int(var(f"{prefix}_PORT_BASE"), f"{prefix}_PORT_BASE")
+        if var(f"{prefix}_BASE_PORT"):
+            spec.base_port = _as_int(var(f"{prefix}_BASE_PORT"), f"{prefix}_BASE_PORT")
         if var(f"{prefix}_DEVICES"):
             spec.pool, spec.explicit = _device_list(var(f"{prefix}_DEVICES"), f"{prefix}_DEVICES"), None
         if spec.explicit is not None and spec.replicas in (None, len(spec.explicit)):
@@ -376,7 +386,10 @@ def load_placement(env: Mapping[str, str] | None = None, path: str | os.PathLike
             replicas = 1 if spec.replicas is None else spec.replicas
             if replicas < 1:
                 raise PlacementError(f"{name}: replicas must be >= 1, got {replicas}")
-            per_replica = deal_round_robin(spec.pool or (default_device,), replicas)
+            try:
+                per_replica = deal_round_robin(spec.pool or (default_device,), replicas)
+            except PlacementError as e:
+                raise PlacementError(f"{name}: {e}") from e
         if spec.instances == 0:
             raise PlacementError(f"{name}: instances must be >= 1, got 0")
         try:
@@ -384,8 +397,8 @@ def load_placement(env: Mapping[str, str] | None = None, path: str | os.PathLike
                                           instances_per_device=spec.instances or 1)
         except PlacementError as e:
             raise PlacementError(f"{name}: {e}") from e
-        if spec.port_base is not None:
-            port_bases[name] = spec.port_base
+        if spec.base_port is not None:
+            port_bases[name] = spec.base_port
     if gateway_replicas == 0:
         raise PlacementError("gateway replicas must be >= 1, got 0")
     return Placement(**stages, http_port_bases=port_bases, gateway_replicas=gateway_replicas or 1)
@@ -445,8 +458,9 @@ def to_compose(placement: Placement) -> dict:
     gateway_env = {
         "MODEL_DIR": MODEL_MOUNT_DIR,
         "REDIS_URL": f"redis://redis:{REDIS_PORT}/0",
-        "GATEWAY_GRPC_PORT": str(GATEWAY_GRPC_PORT),
-        "GATEWAY_HTTP_PORT": str(GATEWAY_HTTP_PORT),
+        "GATEWAY_HOST": "0.0.0.0",       # listen on the container's interface, not its loopback
+        "GRPC_PORT": str(GATEWAY_GRPC_PORT),
+        "HTTP_PORT": str(GATEWAY_HTTP_PORT),
     }
     gateway_depends = {"redis": {"condition": "service_healthy"}}
     plan = placement.process_plan()
@@ -460,6 +474,7 @@ def to_compose(placement: Placement) -> dict:
             # Compose hands the reserved GPUs to the container renumbered from 0; hide none of them.
             del env["CUDA_VISIBLE_DEVICES"]
             env["TRITON_INSTANCE_KIND"] = "KIND_GPU" if gpus else "KIND_CPU"
+            env["TRITON_GPU_COUNT"] = str(len(gpus))
             env["MODEL_DIR"] = MODEL_MOUNT_DIR
             svc: dict = {
                 "image": _image(stage),
@@ -557,8 +572,9 @@ def k8s_from_values(values: dict, release: str = "cosyvoice2") -> list[dict]:
     objs: list[dict] = []
     gateway_env = [{"name": "MODEL_DIR", "value": MODEL_MOUNT_DIR},
                    {"name": "REDIS_URL", "value": f"redis://{release}-redis:{REDIS_PORT}/0"},
-                   {"name": "GATEWAY_GRPC_PORT", "value": str(values["gateway"]["grpcPort"])},
-                   {"name": "GATEWAY_HTTP_PORT", "value": str(values["gateway"]["httpPort"])}]
+                   {"name": "GATEWAY_HOST", "value": "0.0.0.0"},
+                   {"name": "GRPC_PORT", "value": str(values["gateway"]["grpcPort"])},
+                   {"name": "HTTP_PORT", "value": str(values["gateway"]["httpPort"])}]
     for stage in sorted(values["stages"]):
         s = values["stages"][stage]
         name = f"{release}-{stage}"
@@ -571,7 +587,8 @@ def k8s_from_values(values: dict, release: str = "cosyvoice2") -> list[dict]:
                {"name": "TRITON_GRPC_PORT", "value": str(s["grpcPort"])},
                {"name": "TRITON_METRICS_PORT", "value": str(s["metricsPort"])},
                {"name": "TRITON_INSTANCE_COUNT", "value": str(s["instances"])},
-               {"name": "TRITON_INSTANCE_KIND", "value": "KIND_GPU" if s["gpus"] > 0 else "KIND_CPU"}]
+               {"name": "TRITON_INSTANCE_KIND", "value": "KIND_GPU" if s["gpus"] > 0 else "KIND_CPU"},
+               {"name": "TRITON_GPU_COUNT", "value": str(s["gpus"])}]
         ports = [{"name": "http", "containerPort": s["httpPort"]},
                  {"name": "grpc", "containerPort": s["grpcPort"]},
                  {"name": "metrics", "containerPort": s["metricsPort"]}]

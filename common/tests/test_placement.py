@@ -58,10 +58,16 @@ def test_env_overrides_file_and_deals_devices_round_robin():
     assert p.speaker.devices_per_replica == (("cuda:3",),)          # untouched by token2wav's variables
 
 
-def test_more_devices_than_replicas_gives_each_replica_several_gpus():
-    p = load_placement(env={"LLM_REPLICAS": "2", "LLM_DEVICES": "cuda:0,cuda:1,cuda:2,cuda:3"})
+def test_more_devices_than_replicas_is_an_error_but_explicit_lists_give_several_gpus(tmp_path):
+    with pytest.raises(PlacementError, match="llm: 4 devices .* for 2 replica"):
+        load_placement(env={"LLM_REPLICAS": "2", "LLM_DEVICES": "cuda:0,cuda:1,cuda:2,cuda:3"})
+    f = write(tmp_path, "stages:\n  llm:\n    devices: [[cuda:0, cuda:2], [cuda:1, cuda:3]]\n")
+    p = load_placement(env={}, path=f)
     assert p.llm.devices_per_replica == (("cuda:0", "cuda:2"), ("cuda:1", "cuda:3"))
-    assert [s.cuda_visible_devices for s in slots_of(p, "llm")] == ["0,2", "1,3"]
+    slots = slots_of(p, "llm")
+    assert [s.cuda_visible_devices for s in slots] == ["0,2", "1,3"]
+    assert slots[0].template_params() == {"device": "cuda:0", "device_kind": "KIND_GPU", "gpu_ids": "0, 1",
+                                          "instance_count": "1"}
     assert p.llm.gpus_per_replica == 2
 
 
@@ -78,6 +84,7 @@ def test_cpu_replica_hides_every_gpu():
     assert tok.device == "cpu" and tok.cuda_visible_devices == "" and tok.triton_kind == "KIND_CPU"
     assert tok.env()["CUDA_VISIBLE_DEVICES"] == ""
     assert "kind: KIND_CPU" in tok.instance_group_pbtxt()
+    assert tok.template_params() == {"device": "cpu", "device_kind": "KIND_CPU", "gpu_ids": "", "instance_count": "1"}
     assert not p.tokenizer.uses_gpu and p.llm.uses_gpu and p.llm.gpu_ids == (0,)
 
 
@@ -91,13 +98,13 @@ def test_slot_env_and_instance_group_carry_the_placement():
     slot = slots_of(p, "token2wav")[0]
     assert slot.env() == {"STAGE": "token2wav", "CUDA_VISIBLE_DEVICES": "2", "TRITON_HTTP_PORT": "8400",
                           "TRITON_GRPC_PORT": "8401", "TRITON_METRICS_PORT": "8402",
-                          "TRITON_INSTANCE_COUNT": "3", "TRITON_INSTANCE_KIND": "KIND_GPU"}
+                          "TRITON_INSTANCE_COUNT": "3", "TRITON_INSTANCE_KIND": "KIND_GPU", "TRITON_GPU_COUNT": "1"}
     assert slot.instance_group_pbtxt() == "instance_group [ { count: 3 kind: KIND_GPU } ]"
     assert slot.triton_model == "token2wav"
 
 
 def test_stage_url_variable_names():
-    assert [stage_url_env(s) for s in STAGES] == ["TOKENIZER_URL", "SPEAKER_URL", "LLM_URL", "TOKEN2WAV_URL"]
+    assert [stage_url_env(s) for s in STAGES] == ["TOKENIZER_URLS", "SPEAKER_URLS", "LLM_URLS", "TOKEN2WAV_URLS"]
     with pytest.raises(PlacementError, match="unknown stage"):
         stage_url_env("vocoder")
 
@@ -160,7 +167,7 @@ def test_port_collisions_are_rejected():
     with pytest.raises(PlacementError, match="port 8200 already used by tokenizer replica 10"):
         load_placement(env={"TOKENIZER_REPLICAS": "11", "TOKENIZER_DEVICES": "cpu"})
     with pytest.raises(PlacementError, match="already used by a public port"):
-        load_placement(env={"LLM_PORT_BASE": "8010"})
+        load_placement(env={"LLM_BASE_PORT": "8010"})
     assert 8000 in PUBLIC_PORTS and 50051 in PUBLIC_PORTS
 
 

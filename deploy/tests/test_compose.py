@@ -83,7 +83,7 @@ def test_checked_in_compose_structure_and_public_ports():
     assert ports == {GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, *SEED_STREAMING_PORTS, *SEED_OFFLINE_PORTS}
     env = doc["services"]["gateway"]["environment"]
     # one DNS name per stage: `--scale token2wav=3` adds addresses behind it, nothing else changes
-    assert env["TOKEN2WAV_URL"] == "token2wav:8401"
+    assert env["TOKEN2WAV_URLS"] == "token2wav:8401"
     assert env["REDIS_URL"] == "redis://redis:6379/0"
 
 
@@ -92,7 +92,7 @@ def test_example_placement_puts_each_stage_on_its_gpus():
     check_structure(doc, {"llm": ["0"], "token2wav-0": ["1"], "token2wav-1": ["2"],
                           "tokenizer": ["3"], "speaker": ["3"]})
     assert "token2wav" not in doc["services"]
-    assert doc["services"]["gateway"]["environment"]["TOKEN2WAV_URL"] == "token2wav-0:8401,token2wav-1:8401"
+    assert doc["services"]["gateway"]["environment"]["TOKEN2WAV_URLS"] == "token2wav-0:8401,token2wav-1:8401"
     assert doc["services"]["token2wav-1"]["environment"]["TRITON_INSTANCE_COUNT"] == "2"
 
 

@@ -15,7 +15,7 @@ EXAMPLE = Path(render.REPO_ROOT) / "deploy" / "placement.example.yaml"
 PLACEMENTS = {
     "default": lambda: default_placement(),
     "example": lambda: load_placement(env={}, path=EXAMPLE),
-    "cpu": lambda: load_placement(env={"PLACEMENT_DEFAULT_DEVICE": "cpu", "LLM_DEVICES": "cuda:0,cuda:1"}),
+    "cpu": lambda: load_placement(env={"PLACEMENT_DEFAULT_DEVICE": "cpu", "LLM_REPLICAS": "2", "LLM_DEVICES": "cuda:0,cuda:1"}),
 }
 
 
@@ -71,7 +71,7 @@ def test_rendered_objects_have_the_structure_a_cluster_needs(name):
     (gc,) = gw["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in gc["env"]}
     for stage in STAGES:
-        host, port = env[f"{stage.upper()}_URL"].split(":")
+        host, port = env[f"{stage.upper()}_URLS"].split(":")
         assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}
     redis_host = env["REDIS_URL"].split("//")[1].split(":")[0]
     assert redis_host in services and ("StatefulSet", redis_host) in objs

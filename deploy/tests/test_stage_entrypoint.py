@@ -1,35 +1,49 @@
-"""The stage image's entrypoint fills config.pbtxt templates from the placement's variables."""
+"""The stage image's entrypoint fills the stage's real config.pbtxt templates from the placement's variables."""
 import importlib.util
 from pathlib import Path
 
 import pytest
 
 import render
+from cosyvoice_common.placement import load_placement, to_compose
 
 spec = importlib.util.spec_from_file_location("triton_stage", Path(render.DEPLOY_DIR) / "docker" / "triton_stage.py")
 triton_stage = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(triton_stage)
+REPO = Path(render.REPO_ROOT)
+STAGE_MODELS = {"tokenizer": "audio_tokenizer", "speaker": "speaker_embedding", "llm": "llm", "token2wav": "token2wav"}
 
 
-def test_fills_variables_and_the_instance_group_placeholder():
-    env = {"MODEL_DIR": "/models/x", "TRITON_INSTANCE_COUNT": "2", "TRITON_INSTANCE_KIND": "KIND_GPU"}
-    text, missing = triton_stage.fill(
-        'name: "llm"\nparameters { key: "model_dir" value: { string_value: "${model_dir}" } }\n'
-        '${TRITON_INSTANCE_GROUP}\nparameters { key: "x" value: { string_value: "${unknown_knob}" } }\n', env)
-    assert '"/models/x"' in text and "instance_group [ { count: 2 kind: KIND_GPU } ]" in text
-    assert missing == ["unknown_knob"] and "${unknown_knob}" in text
+@pytest.mark.parametrize("stage", STAGE_MODELS)
+def test_every_stage_template_fills_from_the_compose_environment(stage):
+    template = REPO / "services" / stage / "model_repository" / STAGE_MODELS[stage] / "config.pbtxt"
+    if not template.exists():
+        pytest.skip(f"{template} not landed yet")
+    doc = to_compose(load_placement(env={}, path=REPO / "deploy" / "placement.example.yaml"))
+    name = stage if stage in doc["services"] else f"{stage}-0"
+    env = doc["services"][name]["environment"]
+    text = triton_stage.fill(template.read_text(), env, stage)
+    assert not triton_stage._VAR.search(text)
+    assert "/models/cosyvoice2" in text and "KIND_GPU" in text
 
 
-def test_appends_an_instance_group_when_the_template_has_none_and_keeps_an_explicit_one():
-    env = {"TRITON_INSTANCE_COUNT": "1", "TRITON_INSTANCE_KIND": "KIND_CPU"}
-    text, _ = triton_stage.fill('name: "speaker_embedding"\n', env)
-    assert text.endswith("instance_group [ { count: 1 kind: KIND_CPU } ]\n")
-    fixed = 'name: "m"\ninstance_group [ { count: 4 kind: KIND_GPU } ]\n'
-    assert triton_stage.fill(fixed, env)[0] == fixed
+def test_gpu_container_sees_its_gpus_from_zero():
+    env = {"TRITON_INSTANCE_KIND": "KIND_GPU", "TRITON_INSTANCE_COUNT": "2", "TRITON_GPU_COUNT": "2",
+           "MODEL_DIR": "/m", "LLM_MAX_BATCH_SIZE": "64", "MAX_BATCH_SIZE": "8"}
+    text = triton_stage.fill("${device} [${gpu_ids}] ${instance_count} ${model_dir} ${max_batch_size} ${llm_dtype}",
+                             env, "llm")
+    assert text == "cuda:0 [0, 1] 2 /m 64 auto"            # stage-specific variable beats the generic one
 
 
-def test_bad_instance_settings_stop_the_container():
-    with pytest.raises(SystemExit):
-        triton_stage.instance_group({"TRITON_INSTANCE_COUNT": "0"})
-    with pytest.raises(SystemExit):
-        triton_stage.instance_group({"TRITON_INSTANCE_KIND": "KIND_TPU"})
+def test_cpu_container_and_unfilled_names():
+    env = {"TRITON_INSTANCE_KIND": "KIND_CPU", "TRITON_GPU_COUNT": "0"}
+    assert triton_stage.fill("${device_kind} ${device} [${gpu_ids}]", env, "speaker") == "KIND_CPU cpu []"
+    with pytest.raises(SystemExit, match="no value for mystery_knob"):
+        triton_stage.fill("${mystery_knob}", env, "speaker")
+
+
+@pytest.mark.parametrize("env", [{"TRITON_INSTANCE_COUNT": "0"}, {"TRITON_INSTANCE_KIND": "KIND_TPU"},
+                                 {"TRITON_INSTANCE_KIND": "KIND_CPU", "TRITON_GPU_COUNT": "1"}])
+def test_inconsistent_placement_variables_stop_the_container(env):
+    with pytest.raises(SystemExit, match="bad placement"):
+        triton_stage.placement_params(env)
