@@ -28,6 +28,16 @@ _CANDIDATES = [root / "shared" / "golden" / "tiny-seed1" for root in (_REPO.pare
 GOLDEN_DIR = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_intra_op_thread():
+    """The CI box has 2 shared cores: two intra-op threads under load run these tiny matmuls ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
 def _golden_file(name: str) -> Path:
     path = GOLDEN_DIR / name
     if not path.is_file():
@@ -62,7 +72,7 @@ def test_every_golden_flow_case_and_intermediate_within_tolerance():
     results = parity_flow.cases(GOLDEN_DIR)
     names = {r.case for r in results}
     for case in ("offline", "stream_full_finalize", "stream_nofinal"):
-        for part in ("mel", "inference_mel", "decoder_out", "mu", "cond", "spks", "encoder_out", "encoder_proj_out"):
+        for part in ("mel", "decoder_out", "mu", "cond", "spks", "encoder_out", "encoder_proj_out"):
             assert f"flow.{case}.{part}" in names
     assert {"flow.offline.est0_out", "flow.stream_nofinal.est3_out", "flow.offline.est_t_all",
             "flow.rand_noise"} <= names
