@@ -36,18 +36,20 @@ def load_golden_flow(golden_dir: pathlib.Path, device: str = "cpu"):
     return load_flow_state(build_flow(flow_cfg), golden_dir / "flow.pt", device)
 
 
-def cases(golden_dir: pathlib.Path) -> list[ParityResult]:
+def cases(golden_dir: pathlib.Path, device: str = "cpu") -> list[ParityResult]:
     golden_dir = pathlib.Path(golden_dir)
-    flow = load_golden_flow(golden_dir)
+    flow = load_golden_flow(golden_dir, device)
     z = np.load(golden_dir / "flow.npz")
     results: list[ParityResult] = []
 
     noise_path = golden_dir / "rand_noise.npy"
     if noise_path.exists():
-        results.append(compare_exact("flow.rand_noise", flow.decoder.rand_noise.numpy(), np.load(noise_path)))
+        results.append(compare_exact("flow.rand_noise", flow.decoder.rand_noise.cpu().numpy(), np.load(noise_path)))
 
-    token, prompt_token = torch.from_numpy(z["token"]), torch.from_numpy(z["prompt_token"])
-    prompt_feat, embedding = torch.from_numpy(z["prompt_feat"]), torch.from_numpy(z["embedding"])
+    def dev(name: str) -> torch.Tensor:
+        return torch.from_numpy(z[name]).to(device)
+
+    token, prompt_token, prompt_feat, embedding = (dev(n) for n in ("token", "prompt_token", "prompt_feat", "embedding"))
     for case in _case_names(z):
         used = int(z[f"{case}__token_len_used"])
         # inference() returns trace.mel through the same code path (tests check it against the golden mel too)
@@ -56,12 +58,12 @@ def cases(golden_dir: pathlib.Path) -> list[ParityResult]:
         for name in _INTERMEDIATES:
             key = f"{case}__{name}"
             if key in z.files:
-                results.append(compare(f"flow.{case}.{name}", getattr(trace, name).numpy(), z[key], FLOW_ATOL))
+                results.append(compare(f"flow.{case}.{name}", getattr(trace, name).cpu().numpy(), z[key], FLOW_ATOL))
         for est in _estimator_steps(z, case):
-            args = [torch.from_numpy(z[f"{case}__{est}_{n}"]) for n in _EST_INPUTS]
+            args = [dev(f"{case}__{est}_{n}") for n in _EST_INPUTS]
             with torch.inference_mode():
                 out = flow.decoder.estimator(*args, streaming=bool(z[f"{case}__streaming"]))
-            results.append(compare(f"flow.{case}.{est}_out", out.numpy(), z[f"{case}__{est}_out"], FLOW_ATOL))
+            results.append(compare(f"flow.{case}.{est}_out", out.cpu().numpy(), z[f"{case}__{est}_out"], FLOW_ATOL))
 
         t_key = f"{case}__est_t_all"
         if t_key in z.files:
@@ -73,7 +75,7 @@ def cases(golden_dir: pathlib.Path) -> list[ParityResult]:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m cosyvoice_token2wav.parity_flow GOLDEN_DIR")
-    for r in cases(pathlib.Path(sys.argv[1])):
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python -m cosyvoice_token2wav.parity_flow GOLDEN_DIR [DEVICE]")
+    for r in cases(pathlib.Path(sys.argv[1]), *sys.argv[2:]):
         print(f"{'PASS' if r.passed else 'FAIL'} {r.case}: {r.max_abs_err:.3g} (tol {r.tolerance})")

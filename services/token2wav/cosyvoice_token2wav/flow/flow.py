@@ -15,6 +15,7 @@ from .encoder import UpsampleConformerEncoder
 from .estimator import CausalConditionalDecoder
 
 FLOW_CHECKPOINT_NAME = "flow.pt"
+_MAX_CACHED_MASKS = 256
 
 
 @dataclass(slots=True)
@@ -39,6 +40,18 @@ class CausalMaskedDiffWithXvec(nn.Module):
         self.encoder = UpsampleConformerEncoder(cfg.encoder)
         self.encoder_proj = nn.Linear(self.encoder.output_size(), cfg.mel_bins)
         self.decoder = CausalConditionalCFM(cfg.cfm, CausalConditionalDecoder(cfg.estimator))
+        self._frame_masks: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _all_valid_mask(self, frames: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[1, 1, frames] ones, cached per shape (a request is never padded inside a single flow call)."""
+        key = (frames, device, dtype)
+        mask = self._frame_masks.get(key)
+        if mask is None:
+            if len(self._frame_masks) >= _MAX_CACHED_MASKS:
+                self._frame_masks.pop(next(iter(self._frame_masks)))
+            mask = torch.ones((1, 1, frames), device=device, dtype=dtype)
+            self._frame_masks[key] = mask
+        return mask
 
     @classmethod
     def from_config(cls, flow_cfg: Mapping[str, Any]) -> "CausalMaskedDiffWithXvec":
@@ -67,7 +80,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         mu = proj.transpose(1, 2).contiguous()
         cond = torch.zeros((1, self.cfg.mel_bins, total_frames), device=h.device, dtype=h.dtype)
         cond[:, :, :prompt_frames] = prompt_feat.transpose(1, 2).to(h.dtype)
-        mask = torch.ones((1, 1, total_frames), device=h.device, dtype=h.dtype)
+        mask = self._all_valid_mask(total_frames, h.device, h.dtype)
         feat = self.decoder(mu, mask, spks, cond, streaming=streaming)
         mel = feat[:, :, prompt_frames:]
         if not keep:
