@@ -248,6 +248,7 @@ class LLMEngine:
             self._thread = None
         with self._lock:
             pending = list(self._waiting) + list(self._running.values())
+            self._waiting.clear()
         for seq in pending:
             self._finish(seq, FinishReason.ERROR, "engine stopped")
 
