@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +17,18 @@ from cosyvoice_speaker.features import KALDI, campplus_fbank
 CAMPPLUS_FILE = "campplus.onnx"
 CAMPPLUS_INPUT_NAME = "input"    # the released model's input name (Triton builds its profile on it)
 BACKENDS = ("onnx", "torch")
+
+
+@contextmanager
+def _exact_fp32():
+    """Run convs/matmuls in true float32 on CUDA (cuDNN defaults to TF32 for convs), so the GPU port
+    agrees with onnxruntime: FSQ rounding and the parity tolerances need full float32."""
+    conv_tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv_tf32, matmul_tf32
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +118,7 @@ class SpeakerEncoder:
             if self._session is not None:
                 result = self._session.run(None, {self._input_name: feats.numpy()})[0]
             else:
-                with torch.inference_mode():
+                with torch.inference_mode(), _exact_fp32():
                     result = self._module(feats)
                     result = (result[0] if isinstance(result, (tuple, list)) else result).cpu().numpy()
             out[row] = result.reshape(-1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,18 @@ _NUM_STRIDED_CONVS = 2
 # The port's rotary table covers this many 25 Hz positions (s3tokenizer precompute_freqs_cis(64, 2048)).
 _ROTARY_HEAD_DIM = 64
 MAX_PROMPT_SAMPLES = int(PROMPT_MAX_SECONDS * PROMPT_16K_SAMPLE_RATE_HZ)
+
+
+@contextmanager
+def _exact_fp32():
+    """Run convs/matmuls in true float32 on CUDA (cuDNN defaults to TF32 for convs), so the GPU port
+    agrees with onnxruntime: FSQ rounding and the parity tolerances need full float32."""
+    conv_tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv_tf32, matmul_tf32
 
 
 def code_length(num_frames: int) -> int:
@@ -122,6 +135,7 @@ class SpeechTokenizer:
         batch = torch.zeros(len(mels), mels[0].shape[0], max(lengths), device=self.device)
         for row, mel in enumerate(mels):
             batch[row, :, :mel.shape[-1]] = mel
-        codes, _ = self._model.quantize(batch, torch.tensor(lengths, device=self.device, dtype=torch.int32))
+        with _exact_fp32():
+            codes, _ = self._model.quantize(batch, torch.tensor(lengths, device=self.device, dtype=torch.int32))
         codes = codes.to(torch.int32).cpu().numpy()   # the one device->host copy
         return [np.ascontiguousarray(codes[row, :code_length(n)]) for row, n in enumerate(lengths)]
