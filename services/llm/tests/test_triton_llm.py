@@ -112,5 +112,5 @@ def test_cancelled_llm_stream_frees_its_slot(stage_servers):
         assert time.monotonic() < deadline, "cancelled request still active"
         time.sleep(0.1)
     # The slot is usable again.
-    chunks, errors = _stream(url, _inputs(max_new=5))
+    chunks, errors = _stream(url, _inputs(max_new=5, min_new=5))
     assert not errors and sum(c.size for c in chunks) == 5

@@ -28,6 +28,12 @@ CANCEL_POLL_S = 0.02          # how soon a client's cancel frees its slot
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def from_triton(tensor) -> np.ndarray:
+    # DLPack, not tensor.as_numpy(): with numpy>=2 the wheel's stub builds arrays with zero strides
+    # (every element reads as the first one). The copy outlives the request's shared memory.
+    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy().copy()
+
+
 def get_parameter(model_config: dict, name: str) -> str:
     """A string parameter of config.pbtxt; missing or an unfilled `${...}` template is an error."""
     value = model_config.get("parameters", {}).get(name, {}).get("string_value")
@@ -61,7 +67,7 @@ def _scalar(request, name: str, default=None):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return default
-    values = tensor.as_numpy().reshape(-1)
+    values = from_triton(tensor).reshape(-1)
     if values.size != 1:
         raise ValueError(f"{name} must hold one value, got {values.size}")
     return values[0].item()
@@ -69,7 +75,7 @@ def _scalar(request, name: str, default=None):
 
 def parse_request(request, request_id: str) -> tuple[LLMRequest, bool]:
     """TensorRT-LLM tensors -> (LLMRequest, streaming). Raises ValueError naming the field."""
-    ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
+    ids = from_triton(pb_utils.get_input_tensor_by_name(request, "input_ids"))
     if ids.ndim != 2 or ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, L] (one sequence per request), got {list(ids.shape)}")
     length = int(_scalar(request, "input_lengths"))
@@ -98,7 +104,10 @@ def parse_request(request, request_id: str) -> tuple[LLMRequest, bool]:
 
 def to_triton(name: str, array: np.ndarray):
     # DLPack, not pb_utils.Tensor(name, ndarray): the wheel's stub reads numpy>=2 arrays as 0 bytes.
-    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(array))))
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if tensor.numel() == 0:   # numpy gives empty arrays strides the stub rejects as non-contiguous
+        tensor = torch.zeros(tensor.shape, dtype=tensor.dtype)
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor))
 
 
 def tokens_response(tokens: list[int]):
@@ -220,7 +229,8 @@ class TritonPythonModel:
             for request_id, data in pending:
                 try:
                     cancelled = data.request.is_cancelled()
-                except Exception:  # noqa: BLE001 - a request torn down under us counts as cancelled
+                except Exception as exc:  # noqa: BLE001 - a request torn down under us counts as cancelled
+                    pb_utils.Logger.log_warn(f"llm: is_cancelled() failed for {request_id}: {exc}")
                     cancelled = True
                 if cancelled:
                     data.cancel_sent = True

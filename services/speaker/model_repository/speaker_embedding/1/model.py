@@ -23,6 +23,12 @@ WAV, WAV_LEN, WAV_24K, WAV_24K_LEN = (spec.name for spec in SPEAKER_INPUTS)
 EMBEDDING, SPEECH_FEAT = (spec.name for spec in SPEAKER_OUTPUTS)
 
 
+def from_triton(tensor) -> np.ndarray:
+    # DLPack, not tensor.as_numpy(): with numpy>=2 the wheel's stub builds arrays with zero strides
+    # (every element reads as the first one). The copy outlives the request's shared memory.
+    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy().copy()
+
+
 def get_parameter(model_config: dict, name: str) -> str:
     """A string parameter of config.pbtxt; missing or an unfilled `${...}` template is an error."""
     value = model_config.get("parameters", {}).get(name, {}).get("string_value")
@@ -48,11 +54,11 @@ def read_wav(request, name: str, len_name: str) -> np.ndarray | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
-    wav = tensor.as_numpy()
+    wav = from_triton(tensor)
     length = pb_utils.get_input_tensor_by_name(request, len_name)
     if wav.shape[0] != 1:
         raise ValueError(f"{name}: send one prompt per request (batch {wav.shape[0]})")
-    n = int(length.as_numpy().reshape(-1)[0]) if length is not None else wav.shape[1]
+    n = int(from_triton(length).reshape(-1)[0]) if length is not None else wav.shape[1]
     if not 0 < n <= wav.shape[1]:
         raise ValueError(f"{len_name}={n} outside [1, {wav.shape[1]}]")
     return wav[0, :n]
@@ -60,7 +66,10 @@ def read_wav(request, name: str, len_name: str) -> np.ndarray | None:
 
 def to_triton(name: str, array: np.ndarray):
     # DLPack, not pb_utils.Tensor(name, ndarray): the wheel's stub reads numpy>=2 arrays as 0 bytes.
-    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(array))))
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if tensor.numel() == 0:   # numpy gives empty arrays strides the stub rejects as non-contiguous
+        tensor = torch.zeros(tensor.shape, dtype=tensor.dtype)
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor))
 
 
 def error_response(exc: Exception):

@@ -22,6 +22,12 @@ from cosyvoice_token2wav.token2wav import VocoderCache, load_token2wav
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def from_triton(tensor) -> np.ndarray:
+    # DLPack, not tensor.as_numpy(): with numpy>=2 the wheel's stub builds arrays with zero strides
+    # (every element reads as the first one). The copy outlives the request's shared memory.
+    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy().copy()
+
+
 def get_parameter(model_config: dict, name: str) -> str:
     """A string parameter of config.pbtxt; missing or an unfilled `${...}` template is an error."""
     value = model_config.get("parameters", {}).get(name, {}).get("string_value")
@@ -48,7 +54,7 @@ class Token2WavStageConfig:
 
 def _input(request, name: str) -> np.ndarray | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
+    return None if tensor is None else from_triton(tensor)
 
 
 def _one(array: np.ndarray, name: str) -> np.ndarray:
@@ -99,6 +105,8 @@ class ChunkCall:
 
 def to_triton(name: str, tensor: torch.Tensor):
     # DLPack, not pb_utils.Tensor(name, ndarray): the wheel's stub reads numpy>=2 arrays as 0 bytes.
+    if tensor.numel() == 0:   # DLPack rejects zero-size tensors as "not contiguous"; 0 bytes is right here
+        return pb_utils.Tensor(name, np.zeros(tuple(tensor.shape), np.float32))
     return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor.detach().float().cpu().contiguous()))
 
 

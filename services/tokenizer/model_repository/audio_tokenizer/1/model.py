@@ -22,6 +22,12 @@ WAV, WAV_LEN = (spec.name for spec in TOKENIZER_INPUTS)
 (CODES,) = (spec.name for spec in TOKENIZER_OUTPUTS)
 
 
+def from_triton(tensor) -> np.ndarray:
+    # DLPack, not tensor.as_numpy(): with numpy>=2 the wheel's stub builds arrays with zero strides
+    # (every element reads as the first one). The copy outlives the request's shared memory.
+    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy().copy()
+
+
 def get_parameter(model_config: dict, name: str) -> str:
     """A string parameter of config.pbtxt; missing or an unfilled `${...}` template is an error."""
     value = model_config.get("parameters", {}).get(name, {}).get("string_value")
@@ -44,8 +50,8 @@ class TokenizerStageConfig:
 
 def read_prompt(request) -> np.ndarray:
     """One trimmed 16 kHz prompt per request ([1, L] + [1, 1]); the length trims client zero-padding."""
-    wav = pb_utils.get_input_tensor_by_name(request, WAV).as_numpy()
-    wav_len = pb_utils.get_input_tensor_by_name(request, WAV_LEN).as_numpy().reshape(-1)
+    wav = from_triton(pb_utils.get_input_tensor_by_name(request, WAV))
+    wav_len = from_triton(pb_utils.get_input_tensor_by_name(request, WAV_LEN)).reshape(-1)
     if wav.shape[0] != 1 or wav_len.shape[0] != 1:
         raise ValueError(f"send one prompt per request (batch {wav.shape[0]})")
     n = int(wav_len[0])
@@ -56,7 +62,10 @@ def read_prompt(request) -> np.ndarray:
 
 def to_triton(name: str, array: np.ndarray):
     # DLPack, not pb_utils.Tensor(name, ndarray): the wheel's stub reads numpy>=2 arrays as 0 bytes.
-    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(array))))
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if tensor.numel() == 0:   # numpy gives empty arrays strides the stub rejects as non-contiguous
+        tensor = torch.zeros(tensor.shape, dtype=tensor.dtype)
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor))
 
 
 def error_response(exc: Exception):

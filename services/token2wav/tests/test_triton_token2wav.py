@@ -1,0 +1,70 @@
+"""token2wav served by a real tritonserver on the tiny model: 960 samples per token, the cache travels out and back."""
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from cosyvoice_common.constants import (HIFT_MEL_CACHE_FRAMES, HIFT_SOURCE_CACHE_SAMPLES, MEL_BINS,
+                                        SAMPLES_PER_TOKEN, SPEAKER_EMBEDDING_DIM, SPEECH_ID_OFFSET, TOKEN_MEL_RATIO)
+from cosyvoice_common.contracts import TOKEN2WAV_MODEL
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+PROMPT_TOKENS = 10
+
+
+def _input(name: str, array: np.ndarray, datatype: str):
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _prompt(rng):
+    tokens = rng.integers(0, 6561, (1, PROMPT_TOKENS)).astype(np.int32) + SPEECH_ID_OFFSET
+    feat = rng.standard_normal((1, PROMPT_TOKENS * TOKEN_MEL_RATIO, MEL_BINS)).astype(np.float32)
+    embedding = rng.standard_normal((1, SPEAKER_EMBEDDING_DIM)).astype(np.float32)
+    return [_input("prompt_speech_tokens", tokens, "INT32"), _input("prompt_speech_feat", feat, "FP32"),
+            _input("prompt_spk_embedding", embedding, "FP32")]
+
+
+def test_token2wav_offline_call_returns_960_samples_per_token(stage_servers):
+    rng = np.random.default_rng(2)
+    target = rng.integers(0, 6561, (1, 30)).astype(np.int32) + SPEECH_ID_OFFSET
+    client = grpcclient.InferenceServerClient(stage_servers.grpc_url("token2wav"))
+    result = client.infer(TOKEN2WAV_MODEL, [_input("target_speech_tokens", target, "INT32"), *_prompt(rng)])
+    wav = result.as_numpy("waveform")
+    assert wav.dtype == np.float32 and wav.shape == (1, 30 * SAMPLES_PER_TOKEN)
+    assert np.isfinite(wav).all()
+
+
+def test_token2wav_stream_chunks_carry_the_vocoder_cache(stage_servers):
+    rng = np.random.default_rng(3)
+    target = rng.integers(0, 6561, (1, 40)).astype(np.int32) + SPEECH_ID_OFFSET
+    prompt = _prompt(rng)
+    client = grpcclient.InferenceServerClient(stage_servers.grpc_url("token2wav"))
+    first_len = 28   # 25 tokens + 3 lookahead
+    first = client.infer(TOKEN2WAV_MODEL, [
+        _input("target_speech_tokens", target[:, :first_len], "INT32"), *prompt,
+        _input("token_offset", np.array([[0]], np.int32), "INT32"),
+        _input("finalize", np.array([[False]]), "BOOL")])
+    cache = {name: first.as_numpy(name) for name in ("cache_mel", "cache_source", "cache_speech")}
+    assert cache["cache_mel"].shape == (1, MEL_BINS, HIFT_MEL_CACHE_FRAMES)
+    assert cache["cache_source"].shape == (1, HIFT_SOURCE_CACHE_SAMPLES)
+    assert cache["cache_speech"].shape == (1, HIFT_SOURCE_CACHE_SAMPLES)
+    wav0 = first.as_numpy("waveform")
+    assert wav0.shape == (1, 25 * SAMPLES_PER_TOKEN - HIFT_SOURCE_CACHE_SAMPLES)   # the tail is withheld
+    last = client.infer(TOKEN2WAV_MODEL, [
+        _input("target_speech_tokens", target, "INT32"), *prompt,
+        _input("token_offset", np.array([[25]], np.int32), "INT32"),
+        _input("finalize", np.array([[True]]), "BOOL"),
+        *(_input(name, value, "FP32") for name, value in cache.items())])
+    wav1 = last.as_numpy("waveform")
+    assert wav0.shape[1] + wav1.shape[1] == 40 * SAMPLES_PER_TOKEN
+    assert last.as_numpy("cache_mel").shape == (1, MEL_BINS, 0)
+
+
+def test_token2wav_chunk_without_cache_fails_only_itself(stage_servers):
+    rng = np.random.default_rng(4)
+    target = rng.integers(0, 6561, (1, 30)).astype(np.int32) + SPEECH_ID_OFFSET
+    client = grpcclient.InferenceServerClient(stage_servers.grpc_url("token2wav"))
+    with pytest.raises(Exception, match="cache"):
+        client.infer(TOKEN2WAV_MODEL, [_input("target_speech_tokens", target, "INT32"), *_prompt(rng),
+                                       _input("token_offset", np.array([[5]], np.int32), "INT32")])
