@@ -1,6 +1,7 @@
 """Speaker x-vector: 16 kHz prompts -> mean-normalised Kaldi fbank -> campplus.onnx -> [N, 192]."""
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 from contextlib import contextmanager
@@ -69,9 +70,15 @@ def _import_onnx2torch():
 
         stub = types.ModuleType("torchvision")
         stub.ops = types.ModuleType("torchvision.ops")
+        stub.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
+        stub.ops.__spec__ = importlib.machinery.ModuleSpec("torchvision.ops", None)
         stub.ops.roi_align = stub.ops.nms = stub.ops.batched_nms = _unavailable
         sys.modules["torchvision"], sys.modules["torchvision.ops"] = stub, stub.ops
-        import onnx2torch
+        try:
+            import onnx2torch
+        finally:
+            # The stub must not outlive the import: other libraries (transformers) probe torchvision.
+            del sys.modules["torchvision"], sys.modules["torchvision.ops"]
         return onnx2torch
 
 
