@@ -41,3 +41,34 @@ model: $(STAMP) ## random-weight model dir: MODEL_SIZE=tiny|full, MODEL_DIR (def
 
 parity: $(STAMP) ## every golden-parity case against GOLDEN (default ../shared/golden/tiny-seed1)
 	$(PY) -m cosyvoice_tools.parity --golden $(GOLDEN)
+
+# --- stack ---
+# Replicas per stage (one tritonserver each) and devices, passed to the launcher through the environment.
+TOKENIZER_REPLICAS ?= 1
+SPEAKER_REPLICAS   ?= 1
+LLM_REPLICAS       ?= 1
+TOKEN2WAV_REPLICAS ?= 1
+TOKENIZER_DEVICES  ?= cpu
+SPEAKER_DEVICES    ?= cpu
+LLM_DEVICES        ?= cpu
+TOKEN2WAV_DEVICES  ?= cpu
+STACK_ENV = MODEL_SIZE=$(MODEL_SIZE) \
+	TOKENIZER_REPLICAS=$(TOKENIZER_REPLICAS) SPEAKER_REPLICAS=$(SPEAKER_REPLICAS) \
+	LLM_REPLICAS=$(LLM_REPLICAS) TOKEN2WAV_REPLICAS=$(TOKEN2WAV_REPLICAS) \
+	TOKENIZER_DEVICES=$(TOKENIZER_DEVICES) SPEAKER_DEVICES=$(SPEAKER_DEVICES) \
+	LLM_DEVICES=$(LLM_DEVICES) TOKEN2WAV_DEVICES=$(TOKEN2WAV_DEVICES)
+
+up: $(STAMP) ## start redis + stage servers + gateway (generates MODEL_DIR if missing); e.g. make up TOKEN2WAV_REPLICAS=2
+	$(STACK_ENV) $(PY) -m cosyvoice_tools.stack up
+
+down: ## stop everything `make up` started
+	$(PY) -m cosyvoice_tools.stack down
+
+ps: ## each stack process: pid, ports, alive, ready
+	$(PY) -m cosyvoice_tools.stack ps
+
+logs: ## tail the stack's logs (make logs FOLLOW=1 to follow)
+	$(PY) -m cosyvoice_tools.stack logs $(if $(FOLLOW),--follow,)
+
+test: $(STAMP) ## the whole test suite (real tritonserver / redis / gateway processes)
+	$(PY) -m pytest -q
