@@ -67,7 +67,8 @@ def _cases(golden_dir: pathlib.Path, device: str) -> list[ParityResult]:
     def dev(name: str) -> torch.Tensor:
         return torch.from_numpy(z[name]).to(device)
 
-    token, prompt_token, prompt_feat, embedding = (dev(n) for n in ("token", "prompt_token", "prompt_feat", "embedding"))
+    token, prompt_token = dev("token"), dev("prompt_token")
+    prompt_feat, embedding = dev("prompt_feat"), dev("embedding")
     for case in _case_names(z):
         used = int(z[f"{case}__token_len_used"])
         # inference() returns trace.mel through the same code path (tests check it against the golden mel too)
