@@ -1,0 +1,38 @@
+"""Load the exported checkpoint with transformers' stock Qwen2ForCausalLM, lm-head bias included.
+
+Stock Qwen2 builds `lm_head` without a bias, so `from_pretrained` reports `lm_head.bias` as unexpected and drops
+it. `load_exported_causal_lm` loads the stock model, then swaps in a biased head holding the checkpoint's weight and
+bias: the exported speech logits are then exactly `llm_decoder(h)` and every other row is -inf.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .convert import HEAD_BIAS_KEY, SAFETENSORS_NAME
+
+
+def read_head_bias(hf_dir: str | Path) -> torch.Tensor:
+    from safetensors import safe_open
+
+    path = Path(hf_dir) / SAFETENSORS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        if HEAD_BIAS_KEY not in f.keys():
+            raise KeyError(f"{path} has no {HEAD_BIAS_KEY}: not a CosyVoice2 export (cosyvoice_llm.trtllm.convert)")
+        return f.get_tensor(HEAD_BIAS_KEY)
+
+
+def load_exported_causal_lm(hf_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """transformers Qwen2ForCausalLM (eval, CPU) with `lm_head` replaced by a biased Linear from the checkpoint."""
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(str(hf_dir), dtype=dtype)
+    old = model.lm_head
+    head = nn.Linear(old.in_features, old.out_features, bias=True, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.copy_(read_head_bias(hf_dir).to(dtype))
+    model.lm_head = head
+    return model.eval()
