@@ -491,4 +491,6 @@ def stage_error_to_request_error(exc: StageError) -> RequestError:
         return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
     if exc.unavailable:
         return RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
+    if exc.invalid:
+        return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     return RequestError(grpc.StatusCode.INTERNAL, str(exc))

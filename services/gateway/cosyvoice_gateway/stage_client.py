@@ -44,16 +44,20 @@ MS_PER_S = 1000.0
 # `triton_final_response`, so a stream's end is known without a side channel.
 _EMPTY_FINAL_PARAM = "triton_enable_empty_final_response"
 _FINAL_PARAM = "triton_final_response"
+# Stage models answer bad request values with this exception name (cosyvoice_common.errors).
+_STAGE_INVALID_REQUEST = "InvalidRequestError"
 
 
 class StageError(RuntimeError):
     """A stage call failed (unreachable, timed out, or the model returned an error)."""
 
-    def __init__(self, stage: str, message: str, *, unavailable: bool = False, timed_out: bool = False):
+    def __init__(self, stage: str, message: str, *, unavailable: bool = False, timed_out: bool = False,
+                 invalid: bool = False):
         super().__init__(f"{stage}: {message}")
         self.stage = stage
         self.unavailable = unavailable
         self.timed_out = timed_out
+        self.invalid = invalid      # the stage rejected the request's values (a client error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,8 +202,9 @@ class StageClient:
         unavailable = "UNAVAILABLE" in status
         if unavailable:
             replica.ready = False   # the readiness loop brings it back
-        return StageError(self.name, f"{replica.url}: {exc.message()}", unavailable=unavailable,
-                          timed_out="DEADLINE" in status)
+        message = exc.message() or ""
+        return StageError(self.name, f"{replica.url}: {message}", unavailable=unavailable,
+                          timed_out="DEADLINE" in status, invalid=_STAGE_INVALID_REQUEST in message)
 
     # --- calls --------------------------------------------------------------------------------------
     async def infer(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = ""

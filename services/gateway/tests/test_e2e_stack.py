@@ -1,0 +1,199 @@
+"""End to end: a real gateway process over real tritonserver stage processes and Redis.
+
+Stage URLs come from the root conftest's `stack` fixture; for development, GATEWAY_TEST_STACK_JSON may
+name a JSON file {tokenizer, speaker, llm, token2wav, redis} of stages already running.
+"""
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import soundfile as sf
+import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
+from cosyvoice_common.constants import SAMPLES_PER_TOKEN
+from cosyvoice_gateway.testing import free_port, prompt_wav_bytes
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+STAGE_NAMES = ("tokenizer", "speaker", "llm", "token2wav")
+REPO = Path(__file__).resolve().parents[3]
+N_TOKENS = 20     # first chunk (15 + 3) then the final chunk: two token2wav calls, fast on CPU
+
+
+@pytest.fixture(scope="module")
+def stage_urls(request):
+    path = os.environ.get("GATEWAY_TEST_STACK_JSON")
+    if path:
+        return json.loads(Path(path).read_text())
+    try:
+        stack = request.getfixturevalue("stack")
+    except pytest.FixtureLookupError:
+        pytest.skip("root conftest fixture `stack` (tools/cosyvoice_tools/testing.py) has not landed yet")
+    urls = {name: ",".join(stack.stage_grpc_urls(name)) for name in STAGE_NAMES}
+    urls["redis"] = stack.redis_url
+    return urls
+
+
+class GatewayProcess:
+    def __init__(self, urls: dict, revision: str, tmp: Path) -> None:
+        self.port = free_port()
+        self.env = dict(os.environ, TOKENIZER_URLS=urls["tokenizer"], SPEAKER_URLS=urls["speaker"],
+                        LLM_URLS=urls["llm"], TOKEN2WAV_URLS=urls["token2wav"], REDIS_URL=urls["redis"],
+                        MODEL_REVISION=revision, GRPC_PORT=str(self.port), HTTP_PORT="0", METRICS_PORT="0",
+                        MODEL_DIR=os.environ.get("MODEL_DIR", str(REPO / "models/cosyvoice2-tiny")),
+                        READINESS_INTERVAL_S="0.5")
+        self.log = tmp / f"gateway-{self.port}.log"
+        self.proc = None
+
+    def start(self) -> "GatewayProcess":
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "cosyvoice_gateway.server"], env=self.env,
+                                         stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+        asyncio.run(self._wait_serving())
+        return self
+
+    async def _wait_serving(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with grpc.aio.insecure_channel(self.addr) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, self.log.read_text()
+                try:
+                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise AssertionError(f"gateway not SERVING after {timeout_s} s:\n{self.log.read_text()}")
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def gateway(stage_urls, tmp_path_factory):
+    proc = GatewayProcess(stage_urls, f"test-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("gw")).start()
+    yield proc
+    proc.stop()
+
+
+def _request(**kw) -> tts_pb2.SynthesizeRequest:
+    kw.setdefault("prompt_audio", prompt_wav_bytes(seed=kw.pop("voice_seed", 0)))
+    kw.setdefault("prompt_text", "a short prompt")
+    kw.setdefault("text", "Hello world, this is a test.")
+    return tts_pb2.SynthesizeRequest(min_speech_tokens=N_TOKENS, max_speech_tokens=N_TOKENS,
+                                     sampling=tts_pb2.SamplingParams(seed=7), **kw)
+
+
+async def _stream(addr: str, request) -> list[tts_pb2.AudioChunk]:
+    async with grpc.aio.insecure_channel(addr) as channel:
+        return [c async for c in tts_pb2_grpc.TextToSpeechStub(channel).SynthesizeStream(request)]
+
+
+async def _unary(addr: str, request) -> tts_pb2.SynthesizeResponse:
+    async with grpc.aio.insecure_channel(addr) as channel:
+        return await tts_pb2_grpc.TextToSpeechStub(channel).Synthesize(request)
+
+
+def test_streaming_chunks_concatenate_to_960_samples_per_token_with_one_wav_header(gateway):
+    chunks = asyncio.run(_stream(gateway.addr, _request(encoding=tts_pb2.WAV, voice_seed=1)))
+    assert [c.index for c in chunks] == list(range(len(chunks))) and len(chunks) >= 3
+    assert chunks[-1].is_final and not any(c.is_final for c in chunks[:-1])
+    assert chunks[0].audio[:4] == b"RIFF" and not any(c.audio[:4] == b"RIFF" for c in chunks[1:])
+    wav, rate = sf.read(io.BytesIO(b"".join(c.audio for c in chunks)), dtype="int16")
+    assert rate == 24000 and wav.shape[0] == N_TOKENS * SAMPLES_PER_TOKEN
+    timings = chunks[-1].timings
+    assert timings.speech_tokens == N_TOKENS and timings.token2wav.calls == 2 and 0 < timings.first_chunk_ms <= timings.total_ms
+
+
+def test_streaming_and_offline_agree_with_the_same_seed(gateway):
+    request = _request(encoding=tts_pb2.FLOAT32, voice_seed=2)
+    chunks = asyncio.run(_stream(gateway.addr, request))
+    streamed = np.frombuffer(b"".join(c.audio for c in chunks), "<f4")
+    offline = np.frombuffer(asyncio.run(_unary(gateway.addr, request)).audio, "<f4")
+    assert streamed.shape == offline.shape == (N_TOKENS * SAMPLES_PER_TOKEN,)
+    # Streaming flow attention is chunk-causal, so samples differ near joins; the signal stays alike.
+    assert np.corrcoef(streamed, offline)[0, 1] > 0.3
+    rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
+    assert 0.75 < rms(streamed) / rms(offline) < 1.33
+
+
+def test_second_request_with_the_same_prompt_hits_the_cache(gateway):
+    first = asyncio.run(_unary(gateway.addr, _request(voice_seed=3)))
+    second = asyncio.run(_unary(gateway.addr, _request(voice_seed=3)))
+    assert not first.timings.cache_hit and first.timings.tokenizer.calls == 1 and first.timings.speaker.calls == 1
+    assert second.timings.cache_hit and second.timings.tokenizer.calls == 0 and second.timings.speaker.calls == 0
+
+
+def test_registered_speaker_works_and_survives_a_gateway_restart(stage_urls, tmp_path):
+    revision = f"test-{uuid.uuid4().hex[:8]}"
+    gw = GatewayProcess(stage_urls, revision, tmp_path).start()
+
+    async def register_and_use(addr):
+        async with grpc.aio.insecure_channel(addr) as channel:
+            stub = tts_pb2_grpc.TextToSpeechStub(channel)
+            reply = await stub.RegisterSpeaker(tts_pb2.RegisterSpeakerRequest(
+                speaker_id="alice", prompt_audio=prompt_wav_bytes(seed=4), prompt_text="alice speaking"))
+            assert reply.speaker.prompt_speech_tokens > 0
+            response = await stub.Synthesize(_request(speaker_id="alice", prompt_audio=b"", prompt_text=""))
+            assert len(response.audio) == 2 * N_TOKENS * SAMPLES_PER_TOKEN
+
+    asyncio.run(register_and_use(gw.addr))
+    assert gw.stop() == 0        # graceful SIGTERM exit
+    gw = GatewayProcess(stage_urls, revision, tmp_path).start()
+
+    async def still_there(addr):
+        async with grpc.aio.insecure_channel(addr) as channel:
+            stub = tts_pb2_grpc.TextToSpeechStub(channel)
+            speakers = (await stub.ListSpeakers(tts_pb2.ListSpeakersRequest())).speakers
+            assert [s.speaker_id for s in speakers] == ["alice"] and speakers[0].prompt_text == "alice speaking"
+            chunks = [c async for c in stub.SynthesizeStream(_request(speaker_id="alice", prompt_audio=b"", prompt_text=""))]
+            assert chunks[-1].timings.cache_hit and chunks[-1].timings.speech_tokens == N_TOKENS
+            assert (await stub.DeleteSpeaker(tts_pb2.DeleteSpeakerRequest(speaker_id="alice"))).deleted
+
+    try:
+        asyncio.run(still_there(gw.addr))
+    finally:
+        gw.stop()
+
+
+def _token2wav_count(url: str) -> int:
+    stats = triton_grpc.InferenceServerClient(url.split(",")[0]).get_inference_statistics("token2wav", as_json=True)
+    return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+
+
+def test_cancelled_stream_stops_issuing_stage_calls(gateway, stage_urls):
+    async def run():
+        async with grpc.aio.insecure_channel(gateway.addr) as channel:
+            call = tts_pb2_grpc.TextToSpeechStub(channel).SynthesizeStream(tts_pb2.SynthesizeRequest(
+                text="A long one.", prompt_audio=prompt_wav_bytes(seed=5), prompt_text="p",
+                min_speech_tokens=1500, max_speech_tokens=1500))
+            async for _ in call:
+                break                  # first chunk arrived: leave
+            call.cancel()
+        await asyncio.sleep(1.0)       # the call in flight when we left may still finish
+        before = _token2wav_count(stage_urls["token2wav"])
+        await asyncio.sleep(3.0)
+        assert _token2wav_count(stage_urls["token2wav"]) == before
+    asyncio.run(run())
+    deadline = time.monotonic() + 10
+    while "status=CANCELLED" not in gateway.log.read_text():
+        assert time.monotonic() < deadline, gateway.log.read_text()
+        time.sleep(0.2)
