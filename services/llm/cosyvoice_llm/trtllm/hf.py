@@ -6,12 +6,27 @@ bias: the exported speech logits are then exactly `llm_decoder(h)` and every oth
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .convert import HEAD_BIAS_KEY, SAFETENSORS_NAME
+
+
+def _hide_broken_torchvision() -> None:
+    """transformers' model code imports torchvision whenever it is installed; where the installed build does not
+    match torch (its C++ ops fail to register) that import raises. Qwen2 needs no torchvision, so mark it absent
+    (`sys.modules[name] = None` makes find_spec report it missing and `import` raise ImportError)."""
+    if "torchvision" in sys.modules:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception:   # RuntimeError "operator torchvision::nms does not exist", ImportError, ...
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.modules["torchvision"] = None
 
 
 def read_head_bias(hf_dir: str | Path) -> torch.Tensor:
@@ -26,6 +41,7 @@ def read_head_bias(hf_dir: str | Path) -> torch.Tensor:
 
 def load_exported_causal_lm(hf_dir: str | Path, dtype: torch.dtype = torch.float32):
     """transformers Qwen2ForCausalLM (eval, CPU) with `lm_head` replaced by a biased Linear from the checkpoint."""
+    _hide_broken_torchvision()
     from transformers import Qwen2ForCausalLM
 
     model = Qwen2ForCausalLM.from_pretrained(str(hf_dir), dtype=dtype)
