@@ -10,7 +10,7 @@ import pytest
 from cosyvoice_common import modelconfig as mc
 
 REPO = Path(__file__).resolve().parents[2]
-REFERENCE_YAML = REPO / "tools" / "tests" / "data" / "reference_cosyvoice2.yaml"
+REFERENCE_YAML = REPO / "tools" / "tests" / "data" / "format_sample.yaml"
 GOLDEN = REPO.parent / "shared" / "golden" / "tiny-seed1"
 needs_golden = pytest.mark.skipif(not (GOLDEN / "config.json").is_file(), reason=f"golden set not at {GOLDEN}")
 
