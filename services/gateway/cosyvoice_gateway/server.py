@@ -324,12 +324,12 @@ class Gateway:
         return self._serving
 
     def _http_app(self):
-        """Hook for the HTTP front end: a module `cosyvoice_gateway.http` with `create_app(gateway)`.
+        """Hook for the HTTP front end: the module `cosyvoice_gateway.http_api` with `create_app(gateway)`.
 
         Until it exists, a minimal app serves `/healthz` (200 once SERVING, else 503; the stack launcher
         waits on it) and `/metrics`."""
         try:
-            module = importlib.import_module("cosyvoice_gateway.http")
+            module = importlib.import_module("cosyvoice_gateway.http_api")
         except ModuleNotFoundError:
             return _minimal_http_app(self)
         return module.create_app(self)

@@ -1,0 +1,428 @@
+"""HTTP front end of the gateway: OpenAI-compatible speech, the voice registry, health and metrics.
+
+Served by the gateway process on HTTP_PORT, in the same asyncio loop as gRPC and over the same
+`Pipeline` (stage clients, spk2info cache, named-voice registry in Redis), so a voice registered
+through gRPC `RegisterSpeaker` is usable here and the other way round.
+
+    POST   /v1/audio/speech          OpenAI `audio.speech.create` (+ our extras, see SpeechRequest)
+    GET    /v1/audio/voices          registered voices
+    POST   /v1/audio/voices          multipart: name, audio (file), prompt_text
+    DELETE /v1/audio/voices/{name}
+    GET    /v1/models                the one model, for clients that list models first
+    GET    /healthz                  200 once every stage has a ready replica, else 503
+    GET    /metrics                  Prometheus text of the gateway's registry
+
+Errors are JSON in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx
+status mapped from the pipeline's gRPC status; never a traceback. `stream: true` sends each chunk the
+pipeline produces as soon as it exists (raw 16-bit PCM, or WAV = a header of unknown length then PCM);
+a client that disconnects (streaming or not) cancels the request's stage work.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from cosyvoice_common.audio import encode_audio
+from cosyvoice_common.spk2info import RegistryUnavailableError, SpeakerInfo
+from cosyvoice_common.textnorm import text_normalize
+
+from cosyvoice_gateway import metrics
+from cosyvoice_gateway.pipeline import (
+    Pipeline,
+    RequestError,
+    StageTimings,
+    SynthesisRequest,
+    stage_error_to_request_error,
+)
+from cosyvoice_gateway.stage_client import MS_PER_S, StageError
+
+log = logging.getLogger("cosyvoice_gateway.http")
+
+T = TypeVar("T")
+
+MODEL_ID = "cosyvoice2"
+MODEL_OWNER = "FunAudioLLM"
+# OpenAI's response_format names -> cosyvoice_common.audio encodings, and the Content-Type of each.
+RESPONSE_FORMATS = {"wav": "wav", "pcm": "pcm_s16le", "flac": "flac", "mp3": "mp3", "opus": "opus"}
+MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg",
+               "opus": "audio/ogg; codecs=opus"}
+# Formats whose bytes can be sent chunk by chunk as produced (a WAV header of unknown length, then PCM).
+STREAMABLE_FORMATS = ("pcm", "wav")
+SUPPORTED_SPEED = 1.0
+# OpenAI's default is mp3; libsndfile builds without MP3 (< 1.1) fall back to wav.
+OPENAI_DEFAULT_FORMAT = "mp3"
+FALLBACK_FORMAT = "wav"
+_DISCONNECT = "http.disconnect"
+
+# gRPC status of a pipeline error -> HTTP status and OpenAI error type.
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "invalid_request_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+}
+_INTERNAL = (500, "server_error")
+
+
+def _soundfile_formats() -> frozenset[str]:
+    try:
+        import soundfile as sf
+    except (ImportError, OSError):
+        return frozenset()
+    return frozenset(sf.available_formats())
+
+
+def _available_formats() -> tuple[str, ...]:
+    """response_format values this process can produce (flac/mp3/opus need libsndfile's codecs)."""
+    containers = _soundfile_formats()
+    needs = {"flac": "FLAC", "mp3": "MP3", "opus": "OGG"}
+    return tuple(f for f in RESPONSE_FORMATS if f not in needs or needs[f] in containers)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    max_upload_bytes: int = 16 << 20            # a 30 s prompt is ~3 MB as 48 kHz 16-bit WAV
+    default_response_format: str = ""           # "" = OpenAI's mp3 when libsndfile has it, else wav
+    formats: tuple[str, ...] = ()               # () = every format libsndfile can write here
+
+    def __post_init__(self) -> None:
+        if self.max_upload_bytes < 1:
+            raise ValueError(f"bad max_upload_bytes {self.max_upload_bytes}")
+        formats = self.formats or _available_formats()
+        object.__setattr__(self, "formats", formats)
+        default = self.default_response_format or (
+            OPENAI_DEFAULT_FORMAT if OPENAI_DEFAULT_FORMAT in formats else FALLBACK_FORMAT)
+        if default not in formats:
+            raise ValueError(f"default response format {default!r} not in {formats}")
+        object.__setattr__(self, "default_response_format", default)
+
+    @classmethod
+    def from_env(cls) -> "HttpConfig":
+        return cls(max_upload_bytes=int(os.environ.get("HTTP_MAX_UPLOAD_BYTES", 16 << 20)),
+                   default_response_format=os.environ.get("HTTP_DEFAULT_RESPONSE_FORMAT", ""))
+
+
+class SpeechRequest(BaseModel):
+    """OpenAI `POST /v1/audio/speech` body, plus our extras (all optional; 0 = model default)."""
+    model_config = ConfigDict(extra="forbid")   # a misspelt extra gets a 400 naming it, not silence
+
+    model: str
+    input: str
+    voice: str                                  # a registered voice (POST /v1/audio/voices or gRPC)
+    response_format: str | None = None
+    speed: float = SUPPORTED_SPEED
+    instructions: str = ""                      # OpenAI's voice instructions -> CosyVoice2 instruct2 mode
+    stream: bool = False
+    stream_format: str = "audio"                # OpenAI's; only raw audio streaming ("sse" is not served)
+    # --- extras ---
+    sample_rate: int = 0                        # 0 = 24000; 8000/16000/22050/24000/44100/48000
+    seed: int = 0
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    min_speech_tokens: int = 0
+    max_speech_tokens: int = 0
+    text_frontend: bool = True                  # spec 2.2 normalisation of `input` (digits -> words, ...)
+    request_id: str = ""
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.error_type, self.param, self.code = status, message, error_type, param, code
+
+
+def _error_response(status: int, message: str, error_type: str, param: str | None = None,
+                    code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": error_type, "param": param, "code": code}},
+                        status_code=status)
+
+
+def _api_error(exc: Exception) -> ApiError:
+    """Any error the pipeline raises, as the HTTP error clients see (message kept, status mapped)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, StageError):
+        exc = stage_error_to_request_error(exc)
+    if isinstance(exc, RegistryUnavailableError):
+        exc = RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
+    if isinstance(exc, RequestError):
+        status, error_type = _HTTP_STATUS.get(exc.code, _INTERNAL)
+        return ApiError(status, exc.message, error_type, code=exc.code.name.lower())
+    return ApiError(_INTERNAL[0], "internal error", _INTERNAL[1], code="internal")
+
+
+def _metric_code(error: ApiError) -> str:
+    return (error.code or f"http_{error.status}").upper()
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        param = param or (".".join(loc) or None)
+        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request", param
+
+
+# --- disconnect-aware execution -----------------------------------------------------------------------------
+async def _wait_disconnect(receive: Receive) -> None:
+    """Return when the client goes away (the request body has already been read by then)."""
+    while (await receive())["type"] != _DISCONNECT:
+        pass
+
+
+async def run_unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and so its stage calls) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ApiError(499, "client disconnected", "cancelled")
+        return task.result()
+    finally:
+        watcher.cancel()
+        if not task.done():                 # our own caller was cancelled
+            task.cancel()
+
+
+class AudioStreamResponse(Response):
+    """Streams `chunks` as they come; a client disconnect closes the generator (stopping stage work) even
+    while it waits for the next chunk, instead of only noticing at the next write."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], media_type: str, headers: dict[str, str],
+                 on_done: Callable[[str], None]) -> None:
+        super().__init__(media_type=media_type, headers=headers)
+        self.chunks = chunks
+        self.on_done = on_done
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        disconnected = asyncio.ensure_future(_wait_disconnect(receive))
+        outcome = "OK"
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            iterator = aiter(self.chunks)
+            while True:
+                step = asyncio.ensure_future(anext(iterator))
+                await asyncio.wait({step, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    step.cancel()               # CancelledError inside the pipeline: the LLM stream stops
+                    await asyncio.gather(step, return_exceptions=True)
+                    outcome = "CANCELLED"
+                    return
+                try:
+                    chunk = step.result()
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:        # headers are out: the only honest signal left is a cut stream
+                    outcome = _metric_code(_api_error(exc))
+                    log.warning("http stream failed after the first byte: %s", exc)
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:                         # the socket went away mid-write
+            outcome = "CANCELLED"
+        finally:
+            disconnected.cancel()
+            await self.chunks.aclose()          # type: ignore[attr-defined]
+            self.on_done(outcome)
+
+
+# --- the app ------------------------------------------------------------------------------------------------
+def _voice_json(info: SpeakerInfo) -> dict[str, Any]:
+    return {"id": info.speaker_id, "object": "voice", "name": info.speaker_id, "prompt_text": info.prompt_text,
+            "prompt_speech_tokens": info.prompt_speech_tokens, "prompt_seconds": info.prompt_seconds}
+
+
+def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConfig | None = None) -> FastAPI:
+    """The HTTP app over a shared pipeline; `is_ready()` gates /healthz (the gateway's stage readiness)."""
+    config = config or HttpConfig()
+    app = FastAPI(title="CosyVoice2 gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    count_tokens = lambda text: len(pipeline.encode_text(text))   # noqa: E731 - en branch length rule
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc.status, exc.message, exc.error_type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return _error_response(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("http %s %s failed", request.method, request.url.path)
+        return _error_response(_INTERNAL[0], "internal error", _INTERNAL[1])
+
+    def finish(route: str, request_id: str, code: str, timings: StageTimings) -> None:
+        metrics.REQUESTS.labels(rpc=route, code=code).inc()
+        if code == "OK":
+            metrics.REQUEST_LATENCY.labels(rpc=route).observe(timings.total_ms / MS_PER_S)
+            if timings.first_chunk_ms:
+                metrics.FIRST_CHUNK.observe(timings.first_chunk_ms / MS_PER_S)
+        log.info("http=%s request_id=%s status=%s tokens=%d audio_s=%.2f first_chunk_ms=%.1f total_ms=%.1f "
+                 "cache_hit=%s", route, request_id, code, timings.speech_tokens, timings.audio_seconds,
+                 timings.first_chunk_ms, timings.elapsed_ms(), timings.cache_hit)
+
+    def to_request(body: SpeechRequest) -> SynthesisRequest:
+        text = body.input
+        if body.text_frontend:
+            text = text_normalize(text, count_tokens, split=False)
+        return SynthesisRequest(
+            text=text, speaker_id=body.voice, instruct=body.instructions, sample_rate_hz=body.sample_rate,
+            request_id=body.request_id, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+            seed=body.seed, min_speech_tokens=body.min_speech_tokens, max_speech_tokens=body.max_speech_tokens)
+
+    def check_speech(body: SpeechRequest) -> str:
+        fmt = body.response_format or config.default_response_format
+        if fmt not in config.formats:
+            raise ApiError(400, f"response_format {fmt!r} is not supported; use one of {list(config.formats)}",
+                           param="response_format")
+        if body.speed != SUPPORTED_SPEED:
+            raise ApiError(400, f"speed {body.speed} is not supported; only {SUPPORTED_SPEED}", param="speed")
+        if body.stream_format != "audio":
+            raise ApiError(400, f"stream_format {body.stream_format!r} is not supported; use 'audio'",
+                           param="stream_format")
+        if body.stream and fmt not in STREAMABLE_FORMATS:
+            raise ApiError(400, f"stream: true supports response_format {list(STREAMABLE_FORMATS)}, not {fmt!r}",
+                           param="response_format")
+        if not body.voice:
+            raise ApiError(400, "voice is empty: give a registered voice (GET /v1/audio/voices)", param="voice")
+        return fmt
+
+    @app.post("/v1/audio/speech")
+    async def speech(body: SpeechRequest, request: Request) -> Response:
+        route = "http.speech.stream" if body.stream else "http.speech"
+        timings = StageTimings()
+        try:
+            fmt = check_speech(body)
+            prepared = await run_unless_disconnected(request.receive, pipeline.prepare(to_request(body), timings))
+        except Exception as exc:
+            error = _api_error(exc)
+            finish(route, body.request_id, _metric_code(error), timings)
+            raise error from exc
+        headers = {"X-Sample-Rate": str(prepared.sample_rate_hz), "X-Request-Id": prepared.request_id}
+        if body.stream:
+            return AudioStreamResponse(_encoded_stream(pipeline, prepared, timings, fmt), MEDIA_TYPES[fmt],
+                                       headers, lambda code: finish(route, prepared.request_id, code, timings))
+        try:
+            wav = await run_unless_disconnected(request.receive, pipeline.synthesize(prepared, timings))
+            audio = await asyncio.to_thread(encode_audio, wav, prepared.sample_rate_hz, RESPONSE_FORMATS[fmt])
+        except ValueError as exc:               # a codec/rate pair libsndfile refuses (e.g. opus at 44.1 kHz)
+            finish(route, prepared.request_id, "INVALID_ARGUMENT", timings)
+            raise ApiError(400, str(exc), param="sample_rate") from exc
+        except Exception as exc:
+            error = _api_error(exc)
+            finish(route, prepared.request_id, _metric_code(error), timings)
+            raise error from exc
+        finish(route, prepared.request_id, "OK", timings)
+        return Response(audio, media_type=MEDIA_TYPES[fmt], headers=headers)
+
+    @app.get("/v1/audio/voices")
+    async def list_voices() -> dict[str, Any]:
+        try:
+            speakers = await pipeline.cache.list_speakers()
+        except RegistryUnavailableError as exc:
+            raise _api_error(exc) from exc
+        return {"object": "list", "data": [_voice_json(s) for s in speakers]}
+
+    @app.post("/v1/audio/voices", status_code=201)
+    async def register_voice(request: Request, name: str = Form(...), audio: UploadFile = File(...),
+                             prompt_text: str = Form(""), text_frontend: bool = Form(True)) -> dict[str, Any]:
+        data = await audio.read(config.max_upload_bytes + 1)
+        if len(data) > config.max_upload_bytes:
+            raise ApiError(413, f"audio is larger than {config.max_upload_bytes} bytes", param="audio")
+        if text_frontend and prompt_text:
+            prompt_text = text_normalize(prompt_text, count_tokens, split=False)
+        timings = StageTimings()
+        try:
+            info = await run_unless_disconnected(
+                request.receive, pipeline.register_speaker(name, data, prompt_text, timings))
+        except Exception as exc:
+            error = _api_error(exc)
+            metrics.REQUESTS.labels(rpc="http.voices.register", code=_metric_code(error)).inc()
+            raise error from exc
+        metrics.REQUESTS.labels(rpc="http.voices.register", code="OK").inc()
+        log.info("http=voices.register voice=%s tokens=%d", info.speaker_id, info.prompt_speech_tokens)
+        return _voice_json(info)
+
+    @app.delete("/v1/audio/voices/{name}")
+    async def delete_voice(name: str) -> dict[str, Any]:
+        try:
+            deleted = await pipeline.cache.delete_speaker(name)
+        except RegistryUnavailableError as exc:
+            raise _api_error(exc) from exc
+        if not deleted:
+            raise ApiError(404, f"voice {name!r} is not registered", param="name", code="not_found")
+        log.info("http=voices.delete voice=%s", name)
+        return {"id": name, "object": "voice.deleted", "deleted": True}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0,
+                                            "owned_by": MODEL_OWNER}]}
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        ready = is_ready()
+        return Response("ok\n" if ready else "stages not ready\n", status_code=200 if ready else 503,
+                        media_type="text/plain")
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _encoded_stream(pipeline: Pipeline, prepared, timings: StageTimings, fmt: str) -> AsyncIterator[bytes]:
+    """Encode each pipeline chunk as it arrives: one soxr stream per request (no clicks at chunk joins)."""
+    from cosyvoice_gateway.server import StreamEncoder   # lazy: server imports this module's package
+
+    encoder = StreamEncoder(prepared.sample_rate_hz, RESPONSE_FORMATS[fmt] if fmt == "wav" else "pcm_s16le")
+    chunks = pipeline.stream(prepared, timings)
+    try:
+        async for wav in chunks:
+            data = encoder.encode(wav)
+            if data:
+                yield data
+        tail = encoder.encode(np.zeros(0, np.float32), last=True)
+        if tail:
+            yield tail
+    finally:
+        await chunks.aclose()                   # on cancel: stops the LLM stream, no further token2wav call
+
+
+def create_app(gateway) -> FastAPI:
+    """The gateway's hook (`Gateway._http_app`): share its pipeline; /healthz follows its readiness."""
+    return build_app(gateway.pipeline, lambda: gateway.serving, HttpConfig.from_env())
+
+
+__all__ = ["AudioStreamResponse", "HttpConfig", "SpeechRequest", "build_app", "create_app",
+           "run_unless_disconnected"]
