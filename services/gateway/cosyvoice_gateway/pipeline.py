@@ -104,6 +104,7 @@ class SynthesisRequest:
     seed: int = 0                            # 0 = random
     min_speech_tokens: int = 0               # 0 = model rule
     max_speech_tokens: int = 0
+    skip_cache: bool = False                 # recompute prompt features, neither read nor write the cache
 
 
 @dataclass(slots=True)
@@ -275,10 +276,13 @@ class Pipeline:
         except (AudioDecodeError, AudioValidationError) as exc:
             raise invalid(f"prompt_audio: {exc}") from exc
 
-    async def prompt_features(self, audio: bytes, prompt_text: str, request_id: str, timings: StageTimings
-                              ) -> PromptFeatures:
-        """Features of an uploaded prompt: from the spk2info cache, else tokenizer + speaker in parallel."""
+    async def prompt_features(self, audio: bytes, prompt_text: str, request_id: str, timings: StageTimings,
+                              skip_cache: bool = False) -> PromptFeatures:
+        """Features of an uploaded prompt: from the spk2info cache, else tokenizer + speaker in parallel.
+        `skip_cache` (benchmarks' cache-off row): always compute, leave the cache alone."""
         prompt = await self._decode_prompt(audio)
+        if skip_cache:
+            return await self._compute_features(prompt, prompt_text, request_id, timings)
         key = self.cache.prompt_key(prompt.wav_16k, prompt_text)
         cached = await self.cache.get(key)
         metrics.CACHE_LOOKUPS.labels(result="hit" if cached else "miss").inc()
@@ -346,7 +350,8 @@ class Pipeline:
             features = await self._speaker_features(req.speaker_id)
             timings.cache_hit = True
         else:
-            features = await self.prompt_features(req.prompt_audio, req.prompt_text, request_id, timings)
+            features = await self.prompt_features(req.prompt_audio, req.prompt_text, request_id, timings,
+                                                  skip_cache=req.skip_cache)
 
         # Mode (spec 2.3): instruct2 = I ++ X, no LLM speech prompt; zero-shot = P_txt ++ X + S_p;
         # cross-lingual (no transcript) = X only.
