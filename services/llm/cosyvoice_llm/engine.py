@@ -28,6 +28,7 @@ from cosyvoice_common.constants import SPEECH_STOP_IDS
 from cosyvoice_common.errors import InvalidRequestError
 
 from .model import Qwen2LM
+from .repetition import RepetitionConfig, RepetitionDetector
 from .sampling import BatchSamplingParams, SamplingParams, mask_eos, push_history, sample_batched
 
 _DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -41,6 +42,7 @@ class EngineConfig:
     use_cuda_graphs: bool = False      # capture the decode step per batch bucket (CUDA only)
     batch_buckets: tuple[int, ...] = ()  # decode batch sizes; empty = powers of two up to max_batch_slots
     idle_wait_s: float = 0.05          # loop thread wake-up period when idle (also bounds stop() latency)
+    repetition: RepetitionConfig = RepetitionConfig()   # loop detection (repetition.py); enabled=False = off
 
     def __post_init__(self) -> None:
         if self.max_batch_slots <= 0:
@@ -70,6 +72,7 @@ class FinishReason(enum.Enum):
     STOP = "stop"            # a stop id was sampled (not emitted)
     LENGTH = "length"        # max_new_tokens emitted
     CANCELLED = "cancelled"
+    REPETITION = "repetition"  # the tokens fell into a loop (repetition.py), after min_new_tokens
     ERROR = "error"
 
 
@@ -117,6 +120,7 @@ class _Sequence:
     slot: int = -1
     num_generated: int = 0
     tokens: list[int] = field(default_factory=list)
+    repetition: RepetitionDetector | None = None
 
 
 class RequestHandle:
@@ -201,7 +205,7 @@ class LLMEngine:
         with self._wake:
             if request.request_id in self._by_id:
                 raise InvalidRequestError(f"request id {request.request_id!r} is already in flight")
-            seq = _Sequence(request, deliver)
+            seq = _Sequence(request, deliver, repetition=cfg.repetition.detector())
             self._by_id[request.request_id] = seq
             self._waiting.append(seq)
             self._wake.notify()
@@ -374,6 +378,10 @@ class LLMEngine:
         if seq.num_generated >= seq.request.max_new_tokens:
             seq.callback(LLMOutput(seq.request.request_id, (tok,)))
             self._finish(seq, FinishReason.LENGTH)
+        elif (seq.repetition is not None and seq.repetition.push(tok)
+              and seq.num_generated >= seq.request.min_new_tokens):
+            seq.callback(LLMOutput(seq.request.request_id, (tok,)))
+            self._finish(seq, FinishReason.REPETITION)
         else:
             seq.callback(LLMOutput(seq.request.request_id, (tok,)))
 
