@@ -12,6 +12,8 @@ FIRST_CHUNK = Histogram("cosyvoice_gateway_first_chunk_seconds", "request arriva
                         buckets=_LATENCY_BUCKETS_S)
 REQUEST_LATENCY = Histogram("cosyvoice_gateway_request_seconds", "request arrival -> last audio",
                             ["rpc"], buckets=_LATENCY_BUCKETS_S)
+STAGE_RETRIES = Counter("cosyvoice_gateway_stage_retries_total",
+                        "stage calls retried on another replica after an unreachable one", ["stage"])
 CACHE_LOOKUPS = Counter("cosyvoice_gateway_prompt_cache_total", "prompt-feature cache lookups", ["result"])
 
 

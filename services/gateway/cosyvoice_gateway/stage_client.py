@@ -13,6 +13,7 @@ compute split is in its statistics/metrics endpoint, which the benchmark reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -36,6 +37,8 @@ from cosyvoice_common.contracts import (
     TOKENIZER_MODEL,
     TensorSpec,
 )
+
+from cosyvoice_gateway import metrics
 
 log = logging.getLogger(__name__)
 
@@ -155,14 +158,23 @@ class StageClient:
             log.info("stage %s replica %s %s", self.name, replica.url, "ready" if replica.ready else "NOT ready")
 
     # --- load balancing -----------------------------------------------------------------------------
-    def _pick(self) -> _Replica:
-        candidates = [r for r in self._replicas if r.ready] or self._replicas   # none known ready: try anyway
+    def _pick(self, exclude: Sequence[_Replica] = ()) -> _Replica:
+        pool = [r for r in self._replicas if all(r is not e for e in exclude)] or self._replicas
+        candidates = [r for r in pool if r.ready] or pool   # none known ready: try anyway
         start = next(self._rr) % len(candidates)
         rotated = candidates[start:] + candidates[:start]
         return min(rotated, key=lambda r: r.outstanding)    # min keeps the first of equals: round-robin ties
 
-    async def _acquire(self) -> _Lease:
-        replica = self._pick()
+    def _can_retry(self, exc: StageError, tried: Sequence[_Replica]) -> bool:
+        """Retry an unreachable replica's call on another replica not tried yet (stage calls are stateless)."""
+        if not exc.unavailable or not any(all(r is not t for t in tried) for r in self._replicas):
+            return False
+        metrics.STAGE_RETRIES.labels(stage=self.name).inc()
+        log.warning("stage %s: %s; retrying on another replica", self.name, exc)
+        return True
+
+    async def _acquire(self, exclude: Sequence[_Replica] = ()) -> _Lease:
+        replica = self._pick(exclude)
         replica.outstanding += 1
         lease = _Lease(replica)
         if replica.slots is not None:
@@ -209,8 +221,20 @@ class StageClient:
     # --- calls --------------------------------------------------------------------------------------
     async def infer(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = ""
                     ) -> tuple[dict[str, np.ndarray], CallTiming]:
-        lease = await self._acquire()
+        """One call; an unreachable replica's call is retried on the other replicas (the call is stateless)."""
+        tried: list[_Replica] = []
+        while True:
+            try:
+                return await self._infer_once(tensors, outputs, request_id, tried)
+            except StageError as exc:
+                if not self._can_retry(exc, tried):
+                    raise
+
+    async def _infer_once(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str,
+                          tried: list[_Replica]) -> tuple[dict[str, np.ndarray], CallTiming]:
+        lease = await self._acquire(tried)
         replica = lease.replica
+        tried.append(replica)
         start = time.perf_counter()
         try:
             result = await replica.client.infer(
@@ -230,10 +254,29 @@ class StageClient:
 
         Closing the generator early (consumer cancelled) cancels the gRPC stream, which Triton turns
         into a request cancellation the decoupled model sees. `timing` (if given) is filled in place.
+        A replica that is unreachable before its first response is replaced by another one (nothing
+        was delivered yet, so the retry is invisible); after that the error goes to the caller.
         """
         timing = timing if timing is not None else CallTiming()
-        lease = await self._acquire()
+        tried: list[_Replica] = []
+        while True:
+            delivered = False
+            try:
+                # aclosing: a consumer that leaves early closes the replica's stream now, not at GC.
+                async with contextlib.aclosing(self._stream_once(tensors, outputs, request_id, timing, tried)) as once:
+                    async for out in once:
+                        delivered = True
+                        yield out
+                return
+            except StageError as exc:
+                if delivered or not self._can_retry(exc, tried):
+                    raise
+
+    async def _stream_once(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str,
+                           timing: CallTiming, tried: list[_Replica]) -> AsyncIterator[dict[str, np.ndarray]]:
+        lease = await self._acquire(tried)
         replica = lease.replica
+        tried.append(replica)
         timing.queue_ms += lease.timing.queue_ms
         request = {
             "model_name": self.config.model,
