@@ -13,6 +13,9 @@ fi
 ROOT=$(pwd)
 export PYTHONPATH="$SITE:$ROOT/common:$ROOT/services/tokenizer:$ROOT/services/speaker:$ROOT/services/llm:$ROOT/services/token2wav:$ROOT/services/gateway:$ROOT/tools:$ROOT/protos/gen"
 export PATH="$SITE/bin:$PATH"
+# tritonserver's Python-backend stub embeds the interpreter found first on PATH and reads that
+# interpreter's site-packages, but not PYTHONPATH: a .pth file there gives it the same import path.
+echo "$PYTHONPATH" | tr ':' '\n' > "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/cosyvoice-stack.pth"
 mkdir -p protos/gen
 python3 -m grpc_tools.protoc -Iprotos --python_out=protos/gen --grpc_python_out=protos/gen protos/cosyvoice/v1/tts.proto || return 1
 touch protos/gen/cosyvoice/__init__.py protos/gen/cosyvoice/v1/__init__.py
