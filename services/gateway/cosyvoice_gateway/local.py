@@ -1,0 +1,595 @@
+"""In-process stages: the gateway `Pipeline`, unchanged, over the stage packages called directly.
+
+No tritonserver, no gRPC, no Redis needed: the second line of the benchmark (`bench --engine-only`),
+and the recorder of real stage inputs for `cosyvoice_tools.stage_load`.
+
+    local = LocalPipeline.create("models/cosyvoice2-tiny", "cpu")      # or "cuda"
+    result = await local.bench_request(item, "stream")                  # cosyvoice_tools.bench.RequestResult
+    await local.close()
+
+Each local stage answers the two calls `Pipeline` makes on a `StageClient` with the same tensors:
+`infer(tensors, outputs, request_id) -> (outputs, CallTiming)` and, for the LLM,
+`stream(tensors, outputs, request_id, timing)` (an async generator of `output_ids`).
+
+- tokenizer, speaker, token2wav: a `_Batcher` per stage, like Triton's dynamic batcher: calls that
+  arrive while a batch runs wait and form the next batch, run on the stage's own worker thread.
+  queue_ms = waiting for the batch to start, compute_ms = the batch's run time.
+  token2wav batches through `cosyvoice_token2wav.runner.Token2WavRunner` (padded batch, CUDA graphs on
+  cuda) when that module exists, else `Token2Wav.chunk` call by call. The vocoder overlap cache stays a device tensor between chunks (no copies).
+- llm: one `LLMEngine` thread (in-flight batching); its callbacks are bridged into one asyncio
+  queue per request. Closing the stream early cancels the request in the engine.
+- prompt cache: an in-memory dict (`MemorySpk2Info`, honours `skip_cache` through the pipeline), or
+  the real Redis cache when `redis_url` is given.
+
+`record_dir`: every stage call's input tensors are written to `<record_dir>/<stage>/<n>.npz` in the
+stage's Triton contract (no batch dim), the inputs `stage_load` replays against a stage server.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib.util
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cosyvoice_common.constants import MEL_BINS, OUTPUT_SAMPLE_RATE_HZ, SPEECH_ID_OFFSET
+from cosyvoice_common.errors import InvalidRequestError
+from cosyvoice_common.spk2info import PromptFeatures, Spk2InfoCache, Spk2InfoConfig, SpeakerInfo
+
+from cosyvoice_gateway.pipeline import Pipeline, PipelineConfig, StageTimings, SynthesisRequest
+from cosyvoice_gateway.stage_client import MS_PER_S, CallTiming, StageError, Stages
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 16
+_LLM_MAX_SEQ_LEN = 2048
+_LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _as_numpy(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
+    return np.asarray(value)
+
+
+class _Recorder:
+    """Writes each stage call's inputs as `<dir>/<stage>/<n>.npz` (Triton contract shapes)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._counters: dict[str, itertools.count] = {}
+        self._lock = threading.Lock()
+
+    def record(self, stage: str, tensors: Mapping[str, object]) -> None:
+        with self._lock:
+            n = next(self._counters.setdefault(stage, itertools.count()))
+        arrays = {}
+        for name, value in tensors.items():
+            array = _as_numpy(value)
+            if name == "cache_mel":          # device cache [1, 80, F] -> contract [80, F]
+                array = array.reshape(MEL_BINS, -1)
+            elif name in ("cache_source", "cache_speech"):
+                array = array.reshape(-1)
+            arrays[name] = array
+        out = self.root / stage
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez(out / f"{n:05d}.npz", **arrays)
+
+
+# --- batching executor ---------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Pending:
+    item: object
+    future: asyncio.Future
+    enqueued_s: float = field(default_factory=time.perf_counter)
+
+
+class _Batcher:
+    """Calls that arrive while a batch runs form the next batch (at most `max_batch`), run on one thread.
+
+    `run_batch(items) -> list[result | Exception]`, one entry per item: a failure answers only its item."""
+
+    def __init__(self, name: str, run_batch: Callable[[list], list], max_batch: int) -> None:
+        if max_batch < 1:
+            raise ValueError(f"{name}: max_batch must be >= 1")
+        self.name = name
+        self._run_batch = run_batch
+        self._max_batch = max_batch
+        self._pending: list[_Pending] = []
+        self._worker: asyncio.Task | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"local-{name}")
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item) -> tuple[object, CallTiming]:
+        loop = asyncio.get_running_loop()
+        pending = _Pending(item, loop.create_future())
+        self._pending.append(pending)
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._drain())
+        return await pending.future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
+            start = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
+            except Exception as exc:  # noqa: BLE001 - the whole batch failed: each caller gets the error
+                results = [exc] * len(batch)
+            compute_ms = (time.perf_counter() - start) * MS_PER_S
+            self.batches += 1
+            self.items += len(batch)
+            for p, result in zip(batch, results, strict=True):
+                if p.future.done():      # the caller was cancelled
+                    continue
+                if isinstance(result, Exception):
+                    p.future.set_exception(result)
+                else:
+                    p.future.set_result((result, CallTiming((start - p.enqueued_s) * MS_PER_S, compute_ms)))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _per_item(fn: Callable[[object], object]) -> Callable[[list], list]:
+    def run(items: list) -> list:
+        out = []
+        for item in items:
+            try:
+                out.append(fn(item))
+            except Exception as exc:  # noqa: BLE001 - per item
+                out.append(exc)
+        return out
+    return run
+
+
+class LocalStage:
+    """Base of the in-process stages: the `StageClient` surface `Pipeline` and `Stages` use."""
+
+    name = ""
+
+    def __init__(self, recorder: _Recorder | None = None) -> None:
+        self.recorder = recorder
+
+    async def check_ready(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+    def _record(self, tensors: Mapping[str, object]) -> None:
+        if self.recorder is not None:
+            self.recorder.record(self.name, tensors)
+
+
+class _BatchedStage(LocalStage):
+    batcher: _Batcher
+
+    async def infer(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = ""
+                    ) -> tuple[dict[str, np.ndarray], CallTiming]:
+        self._record(tensors)
+        try:
+            out, timing = await self.batcher.submit(dict(tensors))
+        except StageError:
+            raise
+        except InvalidRequestError as exc:
+            raise StageError(self.name, f"InvalidRequestError: {exc}", invalid=True) from exc
+        except Exception as exc:  # noqa: BLE001 - same surface as a failed Triton call
+            raise StageError(self.name, f"{type(exc).__name__}: {exc}") from exc
+        return {name: out[name] for name in outputs}, timing
+
+    async def close(self) -> None:
+        self.batcher.close()
+
+
+def _trimmed(tensors: Mapping[str, np.ndarray], wav: str, length: str) -> np.ndarray:
+    samples = np.asarray(tensors[wav], np.float32).reshape(-1)
+    n = int(np.asarray(tensors[length]).reshape(-1)[0]) if length in tensors else samples.shape[0]
+    if not 0 < n <= samples.shape[0]:
+        raise InvalidRequestError(f"{length}={n} outside [1, {samples.shape[0]}]")
+    return samples[:n]
+
+
+class LocalTokenizer(_BatchedStage):
+    name = "tokenizer"
+
+    def __init__(self, model_dir: Path, device: str, backend: str, max_batch: int,
+                 recorder: _Recorder | None = None) -> None:
+        from cosyvoice_tokenizer import SpeechTokenizer
+
+        super().__init__(recorder)
+        self.tokenizer = SpeechTokenizer(model_dir, backend, device)
+        self.batcher = _Batcher(self.name, self._run, max_batch)
+
+    def _run(self, items: list[dict]) -> list:
+        try:
+            wavs = [_trimmed(t, "reference_wav", "reference_wav_len") for t in items]
+            codes = self.tokenizer.tokenize(wavs)
+        except Exception:  # noqa: BLE001 - isolate the culprit, as the Triton model does
+            if len(items) == 1:
+                raise
+            return _per_item(lambda t: self._run([t])[0])(items)
+        return [{"prompt_speech_tokens": c.astype(np.int32) + np.int32(SPEECH_ID_OFFSET)} for c in codes]
+
+
+class LocalSpeaker(_BatchedStage):
+    name = "speaker"
+
+    def __init__(self, model_dir: Path, device: str, backend: str, max_batch: int,
+                 recorder: _Recorder | None = None) -> None:
+        from cosyvoice_speaker import SpeakerEncoder
+
+        super().__init__(recorder)
+        self.device = device
+        self.encoder = SpeakerEncoder(model_dir, backend, device)
+        self.batcher = _Batcher(self.name, self._run, max_batch)
+
+    def _mel(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+        from cosyvoice_speaker.features import prompt_mel
+
+        if "reference_wav_24k" not in tensors:
+            return np.zeros((0, MEL_BINS), np.float32)
+        wav = _trimmed(tensors, "reference_wav_24k", "reference_wav_24k_len")
+        return prompt_mel(torch.from_numpy(wav.copy()).to(self.device)).float().cpu().numpy()
+
+    def _run(self, items: list[dict]) -> list:
+        try:
+            wavs = [_trimmed(t, "reference_wav", "reference_wav_len") for t in items]
+            mels = [self._mel(t) for t in items]
+            embeddings = np.asarray(self.encoder.embed(wavs), np.float32)
+        except Exception:  # noqa: BLE001
+            if len(items) == 1:
+                raise
+            return _per_item(lambda t: self._run([t])[0])(items)
+        return [{"prompt_spk_embedding": embeddings[i].reshape(-1), "prompt_speech_feat": mels[i]}
+                for i in range(len(items))]
+
+
+@dataclass(frozen=True, slots=True)
+class _ChunkCall:
+    """One token2wav call in model terms (codes, not flat ids), tensors on the stage's device."""
+    tokens: torch.Tensor
+    prompt_tokens: torch.Tensor
+    prompt_feat: torch.Tensor
+    embedding: torch.Tensor
+    token_offset: int
+    finalize: bool
+    streaming: bool
+    cache: object        # VocoderCache | None
+    wants_cache: bool
+
+
+class LocalToken2Wav(_BatchedStage):
+    name = "token2wav"
+
+    def __init__(self, model_dir: Path, device: str, flow_dtype: torch.dtype, max_batch: int,
+                 recorder: _Recorder | None = None) -> None:
+        super().__init__(recorder)
+        self.device = torch.device(device)
+        self.runner = self.token2wav = None
+        if importlib.util.find_spec("cosyvoice_token2wav.runner") is not None:
+            try:
+                from cosyvoice_token2wav.runner import Token2WavRunner
+
+                self.runner = Token2WavRunner(model_dir, device, flow_dtype, max_batch=max_batch,
+                                              use_cuda_graphs=self.device.type == "cuda")
+            except Exception as exc:  # noqa: BLE001 - an unfinished runner must not stop the benchmark
+                log.warning("token2wav: Token2WavRunner unusable (%s: %s); chunk by chunk", type(exc).__name__, exc)
+        if self.runner is None:
+            from cosyvoice_token2wav.token2wav import load_token2wav
+
+            self.token2wav = load_token2wav(model_dir, device, flow_dtype)
+        self.batcher = _Batcher(self.name, self._run, max_batch)
+
+    def _tensor(self, value, dtype: torch.dtype) -> torch.Tensor:
+        tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+        return tensor.to(self.device, dtype, non_blocking=True)
+
+    def _parse(self, t: Mapping[str, object]) -> _ChunkCall:
+        from cosyvoice_token2wav.token2wav import VocoderCache
+
+        codes = np.asarray(t["target_speech_tokens"], np.int64).reshape(-1) - SPEECH_ID_OFFSET
+        prompt = np.asarray(t["prompt_speech_tokens"], np.int64).reshape(-1) - SPEECH_ID_OFFSET
+        if codes.size == 0 or codes.min() < 0 or (prompt.size and prompt.min() < 0):
+            raise InvalidRequestError(f"speech token ids must be flat ids >= {SPEECH_ID_OFFSET} (code + offset)")
+        if "token_offset" not in t:
+            offset, finalize, streaming, wants_cache = 0, True, False, False
+        else:
+            offset = int(np.asarray(t["token_offset"]).reshape(-1)[0])
+            finalize = bool(np.asarray(t["finalize"]).reshape(-1)[0]) if "finalize" in t else False
+            streaming, wants_cache = not finalize, True
+        cache = None
+        if offset > 0:
+            if any(t.get(n) is None for n in ("cache_mel", "cache_source", "cache_speech")):
+                raise InvalidRequestError("a chunk after the first (token_offset > 0) needs the vocoder cache")
+            cache = VocoderCache(mel=self._tensor(t["cache_mel"], torch.float32).reshape(1, MEL_BINS, -1),
+                                 source=self._tensor(t["cache_source"], torch.float32).reshape(1, 1, -1),
+                                 speech=self._tensor(t["cache_speech"], torch.float32).reshape(1, -1))
+        return _ChunkCall(
+            tokens=torch.from_numpy(codes[None].copy()).to(self.device),
+            prompt_tokens=torch.from_numpy(prompt[None].copy()).to(self.device),
+            prompt_feat=self._tensor(np.asarray(t["prompt_speech_feat"], np.float32)[None], torch.float32),
+            embedding=self._tensor(np.asarray(t["prompt_spk_embedding"], np.float32).reshape(1, -1), torch.float32),
+            token_offset=offset, finalize=finalize, streaming=streaming, cache=cache, wants_cache=wants_cache)
+
+    def _one(self, call: _ChunkCall) -> tuple[torch.Tensor, object]:
+        return self.token2wav.chunk(call.tokens, call.prompt_tokens, call.prompt_feat, call.embedding,
+                                    token_offset=call.token_offset, finalize=call.finalize,
+                                    streaming=call.streaming, cache=call.cache)
+
+    def _outputs(self, call: _ChunkCall, wav: torch.Tensor, cache) -> dict[str, object]:
+        out: dict[str, object] = {"waveform": wav.detach().float().reshape(-1).cpu().numpy()}
+        if call.wants_cache:    # device tensors: the next chunk of this stream reads them in place
+            if cache is None:
+                out.update(cache_mel=np.zeros((MEL_BINS, 0), np.float32), cache_source=np.zeros(0, np.float32),
+                           cache_speech=np.zeros(0, np.float32))
+            else:
+                out.update(cache_mel=cache.mel, cache_source=cache.source, cache_speech=cache.speech)
+        return out
+
+    def _run(self, items: list[dict]) -> list:
+        calls: list[_ChunkCall | Exception] = []
+        for t in items:
+            try:
+                calls.append(self._parse(t))
+            except Exception as exc:  # noqa: BLE001 - a bad call answers only itself
+                calls.append(exc)
+        good = [c for c in calls if not isinstance(c, Exception)]
+        if self.runner is not None:
+            from cosyvoice_token2wav.runner import ChunkRequest
+
+            batch = self.runner.run_chunks(
+                [ChunkRequest(tokens=c.tokens, prompt_tokens=c.prompt_tokens, prompt_feat=c.prompt_feat,
+                              embedding=c.embedding, token_offset=c.token_offset, finalize=c.finalize,
+                              streaming=c.streaming, cache=c.cache) for c in good],
+                output_device=self.device)   # caches stay on the device; the waveform is copied once
+            done = {id(c): (r.error if r.error is not None else (r.waveform, r.cache))
+                    for c, r in zip(good, batch, strict=True)}
+        else:
+            done = {}
+            for c in good:
+                try:
+                    done[id(c)] = self._one(c)
+                except Exception as exc:  # noqa: BLE001
+                    done[id(c)] = exc
+        out = []
+        for c in calls:
+            result = c if isinstance(c, Exception) else done[id(c)]
+            out.append(result if isinstance(result, Exception) else self._outputs(c, *result))
+        return out
+
+
+class LocalLLM(LocalStage):
+    """LLMEngine in this process; engine callbacks (engine thread) -> per-request asyncio queues."""
+
+    name = "llm"
+
+    def __init__(self, model_dir: Path, device: str, dtype: torch.dtype, max_batch_slots: int,
+                 max_seq_len: int = _LLM_MAX_SEQ_LEN, recorder: _Recorder | None = None) -> None:
+        from cosyvoice_llm.engine import EngineConfig, LLMEngine
+        from cosyvoice_llm.model import load_llm
+
+        super().__init__(recorder)
+        model = load_llm(model_dir, device, dtype)
+        self.engine = LLMEngine(model, EngineConfig(max_batch_slots=max_batch_slots, max_seq_len=max_seq_len,
+                                                    use_cuda_graphs=str(device).startswith("cuda")))
+        self.engine.start()
+        self._ids = itertools.count()
+
+    @staticmethod
+    def _scalar(tensors: Mapping[str, np.ndarray], name: str, default=None):
+        if name not in tensors:
+            return default
+        values = np.asarray(tensors[name]).reshape(-1)
+        if values.size != 1:
+            raise InvalidRequestError(f"{name} must hold one value, got {values.size}")
+        return values[0].item()
+
+    def _request(self, tensors: Mapping[str, np.ndarray], request_id: str):
+        """TensorRT-LLM tensor semantics, as the `llm` Triton model reads them."""
+        from cosyvoice_llm.engine import LLMRequest
+        from cosyvoice_llm.sampling import SamplingParams
+
+        ids = np.asarray(tensors["input_ids"]).reshape(-1)
+        length = int(self._scalar(tensors, "input_lengths", ids.shape[0]))
+        if not 0 < length <= ids.shape[0]:
+            raise InvalidRequestError(f"input_lengths={length} outside [1, {ids.shape[0]}]")
+        top_k = int(self._scalar(tensors, "runtime_top_k", 0))
+        top_p = float(self._scalar(tensors, "runtime_top_p", 0.0))
+        temperature = float(self._scalar(tensors, "temperature", 1.0))
+        defaults = SamplingParams()
+        sampling = SamplingParams(top_p=top_p if top_p > 0 else defaults.top_p,
+                                  top_k=top_k if top_k > 0 else defaults.top_k,
+                                  win_size=defaults.win_size, tau_r=defaults.tau_r,
+                                  temperature=temperature if temperature > 0 else 1.0)
+        if top_k == 1:
+            sampling = SamplingParams.greedy()
+        return LLMRequest(request_id=request_id, input_ids=tuple(int(t) for t in ids[:length]),
+                          max_new_tokens=int(self._scalar(tensors, "request_output_len")),
+                          min_new_tokens=int(self._scalar(tensors, "min_length", 0)),
+                          sampling=sampling, seed=int(self._scalar(tensors, "random_seed", 0)))
+
+    async def stream(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = "",
+                     timing: CallTiming | None = None) -> AsyncIterator[dict[str, np.ndarray]]:
+        from cosyvoice_llm.engine import FinishReason
+
+        timing = timing if timing is not None else CallTiming()
+        self._record(tensors)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        engine_id = f"{request_id or 'llm'}#{next(self._ids)}"
+        start = time.perf_counter()
+        finished = False
+        try:
+            try:
+                self.engine.submit(self._request(tensors, engine_id),
+                                   lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+            except InvalidRequestError as exc:
+                raise StageError(self.name, f"InvalidRequestError: {exc}", invalid=True) from exc
+            while True:
+                out = await queue.get()
+                if out.finished:
+                    finished = True
+                    if out.finish_reason is FinishReason.ERROR:
+                        raise StageError(self.name, out.error or "llm failed")
+                if out.tokens:
+                    flat = np.asarray(out.tokens, np.int32).reshape(1, -1) + np.int32(SPEECH_ID_OFFSET)
+                    yield {"output_ids": flat, "sequence_length": np.array([flat.shape[1]], np.int32)}
+                if finished:
+                    return
+        finally:
+            timing.compute_ms += (time.perf_counter() - start) * MS_PER_S
+            if not finished:
+                self.engine.cancel(engine_id)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.engine.stop)
+
+
+# --- prompt cache ----------------------------------------------------------------------------------------
+class MemorySpk2Info(Spk2InfoCache):
+    """Spk2InfoCache in a dict: the same keys and interface, no Redis (engine-only benchmark)."""
+
+    def __init__(self, model_revision: str) -> None:
+        super().__init__(Spk2InfoConfig(url="", model_revision=model_revision))
+        self._prompts: dict[str, PromptFeatures] = {}
+        self._speakers: dict[str, PromptFeatures] = {}
+
+    async def get(self, key: str) -> PromptFeatures | None:
+        return self._prompts.get(key)
+
+    async def put(self, key: str, features: PromptFeatures) -> bool:
+        self._prompts[key] = features
+        return True
+
+    async def register_speaker(self, name: str, features: PromptFeatures) -> SpeakerInfo:
+        self._speakers[name] = features
+        return SpeakerInfo(name, features.prompt_text, int(features.speech_codes.shape[0]), features.prompt_seconds)
+
+    async def get_speaker(self, name: str) -> PromptFeatures | None:
+        return self._speakers.get(name)
+
+    async def list_speakers(self) -> list[SpeakerInfo]:
+        return [SpeakerInfo(n, f.prompt_text, int(f.speech_codes.shape[0]), f.prompt_seconds)
+                for n, f in sorted(self._speakers.items())]
+
+    async def delete_speaker(self, name: str) -> bool:
+        return self._speakers.pop(name, None) is not None
+
+
+# --- the pipeline ------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class LocalConfig:
+    model_dir: Path
+    device: str = "cpu"
+    max_batch: int = DEFAULT_MAX_BATCH          # token2wav / tokenizer / speaker batch, LLM slots (>= 32 on cuda)
+    llm_dtype: str = "auto"                     # auto: bfloat16 on cuda, float32 on cpu (the stack's rule)
+    token2wav_dtype: str = "float32"
+    tokenizer_backend: str = "onnx"
+    speaker_backend: str = "onnx"
+    redis_url: str = ""                         # "" = in-memory prompt cache
+    record_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        for name in (self.token2wav_dtype, self.llm_dtype):
+            if name != "auto" and name not in _LLM_DTYPES:
+                raise ValueError(f"dtype must be auto or one of {list(_LLM_DTYPES)}, got {name!r}")
+
+    def dtype(self, name: str) -> torch.dtype:
+        if name == "auto":
+            name = "bfloat16" if self.device.startswith("cuda") else "float32"
+        return _LLM_DTYPES[name]
+
+
+class LocalPipeline:
+    def __init__(self, config: LocalConfig, pipeline: Pipeline, stages: Stages) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.stages = stages
+
+    @classmethod
+    def create(cls, model_dir: str | Path, device: str = "cpu", **options) -> "LocalPipeline":
+        from cosyvoice_gateway.server import load_text_encoder, model_revision
+
+        config = LocalConfig(Path(model_dir), str(device), **options)
+        max_slots = max(config.max_batch, 32 if config.device.startswith("cuda") else config.max_batch)
+        recorder = _Recorder(config.record_dir) if config.record_dir else None
+        d = config.device
+        stages = Stages(
+            tokenizer=LocalTokenizer(config.model_dir, d, config.tokenizer_backend, config.max_batch, recorder),
+            speaker=LocalSpeaker(config.model_dir, d, config.speaker_backend, config.max_batch, recorder),
+            llm=LocalLLM(config.model_dir, d, config.dtype(config.llm_dtype), max_slots, recorder=recorder),
+            token2wav=LocalToken2Wav(config.model_dir, d, config.dtype(config.token2wav_dtype),
+                                     config.max_batch, recorder))
+        revision = model_revision(config.model_dir)
+        cache = (Spk2InfoCache(Spk2InfoConfig(url=config.redis_url, model_revision=revision))
+                 if config.redis_url else MemorySpk2Info(revision))
+        pipeline = Pipeline(PipelineConfig(), stages, cache, load_text_encoder(config.model_dir))
+        return cls(config, pipeline, stages)
+
+    async def synthesize(self, request: SynthesisRequest, streaming: bool = True
+                         ) -> tuple[list[np.ndarray], StageTimings]:
+        """One request through the pipeline; returns the chunks (one for offline) and the timings."""
+        timings = StageTimings()
+        prepared = await self.pipeline.prepare(request, timings)
+        if streaming:
+            chunks = [wav async for wav in self.pipeline.stream(prepared, timings)]
+        else:
+            chunks = [await self.pipeline.synthesize(prepared, timings)]
+        return chunks, timings
+
+    async def bench_request(self, item, mode: str):
+        """`cosyvoice_tools.bench` driver call: the same RequestResult fields as its gRPC driver."""
+        from cosyvoice_tools.bench import STAGES, RequestResult
+
+        result = RequestResult(item.item_id, ok=False)
+        request = SynthesisRequest(text=item.target_text, prompt_audio=item.prompt_audio,
+                                   prompt_text=item.prompt_text, request_id=f"bench-{item.item_id}",
+                                   min_speech_tokens=item.speech_tokens, max_speech_tokens=item.speech_tokens,
+                                   skip_cache=(mode == "stream"))
+        start = time.perf_counter()
+        timings = StageTimings()
+        samples = 0
+        try:
+            prepared = await self.pipeline.prepare(request, timings)
+            if mode == "offline":
+                wav = await self.pipeline.synthesize(prepared, timings)
+                result.total_s = result.first_chunk_s = time.perf_counter() - start
+                samples = result.first_chunk_samples = wav.shape[0]
+                result.chunks = 1
+            else:
+                async for wav in self.pipeline.stream(prepared, timings):
+                    if result.chunks == 0:
+                        result.first_chunk_s = time.perf_counter() - start
+                        result.first_chunk_samples = wav.shape[0]
+                    result.chunks += 1
+                    samples += wav.shape[0]
+                result.total_s = time.perf_counter() - start
+            result.audio_s = samples / OUTPUT_SAMPLE_RATE_HZ
+            result.ok = samples > 0
+            result.error = "" if result.ok else "no audio"
+        except Exception as exc:  # noqa: BLE001 - a failed request is a row in the table
+            result.error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+        result.cache_hit = timings.cache_hit
+        for stage in STAGES:
+            t = getattr(timings, stage)
+            result.stage_ms[f"{stage}.queue"] = t.queue_ms
+            result.stage_ms[f"{stage}.compute"] = t.compute_ms
+        return result
+
+    async def close(self) -> None:
+        await self.pipeline.close()
+        await self.stages.close()
+        await self.pipeline.cache.close()
