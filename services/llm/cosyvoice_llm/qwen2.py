@@ -9,6 +9,13 @@ One `forward` serves both phases:
 * batched decode: `inputs_embeds [B, 1, H]`, `positions [B, 1]` (each slot's current length), `slot_ids [B]`.
 A query at position p in slot s attends to cache entries 0..p of slot s, so slots with different lengths share one
 static-shaped step (no `.item()`, no data-dependent branching) that can be captured in a CUDA graph.
+
+Speed paths (same function, fewer kernels; see docs in services/llm/README or tools/gpu/llm_speed.py):
+* `Qwen2Model.fuse_projections()` concatenates q/k/v and gate/up weights into one matrix each and rebinds the
+  original parameters as views into it (state_dict keys and memory unchanged; re-fused after `.to()`).
+* `kv_len` reads only cache positions [0, kv_len) (the caller guarantees every live query position < kv_len), so a
+  step costs attention over the live prefix, not the whole preallocated `max_seq_len`.
+* `fresh=True` (prefill from position 0): causal attention over the new keys only, the cache is just written.
 """
 from __future__ import annotations
 
@@ -90,10 +97,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics as the reference does, even when the model runs in half precision.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # fp32 statistics as the reference does, even when the model runs in half precision: F.rms_norm computes
+        # in fp32 (opmath) and rounds once to x's dtype, like `(x32 * rsqrt(mean(x32^2) + eps)).to(dtype)`.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +115,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """[-sin_lo, sin_hi]: `rotate_half(x) * sin == x.roll(D/2, -1) * signed_sin(sin)` (exactly, sign flips only)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x [..., D] with cos/sin_signed broadcastable: x * cos + rotate_half(x) * sin in three kernels."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+
+
 class KVCache(nn.Module):
     """Per-layer static cache [max_batch_slots, kv_heads, max_seq_len, head_dim], written by index."""
 
@@ -121,9 +138,9 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, slot_ids: torch.Tensor | slice, positions: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes k/v [B, Hkv, T, D] at `positions` [B, T] of `slot_ids` ([B] tensor, or a slice of B consecutive
-        slots); returns the slots' full caches [B, Hkv, max_seq_len, D]."""
+               v: torch.Tensor, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes k/v [B, T, Hkv, D] at `positions` [B, T] of `slot_ids` ([B] tensor, or a slice of B consecutive
+        slots); returns the slots' caches [B, Hkv, kv_len or max_seq_len, D] (views for a slice)."""
         if isinstance(slot_ids, slice):
             # Consecutive slots (the engine's decode step): read through a view, no gather copy of the cache.
             k_all, v_all = self.k_cache[slot_ids], self.v_cache[slot_ids]
@@ -132,14 +149,63 @@ class KVCache(nn.Module):
             k_all, v_all = self.k_cache, self.v_cache
             rows = slot_ids[:, None]
         # Advanced indices around a slice put the broadcast [B, T] dims first: target view is [B, T, Hkv, D].
-        k_all[rows, :, positions] = k.transpose(1, 2)
-        v_all[rows, :, positions] = v.transpose(1, 2)
-        if isinstance(slot_ids, slice):
-            return k_all, v_all
-        return self.k_cache[slot_ids], self.v_cache[slot_ids]
+        k_all[rows, :, positions] = k
+        v_all[rows, :, positions] = v
+        if not isinstance(slot_ids, slice):
+            k_all, v_all = self.k_cache[slot_ids], self.v_cache[slot_ids]
+        if kv_len is not None:
+            k_all, v_all = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
+        return k_all, v_all
 
 
-class Qwen2Attention(nn.Module):
+def _fuse_rows(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenates the linears' weights (and biases) along the output axis into one new tensor each and rebinds
+    every original parameter's `.data` as a view into it: one matrix product instead of several, no extra memory,
+    state_dict keys and in-place loading unchanged."""
+    weight = torch.cat([m.weight.detach() for m in linears], dim=0)
+    bias = None
+    if linears[0].bias is not None:
+        bias = torch.cat([m.bias.detach() for m in linears], dim=0)
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight.data = weight[start:start + rows]
+        if bias is not None:
+            m.bias.data = bias[start:start + rows]
+        start += rows
+    return weight, bias
+
+
+class _Fusable(nn.Module):
+    """A module whose projections can be fused; `_apply` (`.to()`, `.half()`, ...) converts parameters one by
+    one, which breaks the views, so it re-fuses afterwards."""
+
+    _fused_from: tuple[nn.Parameter, ...] | None = None
+
+    def _linears(self) -> tuple[nn.Linear, ...]:
+        raise NotImplementedError
+
+    def fuse_projections(self) -> None:
+        with torch.no_grad():
+            self._fused = _fuse_rows(*self._linears())
+        self._fused_from = tuple(m.weight for m in self._linears())
+
+    def _fused_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The fused (weight, bias) while they still alias the parameters (a `load_state_dict(assign=True)` swaps
+        parameter objects: then the plain path runs)."""
+        src = self._fused_from
+        if src is None or any(a is not m.weight for a, m in zip(src, self._linears())):
+            return None
+        return self._fused
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if self._fused_from is not None:
+            self.fuse_projections()
+        return out
+
+
+class Qwen2Attention(_Fusable):
     def __init__(self, cfg: Qwen2Config) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -151,44 +217,62 @@ class Qwen2Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                slot_ids: torch.Tensor | slice | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def _linears(self) -> tuple[nn.Linear, ...]:
+        return (self.q_proj, self.k_proj, self.v_proj)
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self._fused_weights()
+        if fused is not None:
+            return F.linear(x, *fused)
+        return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, positions: torch.Tensor,
+                slot_ids: torch.Tensor | slice | None, attn_mask: torch.Tensor | None, kv_len: int | None = None,
+                fresh: bool = False) -> torch.Tensor:
+        """cos/sin_signed [B, T, 1, D] in x's dtype; attn_mask: additive [B, 1, group * T, L] (see Qwen2Model)."""
         bsz, seq_len, _ = x.shape
-        q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        # cos/sin: [B, 1, T, D], already in the activation dtype.
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self._qkv(x).view(bsz, seq_len, heads + 2 * kv_heads, dim)
+        # RoPE once over q and k together ([B, T, H + Hkv, D]); v passes through.
+        qk = apply_rope(qkv[:, :, :heads + kv_heads], cos, sin_signed)
+        q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
+        group = heads // kv_heads
         if self.kv_cache is not None and slot_ids is not None:
-            k, v = self.kv_cache.update(slot_ids, positions, k, v)
-        # GQA: each KV head serves `group` consecutive query heads.
-        group = self.num_heads // self.num_kv_heads
-        if attn_mask is None:
-            if group > 1:
-                k = k.repeat_interleave(group, dim=1)
-                v = v.repeat_interleave(group, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq_len > 1)
+            k_all, v_all = self.kv_cache.update(slot_ids, positions, k, v, kv_len)
+        if attn_mask is None or fresh:
+            # Cache-free or prefill from position 0: causal attention over the new keys only.
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq_len > 1, enable_gqa=group > 1)
+            out = out.transpose(1, 2)
         else:
-            # Fold each KV head's query heads into the query-length axis instead of copying the (max_seq_len long)
-            # cache `group` times: q [B, H, T, D] -> [B, Hkv, group*T, D]; the mask repeats per head of the group.
-            q = q.reshape(bsz, self.num_kv_heads, group * seq_len, self.head_dim)
-            mask = attn_mask.expand(bsz, group, seq_len, attn_mask.shape[-1])
-            mask = mask.reshape(bsz, 1, group * seq_len, attn_mask.shape[-1])
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            out = out.reshape(bsz, self.num_heads, seq_len, self.head_dim)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.head_dim))
+            # Fold each KV head's query heads into the query-length axis instead of copying the cache `group`
+            # times: q [B, T, H, D] -> [B, Hkv, group*T, D] (a free view when T == 1, the decode step).
+            if seq_len == 1:
+                qg = q.view(bsz, kv_heads, group, dim)
+            else:
+                qg = q.transpose(1, 2).reshape(bsz, kv_heads, group * seq_len, dim)
+            out = F.scaled_dot_product_attention(qg, k_all, v_all, attn_mask=attn_mask)
+            if seq_len > 1:
+                out = out.reshape(bsz, heads, seq_len, dim).transpose(1, 2)
+        return self.o_proj(out.reshape(bsz, seq_len, heads * dim))
 
 
-class Qwen2MLP(nn.Module):
+class Qwen2MLP(_Fusable):
     def __init__(self, cfg: Qwen2Config) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    def _linears(self) -> tuple[nn.Linear, ...]:
+        return (self.gate_proj, self.up_proj)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        fused = self._fused_weights()
+        if fused is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, fused[0]).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -199,9 +283,11 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                slot_ids: torch.Tensor | slice | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, slot_ids, attn_mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, positions: torch.Tensor,
+                slot_ids: torch.Tensor | slice | None, attn_mask: torch.Tensor | None, kv_len: int | None = None,
+                fresh: bool = False) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin_signed, positions, slot_ids, attn_mask, kv_len,
+                               fresh)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -241,32 +327,62 @@ class Qwen2Model(nn.Module):
         self.max_batch_slots = max_batch_slots
         self.max_seq_len = max_seq_len
 
-    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
-                slot_ids: torch.Tensor | slice | None = None) -> torch.Tensor:
-        """inputs_embeds [B, T, H], positions [B, T] (int64) -> hidden after the final norm [B, T, H].
+    def fuse_projections(self) -> None:
+        """Fused q/k/v and gate/up matrices for every layer (idempotent; see `_fuse_rows`). Call after loading."""
+        for layer in self.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
-        With `slot_ids` ([B] tensor, or a slice of B consecutive slots) the KV cache is read and written (caches must be set up). Without it the call is a
-        plain causal pass over the given tokens only (positions must then be 0..T-1), e.g. for teacher forcing.
-        """
-        needed = max(positions.shape[-1], self.max_seq_len)
-        if needed > self.rope_cos.shape[0] or self.rope_cos.device != inputs_embeds.device:
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = max(int(positions.shape[-1]), self.max_seq_len)
+        if needed > self.rope_cos.shape[0] or self.rope_cos.device != positions.device:
             # Host-side shape/device check only (no device sync); grows or moves the tables.
             cos, sin = rope_tables(self.config.head_dim, needed, self.config.rope_theta)
-            self.rope_cos, self.rope_sin = cos.to(inputs_embeds.device), sin.to(inputs_embeds.device)
+            self.rope_cos, self.rope_sin = cos.to(positions.device), sin.to(positions.device)
+        if getattr(self, "_rope_sin_signed", None) is None or self._rope_sin_signed.shape != self.rope_sin.shape \
+                or self._rope_sin_signed.device != self.rope_sin.device:
+            self._rope_sin_signed = signed_sin(self.rope_sin)
+        cos = self.rope_cos[positions].to(dtype)[:, :, None]   # [B, T, 1, D]
+        sin = self._rope_sin_signed[positions].to(dtype)[:, :, None]
+        return cos, sin
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
+                slot_ids: torch.Tensor | slice | None = None, kv_len: int | None = None,
+                fresh: bool = False) -> torch.Tensor:
+        """inputs_embeds [B, T, H], positions [B, T] (int64) -> hidden after the final norm [B, T, H].
+
+        With `slot_ids` ([B] tensor, or a slice of B consecutive slots) the KV cache is read and written (caches
+        must be set up). Without it the call is a plain causal pass over the given tokens only (positions must then
+        be 0..T-1), e.g. for teacher forcing. `kv_len` (cached calls): attend over cache positions [0, kv_len) only;
+        every query position must be < kv_len. `fresh` (cached calls, positions 0..T-1 in every row): write the
+        cache, attend causally over the new keys only (prefill; rows may be right-padded).
+        """
         dtype = inputs_embeds.dtype
-        cos = self.rope_cos[positions].to(dtype)[:, None]   # [B, 1, T, D]
-        sin = self.rope_sin[positions].to(dtype)[:, None]
+        cos, sin = self._rope(positions, dtype)
         attn_mask = None
         if slot_ids is not None:
             if self.max_seq_len == 0:
                 raise RuntimeError("setup_caches() must be called before a cached forward")
-            key_pos = torch.arange(self.max_seq_len, device=positions.device)
-            # [B, 1, T, max_seq_len]: key j is visible to the query at position p iff j <= p.
-            attn_mask = (key_pos[None, None, None, :] <= positions[:, None, :, None])
+            if kv_len is not None and not 0 < kv_len <= self.max_seq_len:
+                raise ValueError(f"kv_len {kv_len} must lie in (0, max_seq_len={self.max_seq_len}]")
+            if not fresh:
+                attn_mask = self._cache_mask(positions, kv_len or self.max_seq_len, dtype)
         h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, cos, sin, positions, slot_ids, attn_mask)
+            h = layer(h, cos, sin, positions, slot_ids, attn_mask, kv_len, fresh)
         return self.norm(h)
+
+    def _cache_mask(self, positions: torch.Tensor, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [B, 1, group * T, kv_len] shared by all layers: key j is visible to the query at position p
+        iff j <= p; rows repeat per query head of a KV group (queries are folded as [B, Hkv, group * T, D])."""
+        cfg = self.config
+        group = cfg.num_attention_heads // cfg.num_key_value_heads
+        bsz, seq_len = positions.shape
+        key_pos = torch.arange(kv_len, device=positions.device)
+        visible = key_pos[None, None, None, :] <= positions[:, None, :, None]          # [B, 1, T, L]
+        visible = visible.expand(bsz, group, seq_len, kv_len).reshape(bsz, 1, group * seq_len, kv_len)
+        zero = torch.zeros((), dtype=dtype, device=positions.device)
+        return torch.where(visible, zero, torch.full((), float("-inf"), dtype=dtype, device=positions.device))
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -281,6 +397,7 @@ class Qwen2ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
-                slot_ids: torch.Tensor | slice | None = None) -> torch.Tensor:
+                slot_ids: torch.Tensor | slice | None = None, kv_len: int | None = None,
+                fresh: bool = False) -> torch.Tensor:
         # The text lm_head is never needed by CosyVoice2 (speech logits come from llm_decoder): skip it.
-        return self.model(inputs_embeds, positions, slot_ids)
+        return self.model(inputs_embeds, positions, slot_ids, kv_len, fresh)
