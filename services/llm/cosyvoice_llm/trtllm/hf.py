@@ -19,14 +19,20 @@ def _hide_broken_torchvision() -> None:
     """transformers' model code imports torchvision whenever it is installed; where the installed build does not
     match torch (its C++ ops fail to register) that import raises. Qwen2 needs no torchvision, so mark it absent
     (`sys.modules[name] = None` makes find_spec report it missing and `import` raise ImportError)."""
-    if "torchvision" in sys.modules:
-        return
     try:
-        import torchvision  # noqa: F401
+        # What transformers imports; a half-initialised torchvision left by an earlier failed import can pass a
+        # bare `import torchvision` and still fail here.
+        import torchvision.transforms  # noqa: F401
     except Exception:   # RuntimeError "operator torchvision::nms does not exist", ImportError, ...
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]
         sys.modules["torchvision"] = None
+        # transformers caches its availability answer (lru_cache); forget one computed before the hiding.
+        from transformers.utils import import_utils
+        for name in ("is_torchvision_available", "is_torchvision_v2_available"):
+            cache_clear = getattr(getattr(import_utils, name, None), "cache_clear", None)
+            if cache_clear is not None:
+                cache_clear()
 
 
 def read_head_bias(hf_dir: str | Path) -> torch.Tensor:
