@@ -13,7 +13,7 @@ time python3 -m cosyvoice_tools.modelgen --size full --out "$MODEL_DIR" 2>&1 | t
 for s in TOKENIZER SPEAKER LLM TOKEN2WAV; do export ${s}_DEVICES=${DEVICES:-cuda:0}; done
 export TOKENIZER_BACKEND=${TOKENIZER_BACKEND:-torch} SPEAKER_BACKEND=${SPEAKER_BACKEND:-torch}
 export LLM_DTYPE=${LLM_DTYPE:-bfloat16} STACK_RUN_DIR=/tmp/run REDIS_PORT=6390
-python3 -m cosyvoice_tools.stack up || { tail -n 40 /tmp/run/logs/*.log; exit 1; }
+python3 -m cosyvoice_tools.stack up || { cp /tmp/run/logs/*.log "$OUTDIR/"; tail -n 30 /tmp/run/logs/gateway*.log; exit 1; }
 STATS=$(python3 -c "import json; s=json.load(open('/tmp/run/stack.json')); print(','.join(f\"127.0.0.1:{p['ports']['http']}\" for p in s['processes'] if p['kind'] == 'triton'))" 2>/dev/null || echo "")
 python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" --concurrency "${CONC:-1,2,4,8,16,32}" \
   --modes "${MODES:-stream,stream-cached,offline}" --limit "${LIMIT:-0}" --triton-stats "$STATS" \
