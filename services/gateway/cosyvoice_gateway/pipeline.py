@@ -55,6 +55,7 @@ SPEAKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _ZH_TERMINATORS = frozenset("。？！；：、.?!;")
 _EN_TERMINATORS = frozenset(".?!;:")
 _CLOSING_QUOTES = frozenset("\"”")
+_SEED_MODULUS = 1 << 63                  # the llm stage takes seeds in [0, 2^63)
 
 
 class RequestError(Exception):
@@ -252,6 +253,8 @@ class Pipeline:
             raise invalid("text is empty")
         if len(req.text) > self.config.max_text_chars:
             raise invalid(f"text is {len(req.text)} characters; the limit is {self.config.max_text_chars}")
+        if _only_punctuation(req.text):
+            raise invalid("text has nothing to speak: only punctuation, symbols or emoji")
         if not req.speaker_id and not req.prompt_audio:
             raise invalid("no voice: give speaker_id or prompt_audio")
         if req.speaker_id and req.prompt_audio:
@@ -266,8 +269,11 @@ class Pipeline:
             raise invalid(f"min_speech_tokens {lo} > max_speech_tokens {hi}")
         if max(lo, hi) > limit:
             raise invalid(f"speech token bound {max(lo, hi)} exceeds the limit {limit}")
-        if req.temperature < 0 or not 0 <= req.top_p <= 1 or req.top_k < 0:
+        # Written so that NaN fails too.
+        if not (0 <= req.temperature < float("inf") and 0 <= req.top_p <= 1 and req.top_k >= 0):
             raise invalid("sampling: temperature >= 0, 0 <= top_p <= 1, top_k >= 0 required")
+        if req.seed < 0:
+            raise invalid(f"sampling: seed must be >= 0 (0 = random), got {req.seed}")
 
     # --- prompt features ---------------------------------------------------------------------------
     async def _decode_prompt(self, audio: bytes) -> PromptAudio:
@@ -375,7 +381,7 @@ class Pipeline:
             min_tokens, max_tokens = speech_token_bounds(req, len(target_ids), self.config.max_speech_tokens)
             ids = [FLAT_SOS_ID, *prefix_ids, *target_ids, FLAT_TASK_ID]
             input_ids = np.concatenate([np.asarray(ids, np.int32), llm_prompt.astype(np.int32)])
-            segments.append(Segment(input_ids, min_tokens, max_tokens, base_seed + i))
+            segments.append(Segment(input_ids, min_tokens, max_tokens, (base_seed + i) % _SEED_MODULUS))
         return PreparedRequest(
             request_id=request_id,
             sample_rate_hz=req.sample_rate_hz or OUTPUT_SAMPLE_RATE_HZ,
