@@ -72,3 +72,25 @@ logs: ## tail the stack's logs (make logs FOLLOW=1 to follow)
 
 test: $(STAMP) ## the whole test suite (real tritonserver / redis / gateway processes)
 	$(PY) -m pytest -q
+
+# --- tensorrt-llm ---
+# The TensorRT-LLM path of the llm stage (services/llm/trtllm/README.md). trtllm-build needs a TensorRT-LLM machine
+# (PYTHON = its interpreter); trtllm-convert and trtllm-repo run anywhere.
+TRTLLM_DIR        ?= build/trtllm
+TRTLLM_DTYPE      ?= bfloat16
+TRTLLM_HF_DIR     ?= $(TRTLLM_DIR)/hf
+TRTLLM_ENGINE_DIR ?= $(TRTLLM_DIR)/engine-$(TRTLLM_DTYPE)
+TRTLLM_REPO       ?= $(TRTLLM_DIR)/model_repository
+TRTLLM_PYTHON     ?= python3
+
+.PHONY: trtllm-convert trtllm-build trtllm-repo
+
+trtllm-convert: $(STAMP) ## llm.pt -> HF Qwen2 checkpoint with the flat speech vocabulary (MODEL_DIR -> TRTLLM_HF_DIR)
+	$(PY) -m cosyvoice_llm.trtllm.convert --model-dir $(MODEL_DIR) --out $(TRTLLM_HF_DIR) --dtype $(TRTLLM_DTYPE)
+
+trtllm-build: ## TRTLLM_HF_DIR -> TensorRT-LLM engine TRTLLM_ENGINE_DIR (needs tensorrt_llm: TRTLLM_PYTHON)
+	PYTHON=$(TRTLLM_PYTHON) bash services/llm/trtllm/build_engine.sh --hf-dir $(TRTLLM_HF_DIR) \
+	  --engine-dir $(TRTLLM_ENGINE_DIR) --work-dir $(TRTLLM_DIR)/work --dtype $(TRTLLM_DTYPE)
+
+trtllm-repo: $(STAMP) ## Triton repository serving TRTLLM_ENGINE_DIR as model `llm` (tensorrtllm backend) in TRTLLM_REPO
+	$(PY) -m cosyvoice_llm.trtllm.repo --engine-dir $(abspath $(TRTLLM_ENGINE_DIR)) --out $(TRTLLM_REPO)
