@@ -208,21 +208,27 @@ async def run_level(driver, items: list[WorkItem], mode: str, concurrency: int, 
     return summarize(mode, concurrency, results, time.perf_counter() - start)
 
 
+_TRITON_ZERO = {"count": 0, "queue_ns": 0, "input_ns": 0, "compute_ns": 0, "output_ns": 0, "exec": 0}
+
+
 def triton_stats(urls: list[str]) -> dict:
-    """Per-model queue/compute totals from each stage server's statistics API (HTTP port)."""
+    """Per-model queue/compute totals from each stage server's statistics API (HTTP port), summed over
+    replicas. For the decoupled `llm` model, compute covers execute() (enqueue) only, not generation."""
     out = {}
     for url in urls:
         try:
-            with urllib.request.urlopen(f"http://{url}/v2/models/stats", timeout=5) as resp:
+            with urllib.request.urlopen(f"http://{url.removeprefix('http://')}/v2/models/stats", timeout=5) as resp:
                 stats = json.load(resp)
         except OSError:
             continue
         for model in stats.get("model_stats", []):
             inf = model["inference_stats"]
-            entry = out.setdefault(model["name"], {"count": 0, "queue_ns": 0, "compute_ns": 0, "exec": 0})
+            entry = out.setdefault(model["name"], dict(_TRITON_ZERO))
             entry["count"] += int(inf["success"]["count"])
             entry["queue_ns"] += int(inf["queue"]["ns"])
+            entry["input_ns"] += int(inf["compute_input"]["ns"])
             entry["compute_ns"] += int(inf["compute_infer"]["ns"])
+            entry["output_ns"] += int(inf["compute_output"]["ns"])
             entry["exec"] += int(model.get("execution_count", 0))
     return out
 
@@ -230,11 +236,13 @@ def triton_stats(urls: list[str]) -> dict:
 def stats_delta(before: dict, after: dict) -> dict:
     rows = {}
     for name, a in after.items():
-        b = before.get(name, {"count": 0, "queue_ns": 0, "compute_ns": 0, "exec": 0})
+        b = before.get(name, _TRITON_ZERO)
         n = a["count"] - b["count"]
         if n > 0:
             rows[name] = {"requests": n, "avg_queue_ms": (a["queue_ns"] - b["queue_ns"]) / n / 1e6,
+                          "avg_input_ms": (a["input_ns"] - b["input_ns"]) / n / 1e6,
                           "avg_compute_ms": (a["compute_ns"] - b["compute_ns"]) / n / 1e6,
+                          "avg_output_ms": (a["output_ns"] - b["output_ns"]) / n / 1e6,
                           "avg_batch": n / max(1, a["exec"] - b["exec"])}
     return rows
 
@@ -260,6 +268,17 @@ def format_tables(rows: list[dict], title: str) -> str:
             cells = [f"{s.get(st + '.queue', 0):.1f} + {s.get(st + '.compute', 0):.1f}" for st in STAGES]
             lines.append(f"| {r['concurrency']} | " + " | ".join(cells) + " |")
         lines.append("")
+        if any(r.get("triton") for r in mode_rows):
+            lines += ["Per-stage Triton statistics (server side, per request: queue / input + infer + output ms, "
+                      "avg batch):", "",
+                      "| c | model | requests | queue | input + infer + output | avg batch |",
+                      "|---|---|---|---|---|---|"]
+            for r in mode_rows:
+                for name, t in sorted(r.get("triton", {}).items()):
+                    lines.append(f"| {r['concurrency']} | {name} | {t['requests']} | {t['avg_queue_ms']:.1f} | "
+                                 f"{t.get('avg_input_ms', 0):.1f} + {t['avg_compute_ms']:.1f} + "
+                                 f"{t.get('avg_output_ms', 0):.1f} | {t['avg_batch']:.2f} |")
+            lines.append("")
     return "\n".join(lines)
 
 
