@@ -94,3 +94,44 @@ trtllm-build: ## TRTLLM_HF_DIR -> TensorRT-LLM engine TRTLLM_ENGINE_DIR (needs t
 
 trtllm-repo: $(STAMP) ## Triton repository serving TRTLLM_ENGINE_DIR as model `llm` (tensorrtllm backend) in TRTLLM_REPO
 	$(PY) -m cosyvoice_llm.trtllm.repo --engine-dir $(abspath $(TRTLLM_ENGINE_DIR)) --out $(TRTLLM_REPO)
+
+# --- bench + profile ---
+# make bench: the whole stack (`make up` first); make bench ENGINE_ONLY=1: the in-process pipeline (no servers).
+BENCH_MANIFEST    ?= ../shared/bench/seedtts-like/manifest.jsonl
+BENCH_CONCURRENCY ?= 1,2,4,8,16,32
+BENCH_MODES       ?= stream,stream-cached,offline
+BENCH_DEVICE      ?= cuda
+BENCH_LABEL       ?= $(MODEL_SIZE)
+BENCH_ARGS        ?=
+BENCH_OUT         ?= bench_results/$(if $(ENGINE_ONLY),engine,stack)-$(BENCH_LABEL)-$(shell date +%Y%m%d-%H%M%S).json
+STACK_RUN_DIR     ?= run
+STAGE             ?= token2wav
+STAGE_INPUTS      ?= bench_results/stage_inputs/$(MODEL_SIZE)
+STAGE_CONCURRENCY ?= 4
+STAGE_DURATION_S  ?= 20
+STAGE_DEVICE      ?= cpu
+WATCH             ?=
+
+.PHONY: stage-load
+
+bench: $(STAMP) ## benchmark (BRIEF section 4) -> bench_results/*.json; ENGINE_ONLY=1 for the in-process line
+ifdef ENGINE_ONLY
+	$(PY) -m cosyvoice_tools.bench --engine-only --model-dir $(MODEL_DIR) --device $(BENCH_DEVICE) \
+		--manifest $(BENCH_MANIFEST) --concurrency $(BENCH_CONCURRENCY) --modes $(BENCH_MODES) \
+		--label "$(BENCH_LABEL)" --out $(BENCH_OUT) $(BENCH_ARGS)
+else
+	$(PY) -m cosyvoice_tools.bench \
+		--addr $$($(PY) -m cosyvoice_tools.profile --run-dir $(STACK_RUN_DIR) --print-addresses gateway-grpc) \
+		--triton-stats $$($(PY) -m cosyvoice_tools.profile --run-dir $(STACK_RUN_DIR) --print-addresses stage-http) \
+		--manifest $(BENCH_MANIFEST) --concurrency $(BENCH_CONCURRENCY) --modes $(BENCH_MODES) \
+		--label "$(BENCH_LABEL)" --out $(BENCH_OUT) $(BENCH_ARGS)
+endif
+
+profile: $(STAMP) ## per-stage table of the running stack (gateway histograms + Triton stats); WATCH=2 refreshes
+	$(PY) -m cosyvoice_tools.profile --run-dir $(STACK_RUN_DIR) $(if $(WATCH),--watch $(WATCH),)
+
+stage-load: $(STAMP) ## load one stage server alone with recorded inputs: STAGE=token2wav STAGE_CONCURRENCY=4 STAGE_DURATION_S=20
+	test -d $(STAGE_INPUTS)/$(STAGE) || $(PY) -m cosyvoice_tools.stage_load record --model-dir $(MODEL_DIR) \
+		--device $(STAGE_DEVICE) --out $(STAGE_INPUTS)
+	$(PY) -m cosyvoice_tools.stage_load run --stage $(STAGE) --inputs $(STAGE_INPUTS) --run-dir $(STACK_RUN_DIR) \
+		--concurrency $(STAGE_CONCURRENCY) --duration-s $(STAGE_DURATION_S)
