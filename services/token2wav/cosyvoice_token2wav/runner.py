@@ -1,0 +1,651 @@
+"""Token2WavRunner: many token2wav chunk calls (streaming and offline mixed) as one padded batch.
+
+Each :class:`ChunkRequest` means exactly what one ``Token2Wav.chunk`` call means (spec 7.2) and its
+:class:`ChunkResult` holds the same waveform and next :class:`VocoderCache`. Rows of different lengths
+share one batch without changing any row's output:
+
+- flow encoder: tokens right-padded; the pre-look-ahead conv sees, after each row's tokens, its own 3
+  look-ahead embeddings (non-final) or zeros (final), as the unbatched call does; attention keys past a
+  row's length are masked (rel-pos scores depend only on i - j, so padding leaves them alone); the
+  up-sampler and all other convs are causal. Streaming rows add the block-causal chunk mask, per row.
+- CFM: 2B estimator rows with a frame mask (the estimator is causal/per-frame apart from masked
+  attention); the Euler state stays float32 whatever the estimator dtype.
+- HiFT (not causal): every conv input is zeroed past the row's valid length (what the unpadded call's
+  zero padding gives), the STFT reflects each row at its own end, the phase is held at the row's last
+  frame before the linear up-sampling, and the iSTFT overlap-adds only the row's frames and divides by
+  the row's own window envelope.
+
+Weights are converted once at load (HiFT weight norm folded; flow cast to the fast dtype; estimator
+q/k/v fused; each resnet's time bias per Euler step precomputed). With ``use_cuda_graphs`` the whole
+flow (encoder + 10 Euler steps) is one CUDA graph per (batch bucket, token bucket) and HiFT one per
+(batch bucket, mel-frame bucket), replayed from static buffers. Per call: one upload per input kind,
+per-request source-noise draws (each request's own generator), one download of all outputs.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cosyvoice_common.constants import (
+    HIFT_MEL_CACHE_FRAMES,
+    MEL_BINS,
+    PRE_LOOKAHEAD_TOKENS,
+    SPEAKER_EMBEDDING_DIM,
+)
+
+from .flow import CausalMaskedDiffWithXvec
+from .graphs import GraphCache
+from .hift import POST_LRELU_SLOPE, ISTFT_MAX_MAGNITUDE, HiFTGenerator
+from .token2wav import Token2WavConfig, VocoderCache
+
+# (upper bound, step) pairs: a length is rounded up to a multiple of the step of the first bound it fits.
+TOKEN_BUCKETS = ((128, 16), (256, 32), (512, 64), (1 << 30, 128))
+MEL_FRAME_BUCKETS = ((128, 16), (256, 32), (512, 64), (1 << 30, 128))
+# Graphs are captured up to these sizes; longer calls run eagerly (same results).
+MAX_GRAPH_TOKENS = 1024
+MAX_GRAPH_MEL_FRAMES = 2048
+_ISTFT_MIN_ENVELOPE = 1e-11   # torch.istft's own validity bound on the window envelope
+
+# meta columns (int64 per row)
+_M_TENC, _M_NVALID, _M_STREAM, _M_START, _M_CACHE, _M_MEL = range(6)
+_META_COLS = 6
+
+
+class ChunkRequestError(ValueError):
+    """A request that cannot be run (answers only that request)."""
+
+
+@dataclass(slots=True)
+class ChunkRequest:
+    """One ``Token2Wav.chunk`` call. Tensors may be on any device (CPU expected: what Triton hands over)."""
+    tokens: torch.Tensor              # [1, T] speech codes, the whole prefix
+    prompt_tokens: torch.Tensor       # [1, Tp]
+    prompt_feat: torch.Tensor         # [1, Fp, 80]
+    embedding: torch.Tensor           # [1, 192]
+    token_offset: int = 0
+    finalize: bool = True
+    streaming: bool = False
+    cache: VocoderCache | None = None
+    generator: torch.Generator | None = None   # HiFT source noise; else `seed`; else the global RNG
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class ChunkResult:
+    waveform: torch.Tensor | None         # [1, N] float32
+    cache: VocoderCache | None            # for the next chunk; None after the final one (or on error)
+    error: Exception | None = None
+    mel: torch.Tensor | None = None       # [1, 80, F] this chunk's new flow mel (only with keep_mel)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Host-side sizes of one request."""
+    index: int
+    ids: torch.Tensor          # [N] int64 prompt + target codes
+    t_enc: int                 # encoder frames before up-sampling (N, or N - look-ahead when not final)
+    prompt_frames: int
+    start_frame: int           # first flow frame of this chunk's new mel (prompt + offset)
+    cache_frames: int          # 0 or HIFT_MEL_CACHE_FRAMES
+    mel_frames: int            # HiFT input frames (cache + new)
+    new_frames: int
+    finalize: bool
+    streaming: bool
+
+
+@dataclass(slots=True)
+class _Staged:
+    """A group's padded inputs (host or device)."""
+    ids: torch.Tensor
+    meta: torch.Tensor
+    cond: torch.Tensor
+    embedding: torch.Tensor
+    cache_mel: torch.Tensor
+    cache_source: torch.Tensor
+    cache_speech: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+
+def bucket(n: int, table: tuple[tuple[int, int], ...]) -> int:
+    for bound, step in table:
+        if n <= bound:
+            return max(step, math.ceil(n / step) * step)
+    raise ValueError(n)
+
+
+def batch_bucket(n: int, max_batch: int) -> int:
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, max_batch)
+
+
+class Token2WavRunner:
+    """Batched, graph-captured token2wav. ``run_chunks`` is the only call a server needs."""
+
+    def __init__(self, model: str | Path | tuple[CausalMaskedDiffWithXvec, HiFTGenerator],
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 use_cuda_graphs: bool = False, max_batch: int = 16, hift_dtype: torch.dtype = torch.float32,
+                 config: Token2WavConfig = Token2WavConfig()) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if use_cuda_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.dtype = dtype
+        self.hift_dtype = hift_dtype
+        self.use_cuda_graphs = use_cuda_graphs
+        self.max_batch = max_batch
+        self.config = config
+        if isinstance(model, (str, Path)):
+            from .flow import load_flow
+            from .hift import load_hift
+            flow, hift = load_flow(model, "cpu", torch.float32), load_hift(model, "cpu", fold=True)
+            owned = True
+        else:
+            flow, hift = model
+            owned = False
+        self.flow = self._prepare_flow(flow, owned)
+        self.hift = self._prepare_hift(hift, owned)
+        if self.hift.cfg.samples_per_frame != config.samples_per_frame:
+            raise ValueError("HiFT samples per frame differ from the token2wav config")
+        self._lookahead = self.flow.cfg.pre_lookahead_len_tokens
+        self._ratio = self.flow.cfg.token_mel_ratio
+        self._n_cache = config.source_cache_samples
+        window = torch.from_numpy(np.hamming(2 * self._n_cache))
+        self._fade_in = window[:self._n_cache].to(self.device)
+        self._fade_out = window[self._n_cache:].to(self.device)
+        self._chunk_masks: dict[tuple[int, int], torch.Tensor] = {}
+        self._aranges: dict[int, torch.Tensor] = {}
+        self._flow_graphs = GraphCache()
+        self._hift_graphs = GraphCache()
+        self._pinned: dict[tuple, _Staged] = {}
+
+    # ------------------------------------------------------------------------------------------------
+    # load-time conversion
+    # ------------------------------------------------------------------------------------------------
+    def _prepare_flow(self, flow: CausalMaskedDiffWithXvec, owned: bool) -> CausalMaskedDiffWithXvec:
+        flow = flow.eval()
+        noise = flow.decoder.rand_noise.detach().float()
+        if not owned and (next(flow.parameters()).dtype != self.dtype or next(flow.parameters()).device != self.device):
+            flow = copy.deepcopy(flow)
+        flow = flow.to(device=self.device, dtype=self.dtype).requires_grad_(False)
+        self._noise = noise.to(self.device)                                  # [1, 80, frames] float32
+        cfm = flow.decoder
+        est = cfm.estimator
+        t_sched, dt_sched = cfm.t_schedule(cfm.cfg.n_timesteps, self.device, torch.float32)
+        self._dt = [float(v) for v in dt_sched.cpu()]                         # Python floats: baked into graphs
+        self._n_steps = cfm.cfg.n_timesteps
+        self._cfg_guided = 1.0 + cfm.cfg.inference_cfg_rate
+        self._cfg_unguided = cfm.cfg.inference_cfg_rate
+        with torch.inference_mode():
+            # The time embedding is the same for every row: its MLP, and each resnet's projection of it,
+            # are per-step constants.
+            temb = est.time_mlp(est.time_embeddings(t_sched).to(self.dtype))   # [steps, temb]
+            resnets = [est.down_blocks[0][0], *[m[0] for m in est.mid_blocks], est.up_blocks[0][0]]
+            self._time_bias = {id(r): r.mlp(temb).unsqueeze(-1).contiguous() for r in resnets}  # [steps, C, 1]
+            self._qkv = {}
+            for module in est.modules():
+                if module.__class__.__name__ == "Attention":
+                    self._qkv[id(module)] = torch.cat([module.to_q.weight, module.to_k.weight,
+                                                       module.to_v.weight], dim=0).contiguous()
+        return flow
+
+    def _prepare_hift(self, hift: HiFTGenerator, owned: bool) -> HiFTGenerator:
+        from torch.nn.utils import parametrize
+        needs_fold = any(parametrize.is_parametrized(m, "weight") for m in hift.modules())
+        moved = next(hift.parameters()).device != self.device or next(hift.parameters()).dtype != self.hift_dtype
+        if not owned and (needs_fold or moved):
+            hift = copy.deepcopy(hift)
+        if needs_fold:
+            hift.fold_weight_norm()
+        return hift.to(device=self.device, dtype=self.hift_dtype).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------------
+    # small cached constants (filled eagerly before any graph capture)
+    # ------------------------------------------------------------------------------------------------
+    def _arange(self, n: int) -> torch.Tensor:
+        a = self._aranges.get(n)
+        if a is None:
+            a = torch.arange(n, device=self.device)
+            self._aranges[n] = a
+        return a
+
+    def _chunk_mask(self, length: int, chunk: int) -> torch.Tensor:
+        key = (length, chunk)
+        m = self._chunk_masks.get(key)
+        if m is None:
+            pos = torch.arange(length, device=self.device)
+            m = pos[None, :] < ((pos // chunk + 1) * chunk)[:, None]
+            self._chunk_masks[key] = m
+        return m
+
+    def _attn_mask(self, length: int, valid: torch.Tensor, streaming: torch.Tensor, chunk: int) -> torch.Tensor:
+        """valid [B, 1] lengths, streaming [B, 1] bool -> [B, 1, T, T] bool (keys valid; chunk-causal if streaming)."""
+        key_valid = self._arange(length)[None, :] < valid                       # [B, T]
+        chunked = self._chunk_mask(length, chunk)[None, None] | ~streaming[:, :, None, None]
+        return key_valid[:, None, None, :] & chunked
+
+    # ------------------------------------------------------------------------------------------------
+    # flow: encoder + CFM on a padded batch
+    # ------------------------------------------------------------------------------------------------
+    def _flow_core(self, ids: torch.Tensor, meta: torch.Tensor, cond: torch.Tensor,
+                   embedding: torch.Tensor) -> tuple[torch.Tensor]:
+        """ids [B, Tk + L]; meta [B, 6]; cond [B, 80, ratio*Tk]; embedding [B, 192] -> mel [B, 80, ratio*Tk] f32."""
+        flow, enc = self.flow, self.flow.encoder
+        tk = ids.size(1) - self._lookahead
+        t_enc = meta[:, _M_TENC:_M_TENC + 1]
+        streaming = meta[:, _M_STREAM:_M_STREAM + 1].bool()
+        x = enc.embed(flow.input_embedding(ids))
+        x = x * (self._arange(ids.size(1))[None, :] < meta[:, _M_NVALID:_M_NVALID + 1]).unsqueeze(-1).to(x.dtype)
+        x = enc.pre_lookahead_layer(x[:, :tk], context=x[:, tk:])
+        mask = self._attn_mask(tk, t_enc, streaming, enc.cfg.static_chunk_size_tokens)
+        pos = enc._pos_table.get(tk, x.device, x.dtype)
+        for layer in enc.encoders:
+            x = layer(x, pos, mask)
+        x = enc.up_layer(x.transpose(1, 2)).transpose(1, 2)
+        t2 = x.size(1)
+        x = enc.up_embed(x)
+        mask = self._attn_mask(t2, t_enc * enc.cfg.up_stride, streaming, enc.cfg.up_static_chunk_size_frames)
+        pos = enc._pos_table.get(t2, x.device, x.dtype)
+        for layer in enc.up_encoders:
+            x = layer(x, pos, mask)
+        mu = flow.encoder_proj(enc.after_norm(x)).transpose(1, 2)             # [B, 80, F]
+        spks = flow.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        frames = mu.size(2)
+        valid = t_enc * self._ratio
+        frame_mask = (self._arange(frames)[None, :] < valid).unsqueeze(1).to(self.dtype)    # [B, 1, F]
+        attn = self._attn_mask(frames, valid, streaming, flow.decoder.estimator.cfg.static_chunk_size_frames)
+        return (self._cfm(mu, frame_mask, spks, cond, attn),)
+
+    def _cfm(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
+             attn: torch.Tensor) -> torch.Tensor:
+        b, _, frames = mu.shape
+        const = torch.cat([mu, spks.unsqueeze(-1).expand(-1, -1, frames), cond], dim=1)
+        const_in = torch.cat([const, torch.zeros_like(const)], dim=0)
+        mask_in = torch.cat([mask, mask], dim=0)
+        attn_in = torch.cat([attn, attn], dim=0)
+        x = self._noise[:, :, :frames].expand(b, -1, -1)
+        for step in range(self._n_steps):
+            x_in = torch.cat([x, x], dim=0).to(self.dtype)
+            v = self._estimator(x_in, const_in, mask_in, attn_in, step).float()
+            x = x + self._dt[step] * (self._cfg_guided * v[:b] - self._cfg_unguided * v[b:])
+        return x
+
+    def _estimator(self, x: torch.Tensor, const: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor,
+                   step: int) -> torch.Tensor:
+        est = self.flow.decoder.estimator
+        h = torch.cat([x, const], dim=1)
+        resnet, blocks, down = est.down_blocks[0]
+        h = self._transformers(blocks, self._resnet(resnet, h, mask, step), attn)
+        skip = h
+        h = down(h * mask)
+        for resnet, blocks in est.mid_blocks:
+            h = self._transformers(blocks, self._resnet(resnet, h, mask, step), attn)
+        resnet, blocks, up = est.up_blocks[0]
+        h = torch.cat([h[:, :, :skip.size(-1)], skip], dim=1)
+        h = self._transformers(blocks, self._resnet(resnet, h, mask, step), attn)
+        h = up(h * mask)
+        h = est.final_block(h, mask)
+        return est.final_proj(h * mask) * mask
+
+    def _resnet(self, rb, x: torch.Tensor, mask: torch.Tensor, step: int) -> torch.Tensor:
+        h = rb.block1(x, mask) + self._time_bias[id(rb)][step]
+        h = rb.block2(h, mask)
+        return h + rb.res_conv(x * mask)
+
+    def _transformers(self, blocks, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        h = x.transpose(1, 2)
+        for blk in blocks:
+            a = blk.attn1
+            n, f, _ = h.shape
+            qkv = F.linear(blk.norm1(h), self._qkv[id(a)]).view(n, f, 3, a.heads, a.head_dim).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn)
+            h = h + a.to_out[0](out.transpose(1, 2).reshape(n, f, a.heads * a.head_dim))
+            h = h + blk.ff(blk.norm3(h))
+        return h.transpose(1, 2)
+
+    # ------------------------------------------------------------------------------------------------
+    # HiFT on a padded batch
+    # ------------------------------------------------------------------------------------------------
+    def _length_mask(self, n: int, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (self._arange(n)[None, :] < valid).unsqueeze(1).to(dtype)     # [B, 1, n]
+
+    def _resblock(self, rb, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for conv1, conv2, act1, act2 in zip(rb.convs1, rb.convs2, rb.activations1, rb.activations2):
+            x = x + conv2(act2(conv1(act1(x) * mask)) * mask)
+        return x
+
+    def _hift_core(self, mel: torch.Tensor, hmeta: torch.Tensor, cache_source: torch.Tensor,
+                   cache_speech: torch.Tensor, rand_ini: torch.Tensor,
+                   noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mel [B, 80, M] (zero past each row's frames); hmeta [B, 2] (frames, cache samples);
+        cache_* [B, K]; rand_ini [B, H]; noise [B, L, H] -> (joined speech [B, L], excitation [B, L])."""
+        hift, cfg = self.hift, self.hift.cfg
+        dt = mel.dtype
+        b, _, m = mel.shape
+        spf = cfg.samples_per_frame
+        m_len = hmeta[:, 0:1]
+        c_len = hmeta[:, 1:2]
+        fmask = self._length_mask(m, m_len, dt)
+        # F0 predictor: five convs, each input zeroed past the row's frames.
+        h = mel
+        condnet = hift.f0_predictor.condnet
+        for i in range(0, len(condnet), 2):
+            h = condnet[i + 1](condnet[i](h * fmask))
+        f0 = hift.f0_predictor.classifier(h.transpose(1, 2)).squeeze(-1).abs()      # [B, M]
+        # Source (SineGen2), as SourceModuleHnNSF.forward, holding the phase past each row's last frame.
+        ms = hift.m_source
+        f0_up = torch.repeat_interleave(f0, spf, dim=1).unsqueeze(-1)               # [B, L, 1]
+        fn = f0_up * ms.harmonic_multipliers.to(dt)
+        rad = torch.remainder(fn / ms.sampling_rate_hz, 1.0)
+        rad[:, 0, :] = rad[:, 0, :] + rand_ini
+        rad_frames = F.interpolate(rad.transpose(1, 2), scale_factor=1.0 / spf, mode="linear").transpose(1, 2)
+        phase = torch.cumsum(rad_frames, dim=1) * 2 * math.pi
+        n_fr = phase.size(1)
+        hold = torch.minimum(self._arange(n_fr)[None, :], m_len.clamp(max=n_fr) - 1)
+        phase = phase.gather(1, hold.unsqueeze(-1).expand(-1, -1, phase.size(2)))
+        phase = F.interpolate(phase.transpose(1, 2) * spf, scale_factor=float(spf), mode="linear").transpose(1, 2)
+        sines = torch.sin(phase) * ms.sine_amp
+        uv = (f0_up > ms.voiced_threshold_hz).to(dt)
+        noise_amp = uv * ms.voiced_noise_std + (1 - uv) * ms.unvoiced_noise_std
+        sine_waves = sines * uv + noise_amp * noise
+        s = torch.tanh(ms.l_linear(sine_waves)).squeeze(-1)                          # [B, L]
+        n_len = s.size(1)
+        k = cache_source.size(1)
+        s = torch.cat([torch.where(self._arange(k)[None, :] < c_len, cache_source.to(dt), s[:, :k]), s[:, k:]], 1)
+        # STFT, centred, each row reflected at its own end.
+        n_fft, hop = cfg.istft_n_fft, cfg.istft_hop_len_samples
+        half = n_fft // 2
+        l_len = m_len * spf
+        q = (self._arange(n_len + n_fft) - half).abs()[None, :]
+        q = torch.where(q >= l_len, 2 * (l_len - 1) - q, q).clamp(0, n_len - 1)
+        window = hift.stft_window.to(dt)
+        spec = torch.stft(s.gather(1, q), n_fft, hop, n_fft, window=window, center=False, return_complex=True)
+        n_frames = spec.size(-1)
+        smask = self._length_mask(n_frames, l_len // hop + 1, dt)
+        s_stft = torch.cat([spec.real, spec.imag], dim=1) * smask
+        # Generator.
+        x = hift.conv_pre(mel)
+        valid = m_len
+        n_up = len(hift.ups)
+        nk = hift.num_kernels
+        for i in range(n_up):
+            x = F.leaky_relu(x, cfg.lrelu_slope)
+            x = hift.ups[i](x * self._length_mask(x.size(2), valid, dt))
+            valid = valid * cfg.upsample_rates[i]
+            if i == n_up - 1:
+                x = F.pad(x, (1, 0), mode="reflect")
+                valid = valid + 1
+            xmask = self._length_mask(x.size(2), valid, dt)
+            x = x + self._resblock(hift.source_resblocks[i], hift.source_downs[i](s_stft), xmask)
+            xs = self._resblock(hift.resblocks[i * nk], x, xmask)
+            for j in range(1, nk):
+                xs = xs + self._resblock(hift.resblocks[i * nk + j], x, xmask)
+            x = xs / nk
+        x = hift.conv_post(F.leaky_relu(x, POST_LRELU_SLOPE) * xmask)
+        n_bins = n_fft // 2 + 1
+        magnitude = torch.clamp(torch.exp(x[:, :n_bins, :]), max=ISTFT_MAX_MAGNITUDE)
+        ph = torch.sin(x[:, n_bins:, :])
+        frames = torch.fft.irfft(torch.complex(magnitude * torch.cos(ph), magnitude * torch.sin(ph)).transpose(1, 2),
+                                 n=n_fft, dim=-1)                                    # [B, N, n_fft]
+        fr_mask = xmask.transpose(1, 2)                                              # [B, N, 1]
+        n_out = n_fft + hop * (frames.size(1) - 1)
+        y = F.fold((frames * window * fr_mask).transpose(1, 2), (1, n_out), (1, n_fft), stride=(1, hop))
+        env = F.fold((window * window * fr_mask).transpose(1, 2), (1, n_out), (1, n_fft), stride=(1, hop))
+        y, env = y.flatten(1)[:, half:n_out - half], env.flatten(1)[:, half:n_out - half]
+        speech = torch.where(env > _ISTFT_MIN_ENVELOPE, y / torch.where(env > _ISTFT_MIN_ENVELOPE, env, 1.0), 0.0)
+        speech = torch.clamp(speech, -cfg.audio_limit, cfg.audio_limit).float()
+        # Cross-fade the head with the previous chunk's withheld tail (float64, as Token2Wav).
+        head = (speech[:, :k].double() * self._fade_in + cache_speech.double() * self._fade_out).float()
+        speech = torch.cat([torch.where(c_len > 0, head, speech[:, :k]), speech[:, k:]], dim=1)
+        return speech, s.float()
+
+    # ------------------------------------------------------------------------------------------------
+    # host side
+    # ------------------------------------------------------------------------------------------------
+    def _plan(self, index: int, r: ChunkRequest) -> _Plan:
+        if r.tokens.dim() != 2 or r.tokens.size(0) != 1 or r.prompt_tokens.dim() != 2 or r.prompt_tokens.size(0) != 1:
+            raise ChunkRequestError("tokens and prompt_tokens must be [1, T]")
+        if r.prompt_feat.dim() != 3 or r.prompt_feat.size(0) != 1 or r.prompt_feat.size(2) != MEL_BINS:
+            raise ChunkRequestError(f"prompt_feat must be [1, frames, {MEL_BINS}]")
+        if r.embedding.numel() != SPEAKER_EMBEDDING_DIM:
+            raise ChunkRequestError(f"embedding must have {SPEAKER_EMBEDDING_DIM} values")
+        n_target = r.tokens.size(1)
+        if r.token_offset < 0 or r.token_offset > n_target:
+            raise ChunkRequestError(f"token_offset {r.token_offset} outside [0, {n_target}]")
+        if (r.cache is None) != (r.token_offset == 0):
+            raise ChunkRequestError("a cache is required exactly for chunks after the first (token_offset > 0)")
+        ids = torch.cat([r.prompt_tokens.reshape(-1), r.tokens.reshape(-1)]).to("cpu", torch.int64).clamp(min=0)
+        if ids.numel() and int(ids.max()) >= self.flow.cfg.vocab_size:
+            raise ChunkRequestError(f"speech codes must be < {self.flow.cfg.vocab_size}")
+        n = ids.numel()
+        if r.finalize:
+            t_enc = n
+        else:
+            if n <= self._lookahead:
+                raise ChunkRequestError(f"a non-final call needs more than {self._lookahead} tokens")
+            t_enc = n - self._lookahead
+        if t_enc < 1:
+            raise ChunkRequestError("no tokens")
+        frames = t_enc * self._ratio
+        prompt_frames = r.prompt_feat.size(1)
+        if prompt_frames > frames:
+            raise ChunkRequestError(f"prompt_feat has {prompt_frames} frames but the tokens give only {frames}")
+        start = prompt_frames + r.token_offset * self.config.token_mel_ratio
+        new = max(0, frames - start)
+        cache_frames = 0 if r.cache is None else self.config.mel_cache_frames
+        if r.cache is not None and (tuple(r.cache.mel.shape) != (1, MEL_BINS, cache_frames)
+                                    or r.cache.source.numel() != self._n_cache or r.cache.speech.numel() != self._n_cache):
+            raise ChunkRequestError("cache shapes do not match this model's vocoder cache")
+        mel_frames = cache_frames + new
+        if not r.finalize and mel_frames < self.config.mel_cache_frames:
+            raise ChunkRequestError(f"a non-final chunk needs at least {self.config.mel_cache_frames} mel frames, "
+                                    f"got {mel_frames}")
+        if mel_frames < 1:
+            raise ChunkRequestError("the chunk has no mel frames to vocode")
+        return _Plan(index, ids, t_enc, prompt_frames, start, cache_frames, mel_frames, new, r.finalize, r.streaming)
+
+    def _sizes(self, plans: list[_Plan]) -> tuple[int, int, int]:
+        n = len(plans)
+        tk = max(p.t_enc for p in plans)
+        # at least the cache length: the cross-fade and the cache overwrite read the first K samples
+        mk = max(self.config.mel_cache_frames, max(p.mel_frames for p in plans))
+        if not self.use_cuda_graphs:
+            return n, tk, mk
+        return batch_bucket(n, self.max_batch), bucket(tk, TOKEN_BUCKETS), bucket(mk, MEL_FRAME_BUCKETS)
+
+    def _stage(self, plans: list[_Plan], requests: list[ChunkRequest], bb: int, tk: int) -> _Staged:
+        """Padded host tensors for the group (pinned and reused when graphs are on)."""
+        la, k = self._lookahead, self._n_cache
+        key = (bb, tk)
+        st = self._pinned.get(key) if self.use_cuda_graphs else None
+        if st is None:
+            pin = self.use_cuda_graphs
+            st = _Staged(ids=torch.zeros(bb, tk + la, dtype=torch.int64, pin_memory=pin),
+                         meta=torch.zeros(bb, _META_COLS, dtype=torch.int64, pin_memory=pin),
+                         cond=torch.zeros(bb, MEL_BINS, self._ratio * tk, dtype=self.dtype, pin_memory=pin),
+                         embedding=torch.zeros(bb, SPEAKER_EMBEDDING_DIM, dtype=self.dtype, pin_memory=pin),
+                         cache_mel=torch.zeros(bb, MEL_BINS, self.config.mel_cache_frames, dtype=torch.float32,
+                                               pin_memory=pin),
+                         cache_source=torch.zeros(bb, k, dtype=torch.float32, pin_memory=pin),
+                         cache_speech=torch.zeros(bb, k, dtype=torch.float32, pin_memory=pin))
+            if self.use_cuda_graphs:
+                self._pinned[key] = st
+        else:
+            st.extra["uploaded"].synchronize()   # the previous call's async uploads have read this buffer
+            for t in (st.ids, st.cond, st.embedding, st.cache_mel, st.cache_source, st.cache_speech):
+                t.zero_()
+        meta = st.meta
+        meta.zero_()
+        meta[:, _M_TENC] = 1      # padding rows: one valid frame, final, not streaming
+        meta[:, _M_NVALID] = 1
+        meta[:, _M_MEL] = 1
+        for row, (p, r) in enumerate(zip(plans, requests)):
+            st.ids[row, :p.ids.numel()] = p.ids
+            meta[row, _M_TENC] = p.t_enc
+            meta[row, _M_NVALID] = p.ids.numel()
+            meta[row, _M_STREAM] = int(p.streaming)
+            meta[row, _M_START] = p.start_frame
+            meta[row, _M_CACHE] = p.cache_frames
+            meta[row, _M_MEL] = p.mel_frames
+            st.cond[row, :, :p.prompt_frames] = r.prompt_feat[0].to("cpu").t().to(self.dtype)
+            st.embedding[row] = r.embedding.reshape(-1).to("cpu", self.dtype)
+            if r.cache is not None:
+                st.cache_mel[row] = r.cache.mel[0].to("cpu", torch.float32)
+                st.cache_source[row] = r.cache.source.reshape(-1).to("cpu", torch.float32)
+                st.cache_speech[row] = r.cache.speech.reshape(-1).to("cpu", torch.float32)
+        return st
+
+    def _draw(self, plans: list[_Plan], requests: list[ChunkRequest], bb: int, mk: int,
+              rand_ini: torch.Tensor | None = None, noise: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each request's own source draws (Token2Wav's order and shapes) into [bb, H] / [bb, mk*spf, H] rows."""
+        spf = self.hift.cfg.samples_per_frame
+        n_h = self.hift.cfg.n_harmonic_channels
+        if rand_ini is None:
+            rand_ini = torch.zeros(bb, n_h, device=self.device, dtype=self.hift_dtype)
+            noise = torch.zeros(bb, mk * spf, n_h, device=self.device, dtype=self.hift_dtype)
+        for row, (p, r) in enumerate(zip(plans, requests)):
+            gen = r.generator
+            if gen is None and r.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(int(r.seed))
+            dev = gen.device if gen is not None else self.device
+            draws = self.hift.m_source.draw(1, p.mel_frames * spf, dev, gen)
+            rand_ini[row].copy_(draws.rand_ini[0], non_blocking=True)
+            rand_ini[row, 0] = 0
+            noise[row, :p.mel_frames * spf].copy_(draws.noise_randn[0], non_blocking=True)
+        return rand_ini, noise
+
+    def _hift_input(self, feat: torch.Tensor, meta: torch.Tensor, cache_mel: torch.Tensor, mk: int) -> torch.Tensor:
+        """[cache mel | flow mel from start] per row, left-aligned and zero-padded to mk frames."""
+        c = cache_mel.size(2)
+        src = torch.cat([cache_mel.to(feat.dtype), feat], dim=2)                    # [B, 80, c + F]
+        m = self._arange(mk)[None, :]
+        c_len, start, m_len = (meta[:, i:i + 1] for i in (_M_CACHE, _M_START, _M_MEL))
+        idx = torch.where(m < c_len, m, c + start + m - c_len).clamp(0, src.size(2) - 1)
+        out = src.gather(2, idx.unsqueeze(1).expand(-1, src.size(1), -1))
+        return torch.where((m < m_len).unsqueeze(1), out, 0.0).to(self.hift_dtype)
+
+    def _run_group(self, plans: list[_Plan], requests: list[ChunkRequest], keep_mel: bool,
+                   output_device: torch.device) -> list[ChunkResult]:
+        bb, tk, mk = self._sizes(plans)
+        graphs = self.use_cuda_graphs and tk <= MAX_GRAPH_TOKENS and mk <= MAX_GRAPH_MEL_FRAMES
+        st = self._stage(plans, requests, bb, tk)
+        dev = self.device
+        la, k = self._lookahead, self._n_cache
+        if graphs:
+            def flow_inputs():
+                return (torch.zeros(bb, tk + la, dtype=torch.int64, device=dev),
+                        st.meta.to(dev),   # padding-row meta: a valid (if trivial) call for the warm-up runs
+                        torch.zeros(bb, MEL_BINS, self._ratio * tk, dtype=self.dtype, device=dev),
+                        torch.ones(bb, SPEAKER_EMBEDDING_DIM, dtype=self.dtype, device=dev))
+            fg = self._flow_graphs.get((bb, tk), self._flow_core, flow_inputs)
+            ids, meta, cond, emb = fg.inputs
+            ids.copy_(st.ids, non_blocking=True)
+            meta.copy_(st.meta, non_blocking=True)
+            cond.copy_(st.cond, non_blocking=True)
+            emb.copy_(st.embedding, non_blocking=True)
+            (feat,) = fg.replay()
+            if keep_mel:   # graphs share a pool: the HiFT replay may reuse this output's memory
+                feat = feat.clone()
+        else:
+            meta = st.meta.to(dev)
+            (feat,) = self._flow_core(st.ids.to(dev), meta, st.cond.to(dev), st.embedding.to(dev))
+        cache_mel = st.cache_mel.to(dev, non_blocking=True)
+        hmel = self._hift_input(feat, meta, cache_mel, mk)
+        hmeta = torch.stack([meta[:, _M_MEL], meta[:, _M_CACHE] * self.config.samples_per_frame], dim=1)
+        if graphs:
+            spf, n_h = self.hift.cfg.samples_per_frame, self.hift.cfg.n_harmonic_channels
+
+            def hift_inputs():
+                return (torch.zeros(bb, MEL_BINS, mk, dtype=self.hift_dtype, device=dev),
+                        torch.ones(bb, 2, dtype=torch.int64, device=dev),
+                        torch.zeros(bb, k, dtype=torch.float32, device=dev),
+                        torch.zeros(bb, k, dtype=torch.float32, device=dev),
+                        torch.zeros(bb, n_h, dtype=self.hift_dtype, device=dev),
+                        torch.zeros(bb, mk * spf, n_h, dtype=self.hift_dtype, device=dev))
+            hg = self._hift_graphs.get((bb, mk), self._hift_core, hift_inputs)
+            g_mel, g_meta, g_src, g_sp, g_ri, g_noise = hg.inputs
+            g_mel.copy_(hmel)
+            g_meta.copy_(hmeta)
+            g_src.copy_(st.cache_source, non_blocking=True)
+            g_sp.copy_(st.cache_speech, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            st.extra["uploaded"] = event
+            self._draw(plans, requests, bb, mk, g_ri, g_noise)
+            speech, source = hg.replay()
+            hmel = g_mel
+        else:
+            rand_ini, noise = self._draw(plans, requests, bb, mk)
+            speech, source = self._hift_core(hmel, hmeta, st.cache_source.to(dev), st.cache_speech.to(dev),
+                                             rand_ini, noise)
+        return self._collect(plans, feat, hmel, speech, source, keep_mel, output_device)
+
+    def _collect(self, plans: list[_Plan], feat: torch.Tensor, hmel: torch.Tensor, speech: torch.Tensor,
+                 source: torch.Tensor, keep_mel: bool, output_device: torch.device) -> list[ChunkResult]:
+        """Slice each row back; one packed copy to output_device."""
+        spf, k, c = self.config.samples_per_frame, self._n_cache, self.config.mel_cache_frames
+        pieces: list[torch.Tensor] = []
+        layout: list[list[tuple[int, ...]]] = []
+        for row, p in enumerate(plans):
+            n = p.mel_frames * spf
+            shapes = []
+            wav = speech[row, :n] if p.finalize else speech[row, :n - k]
+            pieces.append(wav)
+            shapes.append((1, wav.numel()))
+            if not p.finalize:
+                pieces += [hmel[row, :, p.mel_frames - c:p.mel_frames].float().reshape(-1),
+                           source[row, n - k:n], speech[row, n - k:n]]
+                shapes += [(1, MEL_BINS, c), (1, 1, k), (1, k)]
+            if keep_mel:
+                mel = feat[row, :, p.start_frame:p.start_frame + p.new_frames]
+                pieces.append(mel.reshape(-1))
+                shapes.append((1, MEL_BINS, p.new_frames))
+            layout.append(shapes)
+        flat = torch.cat(pieces).to(output_device)
+        results, pos = [], 0
+        for p, shapes in zip(plans, layout):
+            parts = []
+            for shape in shapes:
+                size = math.prod(shape)
+                parts.append(flat[pos:pos + size].view(shape).clone())
+                pos += size
+            wav = parts.pop(0)
+            cache = None if p.finalize else VocoderCache(mel=parts.pop(0), source=parts.pop(0), speech=parts.pop(0))
+            results.append(ChunkResult(waveform=wav, cache=cache, mel=parts.pop(0) if keep_mel else None))
+        return results
+
+    @torch.inference_mode()
+    def run_chunks(self, requests: list[ChunkRequest], keep_mel: bool = False,
+                   output_device: torch.device | str = "cpu") -> list[ChunkResult]:
+        """Run every request (any mix of first/middle/final streaming chunks and offline calls) batched.
+
+        Results are in request order; a request that fails validation gets ``error`` set and the rest run.
+        """
+        results: list[ChunkResult | None] = [None] * len(requests)
+        plans: list[_Plan] = []
+        for i, r in enumerate(requests):
+            try:
+                plans.append(self._plan(i, r))
+            except ChunkRequestError as exc:
+                results[i] = ChunkResult(waveform=None, cache=None, error=exc)
+        out_dev = torch.device(output_device)
+        for g in range(0, len(plans), self.max_batch):
+            group = plans[g:g + self.max_batch]
+            for p, res in zip(group, self._run_group(group, [requests[p.index] for p in group], keep_mel, out_dev)):
+                results[p.index] = res
+        return results  # type: ignore[return-value]
+
+    @property
+    def graph_count(self) -> int:
+        return len(self._flow_graphs) + len(self._hift_graphs)
