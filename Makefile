@@ -11,7 +11,7 @@ MODEL_DIR  ?= models/cosyvoice2-$(MODEL_SIZE)
 GOLDEN     ?= ../shared/golden/tiny-seed1
 export MODEL_DIR
 
-.PHONY: venv proto model parity test up down logs ps bench profile clean help
+.PHONY: venv proto model download parity test up down logs ps bench profile clean help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -41,6 +41,17 @@ model: $(STAMP) ## random-weight model dir: MODEL_SIZE=tiny|full, MODEL_DIR (def
 
 parity: $(STAMP) ## every golden-parity case against GOLDEN (default ../shared/golden/tiny-seed1)
 	$(PY) -m cosyvoice_tools.parity --golden $(GOLDEN)
+
+# --- download ---
+# The released CosyVoice2-0.5B (Hugging Face, or ModelScope when installed) into DOWNLOAD_DIR, then verified
+# against our loaders (files, sizes, state-dict keys/shapes, ONNX I/O). `make download VERIFY_ONLY=1` only checks.
+# MODEL_DIR given on the command line or in the environment is the target; its default (the generated tiny
+# model's dir) is not, so a download never lands on top of a random-weight model.
+DOWNLOAD_DIR    ?= $(if $(filter command line environment,$(origin MODEL_DIR)),$(MODEL_DIR),models/cosyvoice2-0.5b)
+DOWNLOAD_SOURCE ?= auto
+
+download: $(STAMP) ## fetch + verify the released model into MODEL_DIR (default models/cosyvoice2-0.5b), DOWNLOAD_SOURCE=auto|hf|modelscope, VERIFY_ONLY=1
+	$(PY) -m cosyvoice_tools.download --model-dir $(DOWNLOAD_DIR) --source $(DOWNLOAD_SOURCE) $(if $(VERIFY_ONLY),--verify-only,)
 
 # --- stack ---
 # Replicas per stage (one tritonserver each) and devices, passed to the launcher through the environment.
