@@ -30,7 +30,7 @@ import grpc
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -200,7 +200,7 @@ async def run_unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            raise ApiError(499, "client disconnected", "cancelled")
+            raise ApiError(499, "client disconnected", "cancelled", code="cancelled")
         return task.result()
     finally:
         watcher.cancel()
@@ -208,13 +208,13 @@ async def run_unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
             task.cancel()
 
 
-class AudioStreamResponse(Response):
+class AudioStreamResponse(StreamingResponse):
     """Streams `chunks` as they come; a client disconnect closes the generator (stopping stage work) even
     while it waits for the next chunk, instead of only noticing at the next write."""
 
     def __init__(self, chunks: AsyncIterator[bytes], media_type: str, headers: dict[str, str],
                  on_done: Callable[[str], None]) -> None:
-        super().__init__(media_type=media_type, headers=headers)
+        super().__init__(chunks, media_type=media_type, headers=headers)   # chunked: no Content-Length
         self.chunks = chunks
         self.on_done = on_done
 

@@ -1,0 +1,186 @@
+"""The HTTP API over the real stack (tiny model, tritonserver stage processes, Redis, gateway process),
+driven by the official `openai` client: voices, every response format, resampling, real streaming, cancel."""
+import io
+import time
+import uuid
+
+import grpc
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+import tritonclient.grpc as triton_grpc
+
+from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
+from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ, SAMPLES_PER_TOKEN
+from cosyvoice_gateway.testing import prompt_wav_bytes
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+N_TOKENS = 20           # forced length: first chunk (15 + 3 lookahead) then the final one; fast on CPU
+PCM16_BYTES = 2
+
+
+@pytest.fixture(scope="module")
+def http_url(stack) -> str:
+    url = stack.gateway_http_url
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/healthz").status_code != 200:      # stages ready as seen by the gateway
+        assert time.monotonic() < deadline, "gateway /healthz never became 200"
+        time.sleep(0.2)
+    return url
+
+
+@pytest.fixture(scope="module")
+def client(http_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{http_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def voice(http_url) -> str:
+    name = f"http-{uuid.uuid4().hex[:8]}"
+    response = httpx.post(f"{http_url}/v1/audio/voices", data={"name": name, "prompt_text": "Hello there."},
+                          files={"audio": ("prompt.wav", prompt_wav_bytes(seed=3), "audio/wav")}, timeout=120)
+    assert response.status_code == 201, response.text
+    assert response.json()["id"] == name and response.json()["prompt_speech_tokens"] > 0
+    return name
+
+
+def _forced(tokens: int = N_TOKENS, **extra) -> dict:
+    return {"min_speech_tokens": tokens, "max_speech_tokens": tokens, "seed": 7, **extra}
+
+
+def test_registered_voice_is_listed(http_url, voice):
+    listed = httpx.get(f"{http_url}/v1/audio/voices").json()["data"]
+    assert voice in [v["id"] for v in listed]
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus"])
+def test_each_response_format_decodes_to_the_forced_length(client, voice, fmt):
+    audio = client.audio.speech.create(model="cosyvoice2", voice=voice, input="Hello world.",
+                                       response_format=fmt, extra_body=_forced()).content
+    wav, rate = sf.read(io.BytesIO(audio), dtype="float32")
+    expected = N_TOKENS * SAMPLES_PER_TOKEN * rate // OUTPUT_SAMPLE_RATE_HZ
+    assert np.all(np.isfinite(wav)) and np.abs(wav).max() > 0
+    if fmt in ("wav", "flac"):
+        assert rate == OUTPUT_SAMPLE_RATE_HZ and wav.shape[0] == expected
+    else:                                                       # lossy codecs pad by a frame or so
+        assert abs(wav.shape[0] - expected) < 0.1 * expected
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100, 48000])
+def test_server_side_resampling(client, voice, rate):
+    audio = client.audio.speech.create(model="cosyvoice2", voice=voice, input="Hello world.",
+                                       response_format="wav", extra_body=_forced(sample_rate=rate)).content
+    wav, got_rate = sf.read(io.BytesIO(audio), dtype="float32")
+    assert got_rate == rate
+    assert abs(wav.shape[0] - N_TOKENS * SAMPLES_PER_TOKEN * rate / OUTPUT_SAMPLE_RATE_HZ) <= 2
+
+
+def test_opus_at_an_unsupported_rate_is_a_400(client, voice):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.audio.speech.create(model="cosyvoice2", voice=voice, input="Hello world.", response_format="opus",
+                                   extra_body=_forced(sample_rate=44100))
+    assert "opus" in info.value.response.json()["error"]["message"]
+
+
+def test_stream_sends_pcm_chunks_as_they_are_produced(client, voice):
+    tokens = 70                      # several schedule hops -> several token2wav calls -> several chunks
+    arrivals, data = [], b""
+    start = time.perf_counter()
+    with client.audio.speech.with_streaming_response.create(
+            model="cosyvoice2", voice=voice, input="Streaming speech.", response_format="pcm",
+            extra_body=_forced(tokens, stream=True)) as response:
+        assert response.headers["content-type"] == "audio/pcm"
+        assert response.headers["x-sample-rate"] == str(OUTPUT_SAMPLE_RATE_HZ)
+        for chunk in response.iter_bytes():
+            arrivals.append((time.perf_counter() - start, len(data)))
+            data += chunk
+    total_s = time.perf_counter() - start
+    assert len(data) == tokens * SAMPLES_PER_TOKEN * PCM16_BYTES
+    assert len(arrivals) >= 2
+    first_s, _ = arrivals[0]
+    assert first_s < 0.8 * total_s, (arrivals, total_s)      # audio began before synthesis ended
+
+    offline = client.audio.speech.create(model="cosyvoice2", voice=voice, input="Streaming speech.",
+                                         response_format="pcm", extra_body=_forced(tokens)).content
+    assert len(offline) == len(data)
+
+
+def test_streamed_wav_has_one_header_and_plays(client, voice):
+    with client.audio.speech.with_streaming_response.create(
+            model="cosyvoice2", voice=voice, input="Hello world.", response_format="wav",
+            extra_body=_forced(stream=True, sample_rate=16000)) as response:
+        data = response.read()
+    assert data[:4] == b"RIFF" and data.count(b"RIFF") == 1
+    pcm = np.frombuffer(data[44:], "<i2")
+    assert abs(pcm.shape[0] - N_TOKENS * SAMPLES_PER_TOKEN * 16000 / OUTPUT_SAMPLE_RATE_HZ) <= 2
+
+
+def test_long_input_is_split_and_synthesised_back_to_back(client, voice):
+    text = " ".join(["This sentence is here to make the input long enough to be split into segments."] * 6)
+    audio = client.audio.speech.create(model="cosyvoice2", voice=voice, input=text, response_format="wav",
+                                       extra_body={"seed": 3}).content
+    wav, rate = sf.read(io.BytesIO(audio), dtype="float32")
+    assert rate == OUTPUT_SAMPLE_RATE_HZ and wav.shape[0] > 0 and np.all(np.isfinite(wav))
+
+
+def test_voice_registered_over_grpc_works_over_http_and_http_delete_removes_it(stack, client, http_url):
+    name = f"grpc-{uuid.uuid4().hex[:8]}"
+    with grpc.insecure_channel(stack.gateway_grpc_url) as channel:
+        stub = tts_pb2_grpc.TextToSpeechStub(channel)
+        stub.RegisterSpeaker(tts_pb2.RegisterSpeakerRequest(speaker_id=name, prompt_audio=prompt_wav_bytes(seed=4),
+                                                            prompt_text="Hi."), timeout=120)
+        audio = client.audio.speech.create(model="cosyvoice2", voice=name, input="Hello.", response_format="pcm",
+                                           extra_body=_forced()).content
+        assert len(audio) == N_TOKENS * SAMPLES_PER_TOKEN * PCM16_BYTES
+        assert httpx.delete(f"{http_url}/v1/audio/voices/{name}").json()["deleted"] is True
+        listed = stub.ListSpeakers(tts_pb2.ListSpeakersRequest(), timeout=10)
+        assert name not in [s.speaker_id for s in listed.speakers]
+    with pytest.raises(openai.NotFoundError):
+        client.audio.speech.create(model="cosyvoice2", voice=name, input="Hello.", extra_body=_forced())
+
+
+def _token2wav_count(stack) -> int:
+    url = stack.stage_grpc_urls("token2wav")[0]
+    stats = triton_grpc.InferenceServerClient(url).get_inference_statistics("token2wav", as_json=True)
+    return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+
+
+def _metric(http_url: str, needle: str) -> float:
+    for line in httpx.get(f"{http_url}/metrics").text.splitlines():
+        if line.startswith(needle):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_client_disconnect_cancels_the_stream_and_its_stage_work(client, voice, stack, http_url):
+    cancelled = 'cosyvoice_gateway_requests_total{code="CANCELLED",rpc="http.speech.stream"}'
+    before_cancels = _metric(http_url, cancelled)
+    with client.audio.speech.with_streaming_response.create(
+            model="cosyvoice2", voice=voice, input="A very long one.", response_format="pcm",
+            extra_body=_forced(1500, stream=True)) as response:
+        next(response.iter_bytes())                       # first chunk arrived: leave (closes the connection)
+    time.sleep(1.0)                                       # the token2wav call in flight may still finish
+    before = _token2wav_count(stack)
+    time.sleep(3.0)
+    assert _token2wav_count(stack) == before
+    deadline = time.monotonic() + 10
+    while _metric(http_url, cancelled) <= before_cancels:
+        assert time.monotonic() < deadline, "the gateway never counted the stream as cancelled"
+        time.sleep(0.2)
+
+
+def test_client_timeout_cancels_an_offline_request(voice, stack, http_url):
+    cancelled = 'cosyvoice_gateway_requests_total{code="CANCELLED",rpc="http.speech"}'
+    before_cancels = _metric(http_url, cancelled)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{http_url}/v1/audio/speech", timeout=1.0,
+                   json={"model": "cosyvoice2", "voice": voice, "input": "A very long one.", **_forced(1500)})
+    deadline = time.monotonic() + 10
+    while _metric(http_url, cancelled) <= before_cancels:
+        assert time.monotonic() < deadline, "the gateway never counted the offline request as cancelled"
+        time.sleep(0.2)
+    before = _token2wav_count(stack)
+    time.sleep(2.0)
+    assert _token2wav_count(stack) == before
