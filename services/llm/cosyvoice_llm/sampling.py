@@ -132,16 +132,37 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, stream: int, vocab_size: int) -> torch.Tensor:
-    """Exp(1) noise [B, V] as a pure function of (seed, step, stream, column); seeds/steps int64 [B]."""
+_COLUMN_KEYS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _column_keys(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """The per-column hash (a constant of the vocabulary), built once per (vocab size, device): not per step."""
+    key = (vocab_size, str(device))
+    cols = _COLUMN_KEYS.get(key)
+    if cols is None:
+        cols = _mix32((torch.arange(vocab_size, device=device, dtype=torch.int64) + _COLUMN_SALT) & _MASK32)
+        _COLUMN_KEYS[key] = cols
+    return cols
+
+
+def _step_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Hash of (seed, step) per row [B]; shared by both noise streams of a draw."""
     key = _mix32(seeds & _MASK32)
     key = _mix32(key ^ ((seeds >> 32) & _MASK32))
-    key = _mix32(key ^ (steps & _MASK32))
-    key = _mix32(key ^ stream)
-    cols = _mix32((torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) + _COLUMN_SALT) & _MASK32)
+    return _mix32(key ^ (steps & _MASK32))
+
+
+def _noise_from_keys(step_keys: torch.Tensor, stream: int, vocab_size: int) -> torch.Tensor:
+    key = _mix32(step_keys ^ stream)
+    cols = _column_keys(vocab_size, step_keys.device)
     bits = _mix32(key[:, None] ^ cols[None, :]) >> (32 - _UNIFORM_BITS)
     u = (bits.float() + 0.5) * (1.0 / (1 << _UNIFORM_BITS))
     return -torch.log(u)
+
+
+def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, stream: int, vocab_size: int) -> torch.Tensor:
+    """Exp(1) noise [B, V] as a pure function of (seed, step, stream, column); seeds/steps int64 [B]."""
+    return _noise_from_keys(_step_keys(seeds, steps), stream, vocab_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +207,8 @@ def sample_batched(logp: torch.Tensor, history: torch.Tensor, steps: torch.Tenso
     mass_before = torch.cumsum(probs_sorted, dim=-1) - probs_sorted   # exclusive prefix: test before adding
     keep = (mass_before < p.top_p[:, None]) & (rank[None, :] < p.top_k[:, None])
     keep[:, 0] = True   # the top token is always kept, as in the reference loop
-    noise = exponential_noise(p.seeds, steps, 0, vocab_size).gather(1, ids_sorted)
+    step_keys = _step_keys(p.seeds, steps)
+    noise = _noise_from_keys(step_keys, 0, vocab_size).gather(1, ids_sorted)
     pick = _race(torch.where(keep, probs_sorted, torch.zeros_like(probs_sorted)), noise)
     tok = ids_sorted.gather(1, pick[:, None])[:, 0]
 
@@ -196,7 +218,7 @@ def sample_batched(logp: torch.Tensor, history: torch.Tensor, steps: torch.Tenso
     fire = repeats >= p.min_repeats
 
     fallback_scores = scores.scatter(1, tok[:, None], float("-inf"))
-    fallback_noise = exponential_noise(p.seeds, steps, 1, vocab_size)
+    fallback_noise = _noise_from_keys(step_keys, 1, vocab_size)
     tok_fallback = _race(fallback_scores.softmax(dim=-1), fallback_noise)
     return torch.where(fire, tok_fallback, tok)
 
