@@ -1,10 +1,10 @@
 """Triton model `token2wav`: flat speech ids + prompt -> 24 kHz audio chunk, stateless.
 
-Thin adapter over cosyvoice_token2wav.Token2Wav.chunk: the vocoder overlap cache (mel frames, source
+Thin adapter over cosyvoice_token2wav.runner.Token2WavRunner: the vocoder overlap cache (mel frames, source
 and speech tails) arrives as input tensors and leaves as output tensors, so any replica serves any chunk
 and a cancelled stream leaves nothing behind. Without `token_offset` the call is offline (one pass).
-Token2Wav has no batched chunk call yet, so the request list is processed one by one; each request's
-failure answers only that request.
+The whole dynamic batch (streaming chunks and offline calls mixed) runs as one padded batch; each
+request's failure answers only that request.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import MEL_BINS, SPEECH_ID_OFFSET
-from cosyvoice_token2wav.token2wav import VocoderCache, load_token2wav
+from cosyvoice_token2wav.runner import ChunkRequest, Token2WavRunner
+from cosyvoice_token2wav.token2wav import VocoderCache
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,21 +120,38 @@ def chunk_response(wav: torch.Tensor, cache: VocoderCache | None):
                                        to_triton("cache_source", source), to_triton("cache_speech", speech)])
 
 
+def _error(exc: Exception):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        self.config = Token2WavStageConfig.from_model_config(json.loads(args["model_config"]))
-        self.token2wav = load_token2wav(self.config.model_dir, self.config.device, self.config.flow_dtype)
+        model_config = json.loads(args["model_config"])
+        self.config = Token2WavStageConfig.from_model_config(model_config)
+        device = torch.device(self.config.device)
+        self.runner = Token2WavRunner(self.config.model_dir, device, self.config.flow_dtype,
+                                      use_cuda_graphs=device.type == "cuda",
+                                      max_batch=max(1, int(model_config.get("max_batch_size", 0) or 1)))
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
+        responses: list = [None] * len(requests)
+        calls: list[tuple[int, ChunkRequest]] = []
+        for i, request in enumerate(requests):
             try:
                 call = ChunkCall.from_request(request)
-                wav, cache = self.token2wav.chunk(call.tokens, call.prompt_tokens, call.prompt_feat, call.embedding,
-                                                  token_offset=call.token_offset, finalize=call.finalize,
-                                                  streaming=call.streaming, cache=call.cache)
-                responses.append(chunk_response(wav, cache))
-            except Exception as exc:  # noqa: BLE001 - a failed chunk answers only its own request
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")))
+                calls.append((i, ChunkRequest(tokens=call.tokens, prompt_tokens=call.prompt_tokens,
+                                              prompt_feat=call.prompt_feat, embedding=call.embedding,
+                                              token_offset=call.token_offset, finalize=call.finalize,
+                                              streaming=call.streaming, cache=call.cache)))
+            except Exception as exc:  # noqa: BLE001 - a malformed request answers only itself
+                responses[i] = _error(exc)
+        if calls:
+            try:
+                results = self.runner.run_chunks([c for _, c in calls])
+                for (i, _), res in zip(calls, results):
+                    responses[i] = _error(res.error) if res.error is not None else chunk_response(res.waveform,
+                                                                                                   res.cache)
+            except Exception as exc:  # noqa: BLE001 - a failed batch answers each of its requests
+                for i, _ in calls:
+                    responses[i] = _error(exc)
         return responses
