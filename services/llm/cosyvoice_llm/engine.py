@@ -32,7 +32,9 @@ from cosyvoice_common.errors import InvalidRequestError
 
 from .model import Qwen2LM
 from .repetition import RepetitionConfig, RepetitionDetector
-from .sampling import BatchSamplingParams, SamplingParams, mask_eos, push_history, sample_batched
+from .sampling import (
+    BatchSamplingParams, SamplingParams, mask_eos, precompute_noise_tables, push_history, sample_batched,
+)
 
 _DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _MIN_KV_BUCKET = 128    # smallest default attended cache length; then doubling up to max_seq_len
@@ -184,6 +186,7 @@ class LLMEngine:
         self._max_seq_len = model.llm.backbone.max_seq_len   # may exceed ours if the model's cache was bigger
         if config.fuse_projections:
             model.llm.backbone.fuse_projections()
+        precompute_noise_tables(model.llm_config.speech_head_size, dev)
         i64 = dict(dtype=torch.int64, device=dev)
         # Per-slot decoding state, updated in place by the step (so a captured graph sees the same storage).
         self._tokens = torch.zeros(slots, **i64)          # last sampled id, fed at the next step

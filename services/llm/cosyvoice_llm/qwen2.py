@@ -304,6 +304,7 @@ class Qwen2Model(nn.Module):
         self.max_batch_slots = 0
         # Plain attributes, not buffers: `model.to(bfloat16)` must not round the fp32 RoPE tables.
         self.rope_cos, self.rope_sin = rope_tables(cfg.head_dim, 1, cfg.rope_theta)
+        self.rope_sin_signed = signed_sin(self.rope_sin)
 
     def setup_caches(self, max_batch_slots: int, max_seq_len: int,
                      device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
@@ -321,9 +322,7 @@ class Qwen2Model(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(max_batch_slots, cfg.num_key_value_heads, max_seq_len, cfg.head_dim,
                                                device, dtype)
-        cos, sin = rope_tables(cfg.head_dim, max_seq_len, cfg.rope_theta)
-        self.rope_cos = cos.to(device)
-        self.rope_sin = sin.to(device)
+        self._set_rope_tables(max_seq_len, device)
         self.max_batch_slots = max_batch_slots
         self.max_seq_len = max_seq_len
 
@@ -335,16 +334,18 @@ class Qwen2Model(nn.Module):
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         needed = max(int(positions.shape[-1]), self.max_seq_len)
-        if needed > self.rope_cos.shape[0] or self.rope_cos.device != positions.device:
+        if (needed > self.rope_cos.shape[0] or self.rope_cos.device != positions.device
+                or self.rope_sin_signed.shape != self.rope_cos.shape):
             # Host-side shape/device check only (no device sync); grows or moves the tables.
-            cos, sin = rope_tables(self.config.head_dim, needed, self.config.rope_theta)
-            self.rope_cos, self.rope_sin = cos.to(positions.device), sin.to(positions.device)
-        if getattr(self, "_rope_sin_signed", None) is None or self._rope_sin_signed.shape != self.rope_sin.shape \
-                or self._rope_sin_signed.device != self.rope_sin.device:
-            self._rope_sin_signed = signed_sin(self.rope_sin)
+            self._set_rope_tables(max(needed, self.rope_cos.shape[0]), positions.device)
         cos = self.rope_cos[positions].to(dtype)[:, :, None]   # [B, T, 1, D]
-        sin = self._rope_sin_signed[positions].to(dtype)[:, :, None]
+        sin = self.rope_sin_signed[positions].to(dtype)[:, :, None]
         return cos, sin
+
+    def _set_rope_tables(self, length: int, device: torch.device | str | None) -> None:
+        cos, sin = rope_tables(self.config.head_dim, length, self.config.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        self.rope_sin_signed = signed_sin(self.rope_sin)
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
                 slot_ids: torch.Tensor | slice | None = None, kv_len: int | None = None,

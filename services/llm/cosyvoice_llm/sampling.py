@@ -135,6 +135,11 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 _COLUMN_KEYS: dict[tuple[int, str], torch.Tensor] = {}
 
 
+def precompute_noise_tables(vocab_size: int, device: torch.device | str) -> None:
+    """Builds the column hash outside any CUDA-graph capture or torch.compile trace (the engine calls it)."""
+    _column_keys(vocab_size, torch.device(device))
+
+
 def _column_keys(vocab_size: int, device: torch.device) -> torch.Tensor:
     """The per-column hash (a constant of the vocabulary), built once per (vocab size, device): not per step."""
     key = (vocab_size, str(device))
