@@ -32,12 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cosyvoice_common.constants import (
-    HIFT_MEL_CACHE_FRAMES,
-    MEL_BINS,
-    PRE_LOOKAHEAD_TOKENS,
-    SPEAKER_EMBEDDING_DIM,
-)
+from cosyvoice_common.constants import MEL_BINS, SPEAKER_EMBEDDING_DIM
 
 from .flow import CausalMaskedDiffWithXvec
 from .graphs import GraphCache
@@ -143,6 +138,8 @@ class Token2WavRunner:
         self.dtype = dtype
         self.hift_dtype = hift_dtype
         self.use_cuda_graphs = use_cuda_graphs
+        # pad to the graph buckets (batch rows and lengths) even when eager: lets CPU tests cover that padding
+        self.pad_to_buckets = use_cuda_graphs
         self.max_batch = max_batch
         self.config = config
         if isinstance(model, (str, Path)):
@@ -459,7 +456,7 @@ class Token2WavRunner:
         tk = max(p.t_enc for p in plans)
         # at least the cache length: the cross-fade and the cache overwrite read the first K samples
         mk = max(self.config.mel_cache_frames, max(p.mel_frames for p in plans))
-        if not self.use_cuda_graphs:
+        if not self.pad_to_buckets:
             return n, tk, mk
         return batch_bucket(n, self.max_batch), bucket(tk, TOKEN_BUCKETS), bucket(mk, MEL_FRAME_BUCKETS)
 
@@ -481,7 +478,8 @@ class Token2WavRunner:
             if self.use_cuda_graphs:
                 self._pinned[key] = st
         else:
-            st.extra["uploaded"].synchronize()   # the previous call's async uploads have read this buffer
+            if "uploaded" in st.extra:
+                st.extra["uploaded"].synchronize()   # the previous call's async uploads have read this buffer
             for t in (st.ids, st.cond, st.embedding, st.cache_mel, st.cache_source, st.cache_speech):
                 t.zero_()
         meta = st.meta
@@ -579,9 +577,6 @@ class Token2WavRunner:
             g_meta.copy_(hmeta)
             g_src.copy_(st.cache_source, non_blocking=True)
             g_sp.copy_(st.cache_speech, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            st.extra["uploaded"] = event
             self._draw(plans, requests, bb, mk, g_ri, g_noise)
             speech, source = hg.replay()
             hmel = g_mel
@@ -589,6 +584,10 @@ class Token2WavRunner:
             rand_ini, noise = self._draw(plans, requests, bb, mk)
             speech, source = self._hift_core(hmel, hmeta, st.cache_source.to(dev), st.cache_speech.to(dev),
                                              rand_ini, noise)
+        if self.use_cuda_graphs:   # every upload from the pinned staging buffers is enqueued by now
+            event = torch.cuda.Event()
+            event.record()
+            st.extra["uploaded"] = event
         return self._collect(plans, feat, hmel, speech, source, keep_mel, output_device)
 
     def _collect(self, plans: list[_Plan], feat: torch.Tensor, hmel: torch.Tensor, speech: torch.Tensor,

@@ -115,6 +115,17 @@ def test_mixed_batch_matches_each_unbatched_chunk_call(models, mixed):
     assert got[0].waveform.shape[1] == 15 * SAMPLES_PER_TOKEN - runner.config.source_cache_samples
 
 
+def test_graph_bucket_padding_does_not_change_results(models, mixed):
+    """What the CUDA-graph path adds: rows padded to the batch bucket (dummy rows) and lengths to the bucket."""
+    flow, hift, _ = models
+    reqs, want = mixed
+    runner = Token2WavRunner((flow, hift), "cpu", torch.float32, use_cuda_graphs=False, max_batch=8)
+    runner.pad_to_buckets = True
+    got = runner.run_chunks(reqs, keep_mel=True)     # 3 rows -> 4; tokens and mel frames -> bucket multiples
+    for g, w in zip(got, want):
+        _check(g, w)
+
+
 def test_request_order_and_batch_split_do_not_change_results(models, mixed):
     flow, hift, _ = models
     reqs, want = mixed
