@@ -28,6 +28,7 @@ from cosyvoice_llm.sampling import SamplingParams
 
 CANCEL_POLL_S = 0.02          # how soon a client's cancel frees its slot
 REPETITION_ENV = "LLM_REPETITION"   # loop detection: "off" or "max_period=20,min_repeats=4,min_span=100"
+CUDA_GRAPHS_ENV = "LLM_CUDA_GRAPHS"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -136,7 +137,8 @@ class TritonPythonModel:
             raise ValueError("model `llm` must be decoupled (model_transaction_policy { decoupled: true })")
         self.config = LLMStageConfig.from_model_config(model_config)
         model = load_llm(self.config.model_dir, self.config.device, self.config.dtype)
-        on_cuda = self.config.device.startswith("cuda")
+        # CUDA graphs for the decode step on GPU; LLM_CUDA_GRAPHS=0 falls back to eager steps (debugging).
+        on_cuda = self.config.device.startswith("cuda") and os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"
         self.engine = LLMEngine(model, EngineConfig(max_batch_slots=self.config.max_batch_slots,
                                                     max_seq_len=self.config.max_seq_len,
                                                     use_cuda_graphs=on_cuda,

@@ -9,6 +9,7 @@ request's failure answers only that request.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +131,7 @@ class TritonPythonModel:
         self.config = Token2WavStageConfig.from_model_config(model_config)
         device = torch.device(self.config.device)
         self.runner = Token2WavRunner(self.config.model_dir, device, self.config.flow_dtype,
-                                      use_cuda_graphs=device.type == "cuda",
+                                      use_cuda_graphs=device.type == "cuda" and os.environ.get("TOKEN2WAV_CUDA_GRAPHS", "1") != "0",
                                       max_batch=max(1, int(model_config.get("max_batch_size", 0) or 1)))
 
     def execute(self, requests):
