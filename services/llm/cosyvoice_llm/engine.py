@@ -536,6 +536,8 @@ class LLMEngine:
         state unchanged except the scratch writes into unused cache slots. Call only while no request is running."""
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
+        if self._graphs:
+            return   # already captured (start() after stop())
         if self._running:
             raise RuntimeError("capture_graphs() must run before requests are admitted")
         shapes = [(n, kv) for n in sorted(self.config.buckets, reverse=True)

@@ -1,0 +1,449 @@
+#!/usr/bin/env python
+"""LLM decode speed + quality: the engine before the speed work (tools/gpu/llm_baseline, frozen copy) vs its variants.
+
+Self-contained: builds a random Qwen2LM of CosyVoice2-0.5B's shape in memory (no files), then
+  1. checks: per-step log-probs of the fast model path (fused projections, kv-bounded attention, fresh prefill) in
+     fp32 and bf16, and of the baseline path in bf16, against the plain eager fp32 baseline (teacher forcing, same
+     tokens): max |dlogp|, argmax agreement, NaN count; greedy tokens of each engine variant against the plain
+     bf16 engine (agreement % and first divergence);
+  2. times the decode step per variant at each batch with CUDA events (warm-up, median): 'dev ms' = the captured
+     graph's replay (or the eager step), 'eng ms' = a whole engine.step() (host bookkeeping + the one D2H sync);
+  3. end to end: C concurrent requests (100-token prompt, 150 forced tokens, RAS sampling) through the engine's
+     loop thread: tokens/s and per-request time to first token.
+The last lines printed are the tables. Full results go to $OUT/llm_speed.json when $OUT is set.
+
+GPU:  python tools/gpu/llm_speed.py
+CPU:  python tools/gpu/llm_speed.py --device cpu --tiny      (logic check, tiny shapes, no graphs)
+
+Variants: base-eager / base-graph (the engine as it was), plain-graph (new code, unfused, full-cache attention,
+one-at-a-time prefill), fused-graph (+ fused projections), fast-graph (+ kv buckets, batched prefill: the new
+defaults), compiled-graph (+ torch.compile of the step, then graphs), compiled-mat (compile mode
+max-autotune-no-cudagraphs; only with --max-autotune).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[2]
+for _sub in ("common", "services/llm", "tools/gpu"):
+    _p = str(_REPO / _sub)
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+
+from cosyvoice_common.constants import SPEECH_EOS, SPEECH_ID_OFFSET  # noqa: E402
+from cosyvoice_llm import engine as fast_engine  # noqa: E402
+from cosyvoice_llm.model import Qwen2LM, build_prompt_flat_ids  # noqa: E402
+from cosyvoice_llm.sampling import SamplingParams  # noqa: E402
+from llm_baseline import engine as base_engine  # noqa: E402
+from llm_baseline.model import Qwen2LM as BaseQwen2LM  # noqa: E402
+
+QWEN2_0_5B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+              "num_attention_heads": 14, "num_key_value_heads": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": True}
+TINY_QWEN2 = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": True}
+GREEDY = SamplingParams.greedy()
+RAS = SamplingParams()
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def qwen_cfg(tiny: bool) -> dict:
+    return dict(TINY_QWEN2 if tiny else QWEN2_0_5B)
+
+
+def build_state(tiny: bool, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random fp32 weights (default init; speech head x4 for clearer greedy margins), on the CPU."""
+    cfg = qwen_cfg(tiny)
+    torch.manual_seed(seed)
+    h = cfg["hidden_size"]
+    model = Qwen2LM.from_config({"llm_input_size": h, "llm_output_size": h}, cfg)
+    with torch.no_grad():
+        model.llm_decoder.weight.mul_(4.0)
+    return model.state_dict()
+
+
+def make_model(cls, tiny: bool, state: dict, device: str, dtype: torch.dtype):
+    cfg = qwen_cfg(tiny)
+    h = cfg["hidden_size"]
+    with torch.device("meta"):
+        model = cls.from_config({"llm_input_size": h, "llm_output_size": h}, cfg)
+    model.load_state_dict(state, assign=True)
+    if cfg["tie_word_embeddings"]:
+        model.llm.model.lm_head.weight = model.llm.backbone.embed_tokens.weight
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def prompt_ids(n_tokens: int, seed: int, text_vocab: int) -> tuple[int, ...]:
+    """A flat prompt of exactly n_tokens: sos, text, task, prompt speech (about a third text)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_text = max(1, n_tokens // 3)
+    n_speech = max(0, n_tokens - n_text - 2)
+    text = torch.randint(0, text_vocab, (n_text,), generator=gen).tolist()
+    speech = torch.randint(0, 6561, (n_speech,), generator=gen).tolist()
+    return tuple(build_prompt_flat_ids(text, [], speech))
+
+
+# --- variants ---------------------------------------------------------------------------------------------------
+
+def variant_specs(args) -> dict[str, dict]:
+    graphs = args.device == "cuda"
+    specs = {
+        "base-eager": dict(mod=base_engine, model="base", cfg=dict()),
+        "base-graph": dict(mod=base_engine, model="base", cfg=dict(use_cuda_graphs=graphs)),
+        "plain-graph": dict(mod=fast_engine, model="plain", cfg=dict(
+            use_cuda_graphs=graphs, fuse_projections=False, batched_prefill=False, kv_buckets=(args.max_seq_len,))),
+        "fused-graph": dict(mod=fast_engine, model="fast", cfg=dict(
+            use_cuda_graphs=graphs, batched_prefill=False, kv_buckets=(args.max_seq_len,))),
+        "fast-graph": dict(mod=fast_engine, model="fast", cfg=dict(use_cuda_graphs=graphs)),
+        "compiled-graph": dict(mod=fast_engine, model="fast", cfg=dict(use_cuda_graphs=graphs, compile_decode=True)),
+    }
+    if args.max_autotune:
+        specs["compiled-mat"] = dict(mod=fast_engine, model="fast", cfg=dict(
+            use_cuda_graphs=graphs, compile_decode=True, compile_mode="max-autotune-no-cudagraphs"))
+    if args.tiny and args.device == "cpu":
+        specs["fast-graph"]["cfg"]["kv_buckets"] = (16, 32)
+        specs["compiled-graph"]["cfg"]["kv_buckets"] = (16, 32)
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else list(specs)
+    unknown = [v for v in chosen if v not in specs]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(specs)}")
+    return {k: specs[k] for k in chosen}
+
+
+def make_engine(spec: dict, models: dict, args):
+    mod = spec["mod"]
+    cfg = mod.EngineConfig(max_batch_slots=args.slots, max_seq_len=args.max_seq_len, **spec["cfg"])
+    t0 = time.perf_counter()
+    eng = mod.LLMEngine(models[spec["model"]], cfg)
+    if cfg.use_cuda_graphs:
+        eng.capture_graphs()
+    return eng, time.perf_counter() - t0
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_step_fn(eng, n: int):
+    """A callable running one decode step over slots [0, n) exactly as engine.step() would (graph or eager)."""
+    if hasattr(eng, "_kv_bucket"):      # new engine: (batch bucket, kv bucket)
+        with eng._lock:
+            running = list(eng._running.values())
+        kv = eng._kv_bucket(running)
+        graph = eng._graphs.get(n, {}).get(kv)
+        return (graph.replay if graph is not None else (lambda: eng._step_fn(n, kv))), kv
+    graph = eng._graphs.get(n)
+    return (graph.replay if graph is not None else (lambda: eng._decode_rows(n))), eng.config.max_seq_len
+
+
+def time_ms(fn, device: str, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def time_decode(eng, mod, b: int, args) -> dict:
+    """b requests with a `context`-token prompt; times the device step and the whole engine step."""
+    text_vocab = qwen_cfg(args.tiny)["vocab_size"]
+    long = args.warmup * 2 + args.repeats * 2 + 10
+    for i in range(b):
+        eng.submit(mod.LLMRequest(f"t{b}-{i}", prompt_ids(args.context, 1000 + i, text_vocab), max_new_tokens=long,
+                                  min_new_tokens=long, sampling=RAS, seed=i))
+    eng.step()
+    while eng.num_waiting:
+        eng.step()
+    n = eng._bucket()
+    fn, kv = device_step_fn(eng, n)
+    dev_ms = time_ms(fn, args.device, args.warmup, args.repeats)
+    with eng._lock:   # the device positions moved without the host loop: keep the new engine's mirror in step
+        for seq in eng._running.values():
+            if hasattr(seq, "next_position"):
+                seq.next_position += args.warmup + args.repeats
+    eng_ms = time_ms(eng.step, args.device, args.warmup, args.repeats)
+    for i in range(b):
+        eng.cancel(f"t{b}-{i}")
+    eng.step()
+    assert eng.num_running == 0, "decode timing left requests running"
+    return {"batch": b, "bucket": n, "kv_len": kv, "dev_ms": dev_ms, "eng_ms": eng_ms,
+            "tok_s": b / eng_ms * 1e3}
+
+
+def run_e2e(eng, mod, concurrency: int, args, sampling=RAS, tag: str = "e") -> dict:
+    """`concurrency` requests submitted at once to the running loop thread; forced length."""
+    text_vocab = qwen_cfg(args.tiny)["vocab_size"]
+    reqs = [mod.LLMRequest(f"{tag}{concurrency}-{i}", prompt_ids(args.prompt_tokens, 2000 + i, text_vocab),
+                           max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, sampling=sampling,
+                           seed=i) for i in range(concurrency)]
+    first: dict[str, float] = {}
+    done = threading.Event()
+    lock = threading.Lock()
+    finished = [0]
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+
+    def cb(out) -> None:
+        now = time.perf_counter()
+        with lock:
+            if out.tokens and out.request_id not in first:
+                first[out.request_id] = now
+            tokens[out.request_id].extend(out.tokens)
+            if out.finished:
+                finished[0] += 1
+                if finished[0] == len(reqs):
+                    done.set()
+
+    eng.start()
+    try:
+        t0 = time.perf_counter()
+        for r in reqs:
+            eng.submit(r, cb)
+        if not done.wait(timeout=args.e2e_timeout_s):
+            raise TimeoutError(f"e2e c={concurrency} did not finish in {args.e2e_timeout_s} s")
+        wall = time.perf_counter() - t0
+    finally:
+        eng.stop()
+    ttft = sorted((first[r.request_id] - t0) * 1e3 for r in reqs if r.request_id in first)
+    n_tok = sum(len(v) for v in tokens.values())
+    return {"concurrency": concurrency, "wall_s": wall, "tokens": n_tok, "tok_s": n_tok / wall,
+            "ttft_ms_p50": statistics.median(ttft), "ttft_ms_max": ttft[-1], "ttft_ms_min": ttft[0],
+            "tokens_by_request": [tokens[r.request_id] for r in reqs]}
+
+
+# --- checks -----------------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def logits_checks(models_by_name: dict, args) -> list[dict]:
+    """Teacher-forced per-step log-probs over the cached paths against the fp32 eager baseline (cache-free pass)."""
+    text_vocab = qwen_cfg(args.tiny)["vocab_size"]
+    dev = args.device
+    b, steps = 4, 8
+    prompts = [prompt_ids(max(4, args.prompt_tokens - 7 * i), 3000 + i, text_vocab) for i in range(b)]
+    gen = torch.Generator().manual_seed(7)
+    fed = torch.randint(0, 6561, (b, steps), generator=gen)
+    ref_model = models_by_name["ref-fp32"][0]
+    ref = []
+    for i, p in enumerate(prompts):
+        ids = list(p) + [SPEECH_ID_OFFSET + int(c) for c in fed[i]]
+        hidden = ref_model.forward_hidden(torch.tensor([ids], device=dev))[0]
+        ref.append(ref_model.speech_logp(hidden[len(p) - 1:]))          # [steps + 1, V]
+    ref = torch.stack(ref)                                               # [b, steps + 1, V]
+    results = []
+    for name, (model, path) in models_by_name.items():
+        if name == "ref-fp32":
+            continue
+        got = torch.empty_like(ref)
+        backbone = model.llm.backbone
+        slots = torch.arange(b, device=dev)
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        if path == "fast":
+            longest = int(lens.max())
+            ids = torch.tensor([list(p) + [p[0]] * (longest - len(p)) for p in prompts], device=dev)
+            pos = torch.arange(longest, device=dev).expand(b, -1)
+            hidden = backbone(model.embed_flat(ids), pos, slots, fresh=True)
+            got[:, 0] = model.speech_logp(hidden[torch.arange(b, device=dev), lens - 1]).float()
+            kv = 1 << (longest + steps).bit_length()     # a power of two above every position fed
+            kv = min(kv, backbone.max_seq_len)
+            for t in range(steps):
+                emb = model.speech_embedding(fed[:, t].to(dev))[:, None]
+                hidden = backbone(emb, (lens + t)[:, None], slice(0, b), kv_len=kv)
+                got[:, t + 1] = model.speech_logp(hidden[:, 0]).float()
+        else:
+            for i, p in enumerate(prompts):
+                got[i, 0] = model.prefill(torch.tensor(p, device=dev), slots[i:i + 1]).float()
+            for t in range(steps):
+                got[:, t + 1] = model.decode_step(fed[:, t].to(dev), lens + t, slots).float()
+        finite = torch.isfinite(ref)
+        diff = (got - ref).abs()[finite]
+        nan = int(torch.isnan(got).sum())
+        mask = torch.ones(ref.shape[-1], dtype=torch.bool, device=dev)
+        mask[SPEECH_EOS:] = False
+        ra, ga = ref[..., :SPEECH_EOS].argmax(-1), got[..., :SPEECH_EOS].argmax(-1)
+        top2 = ref[..., :SPEECH_EOS].topk(2, dim=-1).values
+        margin = (top2[..., 0] - top2[..., 1])
+        clear = margin > 2 * float(diff.max())
+        results.append({"check": name, "max_abs_dlogp": float(diff.max()), "mean_abs_dlogp": float(diff.mean()),
+                        "argmax_agree": float((ra == ga).float().mean()),
+                        "argmax_agree_clear_margin": float((ra == ga)[clear].float().mean()) if clear.any() else None,
+                        "nan": nan})
+    return results
+
+
+def token_agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    same = total = 0
+    first_div = []
+    for x, y in zip(a, b):
+        n = min(len(x), len(y))
+        same += sum(1 for i in range(n) if x[i] == y[i])
+        total += max(len(x), len(y))
+        if x != y:
+            first_div.append(next((i for i in range(n) if x[i] != y[i]), n))
+    return {"agree": same / max(total, 1), "identical_requests": sum(1 for x, y in zip(a, b) if x == y),
+            "requests": len(a), "min_first_divergence": min(first_div) if first_div else None}   # None: all identical
+
+
+# --- main -------------------------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--slots", type=int, default=64)
+    ap.add_argument("--max-seq-len", type=int, default=1024)
+    ap.add_argument("--context", type=int, default=140,
+                    help="prompt tokens before decode timing (+ 2 x (warmup + repeats) steps stay under 256)")
+    ap.add_argument("--prompt-tokens", type=int, default=100)
+    ap.add_argument("--gen-tokens", type=int, default=150)
+    ap.add_argument("--e2e", default="1,32", help="concurrencies of the end-to-end runs")
+    ap.add_argument("--e2e-timeout-s", type=float, default=120)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--variants", default="", help="comma list; default all")
+    ap.add_argument("--max-autotune", action="store_true")
+    ap.add_argument("--skip-checks", action="store_true")
+    args = ap.parse_args()
+    if args.tiny:
+        args.max_seq_len = min(args.max_seq_len, 64)
+        args.context, args.prompt_tokens, args.gen_tokens = 10, 8, 12
+        args.slots = min(args.slots, 8)
+        args.batches = ",".join(b for b in args.batches.split(",") if int(b) <= args.slots) or "1"
+        args.warmup, args.repeats = min(args.warmup, 2), min(args.repeats, 3)
+    dev, dtype = args.device, getattr(torch, args.dtype)
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    if dev == "cuda":
+        log(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    report: dict = {"args": vars(args), "errors": {}}
+
+    t0 = time.perf_counter()
+    state = build_state(args.tiny)
+    models = {
+        "base": make_model(BaseQwen2LM, args.tiny, state, dev, dtype),
+        "plain": make_model(Qwen2LM, args.tiny, state, dev, dtype),
+        "fast": make_model(Qwen2LM, args.tiny, state, dev, dtype),
+    }
+    log(f"models built in {time.perf_counter() - t0:.1f} s")
+
+    # 1. logits checks (separate model objects: the engines' caches stay untouched)
+    if not args.skip_checks:
+        try:
+            ref = make_model(BaseQwen2LM, args.tiny, state, dev, torch.float32)
+            fast32 = make_model(Qwen2LM, args.tiny, state, dev, torch.float32)
+            fast16 = make_model(Qwen2LM, args.tiny, state, dev, dtype)
+            base16 = make_model(BaseQwen2LM, args.tiny, state, dev, dtype)
+            for m in (fast32, fast16, base16):
+                m.setup_caches(4, args.max_seq_len)
+            for m in (fast32, fast16):
+                m.llm.backbone.fuse_projections()
+            checks = logits_checks({"ref-fp32": (ref, "ref"), "fast-fp32": (fast32, "fast"),
+                                    f"fast-{args.dtype}": (fast16, "fast"),
+                                    f"base-{args.dtype}": (base16, "base")}, args)
+            report["logits_checks"] = checks
+            del ref, fast32, fast16, base16
+        except Exception:
+            report["errors"]["logits_checks"] = traceback.format_exc()
+            log(report["errors"]["logits_checks"])
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+    # 2. decode step timing + 3. e2e, per variant
+    specs = variant_specs(args)
+    batches = [int(b) for b in args.batches.split(",")]
+    report["decode"], report["e2e"], report["setup_s"], report["greedy"] = {}, {}, {}, {}
+    greedy_ref = None
+    for name, spec in specs.items():
+        try:
+            eng, setup_s = make_engine(spec, models, args)
+            report["setup_s"][name] = setup_s
+            log(f"[{name}] engine ready in {setup_s:.1f} s (graphs/compile included)")
+            mod = spec["mod"]
+            rows = []
+            for b in batches:
+                rows.append(time_decode(eng, mod, b, args))
+                log(f"[{name}] batch {b}: dev {rows[-1]['dev_ms']:.3f} ms, engine step {rows[-1]['eng_ms']:.3f} ms")
+            report["decode"][name] = rows
+            # greedy tokens vs the plain engine (8 requests, forced length)
+            g = run_e2e(eng, mod, 8, args, sampling=GREEDY, tag="g")["tokens_by_request"]
+            if greedy_ref is None:
+                greedy_ref = (name, g)
+            report["greedy"][name] = {"vs": greedy_ref[0], **token_agreement(greedy_ref[1], g)}
+            report["e2e"][name] = []
+            for c in (int(x) for x in args.e2e.split(",")):
+                e = run_e2e(eng, mod, min(c, args.slots), args)
+                e.pop("tokens_by_request")
+                report["e2e"][name].append(e)
+                log(f"[{name}] e2e c={e['concurrency']}: {e['tok_s']:.0f} tok/s, ttft p50 {e['ttft_ms_p50']:.1f} ms "
+                    f"max {e['ttft_ms_max']:.1f} ms")
+            del eng
+        except Exception:
+            report["errors"][name] = traceback.format_exc()
+            log(f"[{name}] FAILED:\n{report['errors'][name]}")
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "llm_speed.json").write_text(json.dumps(report, indent=1, default=str))
+
+    # tables last
+    log("")
+    if report.get("logits_checks"):
+        log("checks vs fp32 eager baseline (teacher forced, 4 seqs x 9 steps): max|dlogp|  argmax-agree  "
+            "(on clear margins)  NaN")
+        for c in report["logits_checks"]:
+            clear = "-" if c["argmax_agree_clear_margin"] is None else f"{c['argmax_agree_clear_margin']:.3f}"
+            log(f"  {c['check']:<16} {c['max_abs_dlogp']:10.2e}  {c['argmax_agree']:.3f}  ({clear})  {c['nan']}")
+    if report["greedy"]:
+        log("greedy tokens (8 req x forced length) vs the first variant run:")
+        for name, g in report["greedy"].items():
+            log(f"  {name:<15} agree {g['agree']:.3f}  identical {g['identical_requests']}/{g['requests']}  "
+                f"first divergence at step {g['min_first_divergence']}")
+    log(f"decode step, context {args.context} tokens, max_seq_len {args.max_seq_len}, {args.dtype} "
+        f"(dev = graph replay / eager step, CUDA events median; eng = engine.step incl. host + D2H):")
+    log("  " + f"{'variant':<15}" + "".join(f"   B={b:<3} dev/eng ms " for b in batches))
+    for name, rows in report["decode"].items():
+        log("  " + f"{name:<15}" + "".join(f"  {r['dev_ms']:7.3f}/{r['eng_ms']:7.3f}  " for r in rows))
+    if report["e2e"]:
+        log(f"end to end: {args.prompt_tokens}-token prompts, {args.gen_tokens} forced tokens, RAS:")
+        for name, es in report["e2e"].items():
+            log(f"  {name:<15} " + "  ".join(
+                f"c={e['concurrency']}: {e['tok_s']:7.0f} tok/s ttft p50/max {e['ttft_ms_p50']:6.1f}/"
+                f"{e['ttft_ms_max']:6.1f} ms" for e in es))
+    if report["setup_s"]:
+        log("  setup s (capture/compile): " + ", ".join(f"{k} {v:.1f}" for k, v in report["setup_s"].items()))
+    if report["errors"]:
+        log(f"ERRORS in: {sorted(report['errors'])}")
+
+
+if __name__ == "__main__":
+    main()
