@@ -136,23 +136,20 @@ class KVCache(nn.Module):
         shape = (max_batch_slots, kv_heads, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        # Slot index column [max_batch_slots, 1]: a slice of it addresses consecutive slots without a kernel.
+        self.register_buffer("slot_rows", torch.arange(max_batch_slots, device=device)[:, None], persistent=False)
 
     def update(self, slot_ids: torch.Tensor | slice, positions: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes k/v [B, T, Hkv, D] at `positions` [B, T] of `slot_ids` ([B] tensor, or a slice of B consecutive
         slots); returns the slots' caches [B, Hkv, kv_len or max_seq_len, D] (views for a slice)."""
-        if isinstance(slot_ids, slice):
-            # Consecutive slots (the engine's decode step): read through a view, no gather copy of the cache.
-            k_all, v_all = self.k_cache[slot_ids], self.v_cache[slot_ids]
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        else:
-            k_all, v_all = self.k_cache, self.v_cache
-            rows = slot_ids[:, None]
-        # Advanced indices around a slice put the broadcast [B, T] dims first: target view is [B, T, Hkv, D].
-        k_all[rows, :, positions] = k
-        v_all[rows, :, positions] = v
-        if not isinstance(slot_ids, slice):
-            k_all, v_all = self.k_cache[slot_ids], self.v_cache[slot_ids]
+        # Writes index the whole buffer (no view in between, so torch.compile keeps them in place). Advanced indices
+        # around a slice put the broadcast [B, T] dims first: the target is [B, T, Hkv, D].
+        rows = self.slot_rows[slot_ids] if isinstance(slot_ids, slice) else slot_ids[:, None]
+        self.k_cache[rows, :, positions] = k
+        self.v_cache[rows, :, positions] = v
+        # Consecutive slots (the engine's decode step) are read through a view, no gather copy of the cache.
+        k_all, v_all = self.k_cache[slot_ids], self.v_cache[slot_ids]
         if kv_len is not None:
             k_all, v_all = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
         return k_all, v_all
