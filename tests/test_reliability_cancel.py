@@ -1,0 +1,92 @@
+"""Cancellation and deadlines free the llm stage's slot: its `llm_active_requests` gauge (Triton metrics port)
+returns to 0 within a bounded time after a client cancels a stream or a deadline expires, on both RPCs."""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
+from cosyvoice_gateway.testing import prompt_wav_bytes
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+FREED_WITHIN_S = 10.0
+LONG = 1500          # tokens: a minute of audio, far longer than any test waits
+
+
+def _metric(metrics_url: str, name: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    values = [float(m) for m in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M)]
+    assert values, f"{name} is not exported"
+    return sum(values)
+
+
+def _active(metrics_url: str) -> float:
+    return _metric(metrics_url, "llm_active_requests")
+
+
+def _generated(metrics_url: str) -> float:
+    return _metric(metrics_url, "llm_generated_tokens")
+
+
+def _wait_active(metrics_url: str, predicate, timeout_s: float) -> float:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = _active(metrics_url)
+        if predicate(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+def _long_request(seed: int) -> tts_pb2.SynthesizeRequest:
+    return tts_pb2.SynthesizeRequest(text="A very long utterance.", prompt_audio=prompt_wav_bytes(seed=60), prompt_text="p",
+                                     min_speech_tokens=LONG, max_speech_tokens=LONG,
+                                     sampling=tts_pb2.SamplingParams(seed=seed))
+
+
+@pytest.fixture(scope="module")
+def llm_metrics(stage_servers) -> str:
+    return stage_servers.metrics_url("llm")
+
+
+def test_client_cancel_of_a_stream_frees_the_llm_slot(stack, llm_metrics):
+    before = _generated(llm_metrics)
+
+    async def run():
+        async with grpc.aio.insecure_channel(stack.gateway_grpc_url) as channel:
+            call = tts_pb2_grpc.TextToSpeechStub(channel).SynthesizeStream(_long_request(1))
+            # Cancel while the llm decodes (the tiny model may finish 1500 tokens before the first audio chunk).
+            assert await asyncio.to_thread(_wait_active, llm_metrics, lambda v: v >= 1, 60.0) >= 1
+            call.cancel()
+            cancelled_at = time.monotonic()
+        value = await asyncio.to_thread(_wait_active, llm_metrics, lambda v: v == 0, FREED_WITHIN_S)
+        return value, time.monotonic() - cancelled_at
+
+    value, waited_s = asyncio.run(run())
+    generated = _generated(llm_metrics) - before
+    print(f"llm slot freed {waited_s:.2f} s after the stream was cancelled, {generated:.0f} of {LONG} tokens made")
+    assert value == 0
+    assert generated < LONG, "the llm ran to the end: the cancel did not reach it"
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["Synthesize", "SynthesizeStream"])
+def test_deadline_is_propagated_and_frees_the_llm_slot(stack, llm_metrics, streaming):
+    stub_call = None
+    with grpc.insecure_channel(stack.gateway_grpc_url) as channel:
+        stub = tts_pb2_grpc.TextToSpeechStub(channel)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            if streaming:
+                for _ in stub.SynthesizeStream(_long_request(2), timeout=4.0):
+                    pass
+            else:
+                stub_call = stub.Synthesize(_long_request(3), timeout=4.0)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+        assert time.monotonic() - started < 4.0 + 5.0
+    assert stub_call is None
+    value = _wait_active(llm_metrics, lambda v: v == 0, FREED_WITHIN_S)
+    assert value == 0, "the llm stage kept decoding after the client's deadline"
