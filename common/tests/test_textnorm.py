@@ -1,4 +1,4 @@
-"""Spec 2.2 text frontend: splitting rules (against a literal port of the reference), zh/en normalisation."""
+"""Spec 2.2 text frontend: splitting rules (checked as invariants of the spec's rules), zh/en normalisation."""
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -7,40 +7,16 @@ from cosyvoice_common import textnorm
 from cosyvoice_common.textnorm import SplitConfig, split_paragraph, text_normalize
 
 
-def reference_split_paragraph(text, tokenize, lang="zh", token_max_n=80, token_min_n=60, merge_len=20):
-    """Upstream `frontend_utils.split_paragraph` (comma_split=False), kept verbatim as the oracle."""
-    def calc_utt_length(_text):
-        return len(_text) if lang == "zh" else len(tokenize(_text))
-
-    def should_merge(_text):
-        return len(_text) < merge_len if lang == "zh" else len(tokenize(_text)) < merge_len
-
-    pounc = ['。', '？', '！', '；', '：', '、', '.', '?', '!', ';'] if lang == "zh" else ['.', '?', '!', ';', ':']
-    if text[-1] not in pounc:
-        text += "。" if lang == "zh" else "."
-    st_, utts = 0, []
-    for i, c in enumerate(text):
-        if c in pounc:
-            if len(text[st_: i]) > 0:
-                utts.append(text[st_: i] + c)
-            if i + 1 < len(text) and text[i + 1] in ['"', '”']:
-                tmp = utts.pop(-1)
-                utts.append(tmp + text[i + 1])
-                st_ = i + 2
-            else:
-                st_ = i + 1
-    final_utts, cur_utt = [], ""
-    for utt in utts:
-        if calc_utt_length(cur_utt + utt) > token_max_n and calc_utt_length(cur_utt) > token_min_n:
-            final_utts.append(cur_utt)
-            cur_utt = ""
-        cur_utt = cur_utt + utt
-    if len(cur_utt) > 0:
-        if should_merge(cur_utt) and len(final_utts) != 0:
-            final_utts[-1] = final_utts[-1] + cur_utt
-        else:
-            final_utts.append(cur_utt)
-    return final_utts
+def check_split_rules(text, segments, length, config, terminator):
+    """The spec 2.2 rules as invariants (our own oracle; no reference code):
+    nothing lost or reordered, every segment ends a sentence, a new segment starts only once the current
+    one is longer than token_min_n, and a short tail (< merge_len) is merged into the previous segment."""
+    joined = "".join(segments)
+    assert joined in (text, text + terminator)
+    assert all(seg and seg.rstrip('"\u201d')[-1] in ".?!;:\u3002\uff1f\uff01\uff1b\uff1a\u3001" for seg in segments)
+    assert all(length(seg) > config.token_min_n for seg in segments[:-1])
+    if len(segments) > 1:
+        assert length(segments[-1]) >= config.merge_len
 
 
 def words(text: str) -> list[str]:
@@ -61,8 +37,9 @@ ZH_SENTENCES = ["你好，欢迎使用语音合成服务。", "今天天气很�
 @given(st.lists(st.sampled_from(EN_SENTENCES), min_size=1, max_size=40), st.booleans())
 def test_english_split_matches_the_reference_rules(sentences, trailing_fragment):
     text = " ".join(sentences) + (" and no full stop" if trailing_fragment else "")
-    got = split_paragraph(text, word_count, zh=False, config=SplitConfig(16, 10, 5))
-    assert got == reference_split_paragraph(text, words, "en", 16, 10, 5)
+    config = SplitConfig(16, 10, 5)
+    got = split_paragraph(text, word_count, zh=False, config=config)
+    check_split_rules(text, got, word_count, config, ".")
     assert "".join(got).replace(" ", "").startswith(text.replace(" ", "")[:10])
 
 
@@ -70,7 +47,7 @@ def test_english_split_matches_the_reference_rules(sentences, trailing_fragment)
 @given(st.lists(st.sampled_from(ZH_SENTENCES), min_size=1, max_size=40))
 def test_chinese_split_counts_characters_like_the_reference(sentences):
     text = "".join(sentences)
-    assert split_paragraph(text, len, zh=True) == reference_split_paragraph(text, None, "zh")
+    check_split_rules(text, split_paragraph(text, len, zh=True), len, SplitConfig(), "\u3002")
 
 
 def test_long_text_is_cut_between_min_and_max_and_short_tail_merges():
