@@ -233,6 +233,22 @@ def triton_stats(urls: list[str]) -> dict:
     return out
 
 
+async def settled_triton_stats(urls: list[str], poll_s: float = 0.1, max_wait_s: float = 2.0) -> dict:
+    """Triton counts a request when it releases it, a moment after the client has the answer: poll until
+    two reads agree so a level's last requests land in that level, not the next."""
+    if not urls:
+        return {}
+    stats = triton_stats(urls)
+    deadline = time.perf_counter() + max_wait_s
+    while time.perf_counter() < deadline:
+        await asyncio.sleep(poll_s)
+        again = triton_stats(urls)
+        if again == stats:
+            break
+        stats = again
+    return stats
+
+
 def stats_delta(before: dict, after: dict) -> dict:
     rows = {}
     for name, a in after.items():
@@ -311,9 +327,9 @@ async def main_async(args) -> int:
         with tqdm(total=total, desc="bench", file=sys.stderr) as progress:
             for mode in modes:
                 for c in concurrencies:
-                    before = triton_stats(stage_urls)
+                    before = await settled_triton_stats(stage_urls)
                     row = await run_level(driver, items, mode, c, progress)
-                    row["triton"] = stats_delta(before, triton_stats(stage_urls))
+                    row["triton"] = stats_delta(before, await settled_triton_stats(stage_urls))
                     rows.append(row)
     finally:
         await driver.close()
