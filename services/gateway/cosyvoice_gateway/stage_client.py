@@ -6,6 +6,12 @@ outstanding calls (ties broken round-robin, so idle replicas share work evenly).
 batches (`max_batch_size > 0`, so tensors carry a leading batch dim of 1) is read from the model
 config at readiness time, so the same client serves our models and drop-in ones.
 
+A replica URL whose host is a DNS name may stand for several servers (`docker compose up --scale
+token2wav=3`, a Kubernetes headless Service): every readiness check re-resolves it, and when it
+resolves to two or more distinct addresses each address becomes a replica of its own (IPv4 preferred:
+a dual-stack host's A and AAAA records are one server, so `localhost` stays one replica). Replicas
+that drop out of DNS finish their in-flight calls and are closed.
+
 Timing per call, measured by the gateway: `queue_ms` = waiting for a replica slot (only when
 `max_inflight_per_replica` bounds it), `compute_ms` = the call's round trip. Triton's own queue and
 compute split is in its statistics/metrics endpoint, which the benchmark reads.
@@ -14,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
+import socket
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -83,6 +91,54 @@ def parse_urls(value: str) -> tuple[str, ...]:
     return tuple(u.strip().removeprefix("grpc://") for u in value.split(",") if u.strip())
 
 
+# --- DNS: one configured URL, several servers -----------------------------------------------------------
+# host, port -> the addresses the name resolves to now (tests inject their own).
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+
+
+async def resolve_addresses(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]
+
+
+def split_host_port(url: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host without brackets, port)."""
+    host, sep, port = url.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"replica URL must be host:port, got {url!r}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def join_host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def expand_url(url: str, addresses: Sequence[str]) -> tuple[str, ...]:
+    """The replica URLs that `url` (host:port) stands for, given what its host resolves to now.
+
+    Two or more distinct addresses: one `address:port` each, in resolver order, IPv4 only when there is
+    any (a dual-stack host's A and AAAA records are one server, counted once). Otherwise `url` itself: an
+    IP literal, a name with one server (`localhost` -> 127.0.0.1 and ::1 is one), or a name that did not
+    resolve (gRPC resolves it again on connect, and the readiness check reports it)."""
+    host, port = split_host_port(url)
+    if is_ip_literal(host):
+        return (url,)
+    distinct = list(dict.fromkeys(a.split("%", 1)[0] for a in addresses))   # drop v6 zone ids, dedupe
+    v4 = [a for a in distinct if is_ip_literal(a) and ipaddress.ip_address(a).version == 4]
+    chosen = v4 or [a for a in distinct if is_ip_literal(a)]
+    if len(chosen) < 2:
+        return (url,)
+    return tuple(join_host_port(a, port) for a in chosen)
+
+
 STAGE_INPUTS = {
     "tokenizer": (TOKENIZER_MODEL, TOKENIZER_INPUTS),
     "speaker": (SPEAKER_MODEL, SPEAKER_INPUTS),
@@ -107,6 +163,7 @@ class _Replica:
     url: str
     client: triton_aio.InferenceServerClient
     slots: asyncio.Semaphore | None
+    source: str = ""           # the configured URL this replica came from (a DNS name may give several)
     outstanding: int = 0
     ready: bool = False
     batched: bool = False      # model config max_batch_size > 0: add/strip a leading batch dim of 1
@@ -119,28 +176,80 @@ class _Lease:
 
 
 class StageClient:
-    def __init__(self, config: StageConfig) -> None:
+    def __init__(self, config: StageConfig, resolver: Resolver | None = resolve_addresses) -> None:
+        """`resolver=None` never re-resolves names (each configured URL is one replica)."""
         self.config = config
         self._dtypes = {spec.name: spec.datatype for spec in config.inputs}
-        self._replicas = [
-            _Replica(url, triton_aio.InferenceServerClient(url),
-                     asyncio.Semaphore(config.max_inflight_per_replica) if config.max_inflight_per_replica else None)
-            for url in config.urls
-        ]
+        self._resolver = resolver
+        self._replicas = [self._new_replica(url, url) for url in config.urls]
+        self._retired: list[_Replica] = []     # dropped from DNS, closed once their calls finish
         self._rr = itertools.count()
+
+    def _new_replica(self, url: str, source: str) -> _Replica:
+        slots = asyncio.Semaphore(self.config.max_inflight_per_replica) if self.config.max_inflight_per_replica else None
+        return _Replica(url, triton_aio.InferenceServerClient(url), slots, source=source)
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def replica_urls(self) -> tuple[str, ...]:
+        return tuple(r.url for r in self._replicas)
+
     async def close(self) -> None:
-        await asyncio.gather(*(r.client.close() for r in self._replicas), return_exceptions=True)
+        await asyncio.gather(*(r.client.close() for r in (*self._replicas, *self._retired)), return_exceptions=True)
+        self._retired = []
+
+    # --- DNS ----------------------------------------------------------------------------------------
+    async def refresh_addresses(self) -> None:
+        """Re-resolve every configured URL whose host is a name; add replicas for new addresses, retire
+        those gone. A failed lookup keeps that URL's current replicas."""
+        if self._resolver is None:
+            return
+        wanted: list[tuple[str, str]] = []     # (replica url, source)
+        for source in self.config.urls:
+            current = [(r.url, source) for r in self._replicas if r.source == source]
+            try:
+                host, port = split_host_port(source)
+                if is_ip_literal(host):
+                    wanted.extend(current or [(source, source)])
+                    continue
+                addresses = await self._resolver(host, port)
+            except (OSError, ValueError) as exc:
+                log.warning("stage %s: cannot resolve %s (%s); keeping %d replica(s)", self.name, source, exc,
+                            len(current))
+                wanted.extend(current or [(source, source)])
+                continue
+            wanted.extend((url, source) for url in expand_url(source, addresses))
+        self._set_replicas(wanted)
+
+    def _set_replicas(self, wanted: Sequence[tuple[str, str]]) -> None:
+        by_url = {r.url: r for r in self._replicas}
+        keep = [by_url.get(url) or self._new_replica(url, source) for url, source in dict.fromkeys(wanted)]
+        kept_ids = {id(r) for r in keep}
+        gone = [r for r in self._replicas if id(r) not in kept_ids]
+        added = [r.url for r in keep if r.url not in by_url]
+        if added or gone:
+            log.info("stage %s replicas now %s (added %s, dropped %s)", self.name, [r.url for r in keep], added,
+                     [r.url for r in gone])
+        self._replicas = keep
+        self._retired.extend(gone)
+
+    async def _close_idle_retired(self) -> None:
+        idle = [r for r in self._retired if r.outstanding == 0]
+        self._retired = [r for r in self._retired if r.outstanding > 0]
+        await asyncio.gather(*(r.client.close() for r in idle), return_exceptions=True)
 
     # --- readiness ----------------------------------------------------------------------------------
     async def check_ready(self) -> bool:
-        """Refresh each replica's readiness (server ready and model ready); True if any replica is."""
-        await asyncio.gather(*(self._check_replica(r) for r in self._replicas))
-        return any(r.ready for r in self._replicas)
+        """Re-resolve DNS names, then refresh each replica's readiness (server ready and model ready);
+        True if any replica is."""
+        await self.refresh_addresses()
+        await self._close_idle_retired()
+        replicas = list(self._replicas)
+        await asyncio.gather(*(self._check_replica(r) for r in replicas))
+        return any(r.ready for r in replicas)
 
     async def _check_replica(self, replica: _Replica) -> None:
         was_ready = replica.ready
