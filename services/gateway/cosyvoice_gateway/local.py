@@ -11,11 +11,12 @@ Each local stage answers the two calls `Pipeline` makes on a `StageClient` with 
 `infer(tensors, outputs, request_id) -> (outputs, CallTiming)` and, for the LLM,
 `stream(tensors, outputs, request_id, timing)` (an async generator of `output_ids`).
 
-- tokenizer, speaker, token2wav: a `_Batcher` per stage, like Triton's dynamic batcher: calls that
-  arrive while a batch runs wait and form the next batch, run on the stage's own worker thread.
+- tokenizer, speaker, token2wav: a `_Batcher` per stage, like Triton's dynamic batcher: calls
+  that arrive while a batch runs wait and form the next batch, run on the stage's own thread.
   queue_ms = waiting for the batch to start, compute_ms = the batch's run time.
   token2wav batches through `cosyvoice_token2wav.runner.Token2WavRunner` (padded batch, CUDA graphs on
-  cuda) when that module exists, else `Token2Wav.chunk` call by call. The vocoder overlap cache stays a device tensor between chunks (no copies).
+  cuda) when that module exists, else `Token2Wav.chunk` call by call. The vocoder overlap cache
+  stays a device tensor between chunks (no copies).
 - llm: one `LLMEngine` thread (in-flight batching); its callbacks are bridged into one asyncio
   queue per request. Closing the stream early cancels the request in the engine.
 - prompt cache: an in-memory dict (`MemorySpk2Info`, honours `skip_cache` through the pipeline), or
@@ -431,9 +432,14 @@ class LocalLLM(LocalStage):
         start = time.perf_counter()
         finished = False
         try:
+            def deliver(out) -> None:      # engine thread
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, out)
+                except RuntimeError:       # the loop is gone (shutdown): nobody waits for this output
+                    pass
+
             try:
-                self.engine.submit(self._request(tensors, engine_id),
-                                   lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+                self.engine.submit(self._request(tensors, engine_id), deliver)
             except InvalidRequestError as exc:
                 raise StageError(self.name, f"InvalidRequestError: {exc}", invalid=True) from exc
             while True:
