@@ -32,6 +32,7 @@ import concurrent.futures
 import importlib.util
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -527,8 +528,19 @@ class LocalPipeline:
 
     @classmethod
     def create(cls, model_dir: str | Path, device: str = "cpu", **options) -> "LocalPipeline":
+        """`options`: LocalConfig fields; unset ones follow the stack's TOKENIZER_BACKEND, SPEAKER_BACKEND,
+        LLM_DTYPE, TOKEN2WAV_DTYPE, TOKEN2WAV_MAX_BATCH_SIZE when those are in the environment."""
         from cosyvoice_gateway.server import load_text_encoder, model_revision
 
+        env = {"tokenizer_backend": "TOKENIZER_BACKEND", "speaker_backend": "SPEAKER_BACKEND",
+               "llm_dtype": "LLM_DTYPE", "token2wav_dtype": "TOKEN2WAV_DTYPE"}
+        for option, name in env.items():       # the stack launcher's variables, so both lines match
+            if name in os.environ:
+                options.setdefault(option, os.environ[name])
+        if "TOKEN2WAV_MAX_BATCH_SIZE" in os.environ:
+            options.setdefault("max_batch", int(os.environ["TOKEN2WAV_MAX_BATCH_SIZE"]))
+        if options.get("token2wav_dtype") == "auto":
+            options["token2wav_dtype"] = "float32"      # the token2wav stage's `auto`
         config = LocalConfig(Path(model_dir), str(device), **options)
         max_slots = max(config.max_batch, 32 if config.device.startswith("cuda") else config.max_batch)
         recorder = _Recorder(config.record_dir) if config.record_dir else None
