@@ -11,7 +11,7 @@ MODEL_DIR  ?= models/cosyvoice2-$(MODEL_SIZE)
 GOLDEN     ?= ../shared/golden/tiny-seed1
 export MODEL_DIR
 
-.PHONY: venv proto model download parity test up down logs ps bench profile clean help
+.PHONY: venv proto model download parity test up down logs ps plan bench profile clean help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -54,20 +54,12 @@ download: $(STAMP) ## fetch + verify the released model into MODEL_DIR (default 
 	$(PY) -m cosyvoice_tools.download --model-dir $(DOWNLOAD_DIR) --source $(DOWNLOAD_SOURCE) $(if $(VERIFY_ONLY),--verify-only,)
 
 # --- stack ---
-# Replicas per stage (one tritonserver each) and devices, passed to the launcher through the environment.
-TOKENIZER_REPLICAS ?= 1
-SPEAKER_REPLICAS   ?= 1
-LLM_REPLICAS       ?= 1
-TOKEN2WAV_REPLICAS ?= 1
-TOKENIZER_DEVICES  ?= cpu
-SPEAKER_DEVICES    ?= cpu
-LLM_DEVICES        ?= cpu
-TOKEN2WAV_DEVICES  ?= cpu
-STACK_ENV = MODEL_SIZE=$(MODEL_SIZE) \
-	TOKENIZER_REPLICAS=$(TOKENIZER_REPLICAS) SPEAKER_REPLICAS=$(SPEAKER_REPLICAS) \
-	LLM_REPLICAS=$(LLM_REPLICAS) TOKEN2WAV_REPLICAS=$(TOKEN2WAV_REPLICAS) \
-	TOKENIZER_DEVICES=$(TOKENIZER_DEVICES) SPEAKER_DEVICES=$(SPEAKER_DEVICES) \
-	LLM_DEVICES=$(LLM_DEVICES) TOKEN2WAV_DEVICES=$(TOKEN2WAV_DEVICES)
+# Where stages run: cosyvoice_common.placement (deploy/README.md), read by the launcher from the environment.
+# Empty = unset: PLACEMENT_FILE (e.g. deploy/placement.example.yaml), then these override it; devices default
+# to PLACEMENT_DEFAULT_DEVICE, else cuda:0 when torch sees a GPU, else cpu.
+PLACEMENT_VARS = PLACEMENT_FILE PLACEMENT_DEFAULT_DEVICE \
+	$(foreach s,TOKENIZER SPEAKER LLM TOKEN2WAV,$(s)_REPLICAS $(s)_DEVICES $(s)_INSTANCES $(s)_BASE_PORT)
+STACK_ENV = MODEL_SIZE=$(MODEL_SIZE) $(foreach v,$(PLACEMENT_VARS),$(v)="$($(v))")
 
 up: $(STAMP) ## start redis + stage servers + gateway (generates MODEL_DIR if missing); e.g. make up TOKEN2WAV_REPLICAS=2
 	$(STACK_ENV) $(PY) -m cosyvoice_tools.stack up
@@ -75,8 +67,11 @@ up: $(STAMP) ## start redis + stage servers + gateway (generates MODEL_DIR if mi
 down: ## stop everything `make up` started
 	$(PY) -m cosyvoice_tools.stack down
 
-ps: ## each stack process: pid, ports, alive, ready
+ps: ## each stack process: pid, ports, alive, ready, device
 	$(PY) -m cosyvoice_tools.stack ps
+
+plan: $(STAMP) ## the stage processes `make up` would start (devices, CUDA_VISIBLE_DEVICES, instances, ports)
+	$(STACK_ENV) $(PY) -m cosyvoice_tools.stack plan
 
 logs: ## tail the stack's logs (make logs FOLLOW=1 to follow)
 	$(PY) -m cosyvoice_tools.stack logs $(if $(FOLLOW),--follow,)
