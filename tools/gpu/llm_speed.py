@@ -12,7 +12,8 @@ Self-contained: builds a random Qwen2LM of CosyVoice2-0.5B's shape in memory (no
      loop thread: tokens/s and per-request time to first token.
 The last lines printed are the tables. Full results go to $OUT/llm_speed.json when $OUT is set.
 
-GPU:  python tools/gpu/llm_speed.py
+GPU:  python tools/gpu/llm_speed.py --variants base-eager,base-graph,plain-graph,fused-graph,fast-graph
+      python tools/gpu/llm_speed.py --variants fast-graph,compiled-graph --skip-checks   (compile: minutes, alone)
 CPU:  python tools/gpu/llm_speed.py --device cpu --tiny      (logic check, tiny shapes, no graphs)
 
 Variants: base-eager / base-graph (the engine as it was), plain-graph (new code, unfused, full-cache attention,
