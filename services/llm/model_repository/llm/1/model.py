@@ -9,7 +9,9 @@ Output ids are flat (speech code + SPEECH_ID_OFFSET), as the TensorRT-LLM export
 from __future__ import annotations
 
 import itertools
+import faulthandler
 import json
+import signal
 import os
 import queue
 import threading
@@ -132,6 +134,8 @@ class RequestData:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        # `kill -USR1 <stub pid>` dumps every thread's Python stack into the server log (hang diagnosis).
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise ValueError("model `llm` must be decoupled (model_transaction_policy { decoupled: true })")

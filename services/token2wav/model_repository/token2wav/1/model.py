@@ -8,7 +8,9 @@ request's failure answers only that request.
 """
 from __future__ import annotations
 
+import faulthandler
 import json
+import signal
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +129,8 @@ def _error(exc: Exception):
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        # `kill -USR1 <stub pid>` dumps every thread's Python stack into the server log (hang diagnosis).
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         model_config = json.loads(args["model_config"])
         self.config = Token2WavStageConfig.from_model_config(model_config)
         device = torch.device(self.config.device)
