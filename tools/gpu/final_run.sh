@@ -16,11 +16,12 @@ OUTDIR=/tmp/results; mkdir -p "$OUTDIR"   # packed into $OUT at the end (a call 
 export MODEL_DIR=${MODEL_DIR:-/tmp/models/cosyvoice2-full}
 MANIFEST=${MANIFEST:-.carry/bench/manifest.jsonl}
 CONC=${CONC:-1,4,16}
-python3 -m cosyvoice_tools.modelgen --size full --out "$MODEL_DIR" 2>&1 | grep -v "random weights" | tail -2
-for s in TOKENIZER SPEAKER LLM TOKEN2WAV; do export ${s}_DEVICES=cuda:0; done
+python3 -m cosyvoice_tools.modelgen --size "${SIZE:-full}" --out "$MODEL_DIR" 2>&1 | grep -v "random weights" | tail -2
+DEVICE=${DEVICE:-cuda:0}; LIMIT=${LIMIT:-0}
+for s in TOKENIZER SPEAKER LLM TOKEN2WAV; do export ${s}_DEVICES=$DEVICE; done
 export TOKENIZER_BACKEND=torch SPEAKER_BACKEND=torch LLM_DTYPE=${LLM_DTYPE:-bfloat16}
-export STACK_RUN_DIR=/tmp/run REDIS_PORT=6390 PLACEMENT_DEFAULT_DEVICE=cuda:0
-LABEL="$(nvidia-smi --query-gpu=name --format=csv,noheader), $(date -u +%F)"
+export STACK_RUN_DIR=/tmp/run REDIS_PORT=6390 PLACEMENT_DEFAULT_DEVICE=$DEVICE
+LABEL="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo cpu), $(date -u +%F)"
 
 stack_up() {
   timeout 240 python3 -m cosyvoice_tools.stack up > "$OUTDIR/stack_up_$1.txt" 2>&1 || { tail -5 "$OUTDIR/stack_up_$1.txt"; return 1; }
@@ -45,14 +46,14 @@ if stack_up graphs && smoke graphs; then :; else
 fi
 tail -3 "$OUTDIR/smoke_$MODE.txt"
 timeout $(( $(left) * 55 / 100 )) python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" --concurrency "$CONC" \
-  --modes stream,stream-cached,offline --triton-stats "$STATS" --label "whole stack ($MODE), $LABEL" \
+  --modes stream,stream-cached,offline --limit "$LIMIT" --triton-stats "$STATS" --label "whole stack ($MODE), $LABEL" \
   --out "$OUTDIR/stack.json" 2>"$OUTDIR/stack_bench.err" > "$OUTDIR/stack_tables.md"
 python3 -m cosyvoice_tools.stack down >/dev/null 2>&1
 cp /tmp/run/logs/llm-0.log /tmp/run/logs/token2wav-0.log /tmp/run/logs/gateway.log "$OUTDIR/" 2>/dev/null
 
 echo "== 2. engine only ($(left) s left)"
-timeout $(( $(left) * 45 / 100 )) python3 -m cosyvoice_tools.bench --engine-only --model-dir "$MODEL_DIR" --device cuda \
-  --manifest "$MANIFEST" --concurrency "$CONC" --modes stream,offline --label "engine only ($MODE), $LABEL" \
+timeout $(( $(left) * 45 / 100 )) python3 -m cosyvoice_tools.bench --engine-only --model-dir "$MODEL_DIR" --device "${DEVICE%%:*}" \
+  --manifest "$MANIFEST" --concurrency "$CONC" --modes stream,offline --limit "$LIMIT" --label "engine only ($MODE), $LABEL" \
   --out "$OUTDIR/engine.json" 2>"$OUTDIR/engine_bench.err" > "$OUTDIR/engine_tables.md"
 
 echo "== 3. components ($(left) s left)"
