@@ -1,0 +1,90 @@
+"""bench: the engine-only line (in-process pipeline) and the whole stack (real stage servers + gateway) both
+print the tables and write JSON rows with every field; cache-off rows recompute, cached rows hit."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cosyvoice_gateway.testing import prompt_wav_bytes
+from cosyvoice_tools import bench
+
+TOKENS = 20            # 0.8 s per request: first chunk (15 + 3 look-ahead tokens) + the final one
+FIRST_CHUNK_SAMPLES = 15 * 2 * 480 - 3840   # 15 tokens x 2 mel frames x 480 samples, minus the 3840 kept back
+ROW_FIELDS = {"mode", "concurrency", "requests", "errors", "wall_s", "audio_s", "rtf", "audio_s_per_s",
+              "first_chunk_ms", "total_ms", "first_chunk_samples", "cache_hit_rate", "stage_ms", "triton"}
+
+
+def write_manifest(directory: Path) -> Path:
+    rows = []
+    for i, (text, prompt_text) in enumerate((("Hello there, how are you today?", "A short prompt."),
+                                             ("今天天气很好。", "这是一个提示。"))):
+        (directory / f"p{i}.wav").write_bytes(prompt_wav_bytes(1.0, seed=i))
+        rows.append({"id": f"item{i}", "prompt_audio": f"p{i}.wav", "prompt_text": prompt_text, "target_text": text,
+                     "target_speech_tokens": TOKENS})
+    path = directory / "manifest.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    return path
+
+
+def run_bench(tmp_path: Path, capsys, *extra: str) -> tuple[dict, str]:
+    out = tmp_path / "bench.json"
+    code = bench.main(["--manifest", str(write_manifest(tmp_path)), "--limit", "2", "--concurrency", "1,2",
+                       "--warmup", "1", "--timeout-s", "120", "--out", str(out), *extra])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    return json.loads(out.read_text()), printed
+
+
+def check_report(report: dict, printed: str) -> None:
+    rows = report["rows"]
+    assert [(r["mode"], r["concurrency"]) for r in rows] == [(m, c) for m in bench.MODES for c in (1, 2)]
+    for r in rows:
+        assert ROW_FIELDS <= set(r), r
+        assert r["errors"] == 0 and r["requests"] == max(2, 2 * r["concurrency"])
+        assert r["audio_s"] == pytest.approx(r["requests"] * TOKENS / 25, rel=0.05)
+        assert r["first_chunk_ms"]["p50"] > 0 and r["total_ms"]["p99"] >= r["first_chunk_ms"]["p50"]
+        assert {f"{s}.{p}" for s in bench.STAGES for p in ("queue", "compute")} <= set(r["stage_ms"])
+        assert r["stage_ms"]["llm.compute"] > 0 and r["stage_ms"]["token2wav.compute"] > 0
+        if r["mode"] == "stream":     # skip_cache: prompt features recomputed on every request
+            assert r["cache_hit_rate"] == 0 and r["stage_ms"]["tokenizer.compute"] > 0
+        else:
+            assert r["cache_hit_rate"] == 1 and r["stage_ms"]["tokenizer.compute"] == 0
+        if r["mode"] == "offline":
+            assert r["first_chunk_ms"] == r["total_ms"]
+        else:   # streaming: the first chunk is 15 tokens of audio less the withheld vocoder overlap
+            assert r["first_chunk_samples"] == FIRST_CHUNK_SAMPLES
+            assert r["first_chunk_ms"]["avg"] < r["total_ms"]["avg"]
+    for mode in bench.MODES:
+        assert f"### {mode}" in printed
+    assert "| c | reqs | err | first chunk avg / p50 / p90 / p99 (ms)" in printed
+    assert "Per-stage time per request" in printed
+
+
+@pytest.mark.stack
+def test_engine_only_bench_prints_tables_and_json(tiny_model_dir, tmp_path, capsys):
+    report, printed = run_bench(tmp_path, capsys, "--engine-only", "--model-dir", str(tiny_model_dir),
+                                "--device", "cpu", "--label", "tiny-engine")
+    assert report["engine_only"] is True and report["label"] == "tiny-engine"
+    check_report(report, printed)
+    assert "## engine-only: tiny-engine" in printed
+    assert all(r["triton"] == {} for r in report["rows"])
+
+
+@pytest.mark.stack
+def test_stack_bench_fills_the_triton_stage_table(stack, stage_servers, tmp_path, capsys):
+    stage_http = ",".join(stage_servers.http_url(s) for s in bench.STAGES)
+    report, printed = run_bench(tmp_path, capsys, "--addr", stack.gateway_grpc_url, "--triton-stats", stage_http,
+                                "--label", "tiny-stack")
+    assert report["engine_only"] is False
+    check_report(report, printed)
+    assert "## whole stack: tiny-stack" in printed
+    assert "Per-stage Triton statistics" in printed
+    for r in report["rows"]:
+        t2w = r["triton"]["token2wav"]
+        calls = 1 if r["mode"] == "offline" else 2          # streaming: first chunk + final chunk
+        assert t2w["requests"] == calls * r["requests"]      # bench waits for the servers' counts to settle
+        assert t2w["avg_compute_ms"] > 0 and t2w["avg_batch"] >= 1
+        assert r["triton"]["llm"]["requests"] == r["requests"]
+        assert ("audio_tokenizer" in r["triton"]) == (r["mode"] == "stream")
