@@ -21,6 +21,7 @@ DEVICE=${DEVICE:-cuda:0}; LIMIT=${LIMIT:-0}
 for s in TOKENIZER SPEAKER LLM TOKEN2WAV; do export ${s}_DEVICES=$DEVICE; done
 export TOKENIZER_BACKEND=torch SPEAKER_BACKEND=torch LLM_DTYPE=${LLM_DTYPE:-bfloat16}
 export STACK_RUN_DIR=/tmp/run REDIS_PORT=6390 PLACEMENT_DEFAULT_DEVICE=$DEVICE
+export SEED_FRONT=0   # the seed-compatible fronts are measured by their own client, not in this run
 LABEL="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo cpu), $(date -u +%F)"
 
 stack_up() {
@@ -57,7 +58,7 @@ timeout $(( $(left) * 45 / 100 )) python3 -m cosyvoice_tools.bench --engine-only
   --out "$OUTDIR/engine.json" 2>"$OUTDIR/engine_bench.err" > "$OUTDIR/engine_tables.md"
 
 echo "== 3. components ($(left) s left)"
-timeout $(( $(left) / 2 )) python3 tools/gpu/llm_speed.py --variants base-graph,fast-graph --batches 1,8,32 \
+timeout $(( $(left) / 2 )) python3 tools/gpu/llm_speed.py --variants plain-graph,fast-graph --batches 1,8,32 \
   --e2e 1,32 > "$OUTDIR/llm_speed.txt" 2>&1; cp "${OUT:-.}/llm_speed.json" "$OUTDIR/" 2>/dev/null
 timeout $(( $(left) - 10 )) python3 tools/gpu/token2wav_speed.py --device cuda --size full \
   --variants fp32-graphs,bf16-graphs --batches 1,4,16 --baseline-max-batch 1 --baseline-repeats 2 --out "$OUTDIR" > "$OUTDIR/token2wav_speed.txt" 2>&1
