@@ -16,6 +16,7 @@ from (deploy/README.md): defaults < PLACEMENT_FILE (YAML) < variables.
                                                           for STAGE in TOKENIZER SPEAKER LLM TOKEN2WAV
     TOKENIZER_BACKEND, SPEAKER_BACKEND (onnx | torch), LLM_DTYPE, TOKEN2WAV_DTYPE
     REDIS_PORT (6379), GRPC_PORT (50051), HTTP_PORT (8080), STACK_RUN_DIR (run), STACK_READY_TIMEOUT_S
+    SEED_FRONT (1), SEED_STREAM_BASE_PORT (8000), SEED_OFFLINE_BASE_PORT (8010), SEED_* (gateway README)
 Replica i of a stage listens on base + 10 i (HTTP), + 1 (gRPC), + 2 (metrics); base 0 = free ports.
 A replica's tritonserver gets CUDA_VISIBLE_DEVICES = its host GPUs, so it sees them as cuda:0, cuda:1, ...
 (`plan` prints every process with its devices, without starting anything).
@@ -185,6 +186,12 @@ class StackConfig:
     generate_model: bool = True             # run cosyvoice_tools.modelgen if model_dir is missing
     model_size: str = "tiny"
     quiet: bool = False
+    # Seed-compatible Triton front `cosyvoice2` (services/gateway/model_repository): a streaming and an
+    # offline tritonserver; http/grpc/metrics at base, +1, +2 (0 = free ports).
+    seed_front: bool = True
+    seed_stream_base_port: int = 8000
+    seed_offline_base_port: int = 8010
+    seed_params: Mapping[str, str] = field(default_factory=dict)   # cosyvoice_gateway.seed.front_env_params
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "StackConfig":
@@ -216,6 +223,10 @@ class StackConfig:
             gateway_http_port=int(env.get("HTTP_PORT", "8080")),
             ready_timeout_s=float(env.get("STACK_READY_TIMEOUT_S", "300")),
             model_size=model_size,
+            seed_front=env.get("SEED_FRONT", "1") not in ("0", "false", "no"),
+            seed_stream_base_port=int(env.get("SEED_STREAM_BASE_PORT", "8000")),
+            seed_offline_base_port=int(env.get("SEED_OFFLINE_BASE_PORT", "8010")),
+            seed_params=_seed_env_params(env),
         )
 
     def stage(self, name: str) -> StageSettings:
@@ -314,6 +325,14 @@ def format_plan(config: "StackConfig", plan: list[ProcessSlot]) -> str:
     if external:
         lines.append(f"not started here: {', '.join(external)}")
     return "\n".join(lines)
+
+
+def _seed_env_params(env: Mapping[str, str]) -> dict[str, str]:
+    try:
+        from cosyvoice_gateway.seed import front_env_params
+    except ModuleNotFoundError:
+        return {}
+    return front_env_params(env)
 
 
 def _repo_path(value: str) -> Path:
@@ -451,6 +470,8 @@ class Stack:
                 self._wait_ready([self._record("gateway")], cfg.ready_timeout_s)
             elif cfg.gateway:
                 self._say("gateway: cosyvoice_gateway.server not found, not started")
+            if cfg.seed_front:
+                self._start_seed_fronts()
         except BaseException:
             self.stop()
             raise
@@ -528,6 +549,40 @@ class Stack:
                                 {"grpc": grpc_port, "http": http_port},
                                 health_url=f"http://{HOST}:{http_port}/healthz"), popen)
 
+    SEED_VARIANTS = (("seed-stream", True), ("seed-offline", False))
+
+    def seed_ports(self, variant: str) -> dict[str, int]:
+        """{"http", "grpc", "metrics"} of `seed-stream` or `seed-offline` (the `cosyvoice2` fronts)."""
+        rec = self._record(variant)
+        return dict(rec.ports) if rec else {}
+
+    def _start_seed_fronts(self) -> None:
+        """Two tritonservers serving `cosyvoice2` (decoupled and offline) over this stack's stages."""
+        from cosyvoice_gateway import seed
+
+        cfg = self.config
+        stub_bin = seed.ensure_stub_python(_repo_path(os.environ.get("SEED_STUB_PYTHON_DIR", "build/seed-stub-python")),
+                                           wheel_dirs=(REPO_ROOT / ".whl",))
+        self._install = self._install or TritonInstall.locate()
+        urls = {s.urls_env: ",".join(self.stage_grpc_urls(s.name)) for s in STAGES}
+        params = {**seed.front_env_params({}), **cfg.seed_params}
+        records = []
+        for (name, decoupled), base in zip(self.SEED_VARIANTS, (cfg.seed_stream_base_port, cfg.seed_offline_base_port)):
+            http, grpc, metrics = (base, base + 1, base + 2) if base else free_ports(3)
+            repo = render_model_repository(REPO_ROOT / "services/gateway/model_repository", cfg.run_dir / "repos" / name,
+                                           seed.template_params(decoupled, cfg.model_dir, urls, self.redis_url, params))
+            log = cfg.run_dir / "logs" / f"{name}.log"
+            log.unlink(missing_ok=True)
+            env = seed.stub_environment(stub_bin, self._install.env())
+            server = TritonServer(TritonServerConfig(repo, http, grpc, metrics, log, extra_env=env),
+                                  self._install).start()
+            self._say(f"starting {name} (model cosyvoice2) on http {HOST}:{http} grpc {HOST}:{grpc}")
+            record = ProcessRecord(name, "triton", server.pid, str(log), {"http": http, "grpc": grpc, "metrics": metrics},
+                                   health_url=f"http://{HOST}:{http}/v2/health/ready", device="cpu")
+            self._add(record, server.process)
+            records.append(record)
+        self._wait_ready(records, cfg.ready_timeout_s)
+
     def _alive(self, record: ProcessRecord) -> bool:
         popen = self._popens.get(record.pid)
         return popen.poll() is None if popen is not None else pid_alive(record.pid)
@@ -578,6 +633,10 @@ class Stack:
                 devices = " | ".join(r.device for r in self.stage_records(spec.name))
                 lines.append(f"  {spec.name:<9} {spec.model:<18} grpc {','.join(urls)}"
                              + (f"   on {devices}" if devices else ""))
+        for variant, _ in self.SEED_VARIANTS:
+            ports = self.seed_ports(variant)
+            if ports:
+                lines.append(f"  {variant:<13} cosyvoice2 http {HOST}:{ports['http']} grpc {HOST}:{ports['grpc']}")
         if self.redis_url:
             lines.append(f"  redis     {self.redis_url}")
         lines.append(f"  logs      {self.config.run_dir / 'logs'}")

@@ -92,7 +92,7 @@ def make_stack_config(model_dir: Path, run_dir: Path, stages: tuple[str, ...] = 
         for s in STAGES)
     return StackConfig(model_dir=model_dir, run_dir=run_dir, stages=settings, redis_port=0, start_redis=redis,
                        gateway=gateway, gateway_grpc_port=0, gateway_http_port=0, ready_timeout_s=180.0,
-                       generate_model=False, quiet=True)
+                       generate_model=False, quiet=True, seed_front=False)
 
 
 class StageServers:
@@ -145,5 +145,29 @@ def stack(stage_servers, tiny_model_dir, tmp_path_factory):
     stack.stop()
 
 
-__all__ = ["RedisServer", "StageServers", "generate_tiny_model", "redis_server", "stack", "stage_servers",
+@pytest.fixture(scope="session")
+def seed_front(stage_servers, tiny_model_dir, tmp_path_factory):
+    """Redis + the two seed-compatible `cosyvoice2` servers (streaming, offline) over the stage servers, free
+    ports; the default speaker "001" is registered at start-up from a synthetic prompt.
+
+    `seed_front.seed_ports("seed-stream" | "seed-offline")` -> {"http", "grpc", "metrics"}."""
+    from dataclasses import replace
+
+    from cosyvoice_gateway.seed import front_env_params
+    from cosyvoice_gateway.testing import prompt_wav_bytes
+
+    run_dir = tmp_path_factory.mktemp("seed-front")
+    prompt = run_dir / "prompt_001.wav"
+    prompt.write_bytes(prompt_wav_bytes(seconds=2.0))
+    params = {**front_env_params({}), "prompt_wav": str(prompt), "prompt_text": "a default voice."}
+    config = replace(make_stack_config(tiny_model_dir, run_dir, stages=(), gateway=False, redis=True),
+                     stage_urls=stage_servers.urls_env(), seed_front=True, seed_stream_base_port=0,
+                     seed_offline_base_port=0, seed_params=params)
+    stack = Stack(config)
+    stack.start()
+    yield stack
+    stack.stop()
+
+
+__all__ = ["seed_front", "RedisServer", "StageServers", "generate_tiny_model", "redis_server", "stack", "stage_servers",
            "stop_records", "make_stack_config", "tiny_model_dir"]

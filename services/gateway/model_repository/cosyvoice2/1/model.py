@@ -1,0 +1,105 @@
+"""Triton model `cosyvoice2`: the seed's front tensors over cosyvoice_gateway.seed.SeedFront.
+
+Thin: parse config, start the front, convert tensors. execute() only reads each request's tensors and
+schedules it on the front's asyncio loop, then returns None; audio goes out through the request's
+response sender (decoupled: one response per chunk then an empty COMPLETE_FINAL; offline: one response
+with COMPLETE_FINAL). Every path ends in COMPLETE_FINAL: done, failed (error response) or cancelled.
+"""
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from cosyvoice_gateway.seed import (
+    INPUT_NAMES,
+    SeedFront,
+    SeedFrontConfig,
+    SeedRequestError,
+    parse_seed_inputs,
+)
+
+_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+_TEXT_INPUTS = frozenset({"reference_text", "target_text"})
+
+
+def from_triton(name: str, tensor) -> np.ndarray:
+    if name in _TEXT_INPUTS:
+        # BYTES have no DLPack form; they arrive intact because this stub embeds an environment with
+        # numpy<2 (cosyvoice_gateway.seed.ensure_stub_python).
+        return tensor.as_numpy()
+    # DLPack, not as_numpy(): with numpy>=2 the wheel's stub builds zero-stride arrays.
+    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy().copy()
+
+
+def to_triton(name: str, array: np.ndarray):
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if tensor.numel() == 0:
+        tensor = torch.zeros(tensor.shape, dtype=tensor.dtype)
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor))
+
+
+class TritonResponder:
+    """One request's response sender; guarantees a single COMPLETE_FINAL."""
+
+    def __init__(self, request, sender) -> None:
+        self.request = request
+        self.sender = sender
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def _send(self, response=None, final: bool = False) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            if final:
+                self.closed = True
+            if response is None:
+                self.sender.send(flags=_FINAL)
+            else:
+                self.sender.send(response, flags=_FINAL if final else 0)
+
+    def send_audio(self, wav_24k: np.ndarray, final: bool) -> None:
+        # [1, n]: the model batches (max_batch_size > 0), so outputs carry the batch dim like the seed's.
+        self._send(pb_utils.InferenceResponse([to_triton("waveform", np.asarray(wav_24k).reshape(1, -1))]), final)
+
+    def finish(self) -> None:
+        self._send(None, final=True)
+
+    def fail(self, message: str) -> None:
+        self._send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), final=True)
+
+    def is_cancelled(self) -> bool:
+        return self.request.is_cancelled()
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        model_config = json.loads(args["model_config"])
+        self.streaming = pb_utils.using_decoupled_model_transaction_policy(model_config)
+        params = {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+        self.front = SeedFront(SeedFrontConfig.from_parameters(params)).start()
+
+    def execute(self, requests):
+        for request in requests:
+            responder = TritonResponder(request, request.get_response_sender())
+            try:
+                tensors = {}
+                for name in INPUT_NAMES:
+                    tensor = pb_utils.get_input_tensor_by_name(request, name)
+                    if tensor is not None:
+                        tensors[name] = from_triton(name, tensor)
+                inputs = parse_seed_inputs(tensors)
+            except (SeedRequestError, ValueError) as exc:
+                responder.fail(f"INVALID_ARGUMENT: {exc}")
+                continue
+            self.front.submit(inputs, request.request_id(), responder, self.streaming)
+        return None
+
+    def finalize(self) -> None:
+        self.front.stop()
