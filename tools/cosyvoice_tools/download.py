@@ -138,15 +138,15 @@ def _listed(keys: list[str]) -> str:
 def compare_shapes(what: str, expected: Mapping[str, tuple[int, ...]], actual: Mapping[str, tuple[int, ...]]
                    ) -> list[str]:
     """Problems (one line each) between the shapes a module expects and a checkpoint's."""
-    missing = [k for k in expected if k not in actual]
-    unexpected = [k for k in actual if k not in expected]
-    mis_shaped = [f"{k} is {list(actual[k])}, expected {list(expected[k])}"
-                  for k in expected if k in actual and tuple(actual[k]) != tuple(expected[k])]
+    from cosyvoice_common.checkpoint import compare_keys
+
+    diff = compare_keys(expected, actual)
+    mis_shaped = [f"{k} is {list(got)}, expected {list(want)}" for k, got, want in diff.mis_shaped]
     problems = []
-    if missing:
-        problems.append(f"{what}: {len(missing)} missing keys: {_listed(missing)}")
-    if unexpected:
-        problems.append(f"{what}: {len(unexpected)} unexpected keys: {_listed(unexpected)}")
+    if diff.missing:
+        problems.append(f"{what}: {len(diff.missing)} missing keys: {_listed(diff.missing)}")
+    if diff.unexpected:
+        problems.append(f"{what}: {len(diff.unexpected)} unexpected keys: {_listed(diff.unexpected)}")
     if mis_shaped:
         problems.append(f"{what}: {len(mis_shaped)} shape mismatches: {_listed(mis_shaped)}")
     return problems

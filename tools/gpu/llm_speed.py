@@ -1,23 +1,23 @@
 #!/usr/bin/env python
-"""LLM decode speed + quality: the engine before the speed work (tools/gpu/llm_baseline, frozen copy) vs its variants.
+"""LLM decode speed + quality: the engine with its speed features switched off (the baseline) vs on, one at a time.
 
 Self-contained: builds a random Qwen2LM of CosyVoice2-0.5B's shape in memory (no files), then
   1. checks: per-step log-probs of the fast model path (fused projections, kv-bounded attention, fresh prefill) in
-     fp32 and bf16, and of the baseline path in bf16, against the plain eager fp32 baseline (teacher forcing, same
-     tokens): max |dlogp|, argmax agreement, NaN count; greedy tokens of each engine variant against the plain
-     bf16 engine (agreement % and first divergence);
+     fp32 and bf16, and of the plain path (unfused, per-slot prefill and decode_step) in bf16, against a cache-free
+     fp32 forward (teacher forcing, same tokens): max |dlogp|, argmax agreement, NaN count; greedy tokens of each
+     engine variant against the first variant run (agreement % and first divergence);
   2. times the decode step per variant at each batch with CUDA events (warm-up, median): 'dev ms' = the captured
      graph's replay (or the eager step), 'eng ms' = a whole engine.step() (host bookkeeping + the one D2H sync);
   3. end to end: C concurrent requests (100-token prompt, 150 forced tokens, RAS sampling) through the engine's
      loop thread: tokens/s and per-request time to first token.
 The last lines printed are the tables. Full results go to $OUT/llm_speed.json when $OUT is set.
 
-GPU:  python tools/gpu/llm_speed.py --variants base-eager,base-graph,plain-graph,fused-graph,fast-graph
+GPU:  python tools/gpu/llm_speed.py --variants plain-eager,plain-graph,fused-graph,fast-graph
       python tools/gpu/llm_speed.py --variants fast-graph,compiled-graph --skip-checks   (compile: minutes, alone)
 CPU:  python tools/gpu/llm_speed.py --device cpu --tiny      (logic check, tiny shapes, no graphs)
 
-Variants: base-eager / base-graph (the engine as it was), plain-graph (new code, unfused, full-cache attention,
-one-at-a-time prefill), fused-graph (+ fused projections), fast-graph (+ kv buckets, batched prefill: the new
+Variants: plain-eager / plain-graph (the baseline: every speed feature off, no CUDA graphs / graphs; unfused,
+full-cache attention, one-at-a-time prefill), fused-graph (+ fused projections), fast-graph (+ kv buckets, batched prefill: the new
 defaults), compiled-graph (+ torch.compile of the step, then graphs), compiled-mat (compile mode
 max-autotune-no-cudagraphs; only with --max-autotune).
 """
@@ -34,7 +34,7 @@ import traceback
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parents[2]
-for _sub in ("common", "services/llm", "tools/gpu"):
+for _sub in ("common", "services/llm"):
     _p = str(_REPO / _sub)
     if _p not in sys.path:
         sys.path.insert(0, _p)
@@ -45,8 +45,6 @@ from cosyvoice_common.constants import SPEECH_EOS, SPEECH_ID_OFFSET  # noqa: E40
 from cosyvoice_llm import engine as fast_engine  # noqa: E402
 from cosyvoice_llm.model import Qwen2LM, build_prompt_flat_ids  # noqa: E402
 from cosyvoice_llm.sampling import SamplingParams  # noqa: E402
-from llm_baseline import engine as base_engine  # noqa: E402
-from llm_baseline.model import Qwen2LM as BaseQwen2LM  # noqa: E402
 
 QWEN2_0_5B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
               "num_attention_heads": 14, "num_key_value_heads": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
@@ -102,11 +100,10 @@ def prompt_ids(n_tokens: int, seed: int, text_vocab: int) -> tuple[int, ...]:
 
 def variant_specs(args) -> dict[str, dict]:
     graphs = args.device == "cuda"
+    plain = dict(fuse_projections=False, batched_prefill=False, kv_buckets=(args.max_seq_len,))   # speed work off
     specs = {
-        "base-eager": dict(mod=base_engine, model="base", cfg=dict()),
-        "base-graph": dict(mod=base_engine, model="base", cfg=dict(use_cuda_graphs=graphs)),
-        "plain-graph": dict(mod=fast_engine, model="plain", cfg=dict(
-            use_cuda_graphs=graphs, fuse_projections=False, batched_prefill=False, kv_buckets=(args.max_seq_len,))),
+        "plain-eager": dict(mod=fast_engine, model="plain", cfg=dict(use_cuda_graphs=False, **plain)),
+        "plain-graph": dict(mod=fast_engine, model="plain", cfg=dict(use_cuda_graphs=graphs, **plain)),
         "fused-graph": dict(mod=fast_engine, model="fast", cfg=dict(
             use_cuda_graphs=graphs, batched_prefill=False, kv_buckets=(args.max_seq_len,))),
         "fast-graph": dict(mod=fast_engine, model="fast", cfg=dict(use_cuda_graphs=graphs)),
@@ -142,14 +139,11 @@ def sync(device: str) -> None:
 
 def device_step_fn(eng, n: int):
     """A callable running one decode step over slots [0, n) exactly as engine.step() would (graph or eager)."""
-    if hasattr(eng, "_kv_bucket"):      # new engine: (batch bucket, kv bucket)
-        with eng._lock:
-            running = list(eng._running.values())
-        kv = eng._kv_bucket(running)
-        graph = eng._graphs.get(n, {}).get(kv)
-        return (graph.replay if graph is not None else (lambda: eng._step_fn(n, kv))), kv
-    graph = eng._graphs.get(n)
-    return (graph.replay if graph is not None else (lambda: eng._decode_rows(n))), eng.config.max_seq_len
+    with eng._lock:
+        running = list(eng._running.values())
+    kv = eng._kv_bucket(running)
+    graph = eng._graphs.get(n, {}).get(kv)
+    return (graph.replay if graph is not None else (lambda: eng._step_fn(n, kv))), kv
 
 
 def time_ms(fn, device: str, warmup: int, repeats: int) -> float:
@@ -186,10 +180,9 @@ def time_decode(eng, mod, b: int, args) -> dict:
     n = eng._bucket()
     fn, kv = device_step_fn(eng, n)
     dev_ms = time_ms(fn, args.device, args.warmup, args.repeats)
-    with eng._lock:   # the device positions moved without the host loop: keep the new engine's mirror in step
+    with eng._lock:   # the device positions moved without the host loop: keep the engine's mirror in step
         for seq in eng._running.values():
-            if hasattr(seq, "next_position"):
-                seq.next_position += args.warmup + args.repeats
+            seq.next_position += args.warmup + args.repeats
     eng_ms = time_ms(eng.step, args.device, args.warmup, args.repeats)
     for i in range(b):
         eng.cancel(f"t{b}-{i}")
@@ -243,7 +236,7 @@ def run_e2e(eng, mod, concurrency: int, args, sampling=RAS, tag: str = "e") -> d
 
 @torch.inference_mode()
 def logits_checks(models_by_name: dict, args) -> list[dict]:
-    """Teacher-forced per-step log-probs over the cached paths against the fp32 eager baseline (cache-free pass)."""
+    """Teacher-forced per-step log-probs over the cached paths against a cache-free fp32 forward."""
     text_vocab = qwen_cfg(args.tiny)["vocab_size"]
     dev = args.device
     b, steps = 4, 8
@@ -348,7 +341,6 @@ def main() -> None:
     t0 = time.perf_counter()
     state = build_state(args.tiny)
     models = {
-        "base": make_model(BaseQwen2LM, args.tiny, state, dev, dtype),
         "plain": make_model(Qwen2LM, args.tiny, state, dev, dtype),
         "fast": make_model(Qwen2LM, args.tiny, state, dev, dtype),
     }
@@ -357,19 +349,19 @@ def main() -> None:
     # 1. logits checks (separate model objects: the engines' caches stay untouched)
     if not args.skip_checks:
         try:
-            ref = make_model(BaseQwen2LM, args.tiny, state, dev, torch.float32)
+            ref = make_model(Qwen2LM, args.tiny, state, dev, torch.float32)
             fast32 = make_model(Qwen2LM, args.tiny, state, dev, torch.float32)
             fast16 = make_model(Qwen2LM, args.tiny, state, dev, dtype)
-            base16 = make_model(BaseQwen2LM, args.tiny, state, dev, dtype)
-            for m in (fast32, fast16, base16):
+            plain16 = make_model(Qwen2LM, args.tiny, state, dev, dtype)
+            for m in (fast32, fast16, plain16):
                 m.setup_caches(4, args.max_seq_len)
             for m in (fast32, fast16):
                 m.llm.backbone.fuse_projections()
             checks = logits_checks({"ref-fp32": (ref, "ref"), "fast-fp32": (fast32, "fast"),
                                     f"fast-{args.dtype}": (fast16, "fast"),
-                                    f"base-{args.dtype}": (base16, "base")}, args)
+                                    f"plain-{args.dtype}": (plain16, "plain")}, args)
             report["logits_checks"] = checks
-            del ref, fast32, fast16, base16
+            del ref, fast32, fast16, plain16
         except Exception:
             report["errors"]["logits_checks"] = traceback.format_exc()
             log(report["errors"]["logits_checks"])
@@ -419,7 +411,7 @@ def main() -> None:
     # tables last
     log("")
     if report.get("logits_checks"):
-        log("checks vs fp32 eager baseline (teacher forced, 4 seqs x 9 steps): max|dlogp|  argmax-agree  "
+        log("checks vs cache-free fp32 forward (teacher forced, 4 seqs x 9 steps): max|dlogp|  argmax-agree  "
             "(on clear margins)  NaN")
         for c in report["logits_checks"]:
             clear = "-" if c["argmax_agree_clear_margin"] is None else f"{c['argmax_agree_clear_margin']:.3f}"

@@ -18,6 +18,7 @@ from cosyvoice_common.constants import (
     FLAT_SOS_ID, FLAT_TASK_ID, MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO, SPEECH_CODEBOOK_SIZE, SPEECH_EOS,
     SPEECH_ID_OFFSET, SPEECH_STOP_IDS,
 )
+from cosyvoice_common.checkpoint import check_state_dict
 from cosyvoice_common.errors import CheckpointError, InvalidRequestError
 
 from .qwen2 import Qwen2Config, Qwen2ForCausalLM
@@ -212,24 +213,6 @@ class Qwen2LM(nn.Module):
 
 
 # --- loading ------------------------------------------------------------------------------------------------------
-
-def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Raises CheckpointError naming missing keys, unexpected keys and shape mismatches."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if shapes:
-            parts.append(f"shape mismatches {shapes}")
-        raise CheckpointError(f"{what} does not match the model: " + "; ".join(parts))
-
 
 def _read_llm_section(model_dir: Path, hidden_size: int) -> dict[str, Any]:
     try:

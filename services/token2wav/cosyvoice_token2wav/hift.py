@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from cosyvoice_common.errors import CheckpointError
+from cosyvoice_common.checkpoint import check_state_dict
 
 # Snake keeps 1/alpha finite for a zero alpha (reference value).
 SNAKE_EPS = 1e-9
@@ -386,24 +386,6 @@ def normalize_hift_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             key = key[: -len(LEGACY_V)] + WEIGHT_NORM_V
         out[key] = value
     return out
-
-
-def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Raise CheckpointError naming missing/unexpected keys and shape mismatches."""
-    want = module.state_dict()
-    missing = [k for k in want if k not in state]
-    unexpected = [k for k in state if k not in want]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} != model {tuple(want[k].shape)}"
-              for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if shapes:
-            parts.append(f"shape mismatches {shapes}")
-        raise CheckpointError(f"{what}: " + "; ".join(parts))
 
 
 def load_hift_state(module: HiFTGenerator, state: Mapping[str, torch.Tensor], what: str = "hift.pt") -> None:

@@ -7,13 +7,12 @@ from .flow import (
     CausalMaskedDiffWithXvec,
     FlowTrace,
     build_flow,
-    check_state_dict_keys,
     load_flow,
     load_flow_state,
 )
 
 __all__ = [
     "CFMConfig", "CausalConditionalCFM", "CausalConditionalDecoder", "CausalMaskedDiffWithXvec", "EncoderConfig",
-    "EstimatorConfig", "FlowConfig", "FlowTrace", "UpsampleConformerEncoder", "build_flow", "check_state_dict_keys",
+    "EstimatorConfig", "FlowConfig", "FlowTrace", "UpsampleConformerEncoder", "build_flow",
     "cosine_t_schedule", "fixed_noise", "load_flow", "load_flow_state",
 ]

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosyvoice_common.checkpoint import check_state_dict
+
 from .cfm import CausalConditionalCFM
 from .config import FlowConfig
 from .encoder import UpsampleConformerEncoder
@@ -107,31 +109,11 @@ class CausalMaskedDiffWithXvec(nn.Module):
         return self._run(token, prompt_token, prompt_feat, embedding, streaming, finalize, keep=True)
 
 
-def check_state_dict_keys(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Raise CheckpointError naming every missing, unexpected or mis-shaped key."""
-    from cosyvoice_common.errors import CheckpointError
-
-    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    mis_shaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} != model {want[k]}"
-                        for k in set(want) & set(state) if tuple(state[k].shape) != want[k])
-    if missing or unexpected or mis_shaped:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if mis_shaped:
-            parts.append(f"shape mismatches {mis_shaped}")
-        raise CheckpointError(f"{what}: " + "; ".join(parts))
-
-
 def load_flow_state(flow: CausalMaskedDiffWithXvec, checkpoint_path: str | os.PathLike,
                     device: torch.device | str, dtype: torch.dtype = torch.float32) -> CausalMaskedDiffWithXvec:
     """Load a flow.pt state_dict strictly into `flow` (built on any device, meta included)."""
     state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-    check_state_dict_keys(flow, state, str(checkpoint_path))
+    check_state_dict(flow, state, str(checkpoint_path))
     flow.load_state_dict(state, strict=True, assign=True)
     # the fixed noise is never in the checkpoint; move it along (it stays on the CPU when built under meta)
     return flow.to(device=device, dtype=dtype).eval()

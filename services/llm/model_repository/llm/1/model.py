@@ -23,6 +23,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import SPEECH_ID_OFFSET
+from cosyvoice_common.triton_io import error_response, from_triton, get_dtype, get_parameter, to_triton
 from cosyvoice_llm.engine import EngineConfig, FinishReason, LLMEngine, LLMOutput, LLMRequest
 from cosyvoice_llm.model import load_llm
 from cosyvoice_llm.repetition import RepetitionConfig
@@ -31,21 +32,6 @@ from cosyvoice_llm.sampling import SamplingParams
 CANCEL_POLL_S = 0.02          # how soon a client's cancel frees its slot
 REPETITION_ENV = "LLM_REPETITION"   # loop detection: "off" or "max_period=20,min_repeats=4,min_span=100"
 CUDA_GRAPHS_ENV = "LLM_CUDA_GRAPHS"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def from_triton(tensor) -> np.ndarray:
-    # DLPack, not tensor.as_numpy(): with numpy>=2 the wheel's stub builds arrays with zero strides
-    # (every element reads as the first one). The copy outlives the request's shared memory.
-    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy().copy()
-
-
-def get_parameter(model_config: dict, name: str) -> str:
-    """A string parameter of config.pbtxt; missing or an unfilled `${...}` template is an error."""
-    value = model_config.get("parameters", {}).get(name, {}).get("string_value")
-    if value is None or value.startswith("${"):
-        raise ValueError(f"config.pbtxt parameter {name!r} is not set (got {value!r})")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,14 +45,11 @@ class LLMStageConfig:
     @classmethod
     def from_model_config(cls, model_config: dict) -> "LLMStageConfig":
         device = get_parameter(model_config, "device")
-        dtype_name = get_parameter(model_config, "dtype")
-        if dtype_name == "auto":   # bf16 where the hardware has it, fp32 on CPU (tests, parity)
-            dtype_name = "bfloat16" if device.startswith("cuda") else "float32"
-        if dtype_name not in _DTYPES:
-            raise ValueError(f"dtype must be auto or one of {list(_DTYPES)}, got {dtype_name!r}")
-        return cls(Path(get_parameter(model_config, "model_dir")), device, _DTYPES[dtype_name],
-                   int(get_parameter(model_config, "max_batch_slots")),
-                   int(get_parameter(model_config, "max_seq_len")))
+        # auto: bf16 where the hardware has it, fp32 on CPU (tests, parity)
+        dtype = get_dtype(model_config, "dtype", auto="bfloat16" if device.startswith("cuda") else "float32")
+        return cls(Path(get_parameter(model_config, "model_dir")), device, dtype,
+                   get_parameter(model_config, "max_batch_slots", int),
+                   get_parameter(model_config, "max_seq_len", int))
 
 
 def _scalar(request, name: str, default=None):
@@ -106,14 +89,6 @@ def parse_request(request, request_id: str) -> tuple[LLMRequest, bool]:
         sampling=sampling,
         seed=int(_scalar(request, "random_seed", 0)))
     return llm_request, bool(_scalar(request, "streaming", False))
-
-
-def to_triton(name: str, array: np.ndarray):
-    # DLPack, not pb_utils.Tensor(name, ndarray): the wheel's stub reads numpy>=2 arrays as 0 bytes.
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if tensor.numel() == 0:   # numpy gives empty arrays strides the stub rejects as non-contiguous
-        tensor = torch.zeros(tensor.shape, dtype=tensor.dtype)
-    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor))
 
 
 def tokens_response(tokens: list[int]):
@@ -186,8 +161,7 @@ class TritonPythonModel:
                 with self.lock:
                     self.requests.pop(request_id, None)
                     self.active_metric.set(len(self.requests))
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                sender.send(error_response(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
     # --- respond (own thread: the engine loop never waits on IPC) -----------------------------------------

@@ -16,25 +16,12 @@ import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import MEL_BINS
 from cosyvoice_common.contracts import SPEAKER_INPUTS, SPEAKER_OUTPUTS
+from cosyvoice_common.triton_io import batch_or_each, error_response, from_triton, get_parameter, to_triton
 from cosyvoice_speaker import SpeakerEncoder
 from cosyvoice_speaker.features import prompt_mel
 
 WAV, WAV_LEN, WAV_24K, WAV_24K_LEN = (spec.name for spec in SPEAKER_INPUTS)
 EMBEDDING, SPEECH_FEAT = (spec.name for spec in SPEAKER_OUTPUTS)
-
-
-def from_triton(tensor) -> np.ndarray:
-    # DLPack, not tensor.as_numpy(): with numpy>=2 the wheel's stub builds arrays with zero strides
-    # (every element reads as the first one). The copy outlives the request's shared memory.
-    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy().copy()
-
-
-def get_parameter(model_config: dict, name: str) -> str:
-    """A string parameter of config.pbtxt; missing or an unfilled `${...}` template is an error."""
-    value = model_config.get("parameters", {}).get(name, {}).get("string_value")
-    if value is None or value.startswith("${"):
-        raise ValueError(f"config.pbtxt parameter {name!r} is not set (got {value!r})")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,18 +51,6 @@ def read_wav(request, name: str, len_name: str) -> np.ndarray | None:
     return wav[0, :n]
 
 
-def to_triton(name: str, array: np.ndarray):
-    # DLPack, not pb_utils.Tensor(name, ndarray): the wheel's stub reads numpy>=2 arrays as 0 bytes.
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if tensor.numel() == 0:   # numpy gives empty arrays strides the stub rejects as non-contiguous
-        tensor = torch.zeros(tensor.shape, dtype=tensor.dtype)
-    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor))
-
-
-def error_response(exc: Exception):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
-
-
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.config = SpeakerStageConfig.from_model_config(json.loads(args["model_config"]))
@@ -94,27 +69,12 @@ class TritonPythonModel:
             except Exception as exc:  # noqa: BLE001 - a bad request answers only itself
                 responses[i] = error_response(exc)
                 prompts.pop(i, None)
-        for i, embedding in self._embed(prompts).items():
+        # One call for the list; if it fails, each prompt alone, so one bad prompt fails only its request.
+        for i, embedding in batch_or_each(self._embed, prompts).items():
             responses[i] = error_response(embedding) if isinstance(embedding, Exception) else \
                 pb_utils.InferenceResponse([to_triton(EMBEDDING, np.asarray(embedding, np.float32).reshape(1, -1)),
                                             to_triton(SPEECH_FEAT, mels[i][None].astype(np.float32))])
         return responses
 
-    def _embed(self, prompts: dict[int, np.ndarray]) -> dict[int, np.ndarray | Exception]:
-        """One call for the list; if it fails, each prompt alone, so one bad prompt fails only its request."""
-        if not prompts:
-            return {}
-        keys = list(prompts)
-        try:
-            embeddings = np.asarray(self.encoder.embed([prompts[k] for k in keys]))
-            return {k: embeddings[row] for row, k in enumerate(keys)}
-        except Exception as exc:  # noqa: BLE001 - isolate the culprit below
-            if len(keys) == 1:
-                return {keys[0]: exc}
-        results: dict[int, np.ndarray | Exception] = {}
-        for k in keys:
-            try:
-                results[k] = np.asarray(self.encoder.embed([prompts[k]]))[0]
-            except Exception as exc:  # noqa: BLE001
-                results[k] = exc
-        return results
+    def _embed(self, prompts: list[np.ndarray]) -> np.ndarray:
+        return np.asarray(self.encoder.embed(prompts))   # one row per prompt

@@ -20,25 +20,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import MEL_BINS, SPEECH_ID_OFFSET
+from cosyvoice_common.triton_io import error_response, from_triton, get_dtype, get_parameter, to_triton
 from cosyvoice_token2wav.runner import ChunkRequest, Token2WavRunner
 from cosyvoice_token2wav.token2wav import VocoderCache
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def from_triton(tensor) -> np.ndarray:
-    # DLPack, not tensor.as_numpy(): with numpy>=2 the wheel's stub builds arrays with zero strides
-    # (every element reads as the first one). The copy outlives the request's shared memory.
-    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy().copy()
-
-
-def get_parameter(model_config: dict, name: str) -> str:
-    """A string parameter of config.pbtxt; missing or an unfilled `${...}` template is an error."""
-    value = model_config.get("parameters", {}).get(name, {}).get("string_value")
-    if value is None or value.startswith("${"):
-        raise ValueError(f"config.pbtxt parameter {name!r} is not set (got {value!r})")
-    return value
-
 
 @dataclass(frozen=True, slots=True)
 class Token2WavStageConfig:
@@ -48,12 +32,8 @@ class Token2WavStageConfig:
 
     @classmethod
     def from_model_config(cls, model_config: dict) -> "Token2WavStageConfig":
-        dtype_name = get_parameter(model_config, "dtype")
-        dtype_name = "float32" if dtype_name == "auto" else dtype_name   # the reference's numerics
-        if dtype_name not in _DTYPES:
-            raise ValueError(f"dtype must be auto or one of {list(_DTYPES)}, got {dtype_name!r}")
         return cls(Path(get_parameter(model_config, "model_dir")), get_parameter(model_config, "device"),
-                   _DTYPES[dtype_name])
+                   get_dtype(model_config, "dtype", auto="float32"))   # auto: the reference's numerics
 
 
 def _input(request, name: str) -> np.ndarray | None:
@@ -107,24 +87,13 @@ class ChunkCall:
                    token_offset, is_final, streaming, cache)
 
 
-def to_triton(name: str, tensor: torch.Tensor):
-    # DLPack, not pb_utils.Tensor(name, ndarray): the wheel's stub reads numpy>=2 arrays as 0 bytes.
-    if tensor.numel() == 0:   # DLPack rejects zero-size tensors as "not contiguous"; 0 bytes is right here
-        return pb_utils.Tensor(name, np.zeros(tuple(tensor.shape), np.float32))
-    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor.detach().float().cpu().contiguous()))
-
-
 def chunk_response(wav: torch.Tensor, cache: VocoderCache | None):
     if cache is None:   # after the final chunk: empty caches, same ranks
         mel, source, speech = torch.zeros(1, MEL_BINS, 0), torch.zeros(1, 0), torch.zeros(1, 0)
     else:
         mel, source, speech = cache.mel, cache.source.reshape(1, -1), cache.speech.reshape(1, -1)
-    return pb_utils.InferenceResponse([to_triton("waveform", wav.reshape(1, -1)), to_triton("cache_mel", mel),
-                                       to_triton("cache_source", source), to_triton("cache_speech", speech)])
-
-
-def _error(exc: Exception):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
+    outputs = {"waveform": wav.reshape(1, -1), "cache_mel": mel, "cache_source": source, "cache_speech": speech}
+    return pb_utils.InferenceResponse([to_triton(name, t.float()) for name, t in outputs.items()])   # all float32
 
 
 class TritonPythonModel:
@@ -149,14 +118,14 @@ class TritonPythonModel:
                                               token_offset=call.token_offset, finalize=call.finalize,
                                               streaming=call.streaming, cache=call.cache)))
             except Exception as exc:  # noqa: BLE001 - a malformed request answers only itself
-                responses[i] = _error(exc)
+                responses[i] = error_response(exc)
         if calls:
             try:
                 results = self.runner.run_chunks([c for _, c in calls])
                 for (i, _), res in zip(calls, results):
-                    responses[i] = _error(res.error) if res.error is not None else chunk_response(res.waveform,
-                                                                                                   res.cache)
+                    responses[i] = error_response(res.error) if res.error is not None else \
+                        chunk_response(res.waveform, res.cache)
             except Exception as exc:  # noqa: BLE001 - a failed batch answers each of its requests
                 for i, _ in calls:
-                    responses[i] = _error(exc)
+                    responses[i] = error_response(exc)
         return responses

@@ -11,29 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import SPEECH_ID_OFFSET
 from cosyvoice_common.contracts import TOKENIZER_INPUTS, TOKENIZER_OUTPUTS
+from cosyvoice_common.triton_io import batch_or_each, error_response, from_triton, get_parameter, to_triton
 from cosyvoice_tokenizer import SpeechTokenizer
 
 WAV, WAV_LEN = (spec.name for spec in TOKENIZER_INPUTS)
 (CODES,) = (spec.name for spec in TOKENIZER_OUTPUTS)
-
-
-def from_triton(tensor) -> np.ndarray:
-    # DLPack, not tensor.as_numpy(): with numpy>=2 the wheel's stub builds arrays with zero strides
-    # (every element reads as the first one). The copy outlives the request's shared memory.
-    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy().copy()
-
-
-def get_parameter(model_config: dict, name: str) -> str:
-    """A string parameter of config.pbtxt; missing or an unfilled `${...}` template is an error."""
-    value = model_config.get("parameters", {}).get(name, {}).get("string_value")
-    if value is None or value.startswith("${"):
-        raise ValueError(f"config.pbtxt parameter {name!r} is not set (got {value!r})")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,18 +46,6 @@ def read_prompt(request) -> np.ndarray:
     return wav[0, :n]
 
 
-def to_triton(name: str, array: np.ndarray):
-    # DLPack, not pb_utils.Tensor(name, ndarray): the wheel's stub reads numpy>=2 arrays as 0 bytes.
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if tensor.numel() == 0:   # numpy gives empty arrays strides the stub rejects as non-contiguous
-        tensor = torch.zeros(tensor.shape, dtype=tensor.dtype)
-    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor))
-
-
-def error_response(exc: Exception):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
-
-
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.config = TokenizerStageConfig.from_model_config(json.loads(args["model_config"]))
@@ -85,25 +59,8 @@ class TritonPythonModel:
                 prompts[i] = read_prompt(request)
             except Exception as exc:  # noqa: BLE001 - a bad request answers only itself
                 responses[i] = error_response(exc)
-        for i, codes in self._tokenize(prompts).items():
+        # One batched call; if it fails, each prompt alone, so one bad prompt fails only its request.
+        for i, codes in batch_or_each(self.tokenizer.tokenize, prompts).items():
             responses[i] = error_response(codes) if isinstance(codes, Exception) else \
                 pb_utils.InferenceResponse([to_triton(CODES, (codes.astype(np.int32) + SPEECH_ID_OFFSET)[None])])
         return responses
-
-    def _tokenize(self, prompts: dict[int, np.ndarray]) -> dict[int, np.ndarray | Exception]:
-        """One batched call; if it fails, each prompt alone, so one bad prompt fails only its request."""
-        if not prompts:
-            return {}
-        keys = list(prompts)
-        try:
-            return dict(zip(keys, self.tokenizer.tokenize([prompts[k] for k in keys]), strict=True))
-        except Exception as exc:  # noqa: BLE001 - isolate the culprit below
-            if len(keys) == 1:
-                return {keys[0]: exc}
-        results: dict[int, np.ndarray | Exception] = {}
-        for k in keys:
-            try:
-                results[k] = self.tokenizer.tokenize([prompts[k]])[0]
-            except Exception as exc:  # noqa: BLE001
-                results[k] = exc
-        return results

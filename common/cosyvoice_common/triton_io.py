@@ -1,0 +1,87 @@
+"""What the stages' Triton Python-backend models (`model_repository/<model>/1/model.py`) share:
+tensor conversion, typed config.pbtxt parameters, error responses, per-request failure isolation.
+
+Importable without Triton: the functions that need `triton_python_backend_utils` import it when called
+(it exists only inside the backend's stub process).
+
+Tensors cross the stub by DLPack both ways, never `pb_utils.Tensor(name, ndarray)` / `tensor.as_numpy()`:
+with numpy >= 2 the tritonserver wheel's stub reads numpy outputs as 0 bytes and builds input arrays with
+zero strides (every element reads as the first one). See ../shared/notes/TRITON.md.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+T = TypeVar("T")
+K = TypeVar("K")
+X = TypeVar("X")
+Y = TypeVar("Y")
+
+
+def from_triton(tensor) -> np.ndarray:
+    """A pb_utils.Tensor (input) -> a numpy array that outlives the request's shared memory."""
+    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy().copy()
+
+
+def to_triton(name: str, value: np.ndarray | torch.Tensor):
+    """An output pb_utils.Tensor from a numpy array or a torch tensor (any device; dtype kept as is)."""
+    import triton_python_backend_utils as pb_utils
+
+    tensor = value.detach().cpu().contiguous() if isinstance(value, torch.Tensor) else \
+        torch.from_numpy(np.ascontiguousarray(value))
+    if tensor.numel() == 0:
+        # The stub's DLPack check rejects most zero-size strides (torch.zeros((1, 80, 0)) included) as
+        # "not contiguous". The numpy path's bug (0 bytes) is the right payload for an empty tensor.
+        return pb_utils.Tensor(name, np.zeros(tuple(tensor.shape), tensor.numpy().dtype))
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor))
+
+
+def get_parameter(model_config: Mapping[str, Any], name: str, pytype: Callable[[str], T] = str) -> T:
+    """`parameters { key: name }` of config.pbtxt as `pytype`; missing or an unfilled `${...}` template is an error."""
+    value = model_config.get("parameters", {}).get(name, {}).get("string_value")
+    if value is None or value.startswith("${"):
+        raise ValueError(f"config.pbtxt parameter {name!r} is not set (got {value!r})")
+    return pytype(value)
+
+
+def get_dtype(model_config: Mapping[str, Any], name: str, auto: str) -> torch.dtype:
+    """A dtype parameter (one of DTYPES, or "auto" which means `auto`: each stage says what auto is)."""
+    dtype_name = get_parameter(model_config, name)
+    dtype_name = auto if dtype_name == "auto" else dtype_name
+    if dtype_name not in DTYPES:
+        raise ValueError(f"{name} must be auto or one of {list(DTYPES)}, got {dtype_name!r}")
+    return DTYPES[dtype_name]
+
+
+def error_response(exc: BaseException):
+    """An InferenceResponse carrying only this error (the exception's type and message)."""
+    import triton_python_backend_utils as pb_utils
+
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
+
+
+def batch_or_each(fn: Callable[[list[X]], Sequence[Y]], items: Mapping[K, X]) -> dict[K, Y | Exception]:
+    """fn over all items in one call; if that fails, each item alone, so one bad item fails only its own key.
+
+    fn maps a list of items to one result per item (a list, or an array whose rows are the results)."""
+    if not items:
+        return {}
+    keys = list(items)
+    try:
+        return dict(zip(keys, fn([items[k] for k in keys]), strict=True))
+    except Exception as exc:  # noqa: BLE001 - isolate the culprit below
+        if len(keys) == 1:
+            return {keys[0]: exc}
+    results: dict[K, Y | Exception] = {}
+    for k in keys:
+        try:
+            results[k] = fn([items[k]])[0]
+        except Exception as exc:  # noqa: BLE001
+            results[k] = exc
+    return results
