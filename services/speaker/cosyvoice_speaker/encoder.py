@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.machinery
 import sys
 import types
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -13,23 +12,12 @@ import numpy as np
 import torch
 
 from cosyvoice_common.constants import SPEAKER_EMBEDDING_DIM
+from cosyvoice_common.runtime import exact_fp32, onnx_session
 from cosyvoice_speaker.features import KALDI, campplus_fbank
 
 CAMPPLUS_FILE = "campplus.onnx"
 CAMPPLUS_INPUT_NAME = "input"    # the released model's input name (Triton builds its profile on it)
 BACKENDS = ("onnx", "torch")
-
-
-@contextmanager
-def _exact_fp32():
-    """Run convs/matmuls in true float32 on CUDA (cuDNN defaults to TF32 for convs), so the GPU port
-    agrees with onnxruntime: FSQ rounding and the parity tolerances need full float32."""
-    conv_tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv_tf32, matmul_tf32
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,15 +82,7 @@ class SpeakerEncoder:
         self._session = None
         self._module = None
         if backend == "onnx":
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.intra_op_num_threads = self.config.intra_op_threads
-            available = ort.get_available_providers()
-            providers = (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + \
-                ["CPUExecutionProvider"]
-            self._session = ort.InferenceSession(str(self.config.onnx_path), options, providers=providers)
+            self._session = onnx_session(self.config.onnx_path, self.config.intra_op_threads)
             self._input_name = self._session.get_inputs()[0].name
         else:
             import onnx
@@ -125,7 +105,7 @@ class SpeakerEncoder:
             if self._session is not None:
                 result = self._session.run(None, {self._input_name: feats.numpy()})[0]
             else:
-                with torch.inference_mode(), _exact_fp32():
+                with torch.inference_mode(), exact_fp32():
                     result = self._module(feats)
                     result = (result[0] if isinstance(result, (tuple, list)) else result).cpu().numpy()
             out[row] = result.reshape(-1)

@@ -5,15 +5,14 @@ loaded strictly. Tolerances are the golden README's (float32).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from cosyvoice_common.parity import ParityResult, compare, compare_exact
+from cosyvoice_common.runtime import exact_fp32
 
 from .flow import build_flow, cosine_t_schedule, load_flow_state
 
@@ -38,20 +37,9 @@ def load_golden_flow(golden_dir: pathlib.Path, device: str = "cpu"):
     return load_flow_state(build_flow(flow_cfg), golden_dir / "flow.pt", device)
 
 
-@contextlib.contextmanager
-def _full_fp32() -> Iterator[None]:
-    """cuDNN convolutions default to TF32 on Ampere+; measured on H100 that alone moves the flow mel by ~3e-3
-    (fails 1e-4) while true fp32 stays within 5e-6. Parity runs in true fp32; the flags are restored after."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def cases(golden_dir: pathlib.Path, device: str = "cpu") -> list[ParityResult]:
-    with _full_fp32():
+    # TF32 convs alone move the flow mel by ~3e-3 on H100 (fails 1e-4); true fp32 stays within 5e-6.
+    with exact_fp32():
         return _cases(pathlib.Path(golden_dir), device)
 
 

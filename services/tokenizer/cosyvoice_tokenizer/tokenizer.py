@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from cosyvoice_common.constants import PROMPT_16K_SAMPLE_RATE_HZ, PROMPT_MAX_SECONDS
+from cosyvoice_common.runtime import exact_fp32, onnx_session
 from cosyvoice_tokenizer.features import WHISPER, whisper_log_mel
 
 SPEECH_TOKENIZER_FILE = "speech_tokenizer_v2.onnx"
@@ -21,18 +21,6 @@ _NUM_STRIDED_CONVS = 2
 # The port's rotary table covers this many 25 Hz positions (s3tokenizer precompute_freqs_cis(64, 2048)).
 _ROTARY_HEAD_DIM = 64
 MAX_PROMPT_SAMPLES = int(PROMPT_MAX_SECONDS * PROMPT_16K_SAMPLE_RATE_HZ)
-
-
-@contextmanager
-def _exact_fp32():
-    """Run convs/matmuls in true float32 on CUDA (cuDNN defaults to TF32 for convs), so the GPU port
-    agrees with onnxruntime: FSQ rounding and the parity tolerances need full float32."""
-    conv_tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv_tf32, matmul_tf32
 
 
 def code_length(num_frames: int) -> int:
@@ -89,14 +77,7 @@ class SpeechTokenizer:
         self.config = SpeechTokenizerConfig(Path(model_dir), backend, str(device))
         self.device = torch.device(device)
         if backend == "onnx":
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            available = ort.get_available_providers()
-            providers = (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + \
-                ["CPUExecutionProvider"]
-            self._session = ort.InferenceSession(str(self.config.onnx_path), options, providers=providers)
+            self._session = onnx_session(self.config.onnx_path)
             self._input_names = [i.name for i in self._session.get_inputs()]
             self._model = None
         else:
@@ -135,7 +116,7 @@ class SpeechTokenizer:
         batch = torch.zeros(len(mels), mels[0].shape[0], max(lengths), device=self.device)
         for row, mel in enumerate(mels):
             batch[row, :, :mel.shape[-1]] = mel
-        with _exact_fp32():
+        with exact_fp32():   # FSQ rounding needs full float32
             codes, _ = self._model.quantize(batch, torch.tensor(lengths, device=self.device, dtype=torch.int32))
         codes = codes.to(torch.int32).cpu().numpy()   # the one device->host copy
         return [np.ascontiguousarray(codes[row, :code_length(n)]) for row, n in enumerate(lengths)]
