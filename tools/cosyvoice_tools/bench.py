@@ -298,6 +298,16 @@ def format_tables(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
+def write_report(args, rows: list[dict]) -> None:
+    if not args.out:
+        return
+    report = {"label": args.label, "engine_only": args.engine_only, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "argv": sys.argv, "rows": rows}
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+
+
 async def main_async(args) -> int:
     from tqdm import tqdm
 
@@ -325,21 +335,17 @@ async def main_async(args) -> int:
                 await driver.run(dataclasses.replace(item, speech_tokens=CACHE_WARMUP_TOKENS), "offline")
         total = sum(max(len(items), 2 * c) for c in concurrencies) * len(modes)
         with tqdm(total=total, desc="bench", file=sys.stderr) as progress:
-            for mode in modes:
-                for c in concurrencies:
+            for c in concurrencies:          # level by level: a run cut short still has every mode at low c
+                for mode in modes:
                     before = await settled_triton_stats(stage_urls)
                     row = await run_level(driver, items, mode, c, progress)
                     row["triton"] = stats_delta(before, await settled_triton_stats(stage_urls))
                     rows.append(row)
+                    write_report(args, rows)   # after every level: a run cut short keeps what it measured
     finally:
         await driver.close()
     title = f"{'engine-only' if args.engine_only else 'whole stack'}: {args.label}"
-    report = {"label": args.label, "engine_only": args.engine_only, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "argv": sys.argv, "rows": rows}
-    if args.out:
-        out = pathlib.Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
+    write_report(args, rows)
     print(format_tables(rows, title))
     return 1 if any(r["errors"] for r in rows) else 0
 
