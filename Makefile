@@ -141,3 +141,60 @@ stage-load: $(STAMP) ## load one stage server alone with recorded inputs: STAGE=
 		--device $(STAGE_DEVICE) --out $(STAGE_INPUTS)
 	$(PY) -m cosyvoice_tools.stage_load run --stage $(STAGE) --inputs $(STAGE_INPUTS) --run-dir $(STACK_RUN_DIR) \
 		--concurrency $(STAGE_CONCURRENCY) --duration-s $(STAGE_DURATION_S)
+
+# --- seed ---
+# The seed's runtime/triton_trtllm/run.sh stages 0-5, in its order, against our stack (gateway README,
+# "Seed-compatible Triton endpoint"). `make up` already serves `cosyvoice2` streaming on 8000/8001/8002 and
+# offline on 8010/8011/8012; these targets reproduce the seed's workflow step by step.
+SEED_ADDR          ?= 127.0.0.1
+SEED_NUM_TASKS     ?= 4
+SEED_MODE          ?= streaming
+USE_SPK2INFO_CACHE ?= False
+SEED_MANIFEST      ?= ../shared/bench/seedtts-like/manifest.jsonl
+SEED_LOG_DIR       ?= bench_results/seed_$(SEED_MODE)_tasks$(SEED_NUM_TASKS)_spk_cache_$(USE_SPK2INFO_CACHE)
+SEED_REPOS         ?= run/seed-repos
+PROMPT_WAV         ?= ../shared/bench/seedtts-like/prompts/en_7_001.wav
+PROMPT_TEXT        ?= If you have any questions about your order, our support team is happy to help.
+TARGET_TEXT        ?= The quick brown fox jumps over the lazy dog near the river bank.
+ENGINE_DIR         ?= build/trt_engines
+
+.PHONY: seed-download seed-build seed-repo seed-launch seed-http seed-bench seed-spk2info seed-stub-env \
+	seed-stage-0 seed-stage-1 seed-stage-2 seed-stage-3 seed-stage-4 seed-stage-5
+
+seed-download: $(STAMP) ## run.sh stage 0 (download): model dir (random weights unless MODEL_DIR holds a checkpoint) + front stub env
+	test -f $(MODEL_DIR)/cosyvoice2.yaml || $(MAKE) model
+	$(MAKE) seed-stub-env
+
+seed-stub-env: $(STAMP) ## numpy<2 interpreter env for the cosyvoice2 fronts' Python stub (build/seed-stub-python; wheels from .whl/ or the index)
+	$(PY) -c 'from pathlib import Path; from cosyvoice_gateway.seed import ensure_stub_python; print(ensure_stub_python(Path("build/seed-stub-python"), [Path(".whl")]))'
+
+seed-build: $(STAMP) ## run.sh stage 1 (convert/build): LLM_BACKEND=trtllm builds the TensorRT-LLM engine into ENGINE_DIR; our PyTorch engine needs none
+	@if [ "$(LLM_BACKEND)" = "trtllm" ]; then services/llm/trtllm/build_engine.sh --model-dir $(MODEL_DIR) --engine-dir $(ENGINE_DIR); \
+	else echo "seed stage 1: nothing to convert for the PyTorch LLM engine (LLM_BACKEND=trtllm to build a TensorRT-LLM engine)"; fi
+
+seed-repo: $(STAMP) ## run.sh stage 2 (model repository): render the streaming + offline cosyvoice2 repos into SEED_REPOS (make up renders its own)
+	$(PY) -m cosyvoice_gateway.seed render --out $(SEED_REPOS)
+
+seed-launch: up ## run.sh stage 3 (launch): the whole stack incl. cosyvoice2 streaming 8000-8002 and offline 8010-8012
+
+seed-http: $(STAMP) ## run.sh stage 4: one HTTP request to the offline cosyvoice2 (8010), like client_http.py; writes out_seed_http.wav
+	$(PY) -m cosyvoice_tools.seed_client --protocol http --server-addr $(SEED_ADDR) --server-port 8010 --mode offline \
+		--reference-audio $(PROMPT_WAV) --reference-text "$(PROMPT_TEXT)" --target-text "$(TARGET_TEXT)" --log-dir bench_results/seed_http
+	cp bench_results/seed_http/test.wav out_seed_http.wav
+
+seed-bench: $(STAMP) ## run.sh stage 5: gRPC benchmark like client_grpc.py (SEED_MODE=streaming|offline, SEED_NUM_TASKS, USE_SPK2INFO_CACHE, SEED_MANIFEST)
+	$(PY) -m cosyvoice_tools.seed_client --server-addr $(SEED_ADDR) --server-port $(if $(filter offline,$(SEED_MODE)),8011,8001) \
+		--mode $(SEED_MODE) --num-tasks $(SEED_NUM_TASKS) --use-spk2info-cache $(USE_SPK2INFO_CACHE) \
+		--manifest-path $(SEED_MANIFEST) --log-dir $(SEED_LOG_DIR)
+
+seed-spk2info: $(STAMP) ## register the fronts' default speaker (SEED_SPEAKER, default 001) through the gateway: PROMPT_WAV=... PROMPT_TEXT=...
+	$(PY) -m cosyvoice_gateway.cli --addr 127.0.0.1:$${GRPC_PORT:-50051} register --speaker $${SEED_SPEAKER:-001} \
+		--prompt-wav $(PROMPT_WAV) --prompt-text "$(PROMPT_TEXT)"
+
+# The seed's stage numbers (run.sh 0..5) as aliases of the targets above.
+seed-stage-0: seed-download
+seed-stage-1: seed-build
+seed-stage-2: seed-repo
+seed-stage-3: seed-launch
+seed-stage-4: seed-http
+seed-stage-5: seed-bench

@@ -55,8 +55,14 @@ class SeedItem:
 
 
 def load_manifest(path: Path) -> list[SeedItem]:
-    """Lines `utt|prompt_text|prompt_wav|target_text`; relative wav paths are under the manifest's folder."""
+    """Lines `utt|prompt_text|prompt_wav|target_text`; relative wav paths are under the manifest's folder.
+    A `.jsonl` file is read as our benchmark manifest (id, prompt_text, prompt_audio, target_text)."""
     path = Path(path)
+    if path.suffix == ".jsonl":
+        import json
+
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [SeedItem(r["id"], r["prompt_text"], path.parent / r["prompt_audio"], r["target_text"]) for r in rows]
     items = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

@@ -500,3 +500,37 @@ def ensure_stub_python(target: Path, wheel_dirs: Sequence[Path] = ()) -> Path:
     except OSError:   # a parallel launcher won the race
         subprocess.run(["rm", "-rf", str(tmp)], check=True)
     return target / "bin"
+
+
+def render_repositories(out_dir: Path, model_dir: Path, stage_urls: Mapping[str, str], redis_url: str,
+                        params: Mapping[str, str]) -> dict[str, Path]:
+    """run.sh stage 2: the two `cosyvoice2` repositories (streaming, offline) from the one template."""
+    from cosyvoice_tools.triton import REPO_ROOT, render_model_repository
+
+    template = REPO_ROOT / "services/gateway/model_repository"
+    return {name: render_model_repository(template, Path(out_dir) / name,
+                                          template_params(decoupled, model_dir, stage_urls, redis_url, params))
+            for name, decoupled in (("seed-stream", True), ("seed-offline", False))}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cosyvoice_gateway.seed render --out DIR`: stage-2 repositories from the environment."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cosyvoice_gateway.seed")
+    sub = parser.add_subparsers(dest="command", required=True)
+    render = sub.add_parser("render", help="render the streaming and offline cosyvoice2 repositories")
+    render.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    env = os.environ
+    urls = {name: env.get(name, f"127.0.0.1:{port}") for name, port in (
+        ("TOKENIZER_URLS", 8101), ("SPEAKER_URLS", 8201), ("LLM_URLS", 8301), ("TOKEN2WAV_URLS", 8401))}
+    repos = render_repositories(args.out, Path(env.get("MODEL_DIR", "models/cosyvoice2-tiny")).resolve(), urls,
+                                env.get("REDIS_URL", "redis://127.0.0.1:6379/0"), front_env_params(env))
+    for name, path in repos.items():
+        print(f"{name}: {path / SEED_MODEL_NAME / 'config.pbtxt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
