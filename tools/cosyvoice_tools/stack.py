@@ -470,8 +470,10 @@ class Stack:
                 self._wait_ready([self._record("gateway")], cfg.ready_timeout_s)
             elif cfg.gateway:
                 self._say("gateway: cosyvoice_gateway.server not found, not started")
-            if cfg.seed_front:
+            if cfg.seed_front and all(self.stage_grpc_urls(s.name) for s in STAGES):
                 self._start_seed_fronts()
+            elif cfg.seed_front:
+                self._say("seed fronts (cosyvoice2): not started, they need all four stages")
         except BaseException:
             self.stop()
             raise
