@@ -185,6 +185,62 @@ class EngineDriver:
         await self._pipeline.close()
 
 
+class SeedDriver:
+    """The seed's own request contract (Triton model `cosyvoice2`, tensors reference_wav / reference_wav_len /
+    reference_text / target_text -> waveform) against our seed-compatible fronts: streaming on
+    `--seed-stream-addr` (default 127.0.0.1:8001), offline on `--seed-offline-addr` (127.0.0.1:8011).
+    Our table and the seed's are then measured by the same request code (tools/cosyvoice_tools/seed_client.py).
+    `stream-cached` sends only target_text: the fronts speak with their default speaker (the seed's
+    --use-spk2info-cache True). Per-stage timings are not part of the seed's contract (columns stay 0)."""
+
+    def __init__(self, stream_addr: str, offline_addr: str):
+        from cosyvoice_tools import seed_client
+
+        self._seed = seed_client
+        self._addrs = {"stream": stream_addr, "stream-cached": stream_addr, "offline": offline_addr}
+        self._sessions: dict = {}
+
+    def _session(self, mode: str):
+        # tritonclient's streaming client is blocking and holds one stream: one session per thread and mode.
+        import threading
+
+        key = (threading.get_ident(), mode)
+        if key not in self._sessions:
+            self._sessions[key] = self._seed.SeedSession(self._addrs[mode],
+                                                         mode="offline" if mode == "offline" else "streaming")
+        return self._sessions[key]
+
+    def _run_blocking(self, item: WorkItem, mode: str) -> RequestResult:
+        result = RequestResult(item.item_id, ok=False)
+        try:
+            wav_16k = None
+            if mode != "stream-cached":
+                from cosyvoice_common.audio import decode_audio, resample
+                from cosyvoice_common.constants import PROMPT_16K_SAMPLE_RATE_HZ
+
+                wav, rate = decode_audio(item.prompt_audio)
+                wav_16k = resample(wav, rate, PROMPT_16K_SAMPLE_RATE_HZ)
+            first_s, total_s, audio_s = self._session(mode).run_one(
+                wav_16k, item.prompt_text if wav_16k is not None else "", item.target_text,
+                min_speech_tokens=item.speech_tokens, max_speech_tokens=item.speech_tokens)
+            result.first_chunk_s, result.total_s, result.audio_s = first_s, total_s, audio_s
+            result.first_chunk_samples = 0
+            result.ok = audio_s > 0
+            result.cache_hit = mode == "stream-cached"
+            if not result.ok:
+                result.error = "no audio"
+        except Exception as exc:  # a failed request is a row in the table, not a crash of the benchmark
+            result.error = f"{type(exc).__name__}: {exc}"[:300]
+        return result
+
+    async def run(self, item: WorkItem, mode: str) -> RequestResult:
+        return await asyncio.to_thread(self._run_blocking, item, mode)
+
+    async def close(self):
+        for session in self._sessions.values():
+            session.close()
+
+
 # --- the sweep ------------------------------------------------------------------------------------
 
 async def run_level(driver, items: list[WorkItem], mode: str, concurrency: int, progress) -> dict:
@@ -319,7 +375,12 @@ async def main_async(args) -> int:
     for mode in modes:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    driver = EngineDriver(args.model_dir, args.device) if args.engine_only else GrpcDriver(args.addr, args.timeout_s)
+    if args.engine_only:
+        driver = EngineDriver(args.model_dir, args.device)
+    elif args.client == "seed":
+        driver = SeedDriver(args.seed_stream_addr, args.seed_offline_addr)
+    else:
+        driver = GrpcDriver(args.addr, args.timeout_s)
     stage_urls = [u for u in args.triton_stats.split(",") if u]
     rows = []
     try:
@@ -344,7 +405,8 @@ async def main_async(args) -> int:
                     write_report(args, rows)   # after every level: a run cut short keeps what it measured
     finally:
         await driver.close()
-    title = f"{'engine-only' if args.engine_only else 'whole stack'}: {args.label}"
+    kind = "engine-only" if args.engine_only else ("seed client" if args.client == "seed" else "whole stack")
+    title = f"{kind}: {args.label}"
     write_report(args, rows)
     print(format_tables(rows, title))
     return 1 if any(r["errors"] for r in rows) else 0
@@ -361,6 +423,10 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout-s", type=float, default=300.0)
     parser.add_argument("--triton-stats", default="", help="comma list of stage servers' HTTP host:port")
     parser.add_argument("--engine-only", action="store_true")
+    parser.add_argument("--client", choices=("ours", "seed"), default="ours",
+                        help="seed: the seed's Triton contract against our cosyvoice2 fronts")
+    parser.add_argument("--seed-stream-addr", default="127.0.0.1:8001")
+    parser.add_argument("--seed-offline-addr", default="127.0.0.1:8011")
     parser.add_argument("--model-dir", default="models/cosyvoice2-tiny")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--label", default="")

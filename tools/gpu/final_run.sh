@@ -53,7 +53,7 @@ if stack_up graphs && smoke graphs; then :; else
   export LLM_CUDA_GRAPHS=0 TOKEN2WAV_CUDA_GRAPHS=0; MODE=eager
   stack_up eager && smoke eager || echo "eager smoke failed too"
 fi
-tail -3 "$OUTDIR/smoke_$MODE.txt"
+tail -3 "$OUTDIR/smoke_$MODE.txt"; publish
 timeout $(( $(left) * 55 / 100 )) python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" --concurrency "$CONC" \
   --modes stream,stream-cached,offline --limit "$LIMIT" --triton-stats "$STATS" --label "whole stack ($MODE), $LABEL" \
   --out "$OUTDIR/stack.json" 2>"$OUTDIR/stack_bench.err" > "$OUTDIR/stack_tables.md"

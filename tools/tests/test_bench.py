@@ -39,7 +39,7 @@ def run_bench(tmp_path: Path, capsys, *extra: str) -> tuple[dict, str]:
 
 def check_report(report: dict, printed: str) -> None:
     rows = report["rows"]
-    assert [(r["mode"], r["concurrency"]) for r in rows] == [(m, c) for m in bench.MODES for c in (1, 2)]
+    assert [(r["mode"], r["concurrency"]) for r in rows] == [(m, c) for c in (1, 2) for m in bench.MODES]
     for r in rows:
         assert ROW_FIELDS <= set(r), r
         assert r["errors"] == 0 and r["requests"] == max(2, 2 * r["concurrency"])
@@ -88,3 +88,23 @@ def test_stack_bench_fills_the_triton_stage_table(stack, stage_servers, tmp_path
         assert t2w["avg_compute_ms"] > 0 and t2w["avg_batch"] >= 1
         assert r["triton"]["llm"]["requests"] == r["requests"]
         assert ("audio_tokenizer" in r["triton"]) == (r["mode"] == "stream")
+
+
+@pytest.mark.stack
+def test_seed_client_bench_measures_our_fronts_with_the_seeds_contract(seed_front, tmp_path, capsys):
+    stream_port = seed_front.seed_ports("seed-stream")["grpc"]
+    offline_port = seed_front.seed_ports("seed-offline")["grpc"]
+    out = tmp_path / "seed.json"
+    code = bench.main(["--manifest", str(write_manifest(tmp_path)), "--limit", "1", "--concurrency", "1",
+                       "--warmup", "0", "--modes", "stream,stream-cached,offline", "--client", "seed",
+                       "--seed-stream-addr", f"127.0.0.1:{stream_port}",
+                       "--seed-offline-addr", f"127.0.0.1:{offline_port}", "--out", str(out), "--label", "seed"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["stream", "stream-cached", "offline"]
+    for r in rows:
+        assert r["errors"] == 0 and r["requests"] == 2
+        assert r["audio_s"] == pytest.approx(r["requests"] * TOKENS / 25, rel=0.05)   # forced lengths honoured
+        assert 0 < r["first_chunk_ms"]["p50"] <= r["total_ms"]["p99"]
+    assert "## seed client: seed" in printed
