@@ -3,9 +3,13 @@
 - llm stage (direct, over its gRPC endpoint): concurrent seeded, sampled streams give exactly the tokens of
   their solo runs (the engine's counter-based sampler is batch-invariant by design) and their own lengths.
 - whole gateway: concurrent streams with different voices, seeds and forced lengths each get exactly their
-  own length, and audio that matches the solo run as far as token2wav's numerics allow. The vocoder's source
-  module draws phases/noise from the process RNG per call (no per-request generator yet), so a run never
-  repeats bit for bit, even alone; the test measures solo-vs-solo and asserts concurrent-vs-solo is as close.
+  own length and the audio of their solo run: the request's seed drives the LLM sampler and the vocoder's
+  source noise (token2wav `seed`, mixed per chunk with its token_offset), so a solo rerun is bit-identical.
+  Among other requests the tokens and noise are the same, but token2wav's padded batch rounds differently
+  from a batch of one (float summation order on CPU): measured max |diff| up to ~9e-5 (correlation 1.0 to
+  6 digits) on the tiny model, so that comparison has a tolerance, not equality.
+- a seeded request through the session's gateway repeats bit for bit (offline and streaming); another seed
+  gives other audio.
 """
 from __future__ import annotations
 
@@ -67,6 +71,9 @@ def test_concurrent_llm_streams_get_their_solo_tokens_and_lengths(stack):
     assert len({tuple(t) for t in solo}) == len(cases)     # different inputs really differ
 
 
+# Largest |sample difference| allowed between a seeded stream run among others and alone (token2wav batch
+# rounding; audio is in [-1, 1]; measured <= 9e-5).
+BATCH_ROUNDING_TOLERANCE = 1e-3
 VOICES = [prompt_wav_bytes(seconds=1.5 + 0.3 * i, seed=40 + i) for i in range(3)]
 
 
@@ -108,17 +115,36 @@ def test_concurrent_gateway_streams_keep_their_own_length_and_audio(stack, tiny_
         return solo, solo_again, together
 
     solo, solo_again, together = asyncio.run(run())
-    baseline = [_corr(solo[i][0], solo_again[i][0]) for i in range(2)]
-    shared = []
+    again_diff = [float(np.max(np.abs(solo[i][0] - solo_again[i][0]))) for i in range(2)]
+    shared_diff = []
     for i, ((alone, t_alone), (mixed, t_mixed)) in enumerate(zip(solo, together)):
         n = _request(i).max_speech_tokens
         assert t_alone.speech_tokens == t_mixed.speech_tokens == n
         assert alone.shape == mixed.shape == (n * SAMPLES_PER_TOKEN,)
-        shared.append(_corr(alone, mixed))
-        rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
-        assert 0.8 < rms(mixed) / rms(alone) < 1.25
-    print(f"audio correlation solo-vs-solo {np.round(baseline, 4).tolist()}, "
-          f"concurrent-vs-solo {np.round(shared, 4).tolist()}, max |diff| "
-          f"{max(float(np.max(np.abs(a[0] - b[0]))) for a, b in zip(solo, together)):.4f}")
-    # Concurrency adds nothing beyond the vocoder's own per-call randomness.
-    assert min(shared) >= min(baseline) - 0.05
+        shared_diff.append(float(np.max(np.abs(alone - mixed))))
+    print(f"max |diff| solo-vs-solo {again_diff}, concurrent-vs-solo {shared_diff}, correlation "
+          f"{[round(_corr(a[0], b[0]), 6) for a, b in zip(solo, together)]}")
+    # Seeded: a solo rerun is the same audio bit for bit; among others only batch rounding differs.
+    assert again_diff == [0.0, 0.0]
+    assert max(shared_diff) < BATCH_ROUNDING_TOLERANCE
+
+
+def test_seeded_request_repeats_bit_for_bit_through_the_gateway(stack):
+    def request(seed: int) -> tts_pb2.SynthesizeRequest:
+        return tts_pb2.SynthesizeRequest(
+            text="A seeded sentence.", prompt_audio=VOICES[0], prompt_text="voice", encoding=tts_pb2.FLOAT32,
+            min_speech_tokens=30, max_speech_tokens=30, sampling=tts_pb2.SamplingParams(seed=seed))
+
+    async def run():
+        async with grpc.aio.insecure_channel(stack.gateway_grpc_url) as channel:
+            stub = tts_pb2_grpc.TextToSpeechStub(channel)
+            offline = [np.frombuffer((await stub.Synthesize(request(seed), timeout=300)).audio, "<f4")
+                       for seed in (11, 11, 12)]
+            streamed = [(await _stream(stub, request(11)))[0] for _ in range(2)]
+        return offline, streamed
+
+    offline, streamed = asyncio.run(run())
+    assert offline[0].shape == (30 * SAMPLES_PER_TOKEN,)
+    assert np.array_equal(offline[0], offline[1])
+    assert not np.array_equal(offline[0], offline[2])
+    assert streamed[0].shape == (30 * SAMPLES_PER_TOKEN,) and np.array_equal(streamed[0], streamed[1])

@@ -67,6 +67,9 @@ TOKEN2WAV_INPUTS = (
     TensorSpec("cache_mel", "FP32", (80, -1), optional=True),     # previous chunk's last 8 mel frames
     TensorSpec("cache_source", "FP32", (-1,), optional=True),     # previous chunk's last 3840 source samples
     TensorSpec("cache_speech", "FP32", (-1,), optional=True),     # previous chunk's withheld 3840 samples
+    # The request's seed for the vocoder's source noise; the stage mixes it with token_offset per chunk
+    # (`cosyvoice_token2wav.runner.chunk_seed`). Absent = the process RNG (not reproducible).
+    TensorSpec("seed", "UINT64", (1,), optional=True),
 )
 TOKEN2WAV_OUTPUTS = (
     TensorSpec("waveform", "FP32", (-1,)),               # 24 kHz

@@ -38,7 +38,6 @@ from starlette.types import Receive, Scope, Send
 
 from cosyvoice_common.audio import encode_audio
 from cosyvoice_common.spk2info import RegistryUnavailableError, SpeakerInfo
-from cosyvoice_common.textnorm import text_normalize
 
 from cosyvoice_gateway import metrics
 from cosyvoice_gateway.pipeline import (
@@ -139,7 +138,7 @@ class SpeechRequest(BaseModel):
     top_k: int = 0
     min_speech_tokens: int = 0
     max_speech_tokens: int = 0
-    text_frontend: bool = True                  # spec 2.2 normalisation of `input` (digits -> words, ...)
+    text_frontend: bool = True                  # spec 2.2 normalisation + splitting of `input` (the pipeline's)
     request_id: str = ""
 
 
@@ -260,7 +259,6 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
     """The HTTP app over a shared pipeline; `is_ready()` gates /healthz (the gateway's stage readiness)."""
     config = config or HttpConfig()
     app = FastAPI(title="CosyVoice2 gateway", docs_url=None, redoc_url=None, openapi_url=None)
-    count_tokens = lambda text: len(pipeline.encode_text(text))   # noqa: E731 - en branch length rule
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
@@ -291,13 +289,11 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
                  timings.first_chunk_ms, timings.elapsed_ms(), timings.cache_hit)
 
     def to_request(body: SpeechRequest) -> SynthesisRequest:
-        text = body.input
-        if body.text_frontend:
-            text = text_normalize(text, count_tokens, split=False)
         return SynthesisRequest(
-            text=text, speaker_id=body.voice, instruct=body.instructions, sample_rate_hz=body.sample_rate,
+            text=body.input, speaker_id=body.voice, instruct=body.instructions, sample_rate_hz=body.sample_rate,
             request_id=body.request_id, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-            seed=body.seed, min_speech_tokens=body.min_speech_tokens, max_speech_tokens=body.max_speech_tokens)
+            seed=body.seed, min_speech_tokens=body.min_speech_tokens, max_speech_tokens=body.max_speech_tokens,
+            text_frontend=body.text_frontend)
 
     def check_speech(body: SpeechRequest) -> str:
         fmt = body.response_format or config.default_response_format
@@ -358,12 +354,10 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
         data = await audio.read(config.max_upload_bytes + 1)
         if len(data) > config.max_upload_bytes:
             raise ApiError(413, f"audio is larger than {config.max_upload_bytes} bytes", param="audio")
-        if text_frontend and prompt_text:
-            prompt_text = text_normalize(prompt_text, count_tokens, split=False)
         timings = StageTimings()
         try:
             info = await run_unless_disconnected(
-                request.receive, pipeline.register_speaker(name, data, prompt_text, timings))
+                request.receive, pipeline.register_speaker(name, data, prompt_text, timings, text_frontend))
         except Exception as exc:
             error = _api_error(exc)
             metrics.REQUESTS.labels(rpc="http.voices.register", code=_metric_code(error)).inc()

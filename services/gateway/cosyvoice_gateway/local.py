@@ -269,6 +269,7 @@ class _ChunkCall:
     streaming: bool
     cache: object        # VocoderCache | None
     wants_cache: bool
+    seed: int | None     # this chunk's source-noise seed (`chunk_seed`), None = the process RNG
 
 
 class LocalToken2Wav(_BatchedStage):
@@ -298,6 +299,7 @@ class LocalToken2Wav(_BatchedStage):
         return tensor.to(self.device, dtype, non_blocking=True)
 
     def _parse(self, t: Mapping[str, object]) -> _ChunkCall:
+        from cosyvoice_token2wav.runner import chunk_seed
         from cosyvoice_token2wav.token2wav import VocoderCache
 
         codes = np.asarray(t["target_speech_tokens"], np.int64).reshape(-1) - SPEECH_ID_OFFSET
@@ -317,17 +319,25 @@ class LocalToken2Wav(_BatchedStage):
             cache = VocoderCache(mel=self._tensor(t["cache_mel"], torch.float32).reshape(1, MEL_BINS, -1),
                                  source=self._tensor(t["cache_source"], torch.float32).reshape(1, 1, -1),
                                  speech=self._tensor(t["cache_speech"], torch.float32).reshape(1, -1))
+        seed = None
+        if t.get("seed") is not None:
+            values = np.asarray(t["seed"]).reshape(-1)
+            if values.size != 1:
+                raise InvalidRequestError(f"seed must hold one value, got {values.size}")
+            seed = chunk_seed(int(values[0]), offset)    # as the token2wav Triton model does
         return _ChunkCall(
             tokens=torch.from_numpy(codes[None].copy()).to(self.device),
             prompt_tokens=torch.from_numpy(prompt[None].copy()).to(self.device),
             prompt_feat=self._tensor(np.asarray(t["prompt_speech_feat"], np.float32)[None], torch.float32),
             embedding=self._tensor(np.asarray(t["prompt_spk_embedding"], np.float32).reshape(1, -1), torch.float32),
-            token_offset=offset, finalize=finalize, streaming=streaming, cache=cache, wants_cache=wants_cache)
+            token_offset=offset, finalize=finalize, streaming=streaming, cache=cache, wants_cache=wants_cache,
+            seed=seed)
 
     def _one(self, call: _ChunkCall) -> tuple[torch.Tensor, object]:
+        generator = None if call.seed is None else torch.Generator(device=self.device).manual_seed(call.seed)
         return self.token2wav.chunk(call.tokens, call.prompt_tokens, call.prompt_feat, call.embedding,
                                     token_offset=call.token_offset, finalize=call.finalize,
-                                    streaming=call.streaming, cache=call.cache)
+                                    streaming=call.streaming, cache=call.cache, generator=generator)
 
     def _outputs(self, call: _ChunkCall, wav: torch.Tensor, cache) -> dict[str, object]:
         out: dict[str, object] = {"waveform": wav.detach().float().reshape(-1).cpu().numpy()}
@@ -353,7 +363,7 @@ class LocalToken2Wav(_BatchedStage):
             batch = self.runner.run_chunks(
                 [ChunkRequest(tokens=c.tokens, prompt_tokens=c.prompt_tokens, prompt_feat=c.prompt_feat,
                               embedding=c.embedding, token_offset=c.token_offset, finalize=c.finalize,
-                              streaming=c.streaming, cache=c.cache) for c in good],
+                              streaming=c.streaming, cache=c.cache, seed=c.seed) for c in good],
                 output_device=self.device)   # caches stay on the device; the waveform is copied once
             done = {id(c): (r.error if r.error is not None else (r.waveform, r.cache))
                     for c, r in zip(good, batch, strict=True)}

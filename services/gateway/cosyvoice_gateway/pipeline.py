@@ -7,6 +7,12 @@ first byte is sent, on streaming and offline RPCs alike:
     prepared = await pipeline.prepare(request, timings)      # validate, prompt features (cache)
     async for wav in pipeline.stream(prepared, timings): ...  # or: await pipeline.synthesize(...)
 
+Text (spec 2.2, `cosyvoice_common.textnorm`): with `text_frontend` the target text is normalised and split
+into segments (lengths in characters for zh, text-tokenizer tokens otherwise) and a zero-shot prompt
+transcript is normalised (not split); without it the text is taken as given, and only a text longer than
+`token_max_n` is cut after terminators (unnormalised) so that no segment runs into the per-segment
+speech-token cap. Explicit min/max speech-token bounds keep the (normalised) text as one segment.
+
 Streaming per segment: an LLM reader task appends speech tokens as the llm stage streams them; the
 chunk schedule (`cosyvoice_common.schedule`) decides when token2wav runs on the whole prefix with the
 token offset, and each chunk's audio is yielded as soon as it exists. token2wav is stateless: the
@@ -20,7 +26,6 @@ import logging
 import re
 import secrets
 import time
-import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +48,15 @@ from cosyvoice_common.constants import (
 )
 from cosyvoice_common.schedule import ChunkSchedule, ScheduleConfig
 from cosyvoice_common.spk2info import PromptFeatures, RegistryUnavailableError, Spk2InfoCache
+from cosyvoice_common.textnorm import (
+    DEFAULT_SPLIT,
+    SplitConfig,
+    has_markup,
+    is_only_punctuation,
+    is_zh,
+    split_paragraph,
+    text_normalize,
+)
 
 from cosyvoice_gateway import metrics
 from cosyvoice_gateway.stage_client import MS_PER_S, CallTiming, StageError, Stages
@@ -51,10 +65,6 @@ log = logging.getLogger(__name__)
 
 ENDOFPROMPT = "<|endofprompt|>"
 SPEAKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-# Sentence splitting (spec 2.2, `split_paragraph`): terminators, and a closing quote stays with its piece.
-_ZH_TERMINATORS = frozenset("。？！；：、.?!;")
-_EN_TERMINATORS = frozenset(".?!;:")
-_CLOSING_QUOTES = frozenset("\"”")
 _SEED_MODULUS = 1 << 63                  # the llm stage takes seeds in [0, 2^63)
 
 
@@ -75,9 +85,7 @@ def invalid(message: str) -> RequestError:
 class PipelineConfig:
     max_text_chars: int = 10_000
     max_speech_tokens: int = 3000            # per segment: 120 s of audio; more is an absurd request
-    split_max_len: int = 80                  # spec 2.2 token_max_n (characters for zh, tokens otherwise)
-    split_min_len: int = 60                  # token_min_n
-    split_merge_len: int = 20                # merge_len
+    split: SplitConfig = DEFAULT_SPLIT       # spec 2.2 lengths (characters for zh, text tokens otherwise)
     default_temperature: float = 1.0
     default_top_p: float = 0.8
     default_top_k: int = 25
@@ -86,8 +94,6 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.max_text_chars < 1 or self.max_speech_tokens < 1:
             raise ValueError(f"bad pipeline limits: {self}")
-        if not 0 < self.split_merge_len <= self.split_min_len <= self.split_max_len:
-            raise ValueError(f"bad split lengths: {self}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +108,11 @@ class SynthesisRequest:
     temperature: float = 0.0                 # 0 = model default
     top_p: float = 0.0
     top_k: int = 0
-    seed: int = 0                            # 0 = random
+    seed: int = 0                            # 0 = random (LLM sampling and the vocoder's source noise)
     min_speech_tokens: int = 0               # 0 = model rule
     max_speech_tokens: int = 0
     skip_cache: bool = False                 # recompute prompt features, neither read nor write the cache
+    text_frontend: bool = False              # spec 2.2 normalisation of text and prompt_text (gRPC: off unless set)
 
 
 @dataclass(slots=True)
@@ -146,7 +153,7 @@ class Segment:
     input_ids: np.ndarray        # int32, flat vocabulary
     min_tokens: int
     max_tokens: int
-    seed: int
+    seed: int                    # LLM sampling and token2wav source noise; [0, 2^63)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,47 +169,26 @@ class PreparedRequest:
 
 
 # --- text ----------------------------------------------------------------------------------------------
-def _is_zh(text: str) -> bool:
-    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+def target_segments(text: str, count_tokens: Callable[[str], int], text_frontend: bool, split: bool,
+                    config: SplitConfig = DEFAULT_SPLIT) -> list[str]:
+    """The target text as the segments the LLM speaks one by one (spec 2.2, `cosyvoice_common.textnorm`).
 
-
-def _only_punctuation(text: str) -> bool:
-    return all(unicodedata.category(ch)[0] in "PSZ" for ch in text)
-
-
-def split_sentences(text: str, count: Callable[[str], int], max_len: int, min_len: int, merge_len: int
-                    ) -> list[str]:
-    """Spec 2.2 `split_paragraph`, minus normalisation: a text within `max_len` stays one segment
-    (unchanged, so short requests match the reference with text_frontend off); longer text is cut after
-    terminators and pieces are greedily joined to segments of about `min_len`..`max_len`."""
-    text = text.strip()
-    if count(text) <= max_len:
-        return [text]
-    terminators = _ZH_TERMINATORS if _is_zh(text) else _EN_TERMINATORS
-    pieces, start, i = [], 0, 0
-    while i < len(text):
-        if text[i] in terminators:
-            end = i + 1
-            if end < len(text) and text[end] in _CLOSING_QUOTES:
-                end += 1
-            pieces.append(text[start:end])
-            start = i = end
+    `text_frontend`: `text_normalize` (normalise, then split unless `split` is false). Off: the text as
+    given (stripped), one segment unless it is longer than `config.token_max_n` (characters for zh,
+    `count_tokens` otherwise) and `split` is set, then `split_paragraph` cuts it, unnormalised, after
+    terminators. `<|...|>` markup is never touched. Punctuation-only segments are dropped."""
+    if text_frontend:
+        out = text_normalize(text, count_tokens, split=split, config=config)
+        segments = out if split else [out]
+    else:
+        text = text.strip()
+        zh = is_zh(text)
+        count = len if zh else count_tokens
+        if not split or has_markup(text) or count(text) <= config.token_max_n:
+            segments = [text]
         else:
-            i += 1
-    if start < len(text):
-        pieces.append(text[start:])
-    segments, current = [], ""
-    for piece in pieces:
-        if current and count(current + piece) > max_len and count(current) > min_len:
-            segments.append(current)
-            current = ""
-        current += piece
-    if current:
-        segments.append(current)
-    if len(segments) > 1 and count(segments[-1]) < merge_len:
-        last = segments.pop()
-        segments[-1] += last
-    return [s.strip() for s in segments if s.strip() and not _only_punctuation(s.strip())]
+            segments = [s.strip() for s in split_paragraph(text, count, zh, config)]
+    return [s for s in segments if not is_only_punctuation(s)]
 
 
 # --- prompt alignment (spec 3.5) ------------------------------------------------------------------------
@@ -243,6 +229,16 @@ class Pipeline:
         self.encode_text = encode_text
         self._background: set[asyncio.Task] = set()   # cache writes that must not delay audio
 
+    def count_tokens(self, text: str) -> int:
+        """Text-tokenizer length: spec 2.2's length unit for non-zh text."""
+        return len(self.encode_text(text))
+
+    def normalize_prompt_text(self, prompt_text: str, text_frontend: bool) -> str:
+        """Spec 2.2: a zero-shot transcript is normalised like the target text, never split."""
+        if not text_frontend or not prompt_text:
+            return prompt_text
+        return text_normalize(prompt_text, self.count_tokens, split=False, config=self.config.split)
+
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
@@ -253,7 +249,7 @@ class Pipeline:
             raise invalid("text is empty")
         if len(req.text) > self.config.max_text_chars:
             raise invalid(f"text is {len(req.text)} characters; the limit is {self.config.max_text_chars}")
-        if _only_punctuation(req.text):
+        if is_only_punctuation(req.text):
             raise invalid("text has nothing to speak: only punctuation, symbols or emoji")
         if not req.speaker_id and not req.prompt_audio:
             raise invalid("no voice: give speaker_id or prompt_audio")
@@ -337,11 +333,13 @@ class Pipeline:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"speaker {speaker_id!r} is not registered")
         return features
 
-    async def register_speaker(self, speaker_id: str, audio: bytes, prompt_text: str, timings: StageTimings):
+    async def register_speaker(self, speaker_id: str, audio: bytes, prompt_text: str, timings: StageTimings,
+                               text_frontend: bool = False):
         if not SPEAKER_ID_PATTERN.match(speaker_id):
             raise invalid(f"speaker_id {speaker_id!r} must match {SPEAKER_ID_PATTERN.pattern}")
         if not audio:
             raise invalid("prompt_audio is empty")
+        prompt_text = self.normalize_prompt_text(prompt_text, text_frontend)
         features = await self.prompt_features(audio, prompt_text, f"register-{speaker_id}", timings)
         try:
             return await self.cache.register_speaker(speaker_id, features)
@@ -351,12 +349,19 @@ class Pipeline:
     # --- request preparation -----------------------------------------------------------------------
     async def prepare(self, req: SynthesisRequest, timings: StageTimings) -> PreparedRequest:
         self._validate(req)
+        # Explicit bounds are for the whole text (the benchmark forces exact lengths): no splitting then.
+        explicit = bool(req.min_speech_tokens or req.max_speech_tokens)
+        texts = target_segments(req.text, self.count_tokens, req.text_frontend, split=not explicit,
+                                config=self.config.split)
+        if not texts:
+            raise invalid("text has nothing to speak after normalisation")
         request_id = req.request_id or uuid.uuid4().hex
         if req.speaker_id:
             features = await self._speaker_features(req.speaker_id)
             timings.cache_hit = True
         else:
-            features = await self.prompt_features(req.prompt_audio, req.prompt_text, request_id, timings,
+            prompt_text = self.normalize_prompt_text(req.prompt_text, req.text_frontend)
+            features = await self.prompt_features(req.prompt_audio, prompt_text, request_id, timings,
                                                   skip_cache=req.skip_cache)
 
         # Mode (spec 2.3): instruct2 = I ++ X, no LLM speech prompt; zero-shot = P_txt ++ X + S_p;
@@ -369,11 +374,6 @@ class Pipeline:
         else:
             prefix_ids, llm_prompt = [], np.zeros(0, np.int32)
 
-        count = (len) if _is_zh(req.text) else (lambda s: len(self.encode_text(s)))
-        explicit = req.min_speech_tokens or req.max_speech_tokens
-        # Explicit bounds are for the whole text (the benchmark forces exact lengths): no splitting then.
-        texts = [req.text.strip()] if explicit else split_sentences(
-            req.text, count, self.config.split_max_len, self.config.split_min_len, self.config.split_merge_len)
         base_seed = req.seed or secrets.randbits(63)
         segments = []
         for i, text in enumerate(texts):
@@ -417,13 +417,15 @@ class Pipeline:
             "prompt_spk_embedding": prepared.features.spk_embedding,
         }
 
-    async def _token2wav(self, prepared: PreparedRequest, tokens: np.ndarray, timings: StageTimings,
-                         extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def _token2wav(self, prepared: PreparedRequest, segment: Segment, tokens: np.ndarray,
+                         timings: StageTimings, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One token2wav call; `seed` = the segment's seed (the stage mixes in each chunk's token_offset), so
+        a seeded request's audio repeats exactly."""
         outputs = ["waveform", "cache_mel", "cache_source", "cache_speech"] if "token_offset" in extra \
             else ["waveform"]
         out, call = await self.stages.token2wav.infer(
-            {"target_speech_tokens": tokens, **self._prompt_tensors(prepared), **extra}, outputs,
-            prepared.request_id)
+            {"target_speech_tokens": tokens, **self._prompt_tensors(prepared),
+             "seed": np.array([segment.seed], np.uint64), **extra}, outputs, prepared.request_id)
         timings.record("token2wav", call)
         return out
 
@@ -458,7 +460,7 @@ class Pipeline:
                     reader.result()          # re-raise an LLM failure here, in the consumer
                 while (chunk := schedule.next_chunk(len(tokens), reader.done())) is not None:
                     out = await self._token2wav(
-                        prepared, np.asarray(tokens[: chunk.end], np.int32), timings,
+                        prepared, segment, np.asarray(tokens[: chunk.end], np.int32), timings,
                         {"token_offset": np.array([chunk.token_offset], np.int32),
                          "finalize": np.array([chunk.finalize], np.bool_), **cache})
                     cache = {name: out[name] for name in ("cache_mel", "cache_source", "cache_speech")}
@@ -489,7 +491,7 @@ class Pipeline:
             await self._read_llm(prepared, segment, False, tokens, asyncio.Event(), timings)
             timings.speech_tokens += len(tokens)
             if tokens:
-                out = await self._token2wav(prepared, np.asarray(tokens, np.int32), timings, {})
+                out = await self._token2wav(prepared, segment, np.asarray(tokens, np.int32), timings, {})
                 pieces.append(out["waveform"].astype(np.float32, copy=False))
         wav = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         timings.total_ms = timings.first_chunk_ms = timings.elapsed_ms()

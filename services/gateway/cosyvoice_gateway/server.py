@@ -148,7 +148,7 @@ def to_request(msg: tts_pb2.SynthesizeRequest) -> SynthesisRequest:
         instruct=msg.instruct, sample_rate_hz=msg.sample_rate, request_id=msg.request_id,
         temperature=msg.sampling.temperature, top_p=msg.sampling.top_p, top_k=msg.sampling.top_k,
         seed=msg.sampling.seed, min_speech_tokens=msg.min_speech_tokens, max_speech_tokens=msg.max_speech_tokens,
-        skip_cache=msg.skip_cache)
+        skip_cache=msg.skip_cache, text_frontend=msg.text_frontend)
 
 
 def encoding_name(encoding: int) -> str:

@@ -130,3 +130,25 @@ def test_http_config_is_validated():
     assert HttpConfig(max_upload_bytes=10).max_upload_bytes == 10
     with pytest.raises(ValueError):
         HttpConfig(default_response_format="aac")
+
+
+def test_speech_hands_text_frontend_to_the_pipeline_unnormalised(gateway_redis, monkeypatch):
+    """HTTP does not normalise by itself: the pipeline gets the raw input and the flag (default on), as gRPC."""
+    from cosyvoice_gateway.pipeline import Pipeline
+
+    seen = []
+    prepare = Pipeline.prepare
+
+    async def recording_prepare(self, req, timings):
+        seen.append((req.text, req.text_frontend))
+        return await prepare(self, req, timings)
+
+    monkeypatch.setattr(Pipeline, "prepare", recording_prepare)
+
+    async def body(client, http: httpx.AsyncClient):
+        for extra in ({}, {"text_frontend": False}):
+            answer = await http.post("/v1/audio/speech", json={"model": "cosyvoice2", "input": "I have 42 apples",
+                                                               "voice": "ghost", **extra})
+            assert answer.status_code == 404
+    run_with_http(gateway_redis.url, body)
+    assert seen == [("I have 42 apples", True), ("I have 42 apples", False)]

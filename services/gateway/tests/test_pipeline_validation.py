@@ -16,7 +16,7 @@ from cosyvoice_gateway.pipeline import (
     align_prompt,
     speech_ids_from_llm,
     speech_token_bounds,
-    split_sentences,
+    target_segments,
 )
 from cosyvoice_gateway.stage_client import StageClient, Stages, stage_config
 
@@ -81,23 +81,49 @@ def test_bounds_follow_the_model_rule_or_the_request():
     assert bounds(1000) == (2000, 3000)     # capped at the absurd-length limit
 
 
-def test_short_text_is_one_unchanged_segment():
-    assert split_sentences("Hello there. How are you", len, 80, 60, 20) == ["Hello there. How are you"]
+def _segments(text: str, text_frontend: bool = False, split: bool = True) -> list[str]:
+    return target_segments(text, len, text_frontend, split)
 
 
-def test_long_text_splits_after_terminators_and_merges_a_short_tail():
+def test_short_text_without_frontend_is_one_unchanged_segment():
+    assert _segments("  Hello there. How are you 42 ") == ["Hello there. How are you 42"]
+
+
+def test_long_text_without_frontend_splits_after_terminators_unnormalised():
     text = " ".join(f"Sentence number {i} is here." for i in range(12)) + " End."
-    segments = split_sentences(text, len, 80, 60, 20)
+    segments = _segments(text)
     assert len(segments) > 1
     assert all(len(s) <= 80 + 30 for s in segments)
-    assert "".join(segments).replace(" ", "") == text.replace(" ", "")
+    assert "".join(segments).replace(" ", "") == text.replace(" ", "")     # digits stay digits
     assert segments[-1].endswith("End.") and len(segments[-1]) >= 20
 
 
 def test_zh_splits_on_chinese_terminators():
     text = "。".join(["今天天气很好我们去公园散步吧"] * 10) + "。"
-    segments = split_sentences(text, len, 80, 60, 20)
-    assert len(segments) > 1 and all(s.endswith("。") for s in segments)
+    for frontend in (False, True):
+        segments = _segments(text, frontend)
+        assert len(segments) > 1 and all(s.endswith("。") for s in segments)
+
+
+def test_frontend_normalises_and_splits_with_the_textnorm_rules():
+    pytest.importorskip("inflect")
+    assert _segments("I have 42 apples", text_frontend=True) == ["I have forty-two apples."]
+    long = " ".join(f"Item {i} is ready." for i in range(12))
+    segments = _segments(long, text_frontend=True)
+    assert len(segments) > 1 and not any(ch.isdigit() for s in segments for ch in s)
+
+
+def test_explicit_bounds_keep_one_segment_normalised_or_not():
+    long = " ".join(f"Sentence number {i} is here." for i in range(12))
+    assert _segments(long, split=False) == [long]
+    (one,) = target_segments(long, len, True, split=False)
+    assert "number 11" not in one and one.startswith("Sentence number zero")
+
+
+def test_markup_and_punctuation_only_text():
+    marked = "<|en|>I have 3 cats"
+    assert _segments(marked, text_frontend=True) == [marked]
+    assert _segments("... !!!", text_frontend=True) == []
 
 
 def test_alignment_keeps_min_of_half_frames_and_tokens():

@@ -52,6 +52,21 @@ _M_TENC, _M_NVALID, _M_STREAM, _M_START, _M_CACHE, _M_MEL = range(6)
 _META_COLS = 6
 
 
+_SEED_MASK = (1 << 64) - 1
+_SEED_MODULUS = 1 << 63             # torch.Generator.manual_seed takes any int64/uint64; stay positive
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # splitmix64
+
+
+def chunk_seed(request_seed: int, token_offset: int) -> int:
+    """The source-noise seed of one chunk: the request's seed mixed with the chunk's `token_offset` (which
+    identifies the chunk within its stream; 0 for an offline call) by splitmix64. Chunks of a stream draw
+    different noise; the same request replayed draws the same, on whichever replica serves each chunk."""
+    z = (int(request_seed) + (int(token_offset) + 1) * _GOLDEN_GAMMA) & _SEED_MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _SEED_MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _SEED_MASK
+    return (z ^ (z >> 31)) % _SEED_MODULUS
+
+
 class ChunkRequestError(ValueError):
     """A request that cannot be run (answers only that request)."""
 

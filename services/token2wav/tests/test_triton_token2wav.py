@@ -68,3 +68,44 @@ def test_token2wav_chunk_without_cache_fails_only_itself(stage_servers):
     with pytest.raises(Exception, match="cache"):
         client.infer(TOKEN2WAV_MODEL, [_input("target_speech_tokens", target, "INT32"), *_prompt(rng),
                                        _input("token_offset", np.array([[5]], np.int32), "INT32")])
+
+
+def _seeded_stream(client, target, prompt, seed: int | None) -> np.ndarray:
+    """Two chunks (offset 0, then 25 final), optionally seeded; the concatenated waveform."""
+    seeded = [] if seed is None else [_input("seed", np.array([[seed]], np.uint64), "UINT64")]
+    first = client.infer(TOKEN2WAV_MODEL, [
+        _input("target_speech_tokens", target[:, :28], "INT32"), *prompt, *seeded,
+        _input("token_offset", np.array([[0]], np.int32), "INT32"), _input("finalize", np.array([[False]]), "BOOL")])
+    cache = [_input(n, first.as_numpy(n), "FP32") for n in ("cache_mel", "cache_source", "cache_speech")]
+    last = client.infer(TOKEN2WAV_MODEL, [
+        _input("target_speech_tokens", target, "INT32"), *prompt, *seeded, *cache,
+        _input("token_offset", np.array([[25]], np.int32), "INT32"), _input("finalize", np.array([[True]]), "BOOL")])
+    return np.concatenate([first.as_numpy("waveform")[0], last.as_numpy("waveform")[0]])
+
+
+def test_seeded_calls_repeat_bit_for_bit_and_seeds_differ(stage_servers):
+    rng = np.random.default_rng(5)
+    target = rng.integers(0, 6561, (1, 40)).astype(np.int32) + SPEECH_ID_OFFSET
+    prompt = _prompt(rng)
+    client = grpcclient.InferenceServerClient(stage_servers.grpc_url("token2wav"))
+
+    def offline(seed: int) -> np.ndarray:
+        return client.infer(TOKEN2WAV_MODEL, [_input("target_speech_tokens", target, "INT32"), *prompt,
+                                              _input("seed", np.array([[seed]], np.uint64), "UINT64")]
+                            ).as_numpy("waveform")
+
+    assert np.array_equal(offline(7), offline(7))
+    assert not np.array_equal(offline(7), offline(8))
+    assert np.array_equal(_seeded_stream(client, target, prompt, 7), _seeded_stream(client, target, prompt, 7))
+    unseeded = _seeded_stream(client, target, prompt, None)          # absent seed: the process RNG, as before
+    assert unseeded.shape == (40 * SAMPLES_PER_TOKEN,) and not np.array_equal(unseeded, _seeded_stream(
+        client, target, prompt, None))
+
+
+def test_chunk_seeds_differ_per_chunk_and_repeat_per_request():
+    from cosyvoice_token2wav.runner import chunk_seed
+
+    seeds = [chunk_seed(7, offset) for offset in (0, 15, 40, 90)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 1 << 63 for s in seeds)
+    assert seeds == [chunk_seed(7, offset) for offset in (0, 15, 40, 90)]
+    assert chunk_seed(8, 0) != seeds[0] and chunk_seed((1 << 64) - 1, 0) < 1 << 63

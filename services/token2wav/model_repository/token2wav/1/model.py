@@ -3,6 +3,8 @@
 Thin adapter over cosyvoice_token2wav.runner.Token2WavRunner: the vocoder overlap cache (mel frames, source
 and speech tails) arrives as input tensors and leaves as output tensors, so any replica serves any chunk
 and a cancelled stream leaves nothing behind. Without `token_offset` the call is offline (one pass).
+With `seed` the vocoder's source noise is drawn from a generator seeded by `chunk_seed(seed, token_offset)`
+(the same request replayed gives the same audio, on any replica); without it, from the process RNG.
 The whole dynamic batch (streaming chunks and offline calls mixed) runs as one padded batch; each
 request's failure answers only that request.
 """
@@ -21,7 +23,7 @@ import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import MEL_BINS, SPEECH_ID_OFFSET
 from cosyvoice_common.triton_io import error_response, from_triton, get_dtype, get_parameter, to_triton
-from cosyvoice_token2wav.runner import ChunkRequest, Token2WavRunner
+from cosyvoice_token2wav.runner import ChunkRequest, Token2WavRunner, chunk_seed
 from cosyvoice_token2wav.token2wav import VocoderCache
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,7 @@ class ChunkCall:
     finalize: bool
     streaming: bool
     cache: VocoderCache | None
+    seed: int | None               # this chunk's source-noise seed; None = the process RNG
 
     @classmethod
     def from_request(cls, request) -> "ChunkCall":
@@ -80,11 +83,17 @@ class ChunkCall:
             cache = VocoderCache(mel=torch.from_numpy(_one(mel, "cache_mel")[None].copy()),
                                  source=torch.from_numpy(_one(source, "cache_source")[None, None].copy()),
                                  speech=torch.from_numpy(_one(speech, "cache_speech")[None].copy()))
+        seed = _input(request, "seed")
+        if seed is not None:
+            seed = _one(seed, "seed").reshape(-1)
+            if seed.size != 1:
+                raise ValueError(f"seed must hold one value, got {seed.size}")
+            seed = chunk_seed(int(seed[0]), token_offset)
         feat = _one(_input(request, "prompt_speech_feat"), "prompt_speech_feat")
         embedding = _one(_input(request, "prompt_spk_embedding"), "prompt_spk_embedding")
         return cls(torch.from_numpy(codes[None].copy()), torch.from_numpy(prompt_codes[None].copy()),
                    torch.from_numpy(feat[None].copy()), torch.from_numpy(embedding.reshape(1, -1).copy()),
-                   token_offset, is_final, streaming, cache)
+                   token_offset, is_final, streaming, cache, seed)
 
 
 def chunk_response(wav: torch.Tensor, cache: VocoderCache | None):
@@ -116,7 +125,7 @@ class TritonPythonModel:
                 calls.append((i, ChunkRequest(tokens=call.tokens, prompt_tokens=call.prompt_tokens,
                                               prompt_feat=call.prompt_feat, embedding=call.embedding,
                                               token_offset=call.token_offset, finalize=call.finalize,
-                                              streaming=call.streaming, cache=call.cache)))
+                                              streaming=call.streaming, cache=call.cache, seed=call.seed)))
             except Exception as exc:  # noqa: BLE001 - a malformed request answers only itself
                 responses[i] = error_response(exc)
         if calls:
