@@ -56,6 +56,11 @@ GATEWAY_HTTP_PORT = 8080
 SEED_STREAMING_PORTS = (8000, 8001, 8002)   # Triton HTTP, gRPC, metrics of the decoupled `cosyvoice2`
 SEED_OFFLINE_PORTS = (8010, 8011, 8012)     # the same model name, non-decoupled
 REDIS_PORT = 6379
+# The two seed-compatible fronts (services/gateway/model_repository/cosyvoice2): compose service / Helm
+# variant name, decoupled or not, (HTTP, gRPC, metrics). Each is a tritonserver from the gateway image.
+SEED_FRONTS = (("seed-stream", True, SEED_STREAMING_PORTS), ("seed-offline", False, SEED_OFFLINE_PORTS))
+SEED_DEFAULT_SPEAKER = "001"                # the seed's spk2info.pt key (cosyvoice_gateway.seed.DEFAULT_SPEAKER)
+SEED_FRONT_ENTRYPOINT = "/opt/cosyvoice/bin/seed_front.py"   # deploy/docker/seed_front.py in the gateway image
 PUBLIC_PORTS = (GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, *SEED_STREAMING_PORTS, *SEED_OFFLINE_PORTS, REDIS_PORT)
 
 _DEVICE_RE = re.compile(r"^(?:cpu|cuda:(0|[1-9][0-9]*))$")
@@ -425,6 +430,19 @@ HEALTH_RETRIES = 60
 TRITON_START_PERIOD = "120s"      # full-size weights load and CUDA graphs are captured before ready
 
 
+SEED_START_PERIOD = "60s"         # the front waits up to 60 s for the stages before its model is ready
+# Front settings a deployment may change, with their defaults (names of `make up`; see services/gateway/README.md).
+# SEED_PROMPT_WAV is a path inside the container (e.g. under the model mount): registered as the speaker at start.
+SEED_SPEAKER_ENV = {"SEED_SPEAKER": SEED_DEFAULT_SPEAKER, "SEED_PROMPT_WAV": "", "SEED_PROMPT_TEXT": "",
+                    "SEED_LENGTH_FROM_TEXT": "off", "SEED_LENGTH_K": "7.5"}
+
+
+def seed_front_env(decoupled: bool, http_port: int, grpc_port: int, metrics_port: int) -> dict[str, str]:
+    """What deploy/docker/seed_front.py reads besides MODEL_DIR, REDIS_URL, the stage URLs and SEED_*."""
+    return {"SEED_DECOUPLED": "true" if decoupled else "false", "TRITON_HTTP_PORT": str(http_port),
+            "TRITON_GRPC_PORT": str(grpc_port), "TRITON_METRICS_PORT": str(metrics_port)}
+
+
 def _triton_health_cmd(http_port: int) -> list[str]:
     # python3 is in every Triton image; curl is not guaranteed. urlopen raises (exit 1) unless 2xx.
     return ["CMD", "python3", "-c",
@@ -452,7 +470,7 @@ def compose_service_names(placement: Placement, stage: str) -> list[str]:
 
 def to_compose(placement: Placement) -> dict:
     """The docker compose file for `placement`. Inside a container every replica of a stage listens on
-    the stage's replica-0 ports (own network namespace); only the gateway publishes host ports."""
+    the stage's replica-0 ports (own network namespace); only the gateway and the seed fronts publish host ports."""
     services: dict[str, dict] = {}
     model_volume = f"${{MODEL_DIR:-./models/cosyvoice2-tiny}}:{MODEL_MOUNT_DIR}:ro"
     gateway_env = {
@@ -508,20 +526,36 @@ def to_compose(placement: Placement) -> dict:
                         "timeout": HEALTH_TIMEOUT, "retries": HEALTH_RETRIES},
         "restart": "unless-stopped",
     }
-    seed_ports = (*SEED_STREAMING_PORTS, *SEED_OFFLINE_PORTS)
     services["gateway"] = {
         "image": _image("gateway"),
         "build": {"context": ".", "dockerfile": "services/gateway/Dockerfile"},
         "environment": gateway_env,
         "volumes": [model_volume],        # the gateway's text tokenizer reads MODEL_DIR/CosyVoice-BlankEN
         "ports": [f"${{GATEWAY_GRPC_HOST_PORT:-{GATEWAY_GRPC_PORT}}}:{GATEWAY_GRPC_PORT}",
-                  f"${{GATEWAY_HTTP_HOST_PORT:-{GATEWAY_HTTP_PORT}}}:{GATEWAY_HTTP_PORT}",
-                  *(f"{p}:{p}" for p in seed_ports)],
+                  f"${{GATEWAY_HTTP_HOST_PORT:-{GATEWAY_HTTP_PORT}}}:{GATEWAY_HTTP_PORT}"],
         "depends_on": gateway_depends,
         "healthcheck": {"test": GATEWAY_HEALTH_CMD, "interval": HEALTH_INTERVAL, "timeout": HEALTH_TIMEOUT,
                         "retries": HEALTH_RETRIES, "start_period": "30s"},
         "restart": "unless-stopped",
     }
+    # The seed-compatible fronts: the gateway image running tritonserver over the rendered `cosyvoice2`
+    # repository (deploy/docker/seed_front.py). They call the stages and Redis themselves, not the gateway.
+    for name, decoupled, (http_port, grpc_port, metrics_port) in SEED_FRONTS:
+        env = {k: gateway_env[k] for k in ("MODEL_DIR", "REDIS_URL", *map(stage_url_env, STAGES))}
+        env.update(seed_front_env(decoupled, http_port, grpc_port, metrics_port))
+        env.update({k: f"${{{k}:-{v}}}" for k, v in SEED_SPEAKER_ENV.items()})   # `SEED_SPEAKER=... docker compose up`
+        services[name] = {
+            "image": _image("gateway"),
+            "build": {"context": ".", "dockerfile": "services/gateway/Dockerfile"},
+            "command": ["python", SEED_FRONT_ENTRYPOINT],
+            "environment": env,
+            "volumes": [model_volume],    # text tokenizer + model revision, as the gateway (same spk2info keys)
+            "ports": [f"{p}:{p}" for p in (http_port, grpc_port, metrics_port)],
+            "depends_on": {k: dict(v) for k, v in gateway_depends.items()},   # every stage and Redis, healthy
+            "healthcheck": {"test": _triton_health_cmd(http_port), "interval": HEALTH_INTERVAL,
+                            "timeout": HEALTH_TIMEOUT, "retries": HEALTH_RETRIES, "start_period": SEED_START_PERIOD},
+            "restart": "unless-stopped",
+        }
     return {"name": "cosyvoice2", "services": services, "volumes": {"redis-data": {}}}
 
 
@@ -549,6 +583,20 @@ def to_helm_values(placement: Placement) -> dict:
                     "httpPort": GATEWAY_HTTP_PORT, "serviceType": "ClusterIP"},
         "redis": {"image": REDIS_IMAGE, "storage": "1Gi"},
         "autoscaling": {"queueMetric": HPA_QUEUE_METRIC},
+        # The seed-compatible `cosyvoice2` fronts; `enabled: false` drops both, a variant's own flag drops one.
+        "seedFronts": {
+            "enabled": True,
+            "serviceType": "ClusterIP",
+            "speaker": SEED_SPEAKER_ENV["SEED_SPEAKER"],
+            "promptWav": SEED_SPEAKER_ENV["SEED_PROMPT_WAV"],
+            "promptText": SEED_SPEAKER_ENV["SEED_PROMPT_TEXT"],
+            "lengthFromText": SEED_SPEAKER_ENV["SEED_LENGTH_FROM_TEXT"],
+            "lengthK": SEED_SPEAKER_ENV["SEED_LENGTH_K"],
+            "variants": {name.removeprefix("seed-"): {
+                "enabled": True, "decoupled": decoupled, "replicas": 1,
+                "httpPort": http_port, "grpcPort": grpc_port, "metricsPort": metrics_port}
+                for name, decoupled, (http_port, grpc_port, metrics_port) in SEED_FRONTS},
+        },
     }
 
 
@@ -672,10 +720,7 @@ def k8s_from_values(values: dict, release: str = "cosyvoice2") -> list[dict]:
 
     g = values["gateway"]
     glabels = _labels(release, "gateway")
-    gports = [{"name": "grpc", "containerPort": g["grpcPort"]}, {"name": "http", "containerPort": g["httpPort"]},
-              *({"name": n, "containerPort": p} for n, p in zip(
-                  ("seed-http", "seed-grpc", "seed-metrics", "offline-http", "offline-grpc", "offline-metrics"),
-                  (*SEED_STREAMING_PORTS, *SEED_OFFLINE_PORTS)))]
+    gports = [{"name": "grpc", "containerPort": g["grpcPort"]}, {"name": "http", "containerPort": g["httpPort"]}]
     objs.append({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": f"{release}-gateway", "labels": glabels},
@@ -704,4 +749,62 @@ def k8s_from_values(values: dict, release: str = "cosyvoice2") -> list[dict]:
         "spec": {"type": g["serviceType"], "selector": glabels,
                  "ports": [{"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]} for p in gports]},
     })
+    objs.extend(_seed_front_objects(values, release, gateway_env))
+    return objs
+
+
+def _seed_front_objects(values: dict, release: str, gateway_env: list[dict]) -> list[dict]:
+    """A Deployment + Service per enabled seed front (templates/seed-fronts.yaml), in the chart's key order."""
+    fronts = values["seedFronts"]
+    if not fronts["enabled"]:
+        return []
+    img = values["image"]
+    shared_env = [e for e in gateway_env if e["name"] in ("MODEL_DIR", "REDIS_URL")
+                  or e["name"].endswith("_URLS")]
+    speaker_env = [{"name": "SEED_SPEAKER", "value": str(fronts["speaker"])},
+                   {"name": "SEED_PROMPT_WAV", "value": str(fronts["promptWav"])},
+                   {"name": "SEED_PROMPT_TEXT", "value": str(fronts["promptText"])},
+                   {"name": "SEED_LENGTH_FROM_TEXT", "value": str(fronts["lengthFromText"])},
+                   {"name": "SEED_LENGTH_K", "value": str(fronts["lengthK"])}]
+    objs: list[dict] = []
+    for variant in sorted(fronts["variants"]):
+        f = fronts["variants"][variant]
+        if not f["enabled"]:
+            continue
+        name, component = f"{release}-seed-{variant}", f"seed-{variant}"
+        labels = _labels(release, component)
+        env = [*shared_env, *({"name": k, "value": v} for k, v in seed_front_env(
+            f["decoupled"], f["httpPort"], f["grpcPort"], f["metricsPort"]).items()), *speaker_env]
+        ports = [{"name": "http", "containerPort": f["httpPort"]}, {"name": "grpc", "containerPort": f["grpcPort"]},
+                 {"name": "metrics", "containerPort": f["metricsPort"]}]
+        objs.append({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {
+                "replicas": f["replicas"], "selector": {"matchLabels": labels},
+                "template": {"metadata": {"labels": labels}, "spec": {
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+                    "containers": [{
+                        "name": component,
+                        "image": f"{img['registry']}/gateway:{img['tag']}",
+                        "imagePullPolicy": img["pullPolicy"],
+                        "command": ["python", SEED_FRONT_ENTRYPOINT],
+                        "env": env,
+                        "ports": ports,
+                        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5},
+                        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"},
+                                          "initialDelaySeconds": 90, "periodSeconds": 10},
+                        "volumeMounts": [{"name": "models", "mountPath": MODEL_MOUNT_DIR, "readOnly": True}],
+                    }],
+                    "volumes": [_model_volume(values)],
+                }},
+            },
+        })
+        objs.append({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"type": fronts["serviceType"], "selector": labels,
+                     "ports": [{"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]}
+                               for p in ports]},
+        })
     return objs

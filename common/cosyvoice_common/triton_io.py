@@ -7,6 +7,11 @@ Importable without Triton: the functions that need `triton_python_backend_utils`
 Tensors cross the stub by DLPack both ways, never `pb_utils.Tensor(name, ndarray)` / `tensor.as_numpy()`:
 with numpy >= 2 the tritonserver wheel's stub reads numpy outputs as 0 bytes and builds input arrays with
 zero strides (every element reads as the first one). See ../shared/notes/TRITON.md.
+
+torch is optional: the gateway image (the seed fronts' tritonserver) has none. Without torch the tensors
+take the stub's numpy path, which is exact with numpy < 2 (that image pins it) and refused with numpy >= 2.
+numpy's own DLPack is no way round it: `np.from_dlpack(pb_utils.Tensor)` kills the wheel's stub.
+BYTES tensors have no DLPack form at all; their callers read them with `as_numpy()` under numpy < 2.
 """
 from __future__ import annotations
 
@@ -14,9 +19,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
-import torch
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+try:
+    import torch
+except ImportError:          # gateway image: numpy path below (numpy < 2 only)
+    torch = None
+
+DTYPES: dict[str, Any] = ({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+                          if torch is not None else {})
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -24,15 +34,27 @@ X = TypeVar("X")
 Y = TypeVar("Y")
 
 
+def _require_numpy_path() -> None:
+    if int(np.__version__.split(".", 1)[0]) >= 2:
+        raise RuntimeError(f"no torch and numpy {np.__version__}: the Triton stub's numpy path is wrong under "
+                           "numpy >= 2; install torch or numpy<2")
+
+
 def from_triton(tensor) -> np.ndarray:
     """A pb_utils.Tensor (input) -> a numpy array that outlives the request's shared memory."""
+    if torch is None:
+        _require_numpy_path()
+        return np.array(tensor.as_numpy(), copy=True)
     return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy().copy()
 
 
-def to_triton(name: str, value: np.ndarray | torch.Tensor):
+def to_triton(name: str, value: "np.ndarray | torch.Tensor"):
     """An output pb_utils.Tensor from a numpy array or a torch tensor (any device; dtype kept as is)."""
     import triton_python_backend_utils as pb_utils
 
+    if torch is None:
+        _require_numpy_path()
+        return pb_utils.Tensor(name, np.ascontiguousarray(value))
     tensor = value.detach().cpu().contiguous() if isinstance(value, torch.Tensor) else \
         torch.from_numpy(np.ascontiguousarray(value))
     if tensor.numel() == 0:
@@ -50,8 +72,10 @@ def get_parameter(model_config: Mapping[str, Any], name: str, pytype: Callable[[
     return pytype(value)
 
 
-def get_dtype(model_config: Mapping[str, Any], name: str, auto: str) -> torch.dtype:
+def get_dtype(model_config: Mapping[str, Any], name: str, auto: str) -> "torch.dtype":
     """A dtype parameter (one of DTYPES, or "auto" which means `auto`: each stage says what auto is)."""
+    if torch is None:
+        raise RuntimeError(f"{name}: torch dtypes need torch, which is not installed")
     dtype_name = get_parameter(model_config, name)
     dtype_name = auto if dtype_name == "auto" else dtype_name
     if dtype_name not in DTYPES:

@@ -12,9 +12,11 @@ from check_jsonschema import builtin_schemas
 
 import render
 from cosyvoice_common.placement import (
-    GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, SEED_OFFLINE_PORTS, SEED_STREAMING_PORTS, STAGES, default_placement,
-    load_placement, to_compose,
+    GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, SEED_FRONTS, SEED_OFFLINE_PORTS, SEED_STREAMING_PORTS, STAGES,
+    compose_service_names, default_placement, load_placement, to_compose,
 )
+
+FRONTS = tuple(name for name, _, _ in SEED_FRONTS)      # seed-stream, seed-offline
 
 REPO = Path(render.REPO_ROOT)
 EXAMPLE = REPO / "deploy" / "placement.example.yaml"
@@ -50,10 +52,13 @@ def check_structure(doc: dict, gpu_services: dict[str, list[str]]) -> None:
             assert devices is None, f"{name} reserves a GPU its placement does not give it"
     ports = [host_port(p) for svc in services.values() for p in svc.get("ports", [])]
     assert len(ports) == len(set(ports)), ports
-    # only the gateway publishes; stage services must stay scalable (a fixed host port would clash)
-    assert all("ports" not in svc for name, svc in services.items() if name != "gateway")
+    # only the gateway and the seed fronts publish; stage services must stay scalable (a fixed host port would clash)
+    assert all("ports" not in svc for name, svc in services.items() if name not in ("gateway", *FRONTS))
     gw = services["gateway"]
-    assert set(gw["depends_on"]) == set(services) - {"gateway"}
+    backends = set(services) - {"gateway", *FRONTS}          # every stage service and Redis
+    assert set(gw["depends_on"]) == backends
+    for front in FRONTS:
+        assert set(services[front]["depends_on"]) == backends, front
     assert "redis-data:/data" in services["redis"]["volumes"] and "redis-data" in doc["volumes"]
 
 
@@ -80,7 +85,9 @@ def test_checked_in_compose_structure_and_public_ports():
     doc = checked_in()
     check_structure(doc, {s: ["0"] for s in STAGES})
     ports = {host_port(p) for p in doc["services"]["gateway"]["ports"]}
-    assert ports == {GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, *SEED_STREAMING_PORTS, *SEED_OFFLINE_PORTS}
+    assert ports == {GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT}
+    assert [host_port(p) for p in doc["services"]["seed-stream"]["ports"]] == list(SEED_STREAMING_PORTS)
+    assert [host_port(p) for p in doc["services"]["seed-offline"]["ports"]] == list(SEED_OFFLINE_PORTS)
     env = doc["services"]["gateway"]["environment"]
     # one DNS name per stage: `--scale token2wav=3` adds addresses behind it, nothing else changes
     assert env["TOKEN2WAV_URLS"] == "token2wav:8401"
@@ -122,3 +129,49 @@ def test_render_cli_reports_a_bad_placement(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "deploy" / "render.py"), "k8s", "--placement", str(bad)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "unknown stage 'vocoder'" in r.stderr
+
+
+# --- the seed-compatible fronts -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, decoupled, ports", SEED_FRONTS, ids=FRONTS)
+@pytest.mark.parametrize("placement", [default_placement, lambda: load_placement(env={}, path=EXAMPLE)],
+                         ids=["default", "example"])
+def test_seed_front_is_a_tritonserver_of_the_gateway_image_on_its_own_ports(name, decoupled, ports, placement):
+    placement = placement()
+    doc = to_compose(placement)
+    svc, gw = doc["services"][name], doc["services"]["gateway"]
+    assert svc["image"] == gw["image"] and svc["build"] == gw["build"]
+    assert svc["command"] == ["python", "/opt/cosyvoice/bin/seed_front.py"]
+    http, grpc_, metrics = ports
+    assert svc["ports"] == [f"{p}:{p}" for p in ports]
+    env = svc["environment"]
+    assert env["SEED_DECOUPLED"] == ("true" if decoupled else "false")
+    assert (env["TRITON_HTTP_PORT"], env["TRITON_GRPC_PORT"], env["TRITON_METRICS_PORT"]) == \
+        (str(http), str(grpc_), str(metrics))
+    # healthy = the front's Triton is ready, which needs its model (and so every stage) loaded
+    assert svc["healthcheck"]["test"][:2] == ["CMD", "python3"]
+    assert f"http://127.0.0.1:{http}/v2/health/ready" in svc["healthcheck"]["test"][-1]
+    for stage in STAGES:                                 # same stage replicas as the gateway
+        key = f"{stage.upper()}_URLS"
+        assert env[key] == gw["environment"][key]
+        for host_and_port in env[key].split(","):
+            assert host_and_port.split(":")[0] in compose_service_names(placement, stage)
+            assert svc["depends_on"][host_and_port.split(":")[0]] == {"condition": "service_healthy"}
+    assert env["REDIS_URL"] == gw["environment"]["REDIS_URL"]
+    assert svc["depends_on"]["redis"] == {"condition": "service_healthy"}
+    assert env["MODEL_DIR"] == gw["environment"]["MODEL_DIR"] and svc["volumes"] == gw["volumes"]   # same revision
+    assert env["SEED_SPEAKER"] == "${SEED_SPEAKER:-001}"          # the seed's spk2info key, overridable
+    assert {k for k in env if k.startswith("SEED_")} == {
+        "SEED_DECOUPLED", "SEED_SPEAKER", "SEED_PROMPT_WAV", "SEED_PROMPT_TEXT", "SEED_LENGTH_FROM_TEXT",
+        "SEED_LENGTH_K"}
+    assert all(isinstance(v, str) for v in env.values())
+
+
+def test_both_front_variants_are_in_the_checked_in_file_and_differ_only_in_mode_and_ports():
+    services = checked_in()["services"]
+    stream, offline = services["seed-stream"], services["seed-offline"]
+    strip = {"SEED_DECOUPLED", "TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT"}
+    assert {k: v for k, v in stream["environment"].items() if k not in strip} == \
+        {k: v for k, v in offline["environment"].items() if k not in strip}
+    assert (stream["environment"]["SEED_DECOUPLED"], offline["environment"]["SEED_DECOUPLED"]) == ("true", "false")
+    assert "gateway" not in stream["depends_on"] and "gateway" not in offline["depends_on"]

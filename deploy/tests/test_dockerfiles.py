@@ -90,6 +90,16 @@ def test_gateway_image_is_slim_python_with_protos_built_in():
     assert "protos/cosyvoice" in copy_sources(instrs)
 
 
+def test_gateway_image_can_run_the_seed_fronts():
+    final = final_stage(instructions("gateway"))
+    # the compose/Helm entrypoint of seed-stream / seed-offline, where placement points at it
+    assert ("COPY", "deploy/docker/seed_front.py /opt/cosyvoice/bin/seed_front.py") in final
+    runs = " ".join(r for w, r in final if w == "RUN")
+    assert "tritonserver" in runs and "triton_python_backend_stub" in runs
+    # the stub embeds this interpreter: numpy 2 would corrupt the BYTES texts (shared/notes/TRITON.md)
+    assert '"numpy<2"' in runs
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_image_has_healthcheck_and_runs_as_non_root(service):
     final = final_stage(instructions(service))

@@ -8,7 +8,7 @@ import yaml
 import gotemplate
 import render
 from cosyvoice_common.placement import (
-    HPA_QUEUE_METRIC, STAGES, default_placement, load_placement, to_helm_values, to_k8s,
+    HPA_QUEUE_METRIC, STAGES, default_placement, k8s_from_values, load_placement, to_helm_values, to_k8s,
 )
 
 EXAMPLE = Path(render.REPO_ROOT) / "deploy" / "placement.example.yaml"
@@ -75,9 +75,35 @@ def test_rendered_objects_have_the_structure_a_cluster_needs(name):
         assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}
     redis_host = env["REDIS_URL"].split("//")[1].split(":")[0]
     assert redis_host in services and ("StatefulSet", redis_host) in objs
-    assert {p["port"] for p in services["rel-gateway"]["spec"]["ports"]} == {
-        50051, 8080, 8000, 8001, 8002, 8010, 8011, 8012}
+    assert {p["port"] for p in services["rel-gateway"]["spec"]["ports"]} == {50051, 8080}
     assert gw["spec"]["replicas"] == placement.gateway_replicas
+    check_seed_fronts(objs, env, {"stream": ((8000, 8001, 8002), "true"), "offline": ((8010, 8011, 8012), "false")})
+
+
+def check_seed_fronts(objs, gateway_env, want):
+    """Each wanted front: a Deployment of the gateway image running the entrypoint, Triton probes, the
+    gateway's stage URLs and Redis, and a Service on its three ports; no other front exists."""
+    fronts = {n for (k, n) in objs if k in ("Deployment", "Service") and "-seed-" in n}
+    assert fronts == {f"rel-seed-{v}" for v in want}
+    for variant, (ports, decoupled) in want.items():
+        name = f"rel-seed-{variant}"
+        dep, svc = objs[("Deployment", name)], objs[("Service", name)]
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert dep["spec"]["selector"]["matchLabels"] == labels == svc["spec"]["selector"]
+        (c,) = dep["spec"]["template"]["spec"]["containers"]
+        assert c["image"].endswith("/gateway:latest") and c["command"] == ["python", "/opt/cosyvoice/bin/seed_front.py"]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert all(isinstance(v, str) for v in env.values())
+        assert env["SEED_DECOUPLED"] == decoupled and env["SEED_SPEAKER"] == "001"
+        assert (env["TRITON_HTTP_PORT"], env["TRITON_GRPC_PORT"], env["TRITON_METRICS_PORT"]) == tuple(map(str, ports))
+        for key in ("MODEL_DIR", "REDIS_URL", *(f"{s.upper()}_URLS" for s in STAGES)):
+            assert env[key] == gateway_env[key], key
+        assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+        assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+        assert [(p["name"], p["containerPort"]) for p in c["ports"]] == list(zip(("http", "grpc", "metrics"), ports))
+        assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == \
+            list(zip(ports, ("http", "grpc", "metrics")))
+        assert "nvidia.com/gpu" not in str(c.get("resources", {}))       # CPU only: no GPU request
 
 
 def test_disabling_autoscaling_for_a_stage_drops_its_hpa():
@@ -86,6 +112,33 @@ def test_disabling_autoscaling_for_a_stage_drops_its_hpa():
     objs = by_key(render.helm_template(values))
     assert ("HorizontalPodAutoscaler", "cosyvoice2-llm") not in objs
     assert ("HorizontalPodAutoscaler", "cosyvoice2-token2wav") in objs
+
+
+@pytest.mark.parametrize("switch, left", [
+    (lambda v: v["seedFronts"].update(enabled=False), set()),
+    (lambda v: v["seedFronts"]["variants"]["offline"].update(enabled=False), {"stream"}),
+    (lambda v: v["seedFronts"]["variants"]["stream"].update(enabled=False), {"offline"}),
+], ids=["both-off", "offline-off", "stream-off"])
+def test_seed_fronts_can_be_disabled_together_or_one_by_one(switch, left):
+    values = to_helm_values(default_placement())
+    switch(values)
+    objs = by_key(render.helm_template(values, "rel"))
+    assert objs == by_key(k8s_from_values(values, "rel"))
+    assert {n for (k, n) in objs if "-seed-" in n} == {f"rel-seed-{v}" for v in left}
+    assert ("Deployment", "rel-gateway") in objs
+
+
+def test_seed_front_settings_come_from_values():
+    values = to_helm_values(default_placement())
+    values["seedFronts"].update(speaker="alice", promptWav="/models/cosyvoice2/p.wav", lengthFromText="ratio")
+    values["seedFronts"]["variants"]["stream"]["replicas"] = 3
+    objs = by_key(render.helm_template(values, "rel"))
+    assert objs == by_key(k8s_from_values(values, "rel"))
+    dep = objs[("Deployment", "rel-seed-stream")]
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (env["SEED_SPEAKER"], env["SEED_PROMPT_WAV"], env["SEED_LENGTH_FROM_TEXT"]) == (
+        "alice", "/models/cosyvoice2/p.wav", "ratio")
+    assert dep["spec"]["replicas"] == 3
 
 
 def test_helm_template_cli_renders_the_chart(tmp_path):

@@ -11,9 +11,9 @@ import json
 import threading
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
+from cosyvoice_common.triton_io import from_triton, to_triton
 from cosyvoice_gateway.seed import (
     INPUT_NAMES,
     SeedFront,
@@ -23,25 +23,18 @@ from cosyvoice_gateway.seed import (
 )
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
 _TEXT_INPUTS = frozenset({"reference_text", "target_text"})
 
 
-def from_triton(name: str, tensor) -> np.ndarray:
+def read_input(name: str, tensor) -> np.ndarray:
+    """One request input as numpy. Numeric tensors go through cosyvoice_common.triton_io (DLPack where torch
+    is installed, the numpy path in the torch-free gateway image)."""
     if name in _TEXT_INPUTS:
-        # BYTES have no DLPack form; they arrive intact because this stub embeds an environment with
-        # numpy<2 (cosyvoice_gateway.seed.ensure_stub_python).
+        # BYTES (TYPE_STRING) have no DLPack form, so triton_io cannot carry them: as_numpy() is the only
+        # way, and it is exact only because the stub runs with numpy<2 (`make up`:
+        # cosyvoice_gateway.seed.ensure_stub_python; the gateway image pins numpy<2). Object array of bytes.
         return tensor.as_numpy()
-    # DLPack, not as_numpy(): with numpy>=2 the wheel's stub builds zero-stride arrays.
-    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy().copy()
-
-
-def to_triton(name: str, array: np.ndarray):
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    if tensor.numel() == 0:
-        tensor = torch.zeros(tensor.shape, dtype=tensor.dtype)
-    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor))
+    return from_triton(tensor)
 
 
 class TritonResponder:
@@ -66,7 +59,8 @@ class TritonResponder:
 
     def send_audio(self, wav_24k: np.ndarray, final: bool) -> None:
         # [1, n]: the model batches (max_batch_size > 0), so outputs carry the batch dim like the seed's.
-        self._send(pb_utils.InferenceResponse([to_triton("waveform", np.asarray(wav_24k).reshape(1, -1))]), final)
+        wav = np.asarray(wav_24k, dtype=np.float32).reshape(1, -1)
+        self._send(pb_utils.InferenceResponse([to_triton("waveform", wav)]), final)
 
     def finish(self) -> None:
         self._send(None, final=True)
@@ -93,7 +87,7 @@ class TritonPythonModel:
                 for name in INPUT_NAMES:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     if tensor is not None:
-                        tensors[name] = from_triton(name, tensor)
+                        tensors[name] = read_input(name, tensor)
                 inputs = parse_seed_inputs(tensors)
             except (SeedRequestError, ValueError) as exc:
                 responder.fail(f"INVALID_ARGUMENT: {exc}")
