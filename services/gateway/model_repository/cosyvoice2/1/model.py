@@ -69,7 +69,10 @@ class TritonResponder:
         self._send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), final=True)
 
     def is_cancelled(self) -> bool:
-        return self.request.is_cancelled()
+        # Under the send lock: after the final response Triton releases the request's response factory,
+        # and is_cancelled() on a released factory crashes tritonserver (ResponseFactoryIsCancelled).
+        with self.lock:
+            return False if self.closed else self.request.is_cancelled()
 
 
 class TritonPythonModel:

@@ -171,7 +171,11 @@ class TritonPythonModel:
             if out is None:
                 return
             with self.lock:
-                data = self.requests.get(out.request_id)
+                # A finishing request leaves the registry *before* its final response is sent: the final
+                # response releases Triton's response factory, and the cancellation thread must never call
+                # is_cancelled() on a released factory (tritonserver segfaults in ResponseFactoryIsCancelled).
+                data = self.requests.pop(out.request_id, None) if out.finished else self.requests.get(out.request_id)
+                self.active_metric.set(len(self.requests))
             if data is None:
                 continue
             try:
@@ -180,10 +184,6 @@ class TritonPythonModel:
                 pb_utils.Logger.log_warn(f"llm: response for {out.request_id} failed: {exc}")
                 if not out.finished:
                     self.engine.cancel(out.request_id)
-            if out.finished:
-                with self.lock:
-                    self.requests.pop(out.request_id, None)
-                    self.active_metric.set(len(self.requests))
 
     def respond(self, data: RequestData, out: LLMOutput) -> None:
         if out.tokens:
@@ -215,17 +215,21 @@ class TritonPythonModel:
     # --- cancellation -------------------------------------------------------------------------------------
     def cancellation_loop(self) -> None:
         while not self.stopping.wait(CANCEL_POLL_S):
-            with self.lock:
-                pending = [(rid, d) for rid, d in self.requests.items() if not d.cancel_sent]
-            for request_id, data in pending:
-                try:
-                    cancelled = data.request.is_cancelled()
-                except Exception as exc:  # noqa: BLE001 - a request torn down under us counts as cancelled
-                    pb_utils.Logger.log_warn(f"llm: is_cancelled() failed for {request_id}: {exc}")
-                    cancelled = True
-                if cancelled:
-                    data.cancel_sent = True
-                    self.engine.cancel(request_id)
+            cancelled_ids = []
+            with self.lock:   # held while polling: a request cannot be finalised (see responder_loop) meanwhile
+                for request_id, data in self.requests.items():
+                    if data.cancel_sent:
+                        continue
+                    try:
+                        cancelled = data.request.is_cancelled()
+                    except Exception as exc:  # noqa: BLE001 - a request torn down under us counts as cancelled
+                        pb_utils.Logger.log_warn(f"llm: is_cancelled() failed for {request_id}: {exc}")
+                        cancelled = True
+                    if cancelled:
+                        data.cancel_sent = True
+                        cancelled_ids.append(request_id)
+            for request_id in cancelled_ids:
+                self.engine.cancel(request_id)
 
     def finalize(self) -> None:
         self.stopping.set()
