@@ -100,7 +100,7 @@ def test_slow_start_replica_kill_and_redis_restart(stage_servers, tiny_model_dir
                 firsts = [asyncio.Event() for _ in range(2)]
                 tasks = [asyncio.create_task(_stream(stub, _request(10 + i), firsts[i])) for i in range(2)]
                 await asyncio.gather(*(e.wait() for e in firsts))
-                os.kill(stack.stage_records("token2wav")[0].pid, signal.SIGKILL)
+                os.killpg(stack.stage_records("token2wav")[0].pid, signal.SIGKILL)   # the whole replica: server and its stub
                 results = await asyncio.gather(*tasks)
                 assert [r[0] for r in results] == [OK, OK], results
                 assert all(len(r[1]) == 2 * 40 * 960 for r in results)
@@ -109,7 +109,7 @@ def test_slow_start_replica_kill_and_redis_restart(stage_servers, tiny_model_dir
                 firsts = [asyncio.Event() for _ in range(2)]
                 tasks = [asyncio.create_task(_stream(stub, _request(20 + i, n=400), firsts[i])) for i in range(2)]
                 await asyncio.gather(*(e.wait() for e in firsts))
-                os.kill(stack.stage_records("llm")[0].pid, signal.SIGKILL)
+                os.killpg(stack.stage_records("llm")[0].pid, signal.SIGKILL)   # the whole replica: server and its stub
                 results = await asyncio.wait_for(asyncio.gather(*tasks), 300)
                 assert {r[0] for r in results} <= {OK, UNAVAILABLE}, results
                 # 4. later requests succeed on the surviving replicas (dead ones marked down / retried).
