@@ -120,7 +120,7 @@ WATCH             ?=
 
 .PHONY: stage-load
 
-bench: $(STAMP) ## benchmark (BRIEF section 4) -> bench_results/*.json; ENGINE_ONLY=1 for the in-process line
+bench: $(STAMP) ## benchmark (BRIEF section 4) -> bench_results/*.json; ENGINE_ONLY=1 for the in-process line; CLIENT=seed: the seed's contract on the cosyvoice2 fronts
 ifdef ENGINE_ONLY
 	$(PY) -m cosyvoice_tools.bench --engine-only --model-dir $(MODEL_DIR) --device $(BENCH_DEVICE) \
 		--manifest $(BENCH_MANIFEST) --concurrency $(BENCH_CONCURRENCY) --modes $(BENCH_MODES) \
@@ -130,7 +130,7 @@ else
 		--addr $$($(PY) -m cosyvoice_tools.profile --run-dir $(STACK_RUN_DIR) --print-addresses gateway-grpc) \
 		--triton-stats $$($(PY) -m cosyvoice_tools.profile --run-dir $(STACK_RUN_DIR) --print-addresses stage-http) \
 		--manifest $(BENCH_MANIFEST) --concurrency $(BENCH_CONCURRENCY) --modes $(BENCH_MODES) \
-		--label "$(BENCH_LABEL)" --out $(BENCH_OUT) $(BENCH_ARGS)
+		--label "$(BENCH_LABEL)" --out $(BENCH_OUT) $(if $(CLIENT),--client $(CLIENT),) $(BENCH_ARGS)
 endif
 
 profile: $(STAMP) ## per-stage table of the running stack (gateway histograms + Triton stats); WATCH=2 refreshes
