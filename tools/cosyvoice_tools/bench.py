@@ -236,6 +236,25 @@ class SeedDriver:
     async def run(self, item: WorkItem, mode: str) -> RequestResult:
         return await asyncio.to_thread(self._run_blocking, item, mode)
 
+    async def ensure_default_speaker(self, gateway_addr: str, item: WorkItem, speaker_id: str) -> None:
+        """The seed's cache mode needs its default speaker provisioned (its spk2info.pt entry "001"). Ours
+        lives in the gateway's Redis registry: register the first manifest prompt under that name if absent."""
+        import grpc
+        from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
+
+        try:
+            async with grpc.aio.insecure_channel(gateway_addr) as channel:
+                stub = tts_pb2_grpc.TextToSpeechStub(channel)
+                listed = await stub.ListSpeakers(tts_pb2.ListSpeakersRequest(), timeout=10)
+                if any(s.speaker_id == speaker_id for s in listed.speakers):
+                    return
+                await stub.RegisterSpeaker(tts_pb2.RegisterSpeakerRequest(
+                    speaker_id=speaker_id, prompt_audio=item.prompt_audio, prompt_text=item.prompt_text), timeout=60)
+                print(f"registered the seed fronts' default speaker {speaker_id!r} from {item.item_id}", file=sys.stderr)
+        except grpc.aio.AioRpcError as exc:   # the fronts may be provisioned another way (SEED_PROMPT_WAV)
+            print(f"could not check speaker {speaker_id!r} at the gateway {gateway_addr}: {exc.code().name}; "
+                  "cache-mode requests need it registered", file=sys.stderr)
+
     async def close(self):
         for session in self._sessions.values():
             session.close()
@@ -384,6 +403,8 @@ async def main_async(args) -> int:
     stage_urls = [u for u in args.triton_stats.split(",") if u]
     rows = []
     try:
+        if isinstance(driver, SeedDriver) and "stream-cached" in modes:
+            await driver.ensure_default_speaker(args.addr, items[0], args.seed_speaker)
         # Warm-up: fill caches, load kernels, capture graphs. The cached rows then measure cache hits.
         warm = items[: max(1, min(len(items), args.warmup))]
         for item in tqdm(warm, desc="warm-up", file=sys.stderr):
@@ -427,6 +448,7 @@ def main(argv=None) -> int:
                         help="seed: the seed's Triton contract against our cosyvoice2 fronts")
     parser.add_argument("--seed-stream-addr", default="127.0.0.1:8001")
     parser.add_argument("--seed-offline-addr", default="127.0.0.1:8011")
+    parser.add_argument("--seed-speaker", default="001", help="the fronts' default speaker (SEED_SPEAKER)")
     parser.add_argument("--model-dir", default="models/cosyvoice2-tiny")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--label", default="")
