@@ -95,6 +95,12 @@ def test_slow_start_replica_kill_and_redis_restart(stage_servers, tiny_model_dir
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.2)
                 assert (await _stream(stub, _request(0, n=6)))[0] == OK
+                # SERVING needs one ready replica per stage; the kill below needs a second one to fail over to.
+                deadline = time.monotonic() + 180
+                while not all(stack.health().values()):
+                    assert time.monotonic() < deadline, stack.health()
+                    await asyncio.sleep(0.5)
+                await asyncio.sleep(3.0)   # let the gateway's readiness loop see every replica ready
 
                 # 2. kill a token2wav replica mid-stream: retried on the other one, streams complete.
                 firsts = [asyncio.Event() for _ in range(2)]
