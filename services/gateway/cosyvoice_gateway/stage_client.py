@@ -166,7 +166,8 @@ class _Replica:
     source: str = ""           # the configured URL this replica came from (a DNS name may give several)
     outstanding: int = 0
     ready: bool = False
-    batched: bool = False      # model config max_batch_size > 0: add/strip a leading batch dim of 1
+    batched: bool | None = None   # model config max_batch_size > 0: add/strip a leading batch dim of 1;
+                                  # None until the replica's config was read (see _batched)
 
 
 @dataclass(slots=True)
@@ -299,6 +300,17 @@ class StageClient:
             lease.replica.slots.release()
 
     # --- tensors ------------------------------------------------------------------------------------
+    async def _batched(self, replica: _Replica) -> bool:
+        """Whether the replica's model batches. A call can come before the first readiness check (a gateway
+        serving at once, a replica added by DNS): then the config is read now, since sending unbatched
+        tensors to a batching model is rejected ("batch size does not match")."""
+        if replica.batched is None:
+            await self._check_replica(replica)
+        if replica.batched is None:
+            raise StageError(self.name, f"{replica.url}: model config not readable (replica not ready)",
+                             unavailable=True)
+        return replica.batched
+
     def _inputs(self, tensors: Mapping[str, np.ndarray], batched: bool) -> list[InferInput]:
         inputs = []
         for name, array in tensors.items():
@@ -346,12 +358,13 @@ class StageClient:
         tried.append(replica)
         start = time.perf_counter()
         try:
+            batched = await self._batched(replica)
             result = await replica.client.infer(
-                self.config.model, self._inputs(tensors, replica.batched),
+                self.config.model, self._inputs(tensors, batched),
                 outputs=[InferRequestedOutput(n) for n in outputs], request_id=request_id,
                 client_timeout=self.config.timeout_s)
             lease.timing.compute_ms = (time.perf_counter() - start) * MS_PER_S
-            return self._outputs(result, outputs, replica.batched), lease.timing
+            return self._outputs(result, outputs, batched), lease.timing
         except InferenceServerException as exc:
             raise self._error(replica, exc) from exc
         finally:
@@ -387,9 +400,15 @@ class StageClient:
         replica = lease.replica
         tried.append(replica)
         timing.queue_ms += lease.timing.queue_ms
+        try:
+            batched = await self._batched(replica)
+            inputs = self._inputs(tensors, batched)
+        except BaseException:
+            self._release(lease)
+            raise
         request = {
             "model_name": self.config.model,
-            "inputs": self._inputs(tensors, replica.batched),
+            "inputs": inputs,
             "outputs": [InferRequestedOutput(n) for n in outputs],
             "request_id": request_id,
             "parameters": {_EMPTY_FINAL_PARAM: True},
@@ -407,7 +426,7 @@ class StageClient:
                     raise self._error(replica, error)
                 response = result.get_response()
                 if response.outputs:
-                    yield self._outputs(result, outputs, replica.batched)
+                    yield self._outputs(result, outputs, batched)
                 final = response.parameters.get(_FINAL_PARAM)
                 if final is not None and final.bool_param:
                     finished = True
