@@ -308,20 +308,23 @@ def triton_stats(urls: list[str]) -> dict:
     return out
 
 
-async def settled_triton_stats(urls: list[str], poll_s: float = 0.1, max_wait_s: float = 2.0) -> dict:
-    """Triton counts a request when it releases it, a moment after the client has the answer: poll until
-    two reads agree so a level's last requests land in that level, not the next."""
-    if not urls:
-        return {}
-    stats = triton_stats(urls)
+async def settled(read, poll_s: float = 0.1, max_wait_s: float = 2.0):
+    """Triton counts a request when it releases it, a moment after the client has the answer: call
+    `read()` (a statistics snapshot) until two reads agree, so every returned call is counted."""
+    stats = read()
     deadline = time.perf_counter() + max_wait_s
     while time.perf_counter() < deadline:
         await asyncio.sleep(poll_s)
-        again = triton_stats(urls)
+        again = read()
         if again == stats:
             break
         stats = again
     return stats
+
+
+async def settled_triton_stats(urls: list[str]) -> dict:
+    """A level's last requests land in that level, not the next."""
+    return await settled(lambda: triton_stats(urls)) if urls else {}
 
 
 def stats_delta(before: dict, after: dict) -> dict:

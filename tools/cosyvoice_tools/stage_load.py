@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ
+from cosyvoice_tools.bench import settled
 from cosyvoice_tools.profile import ModelStats, stack_addresses, triton_stage_stats
 
 STAGES = ("tokenizer", "speaker", "llm", "token2wav")
@@ -164,7 +165,7 @@ async def run_load(stage: str, grpc_url: str, inputs: list[dict[str, np.ndarray]
         if warmup:
             for i, tensors in enumerate(inputs):
                 await one_call(client, stage, tensors, -1 - i)
-        before = await settled_stage_stats(http_url) if http_url else {}
+        before = await settled(lambda: triton_stage_stats([http_url])) if http_url else {}
         result = LoadResult(stage, concurrency, duration_s)
         counter = iter(range(1 << 62))
         start = time.perf_counter()
@@ -183,25 +184,11 @@ async def run_load(stage: str, grpc_url: str, inputs: list[dict[str, np.ndarray]
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         result.duration_s = time.perf_counter() - start
         if http_url:
-            after = await settled_stage_stats(http_url)
+            after = await settled(lambda: triton_stage_stats([http_url]))
             result.triton = after.get(stage, ModelStats()).minus(before.get(stage))
         return result
     finally:
         await client.close()
-
-
-async def settled_stage_stats(http_url: str, poll_s: float = 0.1, max_wait_s: float = 2.0) -> dict:
-    """Triton counts a request when it releases it, a moment after the client has its answer: read the
-    statistics until two reads agree, so a snapshot includes every call that has returned."""
-    stats = triton_stage_stats([http_url])
-    deadline = time.perf_counter() + max_wait_s
-    while time.perf_counter() < deadline:
-        await asyncio.sleep(poll_s)
-        again = triton_stage_stats([http_url])
-        if again == stats:
-            break
-        stats = again
-    return stats
 
 
 def format_summary(s: dict) -> str:
