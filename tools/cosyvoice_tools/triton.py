@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.error
 import urllib.request
@@ -82,6 +83,13 @@ class TritonInstall:
         and the repository's package roots on PYTHONPATH (model.py imports the stage packages)."""
         env = dict(os.environ if base is None else base)
         env["LD_LIBRARY_PATH"] = _prepend(str(self.libs_dir), env.get("LD_LIBRARY_PATH", ""))
+        # The stub links `libpython3.X.so.1.0` and takes whichever the loader finds first (on our dev/CI
+        # image the system's 3.11.2) while importing this interpreter's stdlib (3.11.7): a mismatched
+        # runtime under our extension modules. This interpreter's own libpython goes first.
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        soname = sysconfig.get_config_var("INSTSONAME") or ""
+        if libdir and soname and (Path(libdir) / soname).exists():
+            env["LD_LIBRARY_PATH"] = _prepend(libdir, env["LD_LIBRARY_PATH"])
         env["PATH"] = _prepend(str(Path(sys.executable).parent), env.get("PATH", ""))
         # The current interpreter's own import path (venv site-packages or pip --target dirs) plus ours.
         site_paths = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
