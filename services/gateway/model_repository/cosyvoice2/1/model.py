@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.triton_io import from_triton, to_triton
 from cosyvoice_gateway.seed import (
     INPUT_NAMES,
@@ -77,6 +78,7 @@ class TritonResponder:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        install_stack_dumps()
         model_config = json.loads(args["model_config"])
         self.streaming = pb_utils.using_decoupled_model_transaction_policy(model_config)
         params = {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}

@@ -9,9 +9,7 @@ Output ids are flat (speech code + SPEECH_ID_OFFSET), as the TensorRT-LLM export
 from __future__ import annotations
 
 import itertools
-import faulthandler
 import json
-import signal
 import os
 import queue
 import threading
@@ -23,6 +21,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import SPEECH_ID_OFFSET
+from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.triton_io import error_response, from_triton, get_dtype, get_parameter, to_triton
 from cosyvoice_llm.engine import EngineConfig, FinishReason, LLMEngine, LLMOutput, LLMRequest
 from cosyvoice_llm.model import load_llm
@@ -109,8 +108,7 @@ class RequestData:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        # `kill -USR1 <stub pid>` dumps every thread's Python stack into the server log (hang diagnosis).
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        install_stack_dumps()
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise ValueError("model `llm` must be decoupled (model_transaction_policy { decoupled: true })")

@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import MEL_BINS
 from cosyvoice_common.contracts import SPEAKER_INPUTS, SPEAKER_OUTPUTS
+from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.triton_io import batch_or_each, error_response, from_triton, get_parameter, to_triton
 from cosyvoice_speaker import SpeakerEncoder
 from cosyvoice_speaker.features import prompt_mel
@@ -53,6 +54,7 @@ def read_wav(request, name: str, len_name: str) -> np.ndarray | None:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        install_stack_dumps()
         self.config = SpeakerStageConfig.from_model_config(json.loads(args["model_config"]))
         self.encoder = SpeakerEncoder(self.config.model_dir, self.config.backend, self.config.device)
 

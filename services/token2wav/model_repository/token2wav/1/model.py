@@ -10,9 +10,7 @@ request's failure answers only that request.
 """
 from __future__ import annotations
 
-import faulthandler
 import json
-import signal
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import MEL_BINS, SPEECH_ID_OFFSET
+from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.triton_io import error_response, from_triton, get_dtype, get_parameter, to_triton
 from cosyvoice_token2wav.runner import ChunkRequest, Token2WavRunner, chunk_seed
 from cosyvoice_token2wav.token2wav import VocoderCache
@@ -107,8 +106,7 @@ def chunk_response(wav: torch.Tensor, cache: VocoderCache | None):
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        # `kill -USR1 <stub pid>` dumps every thread's Python stack into the server log (hang diagnosis).
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        install_stack_dumps()
         model_config = json.loads(args["model_config"])
         self.config = Token2WavStageConfig.from_model_config(model_config)
         device = torch.device(self.config.device)

@@ -15,6 +15,7 @@ import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import SPEECH_ID_OFFSET
 from cosyvoice_common.contracts import TOKENIZER_INPUTS, TOKENIZER_OUTPUTS
+from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.triton_io import batch_or_each, error_response, from_triton, get_parameter, to_triton
 from cosyvoice_tokenizer import SpeechTokenizer
 
@@ -48,6 +49,7 @@ def read_prompt(request) -> np.ndarray:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        install_stack_dumps()
         self.config = TokenizerStageConfig.from_model_config(json.loads(args["model_config"]))
         self.tokenizer = SpeechTokenizer(self.config.model_dir, self.config.backend, self.config.device)
 
