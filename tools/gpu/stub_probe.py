@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Which ways of answering from a decoupled Python-backend model survive on this machine's Triton stub?
+
+The llm stage's stub segfaulted on the H100 machine (Python 3.12 stub) inside `response_sender.send()`
+called from its responder thread, while the same code serves on the CPU machine (3.11 stub). This starts one
+tritonserver with a small decoupled model per variant, streams a few requests through each over gRPC and
+reports, per variant, whether every response arrived intact and whether the stub died:
+
+  thread_dlpack       responses sent from a Python thread, tensors via torch DLPack (the llm stage's way)
+  thread_numpy        the same with pb_utils.Tensor(numpy)
+  thread_final_only   the thread sends only the COMPLETE_FINAL flag (no tensor at all)
+  thread_keep         thread_dlpack, but every response object is kept alive (never freed)
+  main_dlpack         every response sent from execute() itself (the stub's main thread)
+  thread_dlpack_cuda  thread_dlpack while another thread keeps the GPU busy (the engine's situation)
+  async_dlpack        `async def execute`: responses sent from the stub's own event loop
+
+Usage (GPU machine, after `source tools/gpu/setup.sh`): python3 tools/gpu/stub_probe.py [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+_REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(_REPO / "common"), str(_REPO / "tools")]
+
+from cosyvoice_tools.triton import TritonInstall, free_ports, http_ready  # noqa: E402
+
+VARIANTS = ("thread_dlpack", "thread_numpy", "thread_final_only", "thread_keep", "main_dlpack",
+            "thread_dlpack_cuda", "async_dlpack")
+RESPONSES = 4       # data responses per request
+REQUESTS = 3        # requests per variant
+
+CONFIG = """name: "{name}"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy {{ decoupled: true }}
+input [ {{ name: "N" data_type: TYPE_INT32 dims: [ 1 ] }} ]
+output [ {{ name: "OUT" data_type: TYPE_INT32 dims: [ -1 ] }} ]
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+"""
+
+MODEL = '''
+import asyncio, faulthandler, threading
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from cosyvoice_common.triton_io import from_triton, to_triton
+
+faulthandler.enable(all_threads=True)
+VARIANT = "{variant}"
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+KEEP = []
+
+
+def response(i):
+    values = np.arange(i + 1, dtype=np.int32)
+    tensor = pb_utils.Tensor("OUT", values) if VARIANT == "thread_numpy" else to_triton("OUT", values)
+    return pb_utils.InferenceResponse([tensor])
+
+
+def answer(sender, n):
+    for i in range(n):
+        if VARIANT != "thread_final_only":
+            r = response(i)
+            if VARIANT == "thread_keep":
+                KEEP.append(r)
+            sender.send(r)
+    sender.send(flags=FINAL)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        if VARIANT.endswith("_cuda"):
+            import torch
+            x = torch.randn(2048, 2048, device="cuda")
+
+            def busy():
+                while True:
+                    (x @ x).sum().item()
+            threading.Thread(target=busy, daemon=True).start()
+
+    {execute}
+'''
+
+EXECUTE_THREAD = '''def execute(self, requests):
+        for request in requests:
+            n = int(from_triton(pb_utils.get_input_tensor_by_name(request, "N")).reshape(-1)[0])
+            if VARIANT == "main_dlpack":
+                answer(request.get_response_sender(), n)
+            else:
+                threading.Thread(target=answer, args=(request.get_response_sender(), n), daemon=True).start()
+        return None'''
+
+EXECUTE_ASYNC = '''async def execute(self, requests):
+        for request in requests:
+            n = int(from_triton(pb_utils.get_input_tensor_by_name(request, "N")).reshape(-1)[0])
+            sender = request.get_response_sender()
+            for i in range(n):
+                await asyncio.sleep(0.001)
+                sender.send(response(i))
+            sender.send(flags=FINAL)
+        return None'''
+
+
+def write_repo(root: Path) -> None:
+    for variant in VARIANTS:
+        (root / variant / "1").mkdir(parents=True)
+        (root / variant / "config.pbtxt").write_text(CONFIG.format(name=variant))
+        execute = EXECUTE_ASYNC if variant.startswith("async") else EXECUTE_THREAD
+        (root / variant / "1" / "model.py").write_text(MODEL.format(variant=variant, execute=execute))
+
+
+def probe(grpc_url: str, variant: str) -> str:
+    import tritonclient.grpc as grpcclient
+
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        for r in range(REQUESTS):
+            n_in = grpcclient.InferInput("N", [1], "INT32")
+            n_in.set_data_from_numpy(np.array([RESPONSES], np.int32))
+            client.async_stream_infer(variant, [n_in], request_id=f"{variant}-{r}", enable_empty_final_response=True)
+            got = []
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    result, error = results.get(timeout=max(0.1, deadline - time.monotonic()))
+                except queue.Empty:
+                    return f"FAIL request {r}: no final response in 20 s after {len(got)} responses"
+                if error is not None:
+                    return f"FAIL request {r}: {error}"
+                out = result.as_numpy("OUT")
+                if out is not None and out.size:
+                    got.append(out.tolist())
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    break
+            want = [] if variant == "thread_final_only" else [list(range(i + 1)) for i in range(RESPONSES)]
+            if got != want:
+                return f"FAIL request {r}: wrong payload {got} (want {want})"
+        return "ok"
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    install = TritonInstall.locate()
+    install.ensure_python_stub()
+    work = Path(tempfile.mkdtemp(prefix="stub_probe_"))
+    write_repo(work / "repo")
+    http, grpc, metrics = free_ports(3)
+    log_path = work / "tritonserver.log"
+    cmd = [str(install.binary), "--model-repository", str(work / "repo"),
+           "--backend-directory", str(install.backends_dir), "--http-port", str(http), "--grpc-port", str(grpc),
+           "--metrics-port", str(metrics), "--exit-on-error", "false", "--strict-readiness", "false"]
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=install.env(),
+                                  start_new_session=True)
+    lines = [f"python {sys.version.split()[0]}, numpy {np.__version__}"]
+    try:
+        deadline = time.monotonic() + 120
+        while not http_ready(f"127.0.0.1:{http}") and time.monotonic() < deadline and server.poll() is None:
+            time.sleep(0.5)
+        for variant in args.variants.split(","):
+            try:
+                verdict = probe(f"127.0.0.1:{grpc}", variant)
+            except Exception as exc:  # noqa: BLE001 - a probe's failure is its verdict
+                verdict = f"FAIL {type(exc).__name__}: {exc}"
+            lines.append(f"{variant:20s} {verdict}")
+            print(lines[-1], flush=True)
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait()
+    crashes = log_path.read_text(errors="replace").count("Fatal Python error")
+    lines.append(f"stub crashes in the server log: {crashes}")
+    report = "\n".join(lines)
+    print(report.splitlines()[-1])
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "stub_probe.txt").write_text(report + "\n\n" + log_path.read_text(errors="replace")[-20000:])
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
