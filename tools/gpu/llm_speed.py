@@ -169,7 +169,7 @@ def time_ms(fn, device: str, warmup: int, repeats: int) -> float:
 @torch.inference_mode()
 def time_decode(eng, mod, b: int, args) -> dict:
     """b requests with a `context`-token prompt; times the device step and the whole engine step."""
-    text_vocab = qwen_cfg(args.tiny)["vocab_size"]
+    text_vocab = min(qwen_cfg(args.tiny)["vocab_size"], SPEECH_ID_OFFSET)   # text ids sit below the speech ids
     long = args.warmup * 2 + args.repeats * 2 + 10
     for i in range(b):
         eng.submit(mod.LLMRequest(f"t{b}-{i}", prompt_ids(args.context, 1000 + i, text_vocab), max_new_tokens=long,
@@ -194,7 +194,7 @@ def time_decode(eng, mod, b: int, args) -> dict:
 
 def run_e2e(eng, mod, concurrency: int, args, sampling=RAS, tag: str = "e") -> dict:
     """`concurrency` requests submitted at once to the running loop thread; forced length."""
-    text_vocab = qwen_cfg(args.tiny)["vocab_size"]
+    text_vocab = min(qwen_cfg(args.tiny)["vocab_size"], SPEECH_ID_OFFSET)   # text ids sit below the speech ids
     reqs = [mod.LLMRequest(f"{tag}{concurrency}-{i}", prompt_ids(args.prompt_tokens, 2000 + i, text_vocab),
                            max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, sampling=sampling,
                            seed=i) for i in range(concurrency)]
@@ -237,7 +237,7 @@ def run_e2e(eng, mod, concurrency: int, args, sampling=RAS, tag: str = "e") -> d
 @torch.inference_mode()
 def logits_checks(models_by_name: dict, args) -> list[dict]:
     """Teacher-forced per-step log-probs over the cached paths against a cache-free fp32 forward."""
-    text_vocab = qwen_cfg(args.tiny)["vocab_size"]
+    text_vocab = min(qwen_cfg(args.tiny)["vocab_size"], SPEECH_ID_OFFSET)   # text ids sit below the speech ids
     dev = args.device
     b, steps = 4, 8
     prompts = [prompt_ids(max(4, args.prompt_tokens - 7 * i), 3000 + i, text_vocab) for i in range(b)]

@@ -22,6 +22,7 @@ import argparse
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -86,7 +87,8 @@ class TritonPythonModel:
 
             def busy():
                 while True:
-                    (x @ x).sum().item()
+                    x @ x
+                    torch.cuda.synchronize()
             threading.Thread(target=busy, daemon=True).start()
 
     {execute}
@@ -172,10 +174,14 @@ def main() -> int:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=install.env(),
                                   start_new_session=True)
     lines = [f"python {sys.version.split()[0]}, numpy {np.__version__}"]
+    print(lines[0], flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))   # `timeout` still gets the server killed below
     try:
-        deadline = time.monotonic() + 120
-        while not http_ready(f"127.0.0.1:{http}") and time.monotonic() < deadline and server.poll() is None:
+        start = time.monotonic()
+        while not http_ready(f"http://127.0.0.1:{http}/v2/health/live") and time.monotonic() - start < 60 and server.poll() is None:
             time.sleep(0.5)
+        print(f"server ready={http_ready(f'http://127.0.0.1:{http}/v2/health/live')} after {time.monotonic() - start:.1f} s "
+              f"(exit code {server.poll()})", flush=True)
         for variant in args.variants.split(","):
             try:
                 verdict = probe(f"127.0.0.1:{grpc}", variant)
@@ -186,6 +192,9 @@ def main() -> int:
     finally:
         os.killpg(server.pid, 9)
         server.wait()
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            shutil.copy(log_path, Path(args.out) / "stub_probe_server.log")
     crashes = log_path.read_text(errors="replace").count("Fatal Python error")
     lines.append(f"stub crashes in the server log: {crashes}")
     report = "\n".join(lines)

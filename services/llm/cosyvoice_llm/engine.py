@@ -552,7 +552,7 @@ class LLMEngine:
         torch.cuda.current_stream().wait_stream(side)
         for n, kv in shapes:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):   # other threads may run CUDA
                 self._step_fn(n, kv)
             self._graphs.setdefault(n, {})[kv] = graph
         torch.cuda.synchronize()

@@ -35,7 +35,10 @@ def capture(fn: Callable[..., tuple[torch.Tensor, ...]], inputs: tuple[torch.Ten
             fn(*inputs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: capture is lazy (first call of a shape), so other threads of the process (the LLM
+    # engine's loop in the in-process pipeline) may be synchronizing or allocating meanwhile; the default
+    # "global" mode turns their calls into cudaErrorStreamCaptureUnsupported.
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         outputs = fn(*inputs)
     return CapturedGraph(graph, inputs, tuple(outputs))
 

@@ -167,8 +167,9 @@ class Token2Wav:
         """
         hift_dtype = self.hift.stft_window.dtype
         mel = mel.to(self.device, hift_dtype)
-        if cache is not None:
-            mel = torch.cat([cache.mel.to(mel), mel], dim=2)
+        if cache is not None:   # a cache may arrive from anywhere (host memory after Triton): move it once
+            cache = VocoderCache(cache.mel.to(mel), cache.source.to(mel), cache.speech.to(mel))
+            mel = torch.cat([cache.mel, mel], dim=2)
         if not finalize and mel.shape[2] < self.config.mel_cache_frames:
             raise ValueError(f"a non-final chunk needs at least {self.config.mel_cache_frames} mel frames, "
                              f"got {mel.shape[2]}")
