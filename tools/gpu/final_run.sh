@@ -2,7 +2,8 @@
 # Everything we measure on the GPU, in one device call, most important first, under one deadline.
 # PHASES (comma list, default stack,engine,components):
 #   stack       whole stack (gateway + 4 stage servers, full-size random weights): streaming (cache off / on)
-#               and offline at $CONC. If the first request fails, the stubs' state is recorded (/proc, Python
+#               and offline at $CONC. The llm stage is first checked alone (tools/gpu/llm_stage_probe.py;
+#               no stack run if its stub dies there). If the whole stack's first request fails, the stubs' state is recorded (/proc, Python
 #               stacks via SIGUSR1) and the next configuration is tried: Triton instances KIND_CPU (the model
 #               still on the GPU), then also no CUDA graphs; the tables say which one served.
 #   replicas    the same stack with TOKEN2WAV_REPLICAS=2 on this one GPU, streaming at $REPLICA_CONC
@@ -65,6 +66,16 @@ try_stack() {  # $1 = tag: up + smoke; on failure record why and take the stack 
   diagnose "$1"; python3 -m cosyvoice_tools.stack down >/dev/null 2>&1
   mkdir -p "$OUTDIR/logs_$1"; cp /tmp/run/logs/*.log "$OUTDIR/logs_$1/" 2>/dev/null; return 1
 }
+llm_alone() {  # the llm stage by itself, a few concurrent streams: does its stub survive here at all?
+  ( export TOKENIZER_REPLICAS=0 SPEAKER_REPLICAS=0 TOKEN2WAV_REPLICAS=0 STACK_GATEWAY=0
+    timeout 200 python3 -m cosyvoice_tools.stack up > "$OUTDIR/llm_alone_up.txt" 2>&1 &&
+    timeout 90 python3 tools/gpu/llm_stage_probe.py --url 127.0.0.1:8301 > "$OUTDIR/llm_alone.txt" 2>&1 )
+  local rc=$?
+  [ $rc = 0 ] || diagnose llm_alone
+  python3 -m cosyvoice_tools.stack down >/dev/null 2>&1
+  mkdir -p "$OUTDIR/logs_llm_alone"; cp /tmp/run/logs/llm-0.log "$OUTDIR/logs_llm_alone/" 2>/dev/null
+  echo "   llm stage alone: $(tail -1 "$OUTDIR/llm_alone.txt" 2>/dev/null)"; return $rc
+}
 stack_bench() {  # $1 = label suffix, $2 = out name, $3 = concurrencies, $4 = modes, $5 = share of time left (%)
   timeout "$(share "$5")" python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" --concurrency "$3" \
     --modes "$4" --limit "$LIMIT" --triton-stats "$STATS" --label "$1, $LABEL" \
@@ -76,7 +87,8 @@ stack_bench() {  # $1 = label suffix, $2 = out name, $3 = concurrencies, $4 = mo
 MODE=none
 if has stack || has replicas; then
   echo "== whole stack ($(left) s left)"
-  if try_stack graphs; then MODE=graphs
+  if ! llm_alone; then echo "the llm stage alone failed: no whole-stack run"
+  elif try_stack graphs; then MODE=graphs
   else
     for s in TOKENIZER SPEAKER LLM TOKEN2WAV; do export ${s}_TRITON_KIND=KIND_CPU; done
     if try_stack graphs-kindcpu; then MODE=graphs-kindcpu

@@ -3,7 +3,7 @@
 execute() only validates and enqueues into the in-flight batching engine, then returns. The engine calls
 back on its own thread; a responder thread turns those outputs into responses (one per batch of new
 tokens when streaming, one with every token otherwise). Every path ends in COMPLETE_FINAL: finished,
-failed, cancelled (a cancellation thread polls is_cancelled() and calls engine.cancel, which frees the slot).
+failed, cancelled (the responder thread also polls is_cancelled() and calls engine.cancel, which frees the slot).
 Output ids are flat (speech code + SPEECH_ID_OFFSET), as the TensorRT-LLM export produces them.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,11 +139,8 @@ class TritonPythonModel:
         self.requests: dict[str, RequestData] = {}
         self.outputs: queue.SimpleQueue[LLMOutput | None] = queue.SimpleQueue()
         self.ids = itertools.count()
-        self.stopping = threading.Event()
         self.responder = threading.Thread(target=self.responder_loop, name="llm-responder", daemon=True)
-        self.canceller = threading.Thread(target=self.cancellation_loop, name="llm-cancel", daemon=True)
         self.responder.start()
-        self.canceller.start()
 
     # --- enqueue ----------------------------------------------------------------------------------------
     def execute(self, requests):
@@ -153,35 +151,48 @@ class TritonPythonModel:
                 llm_request, streaming = parse_request(request, request_id)
                 with self.lock:
                     self.requests[request_id] = RequestData(request, sender, streaming, [])
-                    self.active_metric.set(len(self.requests))
                 self.engine.submit(llm_request, self.outputs.put)
             except Exception as exc:  # noqa: BLE001 - a bad request answers only itself
                 with self.lock:
                     self.requests.pop(request_id, None)
-                    self.active_metric.set(len(self.requests))
                 sender.send(error_response(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
-    # --- respond (own thread: the engine loop never waits on IPC) -----------------------------------------
+    # --- respond: one thread makes every call into Triton after execute() (responses, cancellation polls,
+    # metrics), so the stub never sees two of our threads in its IPC at once, and the engine loop never
+    # waits on IPC. ---------------------------------------------------------------------------------------
     def responder_loop(self) -> None:
+        next_poll = time.monotonic() + CANCEL_POLL_S
         while True:
-            out = self.outputs.get()
+            try:
+                out = self.outputs.get(timeout=CANCEL_POLL_S)
+            except queue.Empty:
+                out = False
             if out is None:
                 return
-            with self.lock:
-                # A finishing request leaves the registry *before* its final response is sent: the final
-                # response releases Triton's response factory, and the cancellation thread must never call
-                # is_cancelled() on a released factory (tritonserver segfaults in ResponseFactoryIsCancelled).
-                data = self.requests.pop(out.request_id, None) if out.finished else self.requests.get(out.request_id)
-                self.active_metric.set(len(self.requests))
-            if data is None:
-                continue
-            try:
-                self.respond(data, out)
-            except Exception as exc:  # noqa: BLE001 - the client may be gone; never kill the loop
-                pb_utils.Logger.log_warn(f"llm: response for {out.request_id} failed: {exc}")
-                if not out.finished:
-                    self.engine.cancel(out.request_id)
+            if out is not False:
+                self.deliver(out)
+            if time.monotonic() >= next_poll:
+                self.poll_cancellations()
+                next_poll = time.monotonic() + CANCEL_POLL_S
+
+    def deliver(self, out: LLMOutput) -> None:
+        with self.lock:
+            # A finishing request leaves the registry *before* its final response is sent: the final response
+            # releases Triton's response factory, and is_cancelled() must never run on a released factory
+            # (tritonserver segfaults in ResponseFactoryIsCancelled).
+            data = self.requests.pop(out.request_id, None) if out.finished else self.requests.get(out.request_id)
+            active = len(self.requests)
+        if data is None:
+            return
+        try:
+            self.respond(data, out)
+        except Exception as exc:  # noqa: BLE001 - the client may be gone; never kill the loop
+            pb_utils.Logger.log_warn(f"llm: response for {out.request_id} failed: {exc}")
+            if not out.finished:
+                self.engine.cancel(out.request_id)
+        if out.finished:
+            self.active_metric.set(active)
 
     def respond(self, data: RequestData, out: LLMOutput) -> None:
         if out.tokens:
@@ -210,28 +221,23 @@ class TritonPythonModel:
             data.tokens.extend(out.tokens)
             data.sender.send(tokens_response(data.tokens), flags=final)
 
-    # --- cancellation -------------------------------------------------------------------------------------
-    def cancellation_loop(self) -> None:
-        while not self.stopping.wait(CANCEL_POLL_S):
-            cancelled_ids = []
-            with self.lock:   # held while polling: a request cannot be finalised (see responder_loop) meanwhile
-                for request_id, data in self.requests.items():
-                    if data.cancel_sent:
-                        continue
-                    try:
-                        cancelled = data.request.is_cancelled()
-                    except Exception as exc:  # noqa: BLE001 - a request torn down under us counts as cancelled
-                        pb_utils.Logger.log_warn(f"llm: is_cancelled() failed for {request_id}: {exc}")
-                        cancelled = True
-                    if cancelled:
-                        data.cancel_sent = True
-                        cancelled_ids.append(request_id)
-            for request_id in cancelled_ids:
+    # --- cancellation (polled from the responder thread) --------------------------------------------------
+    def poll_cancellations(self) -> None:
+        with self.lock:
+            pending = [(request_id, data) for request_id, data in self.requests.items() if not data.cancel_sent]
+            self.active_metric.set(len(self.requests))
+        for request_id, data in pending:
+            # Only this thread finalises requests, so none of these can be released while it is polled.
+            try:
+                cancelled = data.request.is_cancelled()
+            except Exception as exc:  # noqa: BLE001 - a request torn down under us counts as cancelled
+                pb_utils.Logger.log_warn(f"llm: is_cancelled() failed for {request_id}: {exc}")
+                cancelled = True
+            if cancelled:
+                data.cancel_sent = True
                 self.engine.cancel(request_id)
 
     def finalize(self) -> None:
-        self.stopping.set()
-        self.canceller.join()
         self.engine.stop()        # in-flight requests end with an error output -> final responses
         self.outputs.put(None)
         self.responder.join()
