@@ -6,6 +6,7 @@
 #               no stack run if its stub dies there). If the whole stack's first request fails, the stubs' state is recorded (/proc, Python
 #               stacks via SIGUSR1) and the next configuration is tried: Triton instances KIND_CPU (the model
 #               still on the GPU), then also no CUDA graphs; the tables say which one served.
+#   llmdebug    the llm stage alone under each of $LLM_DEBUG_VARIANTS (LLM_STAGE_DEBUG, stub crash diagnosis)
 #   replicas    the same stack with TOKEN2WAV_REPLICAS=2 on this one GPU, streaming at $REPLICA_CONC
 #   engine      the in-process pipeline (--engine-only) as the second line
 #   components  LLM decode step variants and token2wav variants, each against its plain baseline (same run)
@@ -66,15 +67,17 @@ try_stack() {  # $1 = tag: up + smoke; on failure record why and take the stack 
   diagnose "$1"; python3 -m cosyvoice_tools.stack down >/dev/null 2>&1
   mkdir -p "$OUTDIR/logs_$1"; cp /tmp/run/logs/*.log "$OUTDIR/logs_$1/" 2>/dev/null; return 1
 }
-llm_alone() {  # the llm stage by itself, a few concurrent streams: does its stub survive here at all?
+llm_alone() {  # $1 = tag: the llm stage by itself, a few concurrent streams: does its stub survive here?
+  local tag=${1:-default}
   ( export TOKENIZER_REPLICAS=0 SPEAKER_REPLICAS=0 TOKEN2WAV_REPLICAS=0 STACK_GATEWAY=0
-    timeout 200 python3 -m cosyvoice_tools.stack up > "$OUTDIR/llm_alone_up.txt" 2>&1 &&
-    timeout 90 python3 tools/gpu/llm_stage_probe.py --url 127.0.0.1:8301 > "$OUTDIR/llm_alone.txt" 2>&1 )
+    timeout 200 python3 -m cosyvoice_tools.stack up > "$OUTDIR/llm_alone_up_$tag.txt" 2>&1 &&
+    timeout "${LLM_ALONE_S:-60}" python3 tools/gpu/llm_stage_probe.py --url 127.0.0.1:8301 --timeout-s 40 \
+      > "$OUTDIR/llm_alone_$tag.txt" 2>&1 )
   local rc=$?
-  [ $rc = 0 ] || diagnose llm_alone
+  [ $rc = 0 ] || diagnose "llm_alone_$tag"
   python3 -m cosyvoice_tools.stack down >/dev/null 2>&1
-  mkdir -p "$OUTDIR/logs_llm_alone"; cp /tmp/run/logs/llm-0.log "$OUTDIR/logs_llm_alone/" 2>/dev/null
-  echo "   llm stage alone: $(tail -1 "$OUTDIR/llm_alone.txt" 2>/dev/null)"; return $rc
+  mkdir -p "$OUTDIR/logs_llm_alone_$tag"; cp /tmp/run/logs/llm-0.log "$OUTDIR/logs_llm_alone_$tag/" 2>/dev/null
+  echo "   llm stage alone ($tag): $(tail -1 "$OUTDIR/llm_alone_$tag.txt" 2>/dev/null)"; return $rc
 }
 stack_bench() {  # $1 = label suffix, $2 = out name, $3 = concurrencies, $4 = modes, $5 = share of time left (%)
   timeout "$(share "$5")" python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" --concurrency "$3" \
@@ -84,6 +87,13 @@ stack_bench() {  # $1 = label suffix, $2 = out name, $3 = concurrencies, $4 = mo
   mkdir -p "$OUTDIR/logs_$2"; cp /tmp/run/logs/*.log "$OUTDIR/logs_$2/" 2>/dev/null
 }
 
+if has llmdebug; then   # the llm stage alone under each LLM_STAGE_DEBUG setting (stub crash diagnosis)
+  echo "== llm stage alone, debug settings ($(left) s left)"
+  for dbg in ${LLM_DEBUG_VARIANTS:-none no_metrics no_metrics,no_cancel_poll}; do
+    LLM_STAGE_DEBUG=${dbg#none} llm_alone "$dbg"; publish
+  done
+  publish
+fi
 MODE=none
 if has stack || has replicas; then
   echo "== whole stack ($(left) s left)"

@@ -13,6 +13,9 @@ reports, per variant, whether every response arrived intact and whether the stub
   main_dlpack         every response sent from execute() itself (the stub's main thread)
   thread_dlpack_cuda  thread_dlpack while another thread keeps the GPU busy (the engine's situation)
   async_dlpack        `async def execute`: responses sent from the stub's own event loop
+  like_*              the llm stage's shape: one responder thread started in initialize() serving 4 requests in
+                      flight round robin, alone and with dynamic batching + a second unrequested output, a
+                      metric incremented per response, is_cancelled() polled before each send, and all three
 
 Usage (GPU machine, after `source tools/gpu/setup.sh`): python3 tools/gpu/stub_probe.py [--out DIR]
 """
@@ -39,6 +42,11 @@ from cosyvoice_tools.triton import TritonInstall, free_ports, http_ready  # noqa
 
 VARIANTS = ("thread_dlpack", "thread_numpy", "thread_final_only", "thread_keep", "main_dlpack",
             "thread_dlpack_cuda", "async_dlpack")
+# llm-stage-like models: one long-lived responder thread started in initialize() answers every request (4 in
+# flight at once, 50 responses each), plus the llm stage's other features one at a time and all together.
+LIKE_FEATURES = {"like_base": (), "like_batched": ("batched",), "like_metrics": ("metrics",),
+                 "like_cancel": ("cancel_poll",), "like_all": ("batched", "metrics", "cancel_poll")}
+LIKE_REQUESTS, LIKE_RESPONSES = 4, 50
 RESPONSES = 4       # data responses per request
 REQUESTS = 3        # requests per variant
 
@@ -94,6 +102,66 @@ class TritonPythonModel:
     {execute}
 '''
 
+LIKE_CONFIG = """name: "{name}"
+backend: "python"
+max_batch_size: {max_batch}
+{batching}
+model_transaction_policy {{ decoupled: true }}
+input [ {{ name: "N" data_type: TYPE_INT32 dims: [ 1 ] }} ]
+output [ {{ name: "OUT" data_type: TYPE_INT32 dims: [ {out_dims} ] }}, {{ name: "LEN" data_type: TYPE_INT32 dims: [ -1 ] }} ]
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+"""
+
+LIKE_MODEL = '''
+import faulthandler, queue, threading
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from cosyvoice_common.triton_io import from_triton, to_triton
+
+faulthandler.enable(all_threads=True)
+FEATURES = {features!r}
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.jobs = queue.SimpleQueue()
+        if "metrics" in FEATURES:
+            self.family = pb_utils.MetricFamily(name="probe_responses", description="responses",
+                                                kind=pb_utils.MetricFamily.COUNTER)
+            self.metric = self.family.Metric(labels={{"model": args["model_name"]}})
+        threading.Thread(target=self.respond_loop, daemon=True).start()
+
+    def execute(self, requests):
+        for request in requests:
+            n = int(from_triton(pb_utils.get_input_tensor_by_name(request, "N")).reshape(-1)[0])
+            self.jobs.put((request, request.get_response_sender(), n))
+        return None
+
+    def respond_loop(self):
+        active = []   # round robin over requests in flight, like the engine's per-token outputs
+        while True:
+            while not active or not self.jobs.empty():
+                request, sender, n = self.jobs.get()
+                active.append([request, sender, n, 0])
+            for job in list(active):
+                request, sender, n, i = job
+                if "cancel_poll" in FEATURES and request.is_cancelled():
+                    sender.send(flags=FINAL); active.remove(job); continue
+                values = np.arange(i + 1, dtype=np.int32)
+                if "batched" in FEATURES:
+                    outs = [to_triton("OUT", values.reshape(1, 1, -1)), to_triton("LEN", np.array([[i + 1]], np.int32))]
+                else:
+                    outs = [to_triton("OUT", values), to_triton("LEN", np.array([i + 1], np.int32))]
+                if "metrics" in FEATURES:
+                    self.metric.increment(1)
+                job[3] = i + 1
+                if i + 1 == n:
+                    sender.send(pb_utils.InferenceResponse(outs), flags=FINAL); active.remove(job)
+                else:
+                    sender.send(pb_utils.InferenceResponse(outs))
+'''
+
 EXECUTE_THREAD = '''def execute(self, requests):
         for request in requests:
             n = int(from_triton(pb_utils.get_input_tensor_by_name(request, "N")).reshape(-1)[0])
@@ -115,11 +183,55 @@ EXECUTE_ASYNC = '''async def execute(self, requests):
 
 
 def write_repo(root: Path) -> None:
+    for name, features in LIKE_FEATURES.items():
+        (root / name / "1").mkdir(parents=True)
+        batched = "batched" in features
+        (root / name / "config.pbtxt").write_text(LIKE_CONFIG.format(
+            name=name, max_batch=8 if batched else 0, batching="dynamic_batching { }" if batched else "",
+            out_dims="-1, -1" if batched else "-1"))
+        (root / name / "1" / "model.py").write_text(LIKE_MODEL.format(features=features))
     for variant in VARIANTS:
         (root / variant / "1").mkdir(parents=True)
         (root / variant / "config.pbtxt").write_text(CONFIG.format(name=variant))
         execute = EXECUTE_ASYNC if variant.startswith("async") else EXECUTE_THREAD
         (root / variant / "1" / "model.py").write_text(MODEL.format(variant=variant, execute=execute))
+
+
+def probe_like(grpc_url: str, name: str) -> str:
+    """LIKE_REQUESTS requests in flight at once on one stream; each must get LIKE_RESPONSES intact responses."""
+    import tritonclient.grpc as grpcclient
+
+    batched = "batched" in LIKE_FEATURES[name]
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    got: dict[str, list] = {f"{name}-{r}": [] for r in range(LIKE_REQUESTS)}
+    try:
+        for request_id in got:
+            n_in = grpcclient.InferInput("N", [1, 1] if batched else [1], "INT32")
+            n_in.set_data_from_numpy(np.array([[LIKE_RESPONSES]] if batched else [LIKE_RESPONSES], np.int32))
+            client.async_stream_infer(name, [n_in], request_id=request_id, enable_empty_final_response=True,
+                                      outputs=[grpcclient.InferRequestedOutput("OUT")])
+        finals = 0
+        deadline = time.monotonic() + 20
+        while finals < LIKE_REQUESTS:
+            try:
+                result, error = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                return f"FAIL: {finals}/{LIKE_REQUESTS} finished in 20 s; responses {[len(v) for v in got.values()]}"
+            if error is not None:
+                return f"FAIL: {error}"
+            response = result.get_response()
+            out = result.as_numpy("OUT")
+            if out is not None and out.size:
+                got[response.id].append(out.reshape(-1).tolist())
+            finals += response.parameters["triton_final_response"].bool_param
+        want = [list(range(i + 1)) for i in range(LIKE_RESPONSES)]
+        wrong = [k for k, v in got.items() if v != want]
+        return f"FAIL: wrong payloads for {wrong}" if wrong else "ok"
+    finally:
+        client.stop_stream()
+        client.close()
 
 
 def probe(grpc_url: str, variant: str) -> str:
@@ -159,7 +271,7 @@ def probe(grpc_url: str, variant: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join((*LIKE_FEATURES, *VARIANTS)))
     args = ap.parse_args()
     install = TritonInstall.locate()
     install.ensure_python_stub()
@@ -184,7 +296,8 @@ def main() -> int:
               f"(exit code {server.poll()})", flush=True)
         for variant in args.variants.split(","):
             try:
-                verdict = probe(f"127.0.0.1:{grpc}", variant)
+                run = probe_like if variant in LIKE_FEATURES else probe
+                verdict = run(f"127.0.0.1:{grpc}", variant)
             except Exception as exc:  # noqa: BLE001 - a probe's failure is its verdict
                 verdict = f"FAIL {type(exc).__name__}: {exc}"
             lines.append(f"{variant:20s} {verdict}")
