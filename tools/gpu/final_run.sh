@@ -6,7 +6,6 @@
 #               no stack run if its stub dies there). If the whole stack's first request fails, the stubs' state is recorded (/proc, Python
 #               stacks via SIGUSR1) and the next configuration is tried: Triton instances KIND_CPU (the model
 #               still on the GPU), then also no CUDA graphs; the tables say which one served.
-#   llmdebug    the llm stage alone under each of $LLM_DEBUG_VARIANTS (LLM_STAGE_DEBUG, stub crash diagnosis)
 #   replicas    the same stack with TOKEN2WAV_REPLICAS=2 on this one GPU, streaming at $REPLICA_CONC
 #   engine      the in-process pipeline (--engine-only) as the second line
 #   components  LLM decode step variants and token2wav variants, each against its plain baseline (same run)
@@ -71,7 +70,7 @@ llm_alone() {  # $1 = tag: the llm stage by itself, a few concurrent streams: do
   local tag=${1:-default}
   ( export TOKENIZER_REPLICAS=0 SPEAKER_REPLICAS=0 TOKEN2WAV_REPLICAS=0 STACK_GATEWAY=0
     timeout 200 python3 -m cosyvoice_tools.stack up > "$OUTDIR/llm_alone_up_$tag.txt" 2>&1 &&
-    timeout "${LLM_ALONE_S:-60}" python3 tools/gpu/llm_stage_probe.py --url 127.0.0.1:8301 --timeout-s 40 \
+    timeout "${LLM_ALONE_S:-60}" python3 tools/gpu/llm_stage_probe.py --url 127.0.0.1:8301 --timeout-s 30 \
       > "$OUTDIR/llm_alone_$tag.txt" 2>&1 )
   local rc=$?
   [ $rc = 0 ] || diagnose "llm_alone_$tag"
@@ -87,13 +86,6 @@ stack_bench() {  # $1 = label suffix, $2 = out name, $3 = concurrencies, $4 = mo
   mkdir -p "$OUTDIR/logs_$2"; cp /tmp/run/logs/*.log "$OUTDIR/logs_$2/" 2>/dev/null
 }
 
-if has llmdebug; then   # the llm stage alone under each LLM_STAGE_DEBUG setting (stub crash diagnosis)
-  echo "== llm stage alone, debug settings ($(left) s left)"
-  for dbg in ${LLM_DEBUG_VARIANTS:-none no_metrics no_metrics,no_cancel_poll}; do
-    LLM_STAGE_DEBUG=${dbg#none} llm_alone "$dbg"; publish
-  done
-  publish
-fi
 MODE=none
 if has stack || has replicas; then
   echo "== whole stack ($(left) s left)"

@@ -34,13 +34,13 @@ def request_inputs(n_text: int, n_speech: int, tokens: int, seed: int) -> list:
     return inputs
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", required=True)
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--timeout-s", type=float, default=60)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(args.url)
     client.start_stream(callback=lambda result, error: results.put((result, error)))

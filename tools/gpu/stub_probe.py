@@ -268,11 +268,11 @@ def probe(grpc_url: str, variant: str) -> str:
         client.close()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     ap.add_argument("--variants", default=",".join((*LIKE_FEATURES, *VARIANTS)))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     install = TritonInstall.locate()
     install.ensure_python_stub()
     work = Path(tempfile.mkdtemp(prefix="stub_probe_"))

@@ -32,17 +32,6 @@ from cosyvoice_llm.sampling import SamplingParams
 CANCEL_POLL_S = 0.02          # how soon a client's cancel frees its slot
 REPETITION_ENV = "LLM_REPETITION"   # loop detection: "off" or "max_period=20,min_repeats=4,min_span=100"
 CUDA_GRAPHS_ENV = "LLM_CUDA_GRAPHS"
-# Diagnostics only (the stub crash on the GPU machine, see tools/gpu/stub_probe.py): comma list of
-# "no_metrics" (metric updates become no-ops) and "no_cancel_poll" (is_cancelled() is never called).
-DEBUG_ENV = "LLM_STAGE_DEBUG"
-
-
-class _NoMetric:
-    def set(self, value) -> None:
-        pass
-
-    def increment(self, value) -> None:
-        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,10 +135,6 @@ class TritonPythonModel:
         self.repetition_metric = self.repetition_family.Metric(labels=labels)
         self.active_metric = self.active_family.Metric(labels=labels)
         self.tokens_metric = self.tokens_family.Metric(labels=labels)
-        debug = {flag.strip() for flag in os.environ.get(DEBUG_ENV, "").split(",") if flag.strip()}
-        if "no_metrics" in debug:
-            self.repetition_metric = self.active_metric = self.tokens_metric = _NoMetric()
-        self.cancel_poll = "no_cancel_poll" not in debug
         self.lock = threading.Lock()
         self.requests: dict[str, RequestData] = {}
         self.outputs: queue.SimpleQueue[LLMOutput | None] = queue.SimpleQueue()
@@ -187,7 +172,7 @@ class TritonPythonModel:
                 return
             if out is not False:
                 self.deliver(out)
-            if self.cancel_poll and time.monotonic() >= next_poll:
+            if time.monotonic() >= next_poll:
                 self.poll_cancellations()
                 next_poll = time.monotonic() + CANCEL_POLL_S
 
