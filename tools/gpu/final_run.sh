@@ -22,6 +22,7 @@ share() { echo $(( $(left) * $1 / 100 )); }   # a percentage of the time left
 PHASES=",${PHASES:-stack,engine,components},"
 has() { [[ $PHASES == *",$1,"* ]]; }
 [ "${SKIP_SETUP:-0}" = 1 ] || source tools/gpu/setup.sh || exit 1
+ulimit -c unlimited 2>/dev/null   # a crashed stub leaves a core for diagnose() (native backtrace if gdb exists)
 OUTDIR=/tmp/results; mkdir -p "$OUTDIR"   # scratch; results and a logs archive go to $OUT after every phase
 RESULTS=${OUT:-bench_results}; mkdir -p "$RESULTS"
 publish() {  # copy what exists so far; a call cut short still returns it
@@ -55,6 +56,11 @@ diagnose() {  # $1 = tag: is each stub alive, what its threads wait on, their Py
       for t in /proc/$pid/task/*; do echo "  $(basename $t) $(cat $t/comm) $(cat $t/wchan 2>/dev/null) $(awk '{print $3}' $t/stat)"; done
     done; } > "$f" 2>&1
   pkill -USR1 -f triton_python_backend_stub; sleep 3
+  { echo "core_pattern: $(cat /proc/sys/kernel/core_pattern 2>/dev/null)"; echo "gdb: $(command -v gdb || echo none)"
+    for core in $(find . /tmp/run -maxdepth 4 -name 'core*' -type f -newer "$OUTDIR" 2>/dev/null | head -3); do
+      echo "== $core"; command -v gdb >/dev/null && timeout 60 gdb -batch -ex "thread apply all bt 30" \
+        "$(find /tmp/site -name triton_python_backend_stub -path '*backends*' | head -1)" "$core" 2>&1 | tail -150
+    done; } >> "$f" 2>&1
   for log in /tmp/run/logs/*.log; do
     { echo "#### $log"; grep -B2 -A40 "Thread 0x\|Current thread\|Fatal Python" "$log" | head -200; } >> "$f"
   done
