@@ -139,6 +139,7 @@ class TritonPythonModel:
         self.requests: dict[str, RequestData] = {}
         self.outputs: queue.SimpleQueue[LLMOutput | None] = queue.SimpleQueue()
         self.ids = itertools.count()
+        self.reported_active = 0
         self.responder = threading.Thread(target=self.responder_loop, name="llm-responder", daemon=True)
         self.responder.start()
 
@@ -182,7 +183,6 @@ class TritonPythonModel:
             # releases Triton's response factory, and is_cancelled() must never run on a released factory
             # (tritonserver segfaults in ResponseFactoryIsCancelled).
             data = self.requests.pop(out.request_id, None) if out.finished else self.requests.get(out.request_id)
-            active = len(self.requests)
         if data is None:
             return
         try:
@@ -191,8 +191,6 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn(f"llm: response for {out.request_id} failed: {exc}")
             if not out.finished:
                 self.engine.cancel(out.request_id)
-        if out.finished:
-            self.active_metric.set(active)
 
     def respond(self, data: RequestData, out: LLMOutput) -> None:
         if out.tokens:
@@ -225,7 +223,10 @@ class TritonPythonModel:
     def poll_cancellations(self) -> None:
         with self.lock:
             pending = [(request_id, data) for request_id, data in self.requests.items() if not data.cancel_sent]
-            self.active_metric.set(len(self.requests))
+            active = len(self.requests)
+        if active != self.reported_active:   # the gauge follows within one poll interval, one IPC per change
+            self.active_metric.set(active)
+            self.reported_active = active
         for request_id, data in pending:
             # Only this thread finalises requests, so none of these can be released while it is polled.
             try:
