@@ -105,7 +105,11 @@ def test_cancelled_llm_stream_frees_its_slot(stage_servers):
     client.async_stream_infer(LLM_MODEL, _inputs(max_new=200, min_new=200, top_k=25), enable_empty_final_response=True)
     result, error = responses.get(timeout=60)
     assert error is None
-    assert _active_requests(stage_servers.metrics_url("llm")) == 1
+    # The gauge is refreshed by the responder's cancellation poll (every 20 ms), so it may trail the first token.
+    deadline = time.monotonic() + 5
+    while _active_requests(stage_servers.metrics_url("llm")) != 1:
+        assert time.monotonic() < deadline, "running request never counted as active"
+        time.sleep(0.02)
     client.stop_stream(cancel_requests=True)
     deadline = time.monotonic() + 20
     while _active_requests(stage_servers.metrics_url("llm")) != 0:
