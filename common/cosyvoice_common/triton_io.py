@@ -15,7 +15,7 @@ BYTES tensors have no DLPack form at all; their callers read them with `as_numpy
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set as AbstractSet
 from typing import Any, TypeVar
 
 import numpy as np
@@ -81,6 +81,24 @@ def get_dtype(model_config: Mapping[str, Any], name: str, auto: str) -> "torch.d
     if dtype_name not in DTYPES:
         raise ValueError(f"{name} must be auto or one of {list(DTYPES)}, got {dtype_name!r}")
     return DTYPES[dtype_name]
+
+
+def send_outputs(sender, outputs: Mapping[str, Any], requested: AbstractSet[str] | None = None, flags: int = 0) -> None:
+    """Sends one response of a decoupled model holding `outputs`, only those named in `requested` when given
+    (the request's `requested_output_names()`; an empty set means every output, as Triton reads it).
+
+    Why not `sender.send(InferenceResponse([...]))` with every output: the stub of tritonserver 2.51
+    (python_backend r24.10) drops the outputs a client did not ask for inside send(), after it released the
+    GIL. If the response held the last reference to such a tensor, the tensor dies there, frees its Python
+    objects with no thread state, and a Python >= 3.12 stub segfaults (python_backend #390 fixed it upstream;
+    tools/tests/test_stub_unrequested_outputs.py shows it with the wheel's 3.12 stub). So the unrequested
+    outputs are never built, and `tensors` keeps every sent tensor alive until send() has returned.
+    """
+    import triton_python_backend_utils as pb_utils
+
+    tensors = [to_triton(name, value) for name, value in outputs.items() if not requested or name in requested]
+    sender.send(pb_utils.InferenceResponse(tensors), flags=flags)
+    del tensors   # only now, with the GIL held
 
 
 def error_response(exc: BaseException):

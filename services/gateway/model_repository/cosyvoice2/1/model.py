@@ -14,7 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.runtime import install_stack_dumps
-from cosyvoice_common.triton_io import from_triton, to_triton
+from cosyvoice_common.triton_io import from_triton, send_outputs
 from cosyvoice_gateway.seed import (
     INPUT_NAMES,
     SeedFront,
@@ -44,30 +44,33 @@ class TritonResponder:
     def __init__(self, request, sender) -> None:
         self.request = request
         self.sender = sender
+        self.requested_outputs = frozenset(request.requested_output_names())
         self.lock = threading.Lock()
         self.closed = False
 
-    def _send(self, response=None, final: bool = False) -> None:
+    def _send(self, final: bool, audio: np.ndarray | None = None, error: str | None = None) -> None:
         with self.lock:
             if self.closed:
                 return
             if final:
                 self.closed = True
-            if response is None:
-                self.sender.send(flags=_FINAL)
+            flags = _FINAL if final else 0
+            if audio is not None:
+                send_outputs(self.sender, {"waveform": audio}, self.requested_outputs, flags)
+            elif error is not None:
+                self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)), flags=flags)
             else:
-                self.sender.send(response, flags=_FINAL if final else 0)
+                self.sender.send(flags=flags)
 
     def send_audio(self, wav_24k: np.ndarray, final: bool) -> None:
         # [1, n]: the model batches (max_batch_size > 0), so outputs carry the batch dim like the seed's.
-        wav = np.asarray(wav_24k, dtype=np.float32).reshape(1, -1)
-        self._send(pb_utils.InferenceResponse([to_triton("waveform", wav)]), final)
+        self._send(final, audio=np.asarray(wav_24k, dtype=np.float32).reshape(1, -1))
 
     def finish(self) -> None:
-        self._send(None, final=True)
+        self._send(final=True)
 
     def fail(self, message: str) -> None:
-        self._send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), final=True)
+        self._send(final=True, error=message)
 
     def is_cancelled(self) -> bool:
         # Under the send lock: after the final response Triton releases the request's response factory,

@@ -23,7 +23,7 @@ import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import SPEECH_ID_OFFSET
 from cosyvoice_common.runtime import install_stack_dumps
-from cosyvoice_common.triton_io import error_response, from_triton, get_dtype, get_parameter, to_triton
+from cosyvoice_common.triton_io import error_response, from_triton, get_dtype, get_parameter, send_outputs
 from cosyvoice_llm.engine import EngineConfig, FinishReason, LLMEngine, LLMOutput, LLMRequest
 from cosyvoice_llm.model import load_llm
 from cosyvoice_llm.repetition import RepetitionConfig
@@ -91,10 +91,11 @@ def parse_request(request, request_id: str) -> tuple[LLMRequest, bool]:
     return llm_request, bool(_scalar(request, "streaming", False))
 
 
-def tokens_response(tokens: list[int]):
+def send_tokens(data: "RequestData", tokens: list[int], flags: int = 0) -> None:
     flat = np.asarray(tokens, dtype=np.int32).reshape(1, 1, -1) + np.int32(SPEECH_ID_OFFSET)   # [batch, beam, n]
-    return pb_utils.InferenceResponse([to_triton("output_ids", flat),
-                                       to_triton("sequence_length", np.array([[flat.shape[-1]]], np.int32))])
+    # Only the outputs the client asked for (the gateway asks for output_ids alone): see send_outputs.
+    send_outputs(data.sender, {"output_ids": flat, "sequence_length": np.array([[flat.shape[-1]]], np.int32)},
+                 data.requested_outputs, flags)
 
 
 @dataclass(slots=True)
@@ -103,6 +104,7 @@ class RequestData:
     request: object            # pb_utils.InferenceRequest (kept for is_cancelled())
     sender: object
     streaming: bool
+    requested_outputs: frozenset[str]
     tokens: list[int]
     cancel_sent: bool = False
 
@@ -151,7 +153,8 @@ class TritonPythonModel:
             try:
                 llm_request, streaming = parse_request(request, request_id)
                 with self.lock:
-                    self.requests[request_id] = RequestData(request, sender, streaming, [])
+                    self.requests[request_id] = RequestData(request, sender, streaming,
+                                                              frozenset(request.requested_output_names()), [])
                 self.engine.submit(llm_request, self.outputs.put)
             except Exception as exc:  # noqa: BLE001 - a bad request answers only itself
                 with self.lock:
@@ -198,7 +201,7 @@ class TritonPythonModel:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if not out.finished:
             if data.streaming:
-                data.sender.send(tokens_response(list(out.tokens)))
+                send_tokens(data, list(out.tokens))
             else:
                 data.tokens.extend(out.tokens)
             return
@@ -212,12 +215,12 @@ class TritonPythonModel:
             data.sender.send(flags=final)
         elif data.streaming:
             if out.tokens:
-                data.sender.send(tokens_response(list(out.tokens)), flags=final)
+                send_tokens(data, list(out.tokens), final)
             else:
                 data.sender.send(flags=final)
         else:
             data.tokens.extend(out.tokens)
-            data.sender.send(tokens_response(data.tokens), flags=final)
+            send_tokens(data, data.tokens, final)
 
     # --- cancellation (polled from the responder thread) --------------------------------------------------
     def poll_cancellations(self) -> None:
