@@ -2,7 +2,10 @@
 """Which ways of answering from a decoupled Python-backend model survive on this machine's Triton stub?
 
 The llm stage's stub segfaulted on the H100 machine (Python 3.12 stub) inside `response_sender.send()`
-called from its responder thread, while the same code serves on the CPU machine (3.11 stub). This starts one
+called from its responder thread, while the same code serves on the CPU machine (3.11 stub). The cause,
+found later: the 2.51 stub frees unrequested outputs inside send() without the GIL (see
+cosyvoice_common.triton_io.send_outputs and common/tests/test_triton_io_stub312.py); these variants keep
+their tensors referenced during send(), which is why none of them crashed. This starts one
 tritonserver with a small decoupled model per variant, streams a few requests through each over gRPC and
 reports, per variant, whether every response arrived intact and whether the stub died:
 
