@@ -4,7 +4,7 @@
 # test suites under it, with real tritonservers. Catches what only the GPU machine's versions hit (the llm
 # stub crash of 2026-11-25 was one: see README "The llm stub crash") without spending device time.
 #
-# Usage: bash tools/gpu/cpu_twin.sh [pytest args]   (default: tests/ services/)
+# Usage: bash tools/gpu/cpu_twin.sh [pytest args]   (default: the whole suite)
 # Needs python3.12 on PATH or under pyenv, and the package index (downloads ~5 GB once, into .venv-twin/).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -45,6 +45,5 @@ for d in common services/tokenizer services/speaker services/llm services/token2
 done > "$site/cosyvoice-stack.pth"
 
 "$TWIN/bin/python" -c 'import sys, torch, numpy; print(f"cpu_twin: python {sys.version.split()[0]}, torch {torch.__version__}, numpy {numpy.__version__}")'
-args=("$@"); [ ${#args[@]} -gt 0 ] || args=(tests/ services/)
 SEED_STUB_PYTHON_DIR=${SEED_STUB_PYTHON_DIR:-build/seed-stub-python-twin} \
-  exec "$TWIN/bin/python" -m pytest -q -p no:cacheprovider "${args[@]}"
+  exec "$TWIN/bin/python" -m pytest -q -p no:cacheprovider "$@"   # no arguments: the whole suite (pytest.ini testpaths)
