@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     finals: set[str] = set()
     start = time.monotonic()
     first_ms = None
+    token_responses = 0
     try:
         for i in range(args.requests):
             client.async_stream_infer("llm", request_inputs(30, 75, args.tokens, seed=i + 1), request_id=f"probe-{i}",
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             ids = result.as_numpy("output_ids")
             if ids is not None and ids.size:
                 got[response.id] += ids.size
+                token_responses += 1
                 first_ms = first_ms if first_ms is not None else (time.monotonic() - start) * 1000
             if response.parameters["triton_final_response"].bool_param:
                 finals.add(response.id)
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.monotonic() - start
     bad = {k: v for k, v in got.items() if v != args.tokens}
     print(f"{'FAIL' if bad else 'ok'}: {args.requests} streams x {args.tokens} tokens in {wall:.2f} s "
-          f"({sum(got.values()) / wall:.0f} tokens/s, first tokens after {first_ms or 0:.0f} ms)"
+          f"({sum(got.values()) / wall:.0f} tokens/s, first tokens after {first_ms or 0:.0f} ms, "
+          f"{sum(got.values()) / max(token_responses, 1):.1f} tokens per response)"
           + (f"; wrong counts {bad}" if bad else ""))
     return 1 if bad else 0
 

@@ -138,6 +138,23 @@ class LLMOutput:
 OutputCallback = Callable[[LLMOutput], None]
 
 
+def coalesce_outputs(outputs: Sequence[LLMOutput]) -> list[LLMOutput]:
+    """One output per request from several taken in queue order: tokens concatenated, the last one's finish
+    state kept. A responder that fell behind the engine answers with one response per request, not one per
+    token, so its per-response cost (an IPC round trip into Triton) stops growing with the batch."""
+    merged: dict[str, tuple[list[int], LLMOutput]] = {}
+    for out in outputs:
+        entry = merged.get(out.request_id)
+        if entry is None:
+            merged[out.request_id] = (list(out.tokens), out)
+        else:
+            entry[0].extend(out.tokens)
+            merged[out.request_id] = (entry[0], out)
+    return [out if len(tokens) == len(out.tokens) else
+            LLMOutput(out.request_id, tuple(tokens), out.finished, out.finish_reason, out.error)
+            for tokens, out in merged.values()]
+
+
 @dataclass(slots=True)
 class _Sequence:
     request: LLMRequest

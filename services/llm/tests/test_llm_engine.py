@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cosyvoice_common.errors import InvalidRequestError
-from cosyvoice_llm.engine import EngineConfig, FinishReason, LLMEngine, LLMRequest
+from cosyvoice_llm.engine import EngineConfig, FinishReason, LLMEngine, LLMOutput, LLMRequest, coalesce_outputs
 from cosyvoice_llm.model import Qwen2LM, build_prompt_flat_ids
 from cosyvoice_llm.sampling import SamplingParams
 
@@ -167,3 +167,20 @@ def test_cuda_graph_decode_gives_the_same_tokens_as_eager(tiny_model: Qwen2LM):
         results.append([h.result(timeout_s=0) for h in hs])
     assert results[0] == results[1]
     assert any(len(r) > 1 for r in results[0])
+
+
+def test_coalesce_outputs_merges_per_request_in_order():
+    a, b = "a", "b"
+    outputs = [LLMOutput(a, (1,)), LLMOutput(b, (7,)), LLMOutput(a, (2, 3)), LLMOutput(b, (8,)),
+               LLMOutput(a, (), finished=True, finish_reason=FinishReason.STOP)]
+    merged = {out.request_id: out for out in coalesce_outputs(outputs)}
+    assert len(coalesce_outputs(outputs)) == 2
+    assert merged[a] == LLMOutput(a, (1, 2, 3), True, FinishReason.STOP)
+    assert merged[b] == LLMOutput(b, (7, 8), False, None)
+    # One output passes through as it is; nothing in, nothing out.
+    single = LLMOutput(a, (4,))
+    assert coalesce_outputs([single]) == [single] and coalesce_outputs([single])[0] is single
+    assert coalesce_outputs([]) == []
+    # An error keeps its message; the tokens before it ride along.
+    failed = coalesce_outputs([LLMOutput(a, (5,)), LLMOutput(a, (), True, FinishReason.ERROR, "boom")])
+    assert failed == [LLMOutput(a, (5,), True, FinishReason.ERROR, "boom")]

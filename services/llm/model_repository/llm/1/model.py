@@ -24,12 +24,13 @@ import triton_python_backend_utils as pb_utils
 from cosyvoice_common.constants import SPEECH_ID_OFFSET
 from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.triton_io import error_response, from_triton, get_dtype, get_parameter, send_outputs
-from cosyvoice_llm.engine import EngineConfig, FinishReason, LLMEngine, LLMOutput, LLMRequest
+from cosyvoice_llm.engine import EngineConfig, FinishReason, LLMEngine, LLMOutput, LLMRequest, coalesce_outputs
 from cosyvoice_llm.model import load_llm
 from cosyvoice_llm.repetition import RepetitionConfig
 from cosyvoice_llm.sampling import SamplingParams
 
 CANCEL_POLL_S = 0.02          # how soon a client's cancel frees its slot
+MAX_COALESCED_OUTPUTS = 4096  # engine outputs merged into one round of responses at most
 REPETITION_ENV = "LLM_REPETITION"   # loop detection: "off" or "max_period=20,min_repeats=4,min_span=100"
 CUDA_GRAPHS_ENV = "LLM_CUDA_GRAPHS"
 
@@ -167,15 +168,24 @@ class TritonPythonModel:
     # waits on IPC. ---------------------------------------------------------------------------------------
     def responder_loop(self) -> None:
         next_poll = time.monotonic() + CANCEL_POLL_S
+        pending: list[LLMOutput] = []
         while True:
             try:
-                out = self.outputs.get(timeout=CANCEL_POLL_S)
+                pending.append(self.outputs.get(timeout=CANCEL_POLL_S))
             except queue.Empty:
-                out = False
-            if out is None:
-                return
-            if out is not False:
+                pass
+            # Whatever else the engine queued meanwhile goes out with it: one response per request.
+            while pending and pending[-1] is not None and len(pending) < MAX_COALESCED_OUTPUTS:
+                try:
+                    pending.append(self.outputs.get_nowait())
+                except queue.Empty:
+                    break
+            stop = bool(pending) and pending[-1] is None
+            for out in coalesce_outputs([o for o in pending if o is not None]):
                 self.deliver(out)
+            pending.clear()
+            if stop:
+                return
             if time.monotonic() >= next_poll:
                 self.poll_cancellations()
                 next_poll = time.monotonic() + CANCEL_POLL_S
