@@ -26,7 +26,8 @@ ulimit -c unlimited 2>/dev/null   # a crashed stub leaves a core for diagnose() 
 OUTDIR=/tmp/results; mkdir -p "$OUTDIR"   # scratch; results and a logs archive go to $OUT after every phase
 RESULTS=${OUT:-bench_results}; mkdir -p "$RESULTS"
 publish() {  # copy what exists so far; a call cut short still returns it
-  cp "$OUTDIR"/stack_tables.md "$OUTDIR"/engine_tables.md "$OUTDIR"/stack.json "$OUTDIR"/engine.json "$RESULTS/" 2>/dev/null
+  cp "$OUTDIR"/stack_tables.md "$OUTDIR"/replicas_tables.md "$OUTDIR"/engine_tables.md "$OUTDIR"/stack.json \
+     "$OUTDIR"/replicas.json "$OUTDIR"/engine.json "$RESULTS/" 2>/dev/null
   tar -czf "$RESULTS/logs.tgz" -C "$OUTDIR" . 2>/dev/null
 }
 export MODEL_DIR=${MODEL_DIR:-/tmp/models/cosyvoice2-full}
