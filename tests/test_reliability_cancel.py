@@ -90,3 +90,35 @@ def test_deadline_is_propagated_and_frees_the_llm_slot(stack, llm_metrics, strea
     assert stub_call is None
     value = _wait_active(llm_metrics, lambda v: v == 0, FREED_WITHIN_S)
     assert value == 0, "the llm stage kept decoding after the client's deadline"
+
+
+def test_stream_handler_closed_at_its_yield_logs_cancelled_and_frees_the_llm_slot(stack, llm_metrics, tiny_model_dir,
+                                                                                  caplog):
+    """A client that cancels while grpc is still writing its last chunk: grpc's own task takes the cancel and the
+    handler generator is closed at its `yield` (GeneratorExit, not CancelledError). Seen once under CI load as a
+    stream that never logged CANCELLED. Driven here by hand: first chunk, then aclose()."""
+    from cosyvoice_gateway.server import Gateway, GatewayConfig, TextToSpeechService
+
+    urls = {name: ",".join(stack.stage_grpc_urls(name)) for name in ("tokenizer", "speaker", "llm", "token2wav")}
+    config = GatewayConfig(model_dir=tiny_model_dir, tokenizer_urls=urls["tokenizer"], speaker_urls=urls["speaker"],
+                           llm_urls=urls["llm"], token2wav_urls=urls["token2wav"], redis_url=stack.redis_url,
+                           model_revision="test-handler-close", grpc_port=0, http_port=0)
+
+    async def run():
+        gateway = Gateway(config)
+        try:
+            handler = TextToSpeechService(gateway.pipeline).SynthesizeStream(_long_request(4), context=None)
+            first = await handler.__anext__()
+            assert first.audio and not first.is_final
+            await handler.aclose()
+            # Closed with the handler, not left to the garbage collector: no llm reader still running.
+            readers = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.endswith("_read_llm")]
+            assert all(t.done() for t in readers), readers
+        finally:
+            await gateway.stages.close()
+
+    with caplog.at_level("INFO", logger="cosyvoice_gateway"):
+        asyncio.run(run())
+    assert any("status=CANCELLED" in record.getMessage() for record in caplog.records)
+    # (The tiny model may have made all its tokens before the first chunk, so no token count is asserted.)
+    assert _wait_active(llm_metrics, lambda v: v == 0, FREED_WITHIN_S) == 0

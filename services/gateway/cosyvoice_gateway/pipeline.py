@@ -22,6 +22,7 @@ deadline) cancels the LLM stream and issues no further token2wav call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -474,13 +475,14 @@ class Pipeline:
     async def stream(self, prepared: PreparedRequest, timings: StageTimings) -> AsyncIterator[np.ndarray]:
         """Yield float32 24 kHz chunks as they are produced, segment after segment."""
         for segment in prepared.segments:
-            async for wav in self._segment_stream(prepared, segment, timings):
-                if wav.size == 0:
-                    continue
-                if not timings.first_chunk_ms:
-                    timings.first_chunk_ms = timings.elapsed_ms()
-                timings.audio_seconds += wav.shape[0] / OUTPUT_SAMPLE_RATE_HZ
-                yield wav
+            async with contextlib.aclosing(self._segment_stream(prepared, segment, timings)) as chunks:
+                async for wav in chunks:
+                    if wav.size == 0:
+                        continue
+                    if not timings.first_chunk_ms:
+                        timings.first_chunk_ms = timings.elapsed_ms()
+                    timings.audio_seconds += wav.shape[0] / OUTPUT_SAMPLE_RATE_HZ
+                    yield wav
         timings.total_ms = timings.elapsed_ms()
 
     async def synthesize(self, prepared: PreparedRequest, timings: StageTimings) -> np.ndarray:

@@ -28,6 +28,7 @@ everything of that front except the pb_utils glue (`model_repository/cosyvoice2/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -402,8 +403,10 @@ class SeedFront:
         request = to_synthesis_request(inputs, self.config.semantics, self.encode_text, request_id)
         prepared = await self.pipeline.prepare(request, timings)
         if streaming:
-            async for wav in self.pipeline.stream(prepared, timings):
-                await asyncio.to_thread(responder.send_audio, wav, False)
+            # aclosing: a cancel that lands in send_audio closes the pipeline (and its llm reader) now
+            async with contextlib.aclosing(self.pipeline.stream(prepared, timings)) as chunks:
+                async for wav in chunks:
+                    await asyncio.to_thread(responder.send_audio, wav, False)
             await asyncio.to_thread(responder.finish)
         else:
             wav = await self.pipeline.synthesize(prepared, timings)

@@ -8,6 +8,7 @@ finish, then stage clients and Redis are closed. Config is read once from the en
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import importlib
 import logging
@@ -239,15 +240,20 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServicer):
             encoder = StreamEncoder(prepared.sample_rate_hz, encoding)
             proto_encoding = request.encoding or tts_pb2.PCM_S16LE
             index = 0
-            async for wav in self.pipeline.stream(prepared, timings):
-                yield tts_pb2.AudioChunk(audio=encoder.encode(wav), sample_rate=prepared.sample_rate_hz,
-                                         encoding=proto_encoding, index=index)
-                index += 1
+            # aclosing: when this handler is closed, the pipeline (and its llm reader) is closed with it, now.
+            async with contextlib.aclosing(self.pipeline.stream(prepared, timings)) as chunks:
+                async for wav in chunks:
+                    yield tts_pb2.AudioChunk(audio=encoder.encode(wav), sample_rate=prepared.sample_rate_hz,
+                                             encoding=proto_encoding, index=index)
+                    index += 1
             # The final chunk carries the timings and whatever the resampler still held.
             tail = encoder.encode(np.zeros(0, np.float32), last=True)
         except (RequestError, StageError) as exc:
             await self._fail(context, "SynthesizeStream", request_id, exc)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # CancelledError: the client left while this handler awaited a stage. GeneratorExit: it left while
+            # grpc was writing the last chunk, so grpc's task took the cancel and this generator is closed
+            # at its `yield` instead (seen under load on CI).
             metrics.REQUESTS.labels(rpc="SynthesizeStream", code="CANCELLED").inc()
             log.info("rpc=SynthesizeStream request_id=%s status=CANCELLED after %.1f ms", request_id,
                      timings.elapsed_ms())
