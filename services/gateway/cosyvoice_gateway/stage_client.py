@@ -188,7 +188,7 @@ class StageClient:
 
     def _new_replica(self, url: str, source: str) -> _Replica:
         slots = asyncio.Semaphore(self.config.max_inflight_per_replica) if self.config.max_inflight_per_replica else None
-        return _Replica(url, triton_aio.InferenceServerClient(url), slots, source=source)
+        return _Replica(url, triton_aio.InferenceServerClient(url, channel_args=_channel_args()), slots, source=source)
 
     @property
     def name(self) -> str:
@@ -442,6 +442,26 @@ class StageClient:
             if not finished:
                 responses.cancel()
             self._release(lease)
+
+
+# gRPC's reconnect backoff grows to 120 s by default: a gateway started before a replica (slow start, a
+# restart) would then fail fast on that replica for up to two minutes after it is up. Capped, the readiness
+# loop sees it within about a second.
+MAX_RECONNECT_BACKOFF_MS = 1000
+
+
+def _channel_args() -> list[tuple[str, int]]:
+    """tritonclient's own channel defaults (message sizes, keepalive) plus the capped reconnect backoff."""
+    keepalive = triton_aio.KeepAliveOptions()
+    return [("grpc.max_send_message_length", triton_aio.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", triton_aio.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
 
 
 @dataclass(slots=True)
