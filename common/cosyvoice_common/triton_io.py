@@ -91,7 +91,7 @@ def send_outputs(sender, outputs: Mapping[str, Any], requested: AbstractSet[str]
     (python_backend r24.10) drops the outputs a client did not ask for inside send(), after it released the
     GIL. If the response held the last reference to such a tensor, the tensor dies there, frees its Python
     objects with no thread state, and a Python >= 3.12 stub segfaults (python_backend #390 fixed it upstream;
-    tools/tests/test_stub_unrequested_outputs.py shows it with the wheel's 3.12 stub). So the unrequested
+    common/tests/test_triton_io_stub312.py shows it with the wheel's 3.12 stub). So the unrequested
     outputs are never built, and `tensors` keeps every sent tensor alive until send() has returned.
     """
     import triton_python_backend_utils as pb_utils
