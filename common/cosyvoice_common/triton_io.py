@@ -98,7 +98,7 @@ def send_outputs(sender, outputs: Mapping[str, Any], requested: AbstractSet[str]
 
     tensors = [to_triton(name, value) for name, value in outputs.items() if not requested or name in requested]
     sender.send(pb_utils.InferenceResponse(tensors), flags=flags)
-    del tensors   # only now, with the GIL held
+    del tensors   # released only here, after send() returned
 
 
 def error_response(exc: BaseException):
