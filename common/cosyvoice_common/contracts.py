@@ -49,6 +49,9 @@ LLM_INPUTS = (
     TensorSpec("runtime_top_p", "FP32", (1,), optional=True),
     TensorSpec("temperature", "FP32", (1,), optional=True),
     TensorSpec("random_seed", "UINT64", (1,), optional=True),
+    # Ours only (the TensorRT-LLM backend has no such input; clients send it only where the served config lists
+    # it): generated-token counts at which a streaming response is due; tokens in between are held back.
+    TensorSpec("stream_boundaries", "INT32", (-1,), optional=True),
 )
 LLM_OUTPUTS = (
     TensorSpec("output_ids", "INT32", (-1, -1)),         # [beam=1, new tokens in this response]

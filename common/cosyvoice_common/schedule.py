@@ -111,3 +111,9 @@ def plan(total_tokens: int, config: ScheduleConfig = ScheduleConfig()) -> list[C
     while (chunk := schedule.next_chunk(total_tokens, llm_done=True)) is not None:
         chunks.append(chunk)
     return chunks
+
+
+def chunk_ends(max_tokens: int, config: ScheduleConfig = ScheduleConfig()) -> list[int]:
+    """Token counts at which the schedule runs its non-final chunks, for a request of at most `max_tokens`:
+    what a token producer must deliver at once (the final chunk waits for the end anyway)."""
+    return [chunk.end for chunk in plan(max_tokens, config) if not chunk.finalize]

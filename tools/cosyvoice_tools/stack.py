@@ -16,6 +16,7 @@ from (deploy/README.md): defaults < PLACEMENT_FILE (YAML) < variables.
                                                           for STAGE in TOKENIZER SPEAKER LLM TOKEN2WAV
     TOKENIZER_BACKEND, SPEAKER_BACKEND (onnx | torch), LLM_DTYPE, TOKEN2WAV_DTYPE
     REDIS_PORT (6379), GRPC_PORT (50051), HTTP_PORT (8080), STACK_RUN_DIR (run), STACK_READY_TIMEOUT_S
+    STACK_CUDA_MPS (off | on | auto): stage servers sharing a GPU run under one CUDA MPS daemon (mps.py)
     SEED_FRONT (1), SEED_STREAM_BASE_PORT (8000), SEED_OFFLINE_BASE_PORT (8010), SEED_* (gateway README)
 Replica i of a stage listens on base + 10 i (HTTP), + 1 (gRPC), + 2 (metrics); base 0 = free ports.
 A replica's tritonserver gets CUDA_VISIBLE_DEVICES = its host GPUs, so it sees them as cuda:0, cuda:1, ...
@@ -50,6 +51,8 @@ from cosyvoice_common.placement import (
     load_placement,
     parse_device,
 )
+from cosyvoice_tools import mps
+from cosyvoice_tools.mps import MpsDaemon
 from cosyvoice_tools.triton import (
     PACKAGE_ROOTS,
     REPO_ROOT,
@@ -207,6 +210,7 @@ class StackConfig:
     seed_stream_base_port: int = 8000
     seed_offline_base_port: int = 8010
     seed_params: Mapping[str, str] = field(default_factory=dict)   # cosyvoice_gateway.seed.front_env_params
+    cuda_mps: str = "off"                   # off | on | auto (cosyvoice_tools.mps)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "StackConfig":
@@ -242,6 +246,7 @@ class StackConfig:
             seed_stream_base_port=int(env.get("SEED_STREAM_BASE_PORT", "8000")),
             seed_offline_base_port=int(env.get("SEED_OFFLINE_BASE_PORT", "8010")),
             seed_params=_seed_env_params(env),
+            cuda_mps=env.get("STACK_CUDA_MPS", "off"),
         )
 
     def stage(self, name: str) -> StageSettings:
@@ -436,6 +441,7 @@ class Stack:
         self.records: list[ProcessRecord] = []
         self._popens: dict[int, subprocess.Popen] = {}
         self._install: TritonInstall | None = None
+        self._mps: MpsDaemon | None = None
 
     # addresses ---------------------------------------------------------------------------------------
     def stage_grpc_urls(self, stage: str) -> list[str]:
@@ -478,6 +484,7 @@ class Stack:
             ensure_model_dir(cfg.model_dir, cfg.model_size, cfg.generate_model, say=self._say)
             if cfg.start_redis:
                 self._start_redis()
+            self._start_mps()
             self._start_stages()
             self._wait_ready([r for r in self.records], cfg.ready_timeout_s)
             if cfg.gateway and gateway_available():
@@ -499,7 +506,19 @@ class Stack:
         self.records.append(record)
         if popen is not None:
             self._popens[record.pid] = popen
-        _write_state(self.config.run_dir, self.records, {"model_dir": str(self.config.model_dir)})
+        extra = {"model_dir": str(self.config.model_dir)}
+        if self._mps is not None:
+            extra["mps_root"] = str(self._mps.root)
+        _write_state(self.config.run_dir, self.records, extra)
+
+    def _start_mps(self) -> None:
+        uses_cuda = any(slot.cuda_visible_devices for slot in process_plan(self.config))
+        if not mps.wanted(self.config.cuda_mps, uses_cuda):
+            return
+        daemon = MpsDaemon(self.config.run_dir / "mps")
+        daemon.start()
+        self._mps = daemon
+        self._say(f"CUDA MPS daemon started (pipe {daemon.pipe_dir})")
 
     def _start_redis(self) -> None:
         port = self.config.redis_port or free_ports(1)[0]
@@ -525,6 +544,8 @@ class Stack:
             log.unlink(missing_ok=True)
             # The process sees only its own GPUs (none for a CPU replica), renumbered from 0.
             extra_env = {"CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices}
+            if self._mps is not None and slot.cuda_visible_devices:
+                extra_env.update(self._mps.env())
             server = TritonServer(TritonServerConfig(repo, slot.http_port, slot.grpc_port, slot.metrics_port, log,
                                                      extra_env=extra_env), self._install).start()
             self._say(f"starting {name} ({slot.device}, CUDA_VISIBLE_DEVICES={slot.cuda_visible_devices!r}, "
@@ -629,6 +650,9 @@ class Stack:
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Gateway first (it drains), then all stage servers together, then Redis."""
         stop_records(self.records, timeout_s, self._popens)
+        if self._mps is not None:      # after its clients (the stage servers) are gone
+            self._mps.stop()
+            self._mps = None
         self.records = []
         self._popens = {}
         (self.config.run_dir / STATE_FILE).unlink(missing_ok=True)
@@ -638,6 +662,9 @@ class Stack:
         """A Stack object over the processes recorded in config.run_dir (for down/ps/logs)."""
         stack = cls(config)
         stack.records = _read_state(config.run_dir)
+        state = config.run_dir / STATE_FILE
+        if state.exists() and "mps_root" in (extra := json.loads(state.read_text())):
+            stack._mps = MpsDaemon(Path(extra["mps_root"]))
         return stack
 
     def describe(self) -> str:

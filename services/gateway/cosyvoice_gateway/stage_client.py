@@ -168,6 +168,7 @@ class _Replica:
     ready: bool = False
     batched: bool | None = None   # model config max_batch_size > 0: add/strip a leading batch dim of 1;
                                   # None until the replica's config was read (see _batched)
+    inputs: frozenset[str] = frozenset()   # input names its model config declares (optional ones may be absent)
 
 
 @dataclass(slots=True)
@@ -181,6 +182,7 @@ class StageClient:
         """`resolver=None` never re-resolves names (each configured URL is one replica)."""
         self.config = config
         self._dtypes = {spec.name: spec.datatype for spec in config.inputs}
+        self._optional = frozenset(spec.name for spec in config.inputs if spec.optional)
         self._resolver = resolver
         self._replicas = [self._new_replica(url, url) for url in config.urls]
         self._retired: list[_Replica] = []     # dropped from DNS, closed once their calls finish
@@ -261,6 +263,7 @@ class StageClient:
                 config = await replica.client.get_model_config(self.config.model, as_json=True,
                                                                client_timeout=self.config.timeout_s)
                 replica.batched = int(config["config"].get("max_batch_size", 0)) > 0
+                replica.inputs = frozenset(spec["name"] for spec in config["config"].get("input", []))
         except InferenceServerException:
             ready = False
         replica.ready = bool(ready)
@@ -311,9 +314,13 @@ class StageClient:
                              unavailable=True)
         return replica.batched
 
-    def _inputs(self, tensors: Mapping[str, np.ndarray], batched: bool) -> list[InferInput]:
+    def _inputs(self, tensors: Mapping[str, np.ndarray], batched: bool, replica: _Replica) -> list[InferInput]:
+        """Triton inputs; an optional tensor the replica's model does not declare is left out (e.g. our llm
+        stage's `stream_boundaries` going to the real TensorRT-LLM backend)."""
         inputs = []
         for name, array in tensors.items():
+            if name in self._optional and name not in replica.inputs:
+                continue
             array = np.ascontiguousarray(array)[None] if batched else np.ascontiguousarray(array)
             infer_input = InferInput(name, list(array.shape), self._dtypes[name])
             infer_input.set_data_from_numpy(array)
@@ -340,19 +347,20 @@ class StageClient:
                           timed_out="DEADLINE" in status, invalid=_STAGE_INVALID_REQUEST in message)
 
     # --- calls --------------------------------------------------------------------------------------
-    async def infer(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = ""
-                    ) -> tuple[dict[str, np.ndarray], CallTiming]:
-        """One call; an unreachable replica's call is retried on the other replicas (the call is stateless)."""
+    async def infer(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = "",
+                    priority: int = 0) -> tuple[dict[str, np.ndarray], CallTiming]:
+        """One call; an unreachable replica's call is retried on the other replicas (the call is stateless).
+        `priority`: Triton's request priority (1 = highest level; 0 = the model's default level)."""
         tried: list[_Replica] = []
         while True:
             try:
-                return await self._infer_once(tensors, outputs, request_id, tried)
+                return await self._infer_once(tensors, outputs, request_id, tried, priority)
             except StageError as exc:
                 if not self._can_retry(exc, tried):
                     raise
 
     async def _infer_once(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str,
-                          tried: list[_Replica]) -> tuple[dict[str, np.ndarray], CallTiming]:
+                          tried: list[_Replica], priority: int = 0) -> tuple[dict[str, np.ndarray], CallTiming]:
         lease = await self._acquire(tried)
         replica = lease.replica
         tried.append(replica)
@@ -360,9 +368,9 @@ class StageClient:
         try:
             batched = await self._batched(replica)
             result = await replica.client.infer(
-                self.config.model, self._inputs(tensors, batched),
+                self.config.model, self._inputs(tensors, batched, replica),
                 outputs=[InferRequestedOutput(n) for n in outputs], request_id=request_id,
-                client_timeout=self.config.timeout_s)
+                client_timeout=self.config.timeout_s, priority=priority)
             lease.timing.compute_ms = (time.perf_counter() - start) * MS_PER_S
             return self._outputs(result, outputs, batched), lease.timing
         except InferenceServerException as exc:
@@ -402,7 +410,7 @@ class StageClient:
         timing.queue_ms += lease.timing.queue_ms
         try:
             batched = await self._batched(replica)
-            inputs = self._inputs(tensors, batched)
+            inputs = self._inputs(tensors, batched, replica)
         except BaseException:
             self._release(lease)
             raise
