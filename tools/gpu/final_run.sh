@@ -9,6 +9,9 @@
 #   replicas    the same stack with TOKEN2WAV_REPLICAS=2 on this one GPU, streaming at $REPLICA_CONC
 #   engine      the in-process pipeline (--engine-only) as the second line
 #   components  LLM decode step variants and token2wav variants, each against its plain baseline (same run)
+#   baseline    the whole stack of another checkout (BASELINE_DIR, e.g. the previous release unpacked there),
+#               streaming at $BASELINE_CONC on the same model: the before/after pair of one call
+# STACK_CUDA_MPS (off | on | auto) is passed to the launcher for this tree's stack (cosyvoice_tools.mps).
 # Usage on the device machine (repo root): DEADLINE_S=560 bash tools/gpu/final_run.sh > $OUT/run.log 2>&1
 # Set DEADLINE_S below the call's real limit (`run` grants less than timeout_s when the session's device
 # budget is low) and never pipe the command: a call stopped at its limit loses its pipeline's output.
@@ -27,16 +30,16 @@ OUTDIR=/tmp/results; mkdir -p "$OUTDIR"   # scratch; results and a logs archive 
 RESULTS=${OUT:-bench_results}; mkdir -p "$RESULTS"
 publish() {  # copy what exists so far; a call cut short still returns it
   cp "$OUTDIR"/stack_tables.md "$OUTDIR"/replicas_tables.md "$OUTDIR"/engine_tables.md "$OUTDIR"/stack.json \
-     "$OUTDIR"/replicas.json "$OUTDIR"/engine.json "$RESULTS/" 2>/dev/null
+     "$OUTDIR"/baseline_tables.md "$OUTDIR"/baseline.json "$RESULTS/" 2>/dev/null
   tar -czf "$RESULTS/logs.tgz" -C "$OUTDIR" . 2>/dev/null
 }
 export MODEL_DIR=${MODEL_DIR:-/tmp/models/cosyvoice2-full}
-MANIFEST=${MANIFEST:-.carry/bench/manifest.jsonl}
+MANIFEST=$(realpath "${MANIFEST:-.carry/bench/manifest.jsonl}")   # absolute: the baseline phase runs from another folder
 CONC=${CONC:-1,2,4,8,16,32}
 python3 -m cosyvoice_tools.modelgen --size "${SIZE:-full}" --out "$MODEL_DIR" 2>&1 | grep -v "random weights" | tail -2
 DEVICE=${DEVICE:-cuda:0}; LIMIT=${LIMIT:-0}
 for s in TOKENIZER SPEAKER LLM TOKEN2WAV; do export ${s}_DEVICES=$DEVICE; done
-export TOKENIZER_BACKEND=torch SPEAKER_BACKEND=torch LLM_DTYPE=${LLM_DTYPE:-bfloat16}
+export TOKENIZER_BACKEND=torch SPEAKER_BACKEND=torch LLM_DTYPE=${LLM_DTYPE:-bfloat16} TOKEN2WAV_DTYPE=${TOKEN2WAV_DTYPE:-bfloat16}
 export STACK_RUN_DIR=/tmp/run REDIS_PORT=6390 PLACEMENT_DEFAULT_DEVICE=$DEVICE
 export SEED_FRONT=0   # the seed-compatible fronts are measured by their own client, not in this run
 LABEL="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo cpu), $(date -u +%F)"
@@ -93,6 +96,21 @@ stack_bench() {  # $1 = label suffix, $2 = out name, $3 = concurrencies, $4 = mo
   mkdir -p "$OUTDIR/logs_$2"; cp /tmp/run/logs/*.log "$OUTDIR/logs_$2/" 2>/dev/null
 }
 
+if has baseline && [ -n "${BASELINE_DIR:-}" ]; then
+  echo "== baseline stack: $BASELINE_DIR ($(left) s left)"
+  ( cd "$BASELINE_DIR" && source tools/gpu/setup.sh > /dev/null &&
+    STACK_CUDA_MPS=off timeout 300 python3 -m cosyvoice_tools.stack up > "$OUTDIR/baseline_up.txt" 2>&1 &&
+    STATS=$(python3 -c "import json; s=json.load(open('/tmp/run/stack.json')); print(','.join(f\"127.0.0.1:{p['ports']['http']}\" for p in s['processes'] if p['kind'] == 'triton'))") &&
+    timeout "$(share "${BASELINE_SHARE:-30}")" python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" \
+      --concurrency "${BASELINE_CONC:-1,4,16}" --modes "${BASELINE_MODES:-stream}" --limit "$LIMIT" --triton-stats "$STATS" \
+      --label "baseline $(git -C "$BASELINE_DIR" log -1 --format=%h 2>/dev/null || basename "$BASELINE_DIR"), $LABEL" \
+      --out "$OUTDIR/baseline.json" 2>"$OUTDIR/baseline_bench.err" > "$OUTDIR/baseline_tables.md"
+    python3 -m cosyvoice_tools.stack down > /dev/null 2>&1
+    mkdir -p "$OUTDIR/logs_baseline"; cp /tmp/run/logs/*.log "$OUTDIR/logs_baseline/" 2>/dev/null )
+  source tools/gpu/setup.sh > /dev/null   # this tree's import path again (setup.sh rewrites the stub's .pth)
+  publish
+fi
+
 MODE=none
 if has stack || has replicas; then
   echo "== whole stack ($(left) s left)"
@@ -137,7 +155,7 @@ if has components; then
     > "$OUTDIR/token2wav_speed.txt" 2>&1
 fi
 echo "== done ($(left) s left; stack config: $MODE)"
-for f in stack_tables.md replicas_tables.md engine_tables.md; do
+for f in baseline_tables.md stack_tables.md replicas_tables.md engine_tables.md; do
   [ -f "$OUTDIR/$f" ] && { echo "#### $f"; grep -E "^\||^#" "$OUTDIR/$f" | head -60; }
 done
 [ -f "$OUTDIR/llm_speed.txt" ] && tail -15 "$OUTDIR/llm_speed.txt"
