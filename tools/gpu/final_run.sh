@@ -6,6 +6,7 @@
 #               no stack run if its stub dies there). If the whole stack's first request fails, the stubs' state is recorded (/proc, Python
 #               stacks via SIGUSR1) and the next configuration is tried: Triton instances KIND_CPU (the model
 #               still on the GPU), then also no CUDA graphs; the tables say which one served.
+#   nomps       the same stack with STACK_CUDA_MPS=off, streaming at $NOMPS_CONC (what MPS buys)
 #   replicas    the same stack with TOKEN2WAV_REPLICAS=2 on this one GPU, streaming at $REPLICA_CONC
 #   engine      the in-process pipeline (--engine-only) as the second line
 #   components  LLM decode step variants and token2wav variants, each against its plain baseline (same run)
@@ -30,7 +31,7 @@ OUTDIR=/tmp/results; mkdir -p "$OUTDIR"   # scratch; results and a logs archive 
 RESULTS=${OUT:-bench_results}; mkdir -p "$RESULTS"
 publish() {  # copy what exists so far; a call cut short still returns it
   cp "$OUTDIR"/stack_tables.md "$OUTDIR"/replicas_tables.md "$OUTDIR"/engine_tables.md "$OUTDIR"/stack.json \
-     "$OUTDIR"/baseline_tables.md "$OUTDIR"/baseline.json "$RESULTS/" 2>/dev/null
+     "$OUTDIR"/baseline_tables.md "$OUTDIR"/nomps_tables.md "$RESULTS/" 2>/dev/null
   tar -czf "$RESULTS/logs.tgz" -C "$OUTDIR" . 2>/dev/null
 }
 export MODEL_DIR=${MODEL_DIR:-/tmp/models/cosyvoice2-full}
@@ -45,7 +46,7 @@ export SEED_FRONT=0   # the seed-compatible fronts are measured by their own cli
 LABEL="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo cpu), $(date -u +%F)"
 
 stack_up() {  # $1 = tag
-  timeout 240 python3 -m cosyvoice_tools.stack up > "$OUTDIR/stack_up_$1.txt" 2>&1 || { tail -5 "$OUTDIR/stack_up_$1.txt"; return 1; }
+  timeout "${STACK_UP_S:-360}" python3 -m cosyvoice_tools.stack up > "$OUTDIR/stack_up_$1.txt" 2>&1 || { tail -5 "$OUTDIR/stack_up_$1.txt"; return 1; }
   STATS=$(python3 -c "import json; s=json.load(open('/tmp/run/stack.json')); print(','.join(f\"127.0.0.1:{p['ports']['http']}\" for p in s['processes'] if p['kind'] == 'triton'))")
 }
 smoke() {  # one short streaming request through the whole stack
@@ -103,7 +104,7 @@ if has baseline && [ -n "${BASELINE_DIR:-}" ]; then
     STATS=$(python3 -c "import json; s=json.load(open('/tmp/run/stack.json')); print(','.join(f\"127.0.0.1:{p['ports']['http']}\" for p in s['processes'] if p['kind'] == 'triton'))") &&
     timeout "$(share "${BASELINE_SHARE:-30}")" python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" \
       --concurrency "${BASELINE_CONC:-1,4,16}" --modes "${BASELINE_MODES:-stream}" --limit "$LIMIT" --triton-stats "$STATS" \
-      --label "baseline $(git -C "$BASELINE_DIR" log -1 --format=%h 2>/dev/null || basename "$BASELINE_DIR"), $LABEL" \
+      --label "baseline ${BASELINE_LABEL:-$(basename "$BASELINE_DIR")}, $LABEL" \
       --out "$OUTDIR/baseline.json" 2>"$OUTDIR/baseline_bench.err" > "$OUTDIR/baseline_tables.md"
     python3 -m cosyvoice_tools.stack down > /dev/null 2>&1
     mkdir -p "$OUTDIR/logs_baseline"; cp /tmp/run/logs/*.log "$OUTDIR/logs_baseline/" 2>/dev/null )
@@ -114,7 +115,7 @@ fi
 MODE=none
 if has stack || has replicas; then
   echo "== whole stack ($(left) s left)"
-  if ! llm_alone; then echo "the llm stage alone failed: no whole-stack run"
+  if [ "${LLM_ALONE:-1}" = 1 ] && ! llm_alone; then echo "the llm stage alone failed: no whole-stack run"
   elif try_stack graphs; then MODE=graphs
   else
     for s in TOKENIZER SPEAKER LLM TOKEN2WAV; do export ${s}_TRITON_KIND=KIND_CPU; done
@@ -128,6 +129,13 @@ if has stack || has replicas; then
 fi
 if has stack && [ "$MODE" != none ]; then
   stack_bench "whole stack ($MODE)" stack "$CONC" stream,stream-cached,offline "${STACK_SHARE:-60}"
+  publish
+fi
+if has nomps && [ "$MODE" != none ]; then
+  echo "== the same stack without CUDA MPS ($(left) s left)"
+  if STACK_CUDA_MPS=off stack_up nomps; then
+    stack_bench "whole stack ($MODE), no MPS" nomps "${NOMPS_CONC:-16}" stream "${NOMPS_SHARE:-50}"
+  fi
   publish
 fi
 if has replicas && [ "$MODE" != none ]; then
@@ -155,7 +163,7 @@ if has components; then
     > "$OUTDIR/token2wav_speed.txt" 2>&1
 fi
 echo "== done ($(left) s left; stack config: $MODE)"
-for f in baseline_tables.md stack_tables.md replicas_tables.md engine_tables.md; do
+for f in baseline_tables.md stack_tables.md nomps_tables.md replicas_tables.md engine_tables.md; do
   [ -f "$OUTDIR/$f" ] && { echo "#### $f"; grep -E "^\||^#" "$OUTDIR/$f" | head -60; }
 done
 [ -f "$OUTDIR/llm_speed.txt" ] && tail -15 "$OUTDIR/llm_speed.txt"
