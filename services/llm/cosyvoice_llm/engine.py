@@ -30,6 +30,7 @@ import torch
 from cosyvoice_common.constants import FLAT_SOS_ID, SPEECH_STOP_IDS
 from cosyvoice_common.errors import InvalidRequestError
 
+from .capacity import Capacity
 from .model import Qwen2LM
 from .repetition import RepetitionConfig, RepetitionDetector
 from .sampling import (
@@ -348,6 +349,14 @@ class LLMEngine:
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    @property
+    def capacity(self) -> Capacity:
+        """Slots, positions per slot and the KV cache's bytes (all cache rows, the scratch one included)."""
+        cache = self.model.llm.backbone.layers[0].self_attn.kv_cache
+        layers = len(self.model.llm.backbone.layers)
+        kv_bytes = 2 * layers * cache.k_cache.numel() * cache.k_cache.element_size()
+        return Capacity(self.config.max_batch_slots, self.config.max_seq_len, kv_bytes)
 
     @property
     def num_free_slots(self) -> int:
