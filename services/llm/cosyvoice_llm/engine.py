@@ -67,6 +67,8 @@ class EngineConfig:
     prefill_groups_per_step: int = 1   # prefill forwards per engine step (0 = all that wait): running streams
                                        # wait at most this many prefills between two of their tokens
     overlap_host: bool = False         # launch step N+1 before step N's host bookkeeping (same tokens)
+    sampling_top_k_cap: int = 64       # sample among the 64 likeliest ids (one top-k, no full sort; same draws)
+                                       # while every running request's top_k fits; 0 = always the full sort
 
     def __post_init__(self) -> None:
         if self.max_batch_slots <= 0:
@@ -88,6 +90,8 @@ class EngineConfig:
         if any(b <= 0 or b > self.max_seq_len for b in self.prefill_len_buckets):
             raise ValueError(f"prefill_len_buckets {self.prefill_len_buckets} must lie in "
                              f"[1, max_seq_len={self.max_seq_len}]")
+        if self.sampling_top_k_cap < 0:
+            raise ValueError(f"sampling_top_k_cap must be >= 0, got {self.sampling_top_k_cap}")
         if self.prefill_groups_per_step < 0:
             raise ValueError(f"prefill_groups_per_step must be >= 0, got {self.prefill_groups_per_step}")
         if self.compile_mode in ("reduce-overhead", "max-autotune"):
@@ -303,6 +307,7 @@ class LLMEngine:
         self._by_id: dict[str, _Sequence] = {}
         self._cancel_ids: set[str] = set()
         self._free_slots = list(range(slots))
+        self._wide_top_k = 0   # running requests whose top_k exceeds sampling_top_k_cap (they need the full sort)
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -451,7 +456,12 @@ class LLMEngine:
         self._free_slots.remove(seq.slot)
         seq.status = RequestStatus.RUNNING
         self._running[seq.slot] = seq
+        self._wide_top_k += self._needs_full_sort(seq)
         return seq
+
+    def _needs_full_sort(self, seq: _Sequence) -> bool:
+        cap = self.config.sampling_top_k_cap
+        return cap == 0 or seq.request.sampling.top_k > cap
 
     @property
     def _pad_prefill(self) -> bool:
@@ -504,7 +514,8 @@ class LLMEngine:
         rows, length = self._prefill_shape(len(batch), max(lens))
         # Host staging, once per admission group (not per token): ids right-padded with sos; padding rows are
         # one-id prompts in the scratch slot.
-        graph = self._prefill_graphs.get((rows, length))
+        full_sort = any(self._needs_full_sort(seq) for seq in batch)
+        graph = None if full_sort else self._prefill_graphs.get((rows, length))
         if graph is not None:   # the static staging buffers (the graph's shapes always fit them)
             ids_host = self._pf_host[0][:rows * length].view(rows, length)
             ints_host, floats_host = self._pf_host[1][:rows], self._pf_host[2][:rows]
@@ -533,14 +544,18 @@ class LLMEngine:
             tok = self._pf_tokens[:len(batch)]
         else:
             tok = self._prefill_rows(ids_host.to(dev, non_blocking=True), ints_host.to(dev, non_blocking=True),
-                                     floats_host.to(dev, non_blocking=True))[:len(batch)]
+                                     floats_host.to(dev, non_blocking=True), full_sort)[:len(batch)]
         return tok.tolist()   # the one device-to-host copy of this prefill
 
     def _prefill_inputs(self, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Contiguous views of the static prefill inputs for one (rows, length) shape."""
         return (self._pf_ids[:rows * length].view(rows, length), self._pf_ints[:rows], self._pf_floats[:rows])
 
-    def _prefill_rows(self, ids: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+    def _top_k_cap(self, full_sort: bool) -> int | None:
+        return None if full_sort or self.config.sampling_top_k_cap == 0 else self.config.sampling_top_k_cap
+
+    def _prefill_rows(self, ids: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor,
+                      full_sort: bool = False) -> torch.Tensor:
         """The static-shape prefill: ids [R, L] (right-padded), per-row ints/floats (the _PF_* columns) -> writes
         the rows' caches and decoding state, samples their first ids into `_pf_tokens[:R]` and returns that view.
         Device work only (no sync, no allocation visible outside), so it can be captured."""
@@ -562,7 +577,7 @@ class LLMEngine:
         generated = torch.zeros_like(lens)
         logp = mask_eos(logp, generated < ints[:, _PF_MIN_NEW])
         history = torch.full((n_rows, self.config.history_width_tokens), -1, dtype=torch.int64, device=ids.device)
-        tok = sample_batched(logp, history, generated, row_params)
+        tok = sample_batched(logp, history, generated, row_params, self._top_k_cap(full_sort))
         self._tokens[slots] = tok
         self._positions[slots] = lens
         self._history[slots] = push_history(history, tok)
@@ -586,7 +601,8 @@ class LLMEngine:
         ids = torch.tensor(req.input_ids, dtype=torch.int64, device=self.device)
         logp = self.model.prefill(ids, self._slot_ids[row])[None]
         logp = mask_eos(logp, self._generated[row] < self._min_new[row])
-        tok = sample_batched(logp, self._history[row], self._generated[row], self._row_params(row))
+        tok = sample_batched(logp, self._history[row], self._generated[row], self._row_params(row),
+                             self._top_k_cap(self._needs_full_sort(seq)))
         self._tokens[s] = tok[0]
         self._positions[s] = len(req.input_ids)
         self._history[row] = push_history(self._history[row], tok)
@@ -609,16 +625,17 @@ class LLMEngine:
         need = max(seq.next_position for seq in running) + 1 + ahead
         return next((b for b in self.config.kv_lens if b >= need), self._max_seq_len)
 
-    def _decode_rows(self, n: int, kv_len: int | None = None) -> None:
+    def _decode_rows(self, n: int, kv_len: int | None = None, full_sort: bool = False) -> None:
         """The static decode step over slots [0, n), attending over cache positions [0, kv_len): reads and writes
-        only preallocated state."""
+        only preallocated state. `full_sort`: a running request's top_k exceeds sampling_top_k_cap."""
         rows = slice(0, n)
         model = self.model
         embeds = model.speech_embedding(self._tokens[rows])[:, None]
         hidden = model.llm.backbone(embeds, self._positions[rows][:, None], rows, kv_len=kv_len)
         logp = model.speech_logp(hidden[:, 0])
         logp = mask_eos(logp, self._generated[rows] < self._min_new[rows])
-        tok = sample_batched(logp, self._history[rows], self._generated[rows], self._row_params(rows))
+        tok = sample_batched(logp, self._history[rows], self._generated[rows], self._row_params(rows),
+                             self._top_k_cap(full_sort))
         act = self._active[rows]
         moving = act.bool()
         self._sampled[rows] = tok
@@ -659,11 +676,14 @@ class LLMEngine:
         with self._lock:
             running = list(self._running.items())
         kv_len = self._kv_bucket([seq for _, seq in running], ahead)
-        graph = self._graphs.get(n, {}).get(kv_len)
-        if graph is not None:
-            graph.replay()
+        if self._wide_top_k:
+            self._decode_rows(n, kv_len, full_sort=True)   # eager: the graphs sample with the top-k cap
         else:
-            self._step_fn(n, kv_len)
+            graph = self._graphs.get(n, {}).get(kv_len)
+            if graph is not None:
+                graph.replay()
+            else:
+                self._step_fn(n, kv_len)
         flip = self._host_flip
         self._host_flip ^= 1
         host, event = self._host_sampled[flip], self._host_events[flip]
@@ -697,6 +717,7 @@ class LLMEngine:
             if seq.status is RequestStatus.RUNNING:
                 self._active[seq.slot] = 0
                 del self._running[seq.slot]
+                self._wide_top_k -= self._needs_full_sort(seq)
                 self._free_slots.append(seq.slot)
             seq.status = RequestStatus.FINISHED
             self._by_id.pop(seq.request.request_id, None)

@@ -200,20 +200,41 @@ def _race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return torch.argmax(probs / noise, dim=-1)
 
 
+_ID_BITS = 13   # room for the column id in a sort key: speech heads of up to 8192 ids
+
+
+def _nucleus_candidates(probs: torch.Tensor, top_k_cap: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs, ids) [B, K] in the order of a stable descending sort (higher p first, lower id first among equal p):
+    the whole row (K = V) by a sort, or its first `top_k_cap` entries by one top-k over a key unique per column
+    (the fp32 bit pattern, monotonic for p >= 0, then the reversed id), which gives exactly the sort's first K."""
+    vocab_size = probs.shape[-1]
+    if top_k_cap is None or top_k_cap >= vocab_size:
+        return probs.sort(dim=-1, descending=True, stable=True)
+    if vocab_size > 1 << _ID_BITS:
+        raise ValueError(f"top-k sampling keys hold at most {1 << _ID_BITS} ids, got {vocab_size}")
+    reversed_ids = torch.arange(vocab_size - 1, -1, -1, device=probs.device, dtype=torch.int64)
+    keys = (probs.view(torch.int32).to(torch.int64) << _ID_BITS) | reversed_ids
+    ids = keys.topk(top_k_cap, dim=-1, sorted=True).indices
+    return probs.gather(1, ids), ids
+
+
 def sample_batched(logp: torch.Tensor, history: torch.Tensor, steps: torch.Tensor,
-                   p: BatchSamplingParams) -> torch.Tensor:
+                   p: BatchSamplingParams, top_k_cap: int | None = None) -> torch.Tensor:
     """logp [B, V] fp32 (eos masked as needed); history [B, W] int64, newest last, -1 = empty;
-    steps [B] int64 (index of the token being drawn, the noise counter) -> ids [B] int64."""
+    steps [B] int64 (index of the token being drawn, the noise counter) -> ids [B] int64.
+
+    `top_k_cap` (every row's top_k <= it): the nucleus is looked for among the `top_k_cap` most likely ids only
+    (one top-k instead of a full sort, and the race's noise for those columns only); the draws are the same."""
     vocab_size = logp.shape[-1]
     width = history.shape[-1]
     scores = logp / p.temperature[:, None]
-    probs_sorted, ids_sorted = scores.softmax(dim=-1).sort(dim=-1, descending=True, stable=True)
-    rank = torch.arange(vocab_size, device=logp.device)
+    probs_sorted, ids_sorted = _nucleus_candidates(scores.softmax(dim=-1), top_k_cap)
+    rank = torch.arange(probs_sorted.shape[-1], device=logp.device)
     mass_before = torch.cumsum(probs_sorted, dim=-1) - probs_sorted   # exclusive prefix: test before adding
     keep = (mass_before < p.top_p[:, None]) & (rank[None, :] < p.top_k[:, None])
     keep[:, 0] = True   # the top token is always kept, as in the reference loop
     step_keys = _step_keys(p.seeds, steps)
-    noise = _noise_from_keys(step_keys, 0, vocab_size).gather(1, ids_sorted)
+    noise = _noise_at(step_keys, 0, ids_sorted, vocab_size)
     pick = _race(torch.where(keep, probs_sorted, torch.zeros_like(probs_sorted)), noise)
     tok = ids_sorted.gather(1, pick[:, None])[:, 0]
 
@@ -226,6 +247,15 @@ def sample_batched(logp: torch.Tensor, history: torch.Tensor, steps: torch.Tenso
     fallback_noise = _noise_from_keys(step_keys, 1, vocab_size)
     tok_fallback = _race(fallback_scores.softmax(dim=-1), fallback_noise)
     return torch.where(fire, tok_fallback, tok)
+
+
+def _noise_at(step_keys: torch.Tensor, stream: int, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`_noise_from_keys(...)` at columns `ids` [B, K] only (the same values, computed for K columns)."""
+    key = _mix32(step_keys ^ stream)
+    cols = _column_keys(vocab_size, step_keys.device)[ids]
+    bits = _mix32(key[:, None] ^ cols) >> (32 - _UNIFORM_BITS)
+    u = (bits.float() + 0.5) * (1.0 / (1 << _UNIFORM_BITS))
+    return -torch.log(u)
 
 
 def push_history(history: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -203,7 +203,8 @@ PADDED = dict(pad_prefill_to_buckets=True, prefill_len_buckets=(8, 16, 32), pref
     dict(overlap_host=True),                                  # step N+1 launched before step N's bookkeeping
     dict(PADDED, overlap_host=True, kv_buckets=(8, 16, 32)),
     dict(overlap_host=True, prefill_groups_per_step=0),       # old admission: every waiting group at once
-], ids=["padded", "padded-long", "overlap", "padded-overlap-kv", "overlap-all-groups"])
+    dict(sampling_top_k_cap=0),                               # full sort (the plain run samples with the cap)
+], ids=["padded", "padded-long", "overlap", "padded-overlap-kv", "overlap-all-groups", "full-sort"])
 @pytest.mark.parametrize("sampling", [GREEDY, RAS], ids=["greedy", "ras"])
 def test_padded_prefill_and_overlap_give_the_plain_engines_tokens(tiny_model: Qwen2LM, variant, sampling):
     assert _scripted_run(tiny_model, sampling, **variant) == _plain_run(tiny_model, sampling)
@@ -305,3 +306,24 @@ def test_overlap_launches_ahead_only_without_pending_admissions(tiny_model: Qwen
         engine.step()
     assert engine._inflight is None and engine.num_free_slots == 2
     assert len(h1.result(timeout_s=0)) == 5
+
+
+def test_requests_wider_than_the_top_k_cap_get_the_full_sorts_draws(tiny_model: Qwen2LM):
+    """A running request with top_k above sampling_top_k_cap switches the batch to the full sort (eagerly): every
+    request's draws stay those of an always-full-sort engine."""
+    wide = SamplingParams(top_p=0.95, top_k=200, win_size=10, tau_r=0.1)
+
+    def run(cap: int) -> list[list[int]]:
+        engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=2, max_seq_len=64, sampling_top_k_cap=cap,
+                                                    overlap_host=True))
+        prompts = _prompts(3)
+        hs = [engine.submit(LLMRequest("n0", prompts[0], 25, 25, RAS, seed=1))]
+        for _ in range(4):
+            engine.step()
+        hs.append(engine.submit(LLMRequest("w1", prompts[1], 8, 8, wide, seed=2)))
+        while engine.has_work():
+            engine.step()
+        assert engine._wide_top_k == 0
+        return [h.result(timeout_s=0) for h in hs]
+
+    assert run(16) == run(0)
