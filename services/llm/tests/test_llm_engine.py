@@ -184,3 +184,17 @@ def test_coalesce_outputs_merges_per_request_in_order():
     # An error keeps its message; the tokens before it ride along.
     failed = coalesce_outputs([LLMOutput(a, (5,)), LLMOutput(a, (), True, FinishReason.ERROR, "boom")])
     assert failed == [LLMOutput(a, (5,), True, FinishReason.ERROR, "boom")]
+
+
+def test_capacity_reports_slots_positions_and_kv_bytes(tiny_model):
+    from cosyvoice_llm.capacity import kv_bytes_per_slot, plan_batch_slots
+
+    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=3, max_seq_len=64))
+    cap = engine.capacity
+    assert (cap.batch_slots, cap.max_seq_len) == (3, 64)
+    # 2 layers x (k, v) x 2 kv heads x 64 positions x 8 dims x 4 bytes per slot; the scratch slot is one more row.
+    assert kv_bytes_per_slot(tiny_model, 64) == 2 * 2 * 2 * 64 * 8 * 4
+    assert cap.kv_cache_bytes == 4 * kv_bytes_per_slot(tiny_model, 64)
+    assert "3 slots x 64 positions" in cap.describe()
+    with pytest.raises(ValueError, match="CUDA"):
+        plan_batch_slots(tiny_model, 64, 0.2, 128, 8, 32)
