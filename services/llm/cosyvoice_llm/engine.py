@@ -34,7 +34,7 @@ from .capacity import Capacity
 from .model import Qwen2LM
 from .repetition import RepetitionConfig, RepetitionDetector
 from .sampling import (
-    BatchSamplingParams, SamplingParams, mask_eos, precompute_noise_tables, push_history, sample_batched,
+    BatchSamplingParams, SamplingParams, mask_eos, precompute_noise_tables, push_history, sample_batched, seed_keys,
 )
 
 _DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -274,7 +274,8 @@ class LLMEngine:
         self._params = BatchSamplingParams(
             top_p=torch.ones(rows, dtype=torch.float32, device=dev), top_k=torch.ones(rows, **i64),
             temperature=torch.ones(rows, dtype=torch.float32, device=dev), win_size=torch.ones(rows, **i64),
-            min_repeats=torch.ones(rows, **i64), seeds=torch.zeros(rows, **i64))
+            min_repeats=torch.ones(rows, **i64), seeds=torch.zeros(rows, **i64),
+            seed_keys=seed_keys(torch.zeros(rows, **i64)))
         self._graphs: dict[int, dict[int, torch.cuda.CUDAGraph]] = {}   # batch bucket -> kv bucket -> graph
         self._step_fn = self._decode_rows
         if config.compile_decode:
@@ -565,11 +566,12 @@ class LLMEngine:
         lens = ints[:, _PF_LEN]
         row_params = BatchSamplingParams(top_p=floats[:, _PF_TOP_P], top_k=ints[:, _PF_TOP_K],
                                          temperature=floats[:, _PF_TEMP], win_size=ints[:, _PF_WIN],
-                                         min_repeats=ints[:, _PF_MIN_REP], seeds=ints[:, _PF_SEED])
+                                         min_repeats=ints[:, _PF_MIN_REP], seeds=ints[:, _PF_SEED],
+                                         seed_keys=seed_keys(ints[:, _PF_SEED]))
         p.top_p[slots], p.temperature[slots] = row_params.top_p, row_params.temperature
         p.top_k[slots], p.win_size[slots], p.min_repeats[slots] = (row_params.top_k, row_params.win_size,
                                                                    row_params.min_repeats)
-        p.seeds[slots] = row_params.seeds
+        p.seeds[slots], p.seed_keys[slots] = row_params.seeds, row_params.seed_keys
         self._min_new[slots] = ints[:, _PF_MIN_NEW]
         positions = self._arange[:length].expand(n_rows, length)
         hidden = model.llm.backbone(model.embed_flat(ids), positions, slots, fresh=True)
@@ -595,6 +597,7 @@ class LLMEngine:
         # Per-request state upload: once per request, not per token.
         p.top_p[s], p.top_k[s], p.temperature[s] = sp.top_p, sp.top_k, sp.temperature
         p.win_size[s], p.min_repeats[s], p.seeds[s] = sp.win_size, sp.min_repeats, req.seed
+        p.seed_keys[row] = seed_keys(p.seeds[row])
         self._min_new[s] = req.min_new_tokens
         self._generated[s] = 0
         self._history[s] = -1
@@ -613,7 +616,8 @@ class LLMEngine:
     def _row_params(self, rows: slice) -> BatchSamplingParams:
         p = self._params
         return BatchSamplingParams(top_p=p.top_p[rows], top_k=p.top_k[rows], temperature=p.temperature[rows],
-                                   win_size=p.win_size[rows], min_repeats=p.min_repeats[rows], seeds=p.seeds[rows])
+                                   win_size=p.win_size[rows], min_repeats=p.min_repeats[rows], seeds=p.seeds[rows],
+                                   seed_keys=p.seed_keys[rows])
 
     def _bucket(self) -> int:
         need = max(self._running) + 1

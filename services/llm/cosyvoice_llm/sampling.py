@@ -150,19 +150,26 @@ def _column_keys(vocab_size: int, device: torch.device) -> torch.Tensor:
     return cols
 
 
-def _step_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Hash of (seed, step) per row [B]; shared by both noise streams of a draw."""
+def seed_keys(seeds: torch.Tensor) -> torch.Tensor:
+    """Hash of the 64-bit seed per row [B]: a constant of the request (the engine computes it once, at prefill)."""
     key = _mix32(seeds & _MASK32)
-    key = _mix32(key ^ ((seeds >> 32) & _MASK32))
-    return _mix32(key ^ (steps & _MASK32))
+    return _mix32(key ^ ((seeds >> 32) & _MASK32))
+
+
+def _step_keys(seeds: torch.Tensor, steps: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Hash of (seed, step) per row [B]; shared by both noise streams of a draw. `keys`: seed_keys(seeds)."""
+    return _mix32((seed_keys(seeds) if keys is None else keys) ^ (steps & _MASK32))
+
+
+def _exp_noise(stream_keys: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise from per-row stream keys [B] and column hashes ([V] or [B, K])."""
+    bits = _mix32(stream_keys[:, None] ^ cols) >> (32 - _UNIFORM_BITS)
+    u = (bits.float() + 0.5) * (1.0 / (1 << _UNIFORM_BITS))
+    return -torch.log(u)
 
 
 def _noise_from_keys(step_keys: torch.Tensor, stream: int, vocab_size: int) -> torch.Tensor:
-    key = _mix32(step_keys ^ stream)
-    cols = _column_keys(vocab_size, step_keys.device)
-    bits = _mix32(key[:, None] ^ cols[None, :]) >> (32 - _UNIFORM_BITS)
-    u = (bits.float() + 0.5) * (1.0 / (1 << _UNIFORM_BITS))
-    return -torch.log(u)
+    return _exp_noise(_mix32(step_keys ^ stream), _column_keys(vocab_size, step_keys.device)[None, :])
 
 
 def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, stream: int, vocab_size: int) -> torch.Tensor:
@@ -180,6 +187,7 @@ class BatchSamplingParams:
     win_size: torch.Tensor     # int64, <= history width
     min_repeats: torch.Tensor  # int64, SamplingParams.min_repeats
     seeds: torch.Tensor        # int64
+    seed_keys: torch.Tensor | None = None   # seed_keys(seeds), when the caller keeps it (saves two hashes a step)
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int],
@@ -233,8 +241,11 @@ def sample_batched(logp: torch.Tensor, history: torch.Tensor, steps: torch.Tenso
     mass_before = torch.cumsum(probs_sorted, dim=-1) - probs_sorted   # exclusive prefix: test before adding
     keep = (mass_before < p.top_p[:, None]) & (rank[None, :] < p.top_k[:, None])
     keep[:, 0] = True   # the top token is always kept, as in the reference loop
-    step_keys = _step_keys(p.seeds, steps)
-    noise = _noise_at(step_keys, 0, ids_sorted, vocab_size)
+    step_keys = _step_keys(p.seeds, steps, p.seed_keys)
+    # Both streams' row keys in one hash: stream 0 draws the nucleus, stream 1 the repetition fallback.
+    stream_keys = _mix32(step_keys[:, None] ^ torch.arange(2, device=logp.device))
+    columns = _column_keys(vocab_size, logp.device)
+    noise = _exp_noise(stream_keys[:, 0], columns[ids_sorted])
     pick = _race(torch.where(keep, probs_sorted, torch.zeros_like(probs_sorted)), noise)
     tok = ids_sorted.gather(1, pick[:, None])[:, 0]
 
@@ -244,18 +255,9 @@ def sample_batched(logp: torch.Tensor, history: torch.Tensor, steps: torch.Tenso
     fire = repeats >= p.min_repeats
 
     fallback_scores = scores.scatter(1, tok[:, None], float("-inf"))
-    fallback_noise = _noise_from_keys(step_keys, 1, vocab_size)
+    fallback_noise = _exp_noise(stream_keys[:, 1], columns[None, :])
     tok_fallback = _race(fallback_scores.softmax(dim=-1), fallback_noise)
     return torch.where(fire, tok_fallback, tok)
-
-
-def _noise_at(step_keys: torch.Tensor, stream: int, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """`_noise_from_keys(...)` at columns `ids` [B, K] only (the same values, computed for K columns)."""
-    key = _mix32(step_keys ^ stream)
-    cols = _column_keys(vocab_size, step_keys.device)[ids]
-    bits = _mix32(key[:, None] ^ cols) >> (32 - _UNIFORM_BITS)
-    u = (bits.float() + 0.5) * (1.0 / (1 << _UNIFORM_BITS))
-    return -torch.log(u)
 
 
 def push_history(history: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
