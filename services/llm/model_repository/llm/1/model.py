@@ -22,6 +22,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import SPEECH_ID_OFFSET
+from cosyvoice_common.contracts import LLM_STREAM_BOUNDARIES
 from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.triton_io import error_response, from_triton, get_dtype, get_parameter, send_outputs
 from cosyvoice_llm.capacity import plan_batch_slots
@@ -40,7 +41,7 @@ OVERLAP_ENV = "LLM_OVERLAP_HOST"              # 0: read each step's ids before l
 COMPILE_ENV = "LLM_COMPILE_DECODE"            # 1: torch.compile the decode step before capturing it
 AUTO = "auto"
 CPU_AUTO_BATCH_SLOTS = 8      # `max_batch_slots: auto` on CPU (no memory to measure; tests, parity)
-BOUNDARIES_INPUT = "stream_boundaries"
+BOUNDARIES_INPUT = LLM_STREAM_BOUNDARIES.name
 
 
 def _env_flag(env: dict, name: str, default: bool) -> bool:
