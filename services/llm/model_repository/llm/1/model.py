@@ -1,10 +1,11 @@
 """Triton model `llm` (decoupled): the TensorRT-LLM backend's tensor contract over cosyvoice_llm.LLMEngine.
 
 execute() only validates and enqueues into the in-flight batching engine, then returns. The engine calls
-back on its own thread; a responder thread turns those outputs into responses (when streaming: one per batch of
-new tokens, or grouped at the request's optional `stream_boundaries`; one with every token otherwise). Every path ends in COMPLETE_FINAL: finished,
-failed, cancelled (the responder thread also polls is_cancelled() and calls engine.cancel, which frees the slot).
-Output ids are flat (speech code + SPEECH_ID_OFFSET), as the TensorRT-LLM export produces them.
+back on its own thread; a responder thread turns those outputs into responses (when streaming: one per batch
+of new tokens, or grouped at the request's optional `stream_boundaries`; one with every token otherwise).
+Every path ends in COMPLETE_FINAL: finished, failed, cancelled (the responder thread also polls is_cancelled()
+and calls engine.cancel, which frees the slot). Output ids are flat (speech code + SPEECH_ID_OFFSET), as the
+TensorRT-LLM export produces them.
 """
 from __future__ import annotations
 
