@@ -53,6 +53,9 @@ LLM_INPUTS = (
     # it): generated-token counts at which a streaming response is due; tokens in between are held back.
     TensorSpec("stream_boundaries", "INT32", (-1,), optional=True),
 )
+# Ours, not TensorRT-LLM's (which rejects unknown inputs): send it only when the served `llm` model config lists it.
+# Cumulative generated-token counts at which a streaming response is sent (services/llm/README.md).
+LLM_STREAM_BOUNDARIES = TensorSpec("stream_boundaries", "INT32", (-1,), optional=True)
 LLM_OUTPUTS = (
     TensorSpec("output_ids", "INT32", (-1, -1)),         # [beam=1, new tokens in this response]
     TensorSpec("sequence_length", "INT32", (-1,)),

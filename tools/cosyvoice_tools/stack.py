@@ -174,7 +174,8 @@ def default_stage_params(name: str, env: Mapping[str, str]) -> dict[str, str]:
         params = {"speaker_backend": env.get("SPEAKER_BACKEND", "onnx")}
     elif name == "llm":
         params = {"llm_dtype": env.get("LLM_DTYPE", "auto"),
-                  "llm_max_seq_len": env.get("LLM_MAX_SEQ_LEN", "2048")}
+                  "llm_max_seq_len": env.get("LLM_MAX_SEQ_LEN", "2048"),
+                  "llm_batch_slots": env.get("LLM_BATCH_SLOTS", "auto")}
     elif name == "token2wav":
         params = {"token2wav_dtype": env.get("TOKEN2WAV_DTYPE", "auto")}
     kind = env.get(f"{name.upper()}_TRITON_KIND", "").strip()

@@ -1,25 +1,29 @@
 #!/usr/bin/env python
-"""LLM decode speed + quality: the engine with its speed features switched off (the baseline) vs on, one at a time.
+"""LLM engine speed, OLD beside NEW in one run, + quality checks.
 
 Self-contained: builds a random Qwen2LM of CosyVoice2-0.5B's shape in memory (no files), then
   1. checks: per-step log-probs of the fast model path (fused projections, kv-bounded attention, fresh prefill) in
      fp32 and bf16, and of the plain path (unfused, per-slot prefill and decode_step) in bf16, against a cache-free
      fp32 forward (teacher forcing, same tokens): max |dlogp|, argmax agreement, NaN count; greedy tokens of each
      engine variant against the first variant run (agreement % and first divergence);
-  2. times the decode step per variant at each batch with CUDA events (warm-up, median): 'dev ms' = the captured
-     graph's replay (or the eager step), 'eng ms' = a whole engine.step() (host bookkeeping + the one D2H sync);
+  2. per variant: start-up seconds (engine build + CUDA-graph capture, + compile), the decode step at each batch
+     with CUDA events (warm-up, median): 'dev ms' = the captured graph's replay (or the eager step), 'eng ms' = a
+     whole engine.step() (host bookkeeping + the D2H copy; with overlap_host the next step runs meanwhile);
   3. end to end: C concurrent requests (100-token prompt, 150 forced tokens, RAS sampling) through the engine's
-     loop thread: tokens/s and per-request time to first token.
-The last lines printed are the tables. Full results go to $OUT/llm_speed.json when $OUT is set.
+     loop thread: time to first token (p50/max) and tokens/s.
+The last lines printed are the tables (a compact OLD/NEW one last). Full results go to $OUT/llm_speed.json when
+$OUT is set.
 
-GPU:  python tools/gpu/llm_speed.py --variants plain-eager,plain-graph,fused-graph,fast-graph
-      python tools/gpu/llm_speed.py --variants fast-graph,compiled-graph --skip-checks   (compile: minutes, alone)
-CPU:  python tools/gpu/llm_speed.py --device cpu --tiny      (logic check, tiny shapes, no graphs)
+GPU:  python tools/gpu/llm_speed.py                                   (old,new; batches 1,16,32,64; c=1,16,32)
+      python tools/gpu/llm_speed.py --variants old,new,new-compiled   (compile: minutes of start-up)
+CPU:  python tools/gpu/llm_speed.py --device cpu --tiny               (smoke: tiny shapes, no graphs, < 2 min)
 
-Variants: plain-eager / plain-graph (the baseline: every speed feature off, no CUDA graphs / graphs; unfused,
-full-cache attention, one-at-a-time prefill), fused-graph (+ fused projections), fast-graph (+ kv buckets, batched prefill: the new
-defaults), compiled-graph (+ torch.compile of the step, then graphs), compiled-mat (compile mode
-max-autotune-no-cudagraphs; only with --max-autotune).
+Variants: old (the engine before issue 13: eager prefill of every waiting request at once, full-sort sampling,
+step N's ids read before step N+1 is launched; decode graphs), new (the defaults now plus overlap_host: prefill
+graphs per (rows, length) bucket - padded eagerly on CPU -, one prefill group per step, top-k sampling, overlap),
+new-compiled (new + torch.compile of the decode step, then graphs), plain-graph (every speed feature off: unfused,
+full-cache attention, one-at-a-time prefill), compiled-mat (new + compile mode max-autotune-no-cudagraphs; only
+with --max-autotune).
 """
 from __future__ import annotations
 
@@ -101,21 +105,23 @@ def prompt_ids(n_tokens: int, seed: int, text_vocab: int) -> tuple[int, ...]:
 def variant_specs(args) -> dict[str, dict]:
     graphs = args.device == "cuda"
     plain = dict(fuse_projections=False, batched_prefill=False, kv_buckets=(args.max_seq_len,))   # speed work off
+    old = dict(use_cuda_graphs=graphs, prefill_graphs=False, prefill_groups_per_step=0, sampling_top_k_cap=0,
+               overlap_host=False)
+    new = dict(use_cuda_graphs=graphs, overlap_host=True, pad_prefill_to_buckets=not graphs)
     specs = {
-        "plain-eager": dict(mod=fast_engine, model="plain", cfg=dict(use_cuda_graphs=False, **plain)),
+        "old": dict(mod=fast_engine, model="fast", cfg=old),
+        "new": dict(mod=fast_engine, model="fast", cfg=new),
+        "new-compiled": dict(mod=fast_engine, model="fast", cfg=dict(new, compile_decode=True)),
         "plain-graph": dict(mod=fast_engine, model="plain", cfg=dict(use_cuda_graphs=graphs, **plain)),
-        "fused-graph": dict(mod=fast_engine, model="fast", cfg=dict(
-            use_cuda_graphs=graphs, batched_prefill=False, kv_buckets=(args.max_seq_len,))),
-        "fast-graph": dict(mod=fast_engine, model="fast", cfg=dict(use_cuda_graphs=graphs)),
-        "compiled-graph": dict(mod=fast_engine, model="fast", cfg=dict(use_cuda_graphs=graphs, compile_decode=True)),
     }
     if args.max_autotune:
         specs["compiled-mat"] = dict(mod=fast_engine, model="fast", cfg=dict(
-            use_cuda_graphs=graphs, compile_decode=True, compile_mode="max-autotune-no-cudagraphs"))
+            new, compile_decode=True, compile_mode="max-autotune-no-cudagraphs"))
     if args.tiny and args.device == "cpu":
-        specs["fast-graph"]["cfg"]["kv_buckets"] = (16, 32)
-        specs["compiled-graph"]["cfg"]["kv_buckets"] = (16, 32)
-    chosen = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else list(specs)
+        for spec in specs.values():
+            if spec["model"] == "fast":
+                spec["cfg"]["kv_buckets"] = (16, 32)
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in specs]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(specs)}")
@@ -304,6 +310,25 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> dict:
             "requests": len(a), "min_first_divergence": min(first_div) if first_div else None}   # None: all identical
 
 
+def summary_table(report: dict, batches: list[int], args) -> None:
+    """One line per variant: start-up, TTFT p50 per concurrency, decode step per batch, tokens/s per concurrency."""
+    concs = [int(c) for c in args.e2e.split(",")]
+    log(f"SUMMARY ({args.device}, {args.dtype}{', tiny' if args.tiny else ''}; TTFT p50 ms; decode dev/eng ms; "
+        f"tok/s end to end)")
+    head = (f"  {'variant':<13}{'start s':>8}" + "".join(f"{'ttft c=' + str(c):>11}" for c in concs)
+            + "".join(f"{'B=' + str(b):>14}" for b in batches) + "".join(f"{'tok/s c=' + str(c):>12}" for c in concs))
+    log(head)
+    for name in report["setup_s"]:
+        es = {e["concurrency"]: e for e in report["e2e"].get(name, [])}
+        rows = {r["batch"]: r for r in report["decode"].get(name, [])}
+        line = f"  {name:<13}{report['setup_s'][name]:8.1f}"
+        line += "".join(f"{es[c]['ttft_ms_p50']:11.1f}" if c in es else f"{'-':>11}" for c in concs)
+        line += "".join(f"{rows[b]['dev_ms']:7.3f}/{rows[b]['eng_ms']:6.3f}" if b in rows else f"{'-':>14}"
+                        for b in batches)
+        line += "".join(f"{es[c]['tok_s']:12.0f}" if c in es else f"{'-':>12}" for c in concs)
+        log(line)
+
+
 # --- main -------------------------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -311,18 +336,18 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--batches", default="1,16,32,64")
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=1024)
     ap.add_argument("--context", type=int, default=140,
                     help="prompt tokens before decode timing (+ 2 x (warmup + repeats) steps stay under 256)")
     ap.add_argument("--prompt-tokens", type=int, default=100)
     ap.add_argument("--gen-tokens", type=int, default=150)
-    ap.add_argument("--e2e", default="1,32", help="concurrencies of the end-to-end runs")
+    ap.add_argument("--e2e", default="1,16,32", help="concurrencies of the end-to-end runs")
     ap.add_argument("--e2e-timeout-s", type=float, default=120)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=40)
-    ap.add_argument("--variants", default="", help="comma list; default all")
+    ap.add_argument("--variants", default="old,new", help="comma list (see above)")
     ap.add_argument("--max-autotune", action="store_true")
     ap.add_argument("--skip-checks", action="store_true")
     args = ap.parse_args()
@@ -331,6 +356,7 @@ def main() -> None:
         args.context, args.prompt_tokens, args.gen_tokens = 10, 8, 12
         args.slots = min(args.slots, 8)
         args.batches = ",".join(b for b in args.batches.split(",") if int(b) <= args.slots) or "1"
+        args.e2e = ",".join(str(c) for c in sorted({min(int(c), args.slots) for c in args.e2e.split(",")}))
         args.warmup, args.repeats = min(args.warmup, 2), min(args.repeats, 3)
     dev, dtype = args.device, getattr(torch, args.dtype)
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
@@ -434,6 +460,7 @@ def main() -> None:
                 f"{e['ttft_ms_max']:6.1f} ms" for e in es))
     if report["setup_s"]:
         log("  setup s (capture/compile): " + ", ".join(f"{k} {v:.1f}" for k, v in report["setup_s"].items()))
+    summary_table(report, batches, args)
     if report["errors"]:
         log(f"ERRORS in: {sorted(report['errors'])}")
 

@@ -4,6 +4,7 @@ check that each one ends with its forced number of tokens; exit 1 otherwise. The
 llm stage's stub survives on a machine before the whole stack is started on it.
 
 Usage (PYTHONPATH as tools/gpu/setup.sh sets it): python3 tools/gpu/llm_stage_probe.py --url 127.0.0.1:8301 [--requests 4] [--tokens 200]
+       [--boundaries 18,43,68]   (the optional stream_boundaries input: responses grouped at those token counts)
 """
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ import tritonclient.grpc as grpcclient
 from cosyvoice_llm.model import build_prompt_flat_ids
 
 
-def request_inputs(n_text: int, n_speech: int, tokens: int, seed: int) -> list:
+def request_inputs(n_text: int, n_speech: int, tokens: int, seed: int, boundaries: list[int] | None = None) -> list:
     rng = np.random.default_rng(seed)
     ids = np.asarray(build_prompt_flat_ids(rng.integers(0, 1000, n_text).tolist(), (),
                                            rng.integers(0, 6561, n_speech).tolist()))
     tensors = {"input_ids": ids.astype(np.int32)[None, :], "input_lengths": np.array([[ids.size]], np.int32),
                "request_output_len": np.array([[tokens]], np.int32), "min_length": np.array([[tokens]], np.int32),
                "streaming": np.array([[True]]), "random_seed": np.array([[seed]], np.uint64)}
+    if boundaries:
+        tensors["stream_boundaries"] = np.array([boundaries], np.int32)
     inputs = []
     for name, value in tensors.items():
         dtype = {np.int32: "INT32", np.bool_: "BOOL", np.uint64: "UINT64"}[value.dtype.type]
@@ -40,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--timeout-s", type=float, default=60)
+    ap.add_argument("--boundaries", default="", help="comma list of cumulative token counts (stream_boundaries)")
     args = ap.parse_args(argv)
+    boundaries = [int(b) for b in args.boundaries.split(",") if b.strip()]
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(args.url)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     token_responses = 0
     try:
         for i in range(args.requests):
-            client.async_stream_infer("llm", request_inputs(30, 75, args.tokens, seed=i + 1), request_id=f"probe-{i}",
+            client.async_stream_infer("llm", request_inputs(30, 75, args.tokens, seed=i + 1, boundaries=boundaries), request_id=f"probe-{i}",
                                       outputs=[grpcclient.InferRequestedOutput("output_ids")],
                                       enable_empty_final_response=True)
         while len(finals) < args.requests:

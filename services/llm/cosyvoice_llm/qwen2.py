@@ -140,14 +140,18 @@ class KVCache(nn.Module):
         self.register_buffer("slot_rows", torch.arange(max_batch_slots, device=device)[:, None], persistent=False)
 
     def update(self, slot_ids: torch.Tensor | slice, positions: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               v: torch.Tensor, kv_len: int | None = None,
+               read: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Writes k/v [B, T, Hkv, D] at `positions` [B, T] of `slot_ids` ([B] tensor, or a slice of B consecutive
-        slots); returns the slots' caches [B, Hkv, kv_len or max_seq_len, D] (views for a slice)."""
+        slots); returns the slots' caches [B, Hkv, kv_len or max_seq_len, D] (views for a slice), unless not
+        `read` (prefill from position 0 attends over the new keys only: no gather of the slots' caches)."""
         # Writes index the whole buffer (no view in between, so torch.compile keeps them in place). Advanced indices
         # around a slice put the broadcast [B, T] dims first: the target is [B, T, Hkv, D].
         rows = self.slot_rows[slot_ids] if isinstance(slot_ids, slice) else slot_ids[:, None]
         self.k_cache[rows, :, positions] = k
         self.v_cache[rows, :, positions] = v
+        if not read:
+            return None
         # Consecutive slots (the engine's decode step) are read through a view, no gather copy of the cache.
         k_all, v_all = self.k_cache[slot_ids], self.v_cache[slot_ids]
         if kv_len is not None:
@@ -235,7 +239,9 @@ class Qwen2Attention(_Fusable):
         q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
         group = heads // kv_heads
         if self.kv_cache is not None and slot_ids is not None:
-            k_all, v_all = self.kv_cache.update(slot_ids, positions, k, v, kv_len)
+            cached = self.kv_cache.update(slot_ids, positions, k, v, kv_len, read=not fresh)
+            if cached is not None:
+                k_all, v_all = cached
         if attn_mask is None or fresh:
             # Cache-free or prefill from position 0: causal attention over the new keys only.
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -150,19 +150,26 @@ def _column_keys(vocab_size: int, device: torch.device) -> torch.Tensor:
     return cols
 
 
-def _step_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Hash of (seed, step) per row [B]; shared by both noise streams of a draw."""
+def seed_keys(seeds: torch.Tensor) -> torch.Tensor:
+    """Hash of the 64-bit seed per row [B]: a constant of the request (the engine computes it once, at prefill)."""
     key = _mix32(seeds & _MASK32)
-    key = _mix32(key ^ ((seeds >> 32) & _MASK32))
-    return _mix32(key ^ (steps & _MASK32))
+    return _mix32(key ^ ((seeds >> 32) & _MASK32))
+
+
+def _step_keys(seeds: torch.Tensor, steps: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Hash of (seed, step) per row [B]; shared by both noise streams of a draw. `keys`: seed_keys(seeds)."""
+    return _mix32((seed_keys(seeds) if keys is None else keys) ^ (steps & _MASK32))
+
+
+def _exp_noise(stream_keys: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise from per-row stream keys [B] and column hashes ([V] or [B, K])."""
+    bits = _mix32(stream_keys[:, None] ^ cols) >> (32 - _UNIFORM_BITS)
+    u = (bits.float() + 0.5) * (1.0 / (1 << _UNIFORM_BITS))
+    return -torch.log(u)
 
 
 def _noise_from_keys(step_keys: torch.Tensor, stream: int, vocab_size: int) -> torch.Tensor:
-    key = _mix32(step_keys ^ stream)
-    cols = _column_keys(vocab_size, step_keys.device)
-    bits = _mix32(key[:, None] ^ cols[None, :]) >> (32 - _UNIFORM_BITS)
-    u = (bits.float() + 0.5) * (1.0 / (1 << _UNIFORM_BITS))
-    return -torch.log(u)
+    return _exp_noise(_mix32(step_keys ^ stream), _column_keys(vocab_size, step_keys.device)[None, :])
 
 
 def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, stream: int, vocab_size: int) -> torch.Tensor:
@@ -180,6 +187,7 @@ class BatchSamplingParams:
     win_size: torch.Tensor     # int64, <= history width
     min_repeats: torch.Tensor  # int64, SamplingParams.min_repeats
     seeds: torch.Tensor        # int64
+    seed_keys: torch.Tensor | None = None   # seed_keys(seeds), when the caller keeps it (saves two hashes a step)
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int],
@@ -200,20 +208,44 @@ def _race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return torch.argmax(probs / noise, dim=-1)
 
 
+_ID_BITS = 13   # room for the column id in a sort key: speech heads of up to 8192 ids
+
+
+def _nucleus_candidates(probs: torch.Tensor, top_k_cap: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs, ids) [B, K] in the order of a stable descending sort (higher p first, lower id first among equal p):
+    the whole row (K = V) by a sort, or its first `top_k_cap` entries by one top-k over a key unique per column
+    (the fp32 bit pattern, monotonic for p >= 0, then the reversed id), which gives exactly the sort's first K."""
+    vocab_size = probs.shape[-1]
+    if top_k_cap is None or top_k_cap >= vocab_size:
+        return probs.sort(dim=-1, descending=True, stable=True)
+    if vocab_size > 1 << _ID_BITS:
+        raise ValueError(f"top-k sampling keys hold at most {1 << _ID_BITS} ids, got {vocab_size}")
+    reversed_ids = torch.arange(vocab_size - 1, -1, -1, device=probs.device, dtype=torch.int64)
+    keys = (probs.view(torch.int32).to(torch.int64) << _ID_BITS) | reversed_ids
+    ids = keys.topk(top_k_cap, dim=-1, sorted=True).indices
+    return probs.gather(1, ids), ids
+
+
 def sample_batched(logp: torch.Tensor, history: torch.Tensor, steps: torch.Tensor,
-                   p: BatchSamplingParams) -> torch.Tensor:
+                   p: BatchSamplingParams, top_k_cap: int | None = None) -> torch.Tensor:
     """logp [B, V] fp32 (eos masked as needed); history [B, W] int64, newest last, -1 = empty;
-    steps [B] int64 (index of the token being drawn, the noise counter) -> ids [B] int64."""
+    steps [B] int64 (index of the token being drawn, the noise counter) -> ids [B] int64.
+
+    `top_k_cap` (every row's top_k <= it): the nucleus is looked for among the `top_k_cap` most likely ids only
+    (one top-k instead of a full sort, and the race's noise for those columns only); the draws are the same."""
     vocab_size = logp.shape[-1]
     width = history.shape[-1]
     scores = logp / p.temperature[:, None]
-    probs_sorted, ids_sorted = scores.softmax(dim=-1).sort(dim=-1, descending=True, stable=True)
-    rank = torch.arange(vocab_size, device=logp.device)
+    probs_sorted, ids_sorted = _nucleus_candidates(scores.softmax(dim=-1), top_k_cap)
+    rank = torch.arange(probs_sorted.shape[-1], device=logp.device)
     mass_before = torch.cumsum(probs_sorted, dim=-1) - probs_sorted   # exclusive prefix: test before adding
     keep = (mass_before < p.top_p[:, None]) & (rank[None, :] < p.top_k[:, None])
     keep[:, 0] = True   # the top token is always kept, as in the reference loop
-    step_keys = _step_keys(p.seeds, steps)
-    noise = _noise_from_keys(step_keys, 0, vocab_size).gather(1, ids_sorted)
+    step_keys = _step_keys(p.seeds, steps, p.seed_keys)
+    # Both streams' row keys in one hash: stream 0 draws the nucleus, stream 1 the repetition fallback.
+    stream_keys = _mix32(step_keys[:, None] ^ torch.arange(2, device=logp.device))
+    columns = _column_keys(vocab_size, logp.device)
+    noise = _exp_noise(stream_keys[:, 0], columns[ids_sorted])
     pick = _race(torch.where(keep, probs_sorted, torch.zeros_like(probs_sorted)), noise)
     tok = ids_sorted.gather(1, pick[:, None])[:, 0]
 
@@ -223,7 +255,7 @@ def sample_batched(logp: torch.Tensor, history: torch.Tensor, steps: torch.Tenso
     fire = repeats >= p.min_repeats
 
     fallback_scores = scores.scatter(1, tok[:, None], float("-inf"))
-    fallback_noise = _noise_from_keys(step_keys, 1, vocab_size)
+    fallback_noise = _exp_noise(stream_keys[:, 1], columns[None, :])
     tok_fallback = _race(fallback_scores.softmax(dim=-1), fallback_noise)
     return torch.where(fire, tok_fallback, tok)
 

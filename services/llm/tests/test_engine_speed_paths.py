@@ -1,10 +1,11 @@
-"""The engine's speed paths (batched prefill, kv-length buckets, fused projections, compiled step) give the same
-tokens as the plain engine, with requests joining and leaving mid-run."""
+"""The engine's speed paths (batched and bucketed prefill, kv-length buckets, fused projections, compiled step,
+host/device overlap) give the same tokens as the plain engine, with requests joining and leaving mid-run."""
 import os
 
 import pytest
 import torch
 
+from cosyvoice_common.constants import FLAT_SOS_ID
 from cosyvoice_llm.engine import EngineConfig, FinishReason, LLMEngine, LLMRequest
 from cosyvoice_llm.model import Qwen2LM, build_prompt_flat_ids
 from cosyvoice_llm.sampling import SamplingParams
@@ -192,3 +193,137 @@ def test_bounded_kv_decode_and_fresh_prefill_match_the_full_cache_path(tiny_mode
 def test_compiled_decode_step_gives_the_plain_engines_tokens(tiny_model: Qwen2LM):
     want = _plain_run(tiny_model, GREEDY)
     assert _scripted_run(tiny_model, GREEDY, compile_decode=True, kv_buckets=(16, 32)) == want
+
+PADDED = dict(pad_prefill_to_buckets=True, prefill_len_buckets=(8, 16, 32), prefill_batch_buckets=(1, 2, 4))
+
+
+@pytest.mark.parametrize("variant", [
+    PADDED,                                                   # every prefill padded to (rows, length) buckets
+    dict(PADDED, prefill_len_buckets=(8,)),                   # prompts past the last length bucket: unpadded
+    dict(overlap_host=True),                                  # step N+1 launched before step N's bookkeeping
+    dict(PADDED, overlap_host=True, kv_buckets=(8, 16, 32)),
+    dict(overlap_host=True, prefill_groups_per_step=0),       # old admission: every waiting group at once
+    dict(sampling_top_k_cap=0),                               # full sort (the plain run samples with the cap)
+], ids=["padded", "padded-long", "overlap", "padded-overlap-kv", "overlap-all-groups", "full-sort"])
+@pytest.mark.parametrize("sampling", [GREEDY, RAS], ids=["greedy", "ras"])
+def test_padded_prefill_and_overlap_give_the_plain_engines_tokens(tiny_model: Qwen2LM, variant, sampling):
+    assert _scripted_run(tiny_model, sampling, **variant) == _plain_run(tiny_model, sampling)
+
+
+@torch.inference_mode()
+def test_padded_prefill_rows_give_the_unpadded_first_token_logp_and_state(tiny_model: Qwen2LM):
+    """The static-shape prefill (what a graph captures) with padding rows/columns writes the same slot state and
+    draws the same first ids as the exact-shape call; the hidden states it samples from agree to fp32 rounding."""
+    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=3, max_seq_len=64, **PADDED))
+    prompts = _prompts(5)[2:5]
+    lens = [len(p) for p in prompts]
+
+    def staged(rows: int, length: int):
+        ids = torch.full((rows, length), FLAT_SOS_ID)
+        ints = torch.ones(rows, 7, dtype=torch.int64)
+        ints[:, 3:5] = 0
+        ints[:, 6] = engine._scratch_slot
+        floats = torch.ones(rows, 2)
+        for i, p in enumerate(prompts):
+            ids[i, :lens[i]] = torch.tensor(p)
+            ints[i] = torch.tensor([RAS.top_k, RAS.win_size, RAS.min_repeats, 40 + i, 3, lens[i], i])
+            floats[i] = torch.tensor([RAS.top_p, RAS.temperature])
+        return ids, ints, floats
+
+    state = lambda: [t[:3].clone() for t in (engine._tokens, engine._positions, engine._generated,
+                                            engine._active, engine._history, engine._min_new, engine._params.top_k,
+                                            engine._params.top_p, engine._params.seeds)]
+    exact = engine._prefill_rows(*staged(3, max(lens))).clone()
+    exact_state = state()
+    k_exact = tiny_model.llm.backbone.layers[-1].self_attn.kv_cache.k_cache[:3].clone()
+    padded = engine._prefill_rows(*staged(4, 32))[:3]
+    assert padded.tolist() == exact.tolist()
+    for a, b in zip(state(), exact_state):
+        assert torch.equal(a, b)
+    k_padded = tiny_model.llm.backbone.layers[-1].self_attn.kv_cache.k_cache[:3]
+    for i, n in enumerate(lens):
+        torch.testing.assert_close(k_padded[i, :, :n], k_exact[i, :, :n], atol=1e-6, rtol=0)
+    # The log-probs of the first token: padded forward vs each prompt alone.
+    backbone = tiny_model.llm.backbone
+    ids, _, _ = staged(4, 32)
+    hidden = backbone(tiny_model.embed_flat(ids), torch.arange(32).expand(4, 32), torch.tensor([0, 1, 2, 3]),
+                      fresh=True)
+    for i, p in enumerate(prompts):
+        alone = tiny_model.prefill(torch.tensor(p), torch.tensor([i]))
+        torch.testing.assert_close(tiny_model.speech_logp(hidden[i, lens[i] - 1]), alone, atol=1e-5, rtol=0)
+
+
+def test_one_prefill_group_per_step_under_the_rows_cap(tiny_model: Qwen2LM):
+    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=8, max_seq_len=64, prefill_batch_buckets=(1, 2)))
+    hs = [engine.submit(LLMRequest(f"g{i}", p, max_new_tokens=6, min_new_tokens=6, sampling=GREEDY))
+          for i, p in enumerate(_prompts(5))]
+    engine.step()
+    assert engine.num_running == 2 and engine.num_waiting == 3
+    engine.step()   # the running two got one token each, then two more were admitted
+    assert engine.num_running == 4 and engine.num_waiting == 1
+    while engine.has_work():
+        engine.step()
+    assert all(len(h.result(timeout_s=0)) == 6 for h in hs)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_request_filling_max_seq_len_finishes_and_its_slot_is_reused(tiny_model: Qwen2LM, overlap: bool):
+    """With overlap the finished row advances once more past its last position: still inside the cache, never
+    emitted, and the next request in that slot gets the tokens it gets alone."""
+    prompts = _prompts(3)
+    max_seq = 40
+    cfg = EngineConfig(max_batch_slots=1, max_seq_len=max_seq, kv_buckets=(16, 32), overlap_host=overlap)
+    alone = {}
+    for i in (0, 1):
+        e = LLMEngine(tiny_model, EngineConfig(max_batch_slots=1, max_seq_len=max_seq))
+        n = max_seq - len(prompts[i])
+        h = e.submit(LLMRequest(f"a{i}", prompts[i], max_new_tokens=n, min_new_tokens=n, sampling=RAS, seed=i))
+        while e.has_work():
+            e.step()
+        alone[i] = h.result(timeout_s=0)
+    engine = LLMEngine(tiny_model, cfg)
+    hs = [engine.submit(LLMRequest(f"a{i}", prompts[i], max_new_tokens=max_seq - len(prompts[i]),
+                                   min_new_tokens=max_seq - len(prompts[i]), sampling=RAS, seed=i)) for i in (0, 1)]
+    while engine.has_work():
+        engine.step()
+    assert [h.result(timeout_s=0) for h in hs] == [alone[0], alone[1]]
+    assert all(h.finish_reason is FinishReason.LENGTH for h in hs)
+
+
+def test_overlap_launches_ahead_only_without_pending_admissions(tiny_model: Qwen2LM):
+    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=2, max_seq_len=64, overlap_host=True))
+    prompts = _prompts(3)
+    engine.submit(LLMRequest("o0", prompts[0], max_new_tokens=30, min_new_tokens=30, sampling=GREEDY))
+    engine.step()
+    assert engine._inflight is not None          # nothing waits: the next step is already on the device
+    h1 = engine.submit(LLMRequest("o1", prompts[1], max_new_tokens=5, min_new_tokens=5, sampling=GREEDY))
+    engine.step()                                # admits o1, reads the step launched before it
+    assert engine.num_running == 2
+    engine.cancel("o0")
+    engine.step()
+    engine.step()
+    while engine.has_work():
+        engine.step()
+    assert engine._inflight is None and engine.num_free_slots == 2
+    assert len(h1.result(timeout_s=0)) == 5
+
+
+def test_requests_wider_than_the_top_k_cap_get_the_full_sorts_draws(tiny_model: Qwen2LM):
+    """A running request with top_k above sampling_top_k_cap switches the batch to the full sort (eagerly): every
+    request's draws stay those of an always-full-sort engine."""
+    wide = SamplingParams(top_p=0.95, top_k=200, win_size=10, tau_r=0.1)
+
+    def run(cap: int) -> list[list[int]]:
+        engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=2, max_seq_len=64, sampling_top_k_cap=cap,
+                                                    overlap_host=True))
+        prompts = _prompts(3)
+        hs = [engine.submit(LLMRequest("n0", prompts[0], 25, 25, RAS, seed=1))]
+        for _ in range(4):
+            engine.step()
+        hs.append(engine.submit(LLMRequest("w1", prompts[1], 8, 8, wide, seed=2)))
+        while engine.has_work():
+            engine.step()
+        assert engine._wide_top_k == 0
+        return [h.result(timeout_s=0) for h in hs]
+
+    assert run(16) == run(0)

@@ -151,16 +151,19 @@ def test_submit_rejects_bad_requests_with_named_fields(tiny_model: Qwen2LM):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_decode_gives_the_same_tokens_as_eager(tiny_model: Qwen2LM):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_cuda_graph_decode_and_prefill_give_the_same_tokens_as_eager(tiny_model: Qwen2LM, overlap: bool):
     model = tiny_model.to("cuda")
     params = SamplingParams(top_p=0.9, top_k=50, win_size=10, tau_r=0.1)
     prompts = _prompts(5)
     results = []
     for graphs in (False, True):
-        engine = LLMEngine(model, EngineConfig(max_batch_slots=4, max_seq_len=64, use_cuda_graphs=graphs))
+        engine = LLMEngine(model, EngineConfig(max_batch_slots=4, max_seq_len=64, use_cuda_graphs=graphs,
+                                               overlap_host=graphs and overlap))
         if graphs:
             engine.capture_graphs()
             assert sorted(engine._graphs) == [1, 2, 4]
+            assert sorted(engine._prefill_graphs) == [(r, n) for r in (1, 2, 4, 8) for n in (32, 64)]
         hs = [engine.submit(LLMRequest(f"g{i}", p, max_new_tokens=12 + i, sampling=params, seed=i))
               for i, p in enumerate(prompts)]
         _run_to_completion(engine)
@@ -184,3 +187,17 @@ def test_coalesce_outputs_merges_per_request_in_order():
     # An error keeps its message; the tokens before it ride along.
     failed = coalesce_outputs([LLMOutput(a, (5,)), LLMOutput(a, (), True, FinishReason.ERROR, "boom")])
     assert failed == [LLMOutput(a, (5,), True, FinishReason.ERROR, "boom")]
+
+
+def test_capacity_reports_slots_positions_and_kv_bytes(tiny_model):
+    from cosyvoice_llm.capacity import kv_bytes_per_slot, plan_batch_slots
+
+    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=3, max_seq_len=64))
+    cap = engine.capacity
+    assert (cap.batch_slots, cap.max_seq_len) == (3, 64)
+    # 2 layers x (k, v) x 2 kv heads x 64 positions x 8 dims x 4 bytes per slot; the scratch slot is one more row.
+    assert kv_bytes_per_slot(tiny_model, 64) == 2 * 2 * 2 * 64 * 8 * 4
+    assert cap.kv_cache_bytes == 4 * kv_bytes_per_slot(tiny_model, 64)
+    assert "3 slots x 64 positions" in cap.describe()
+    with pytest.raises(ValueError, match="CUDA"):
+        plan_batch_slots(tiny_model, 64, 0.2, 128, 8, 32)

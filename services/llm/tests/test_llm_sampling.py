@@ -133,3 +133,23 @@ def test_mask_eos_only_masks_eos_rows_that_are_blocked():
 def test_invalid_params_are_rejected(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("cap", [1, 8, 25, 64])
+def test_top_k_capped_sampler_draws_the_full_sorts_ids_with_ties(cap):
+    """One top-k over (p, -id) keys gives the stable sort's candidates: same draws, ties included (bf16 logits
+    have many equal values), fallback included (a full history window)."""
+    gen = torch.Generator().manual_seed(3)
+    n, vocab = 64, 6564
+    logits = (torch.randn(n, vocab, generator=gen) * 3).to(torch.bfloat16).float()
+    logits[:8, :40] = logits[:8, :1]          # many exact ties at the top
+    logp = logits.log_softmax(dim=-1)
+    top_k = torch.randint(1, cap + 1, (n,), generator=gen)
+    params = [SamplingParams(top_p=float(tp), top_k=int(k), win_size=10, tau_r=0.1)
+              for tp, k in zip(torch.rand(n, generator=gen) * 0.9 + 0.1, top_k)]
+    bp = BatchSamplingParams.from_params(params, list(range(n)))
+    history = torch.randint(0, 50, (n, 16), generator=gen)
+    steps = torch.arange(n, dtype=torch.int64) * 7
+    full = sample_batched(logp, history, steps, bp)
+    capped = sample_batched(logp, history, steps, bp, top_k_cap=cap)
+    assert torch.equal(full, capped)

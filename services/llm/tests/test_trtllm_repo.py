@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from cosyvoice_common.contracts import LLM_INPUTS, LLM_MODEL, LLM_OUTPUTS
+from cosyvoice_common.contracts import LLM_INPUTS, LLM_MODEL, LLM_OUTPUTS, LLM_STREAM_BOUNDARIES
 from cosyvoice_llm.trtllm import repo
 
 ENGINE_DIR = "/engines/cosyvoice2-bf16"
@@ -54,6 +54,9 @@ def test_same_io_as_our_python_llm_model(trtllm_config):
     ours = repo.parse_model_config(re.sub(r"\$\{[A-Za-z_0-9]+\}", "0", text))
     theirs = _by_name(trtllm_config.input)
     for t in ours.input:
+        if t.name == LLM_STREAM_BOUNDARIES.name:   # ours only: optional, sent only to a model that lists it
+            assert t.optional and t.name not in theirs and tuple(t.dims) == LLM_STREAM_BOUNDARIES.dims
+            continue
         assert t.name in theirs and theirs[t.name].data_type == t.data_type and theirs[t.name].dims == t.dims
         assert theirs[t.name].optional == t.optional, t.name
     theirs_out = _by_name(trtllm_config.output)

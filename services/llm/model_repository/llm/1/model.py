@@ -1,10 +1,11 @@
 """Triton model `llm` (decoupled): the TensorRT-LLM backend's tensor contract over cosyvoice_llm.LLMEngine.
 
 execute() only validates and enqueues into the in-flight batching engine, then returns. The engine calls
-back on its own thread; a responder thread turns those outputs into responses (one per batch of new
-tokens when streaming, one with every token otherwise). Every path ends in COMPLETE_FINAL: finished,
-failed, cancelled (the responder thread also polls is_cancelled() and calls engine.cancel, which frees the slot).
-Output ids are flat (speech code + SPEECH_ID_OFFSET), as the TensorRT-LLM export produces them.
+back on its own thread; a responder thread turns those outputs into responses (when streaming: one per batch
+of new tokens, or grouped at the request's optional `stream_boundaries`; one with every token otherwise).
+Every path ends in COMPLETE_FINAL: finished, failed, cancelled (the responder thread also polls is_cancelled()
+and calls engine.cancel, which frees the slot). Output ids are flat (speech code + SPEECH_ID_OFFSET), as the
+TensorRT-LLM export produces them.
 """
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import SPEECH_ID_OFFSET
+from cosyvoice_common.contracts import LLM_STREAM_BOUNDARIES
 from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.triton_io import error_response, from_triton, get_dtype, get_parameter, send_outputs
+from cosyvoice_llm.capacity import plan_batch_slots
+from cosyvoice_llm.delivery import TokenGrouper
 from cosyvoice_llm.engine import EngineConfig, FinishReason, LLMEngine, LLMOutput, LLMRequest, coalesce_outputs
 from cosyvoice_llm.model import load_llm
 from cosyvoice_llm.repetition import RepetitionConfig
@@ -32,7 +36,22 @@ from cosyvoice_llm.sampling import SamplingParams
 CANCEL_POLL_S = 0.02          # how soon a client's cancel frees its slot
 MAX_COALESCED_OUTPUTS = 4096  # engine outputs merged into one round of responses at most
 REPETITION_ENV = "LLM_REPETITION"   # loop detection: "off" or "max_period=20,min_repeats=4,min_span=100"
-CUDA_GRAPHS_ENV = "LLM_CUDA_GRAPHS"
+CUDA_GRAPHS_ENV = "LLM_CUDA_GRAPHS"           # 0: eager decode and prefill (debugging)
+PREFILL_GRAPHS_ENV = "LLM_PREFILL_GRAPHS"     # 0: eager prefill, graphs for decode only
+OVERLAP_ENV = "LLM_OVERLAP_HOST"              # 0: read each step's ids before launching the next
+COMPILE_ENV = "LLM_COMPILE_DECODE"            # 1: torch.compile the decode step before capturing it
+AUTO = "auto"
+CPU_AUTO_BATCH_SLOTS = 8      # `max_batch_slots: auto` on CPU (no memory to measure; tests, parity)
+BOUNDARIES_INPUT = LLM_STREAM_BOUNDARIES.name
+
+
+def _env_flag(env: dict, name: str, default: bool) -> bool:
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 0 or 1")
+    return value == "1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,17 +59,59 @@ class LLMStageConfig:
     model_dir: Path
     device: str
     dtype: torch.dtype
-    max_batch_slots: int
+    max_batch_slots: int | None       # None = auto: sized from GPU memory after warm-up (CUDA), 8 on CPU
     max_seq_len: int
+    kv_cache_memory_fraction: float   # auto: share of the GPU's total memory the KV cache may take
+    max_auto_batch_slots: int         # auto: at most this many slots
+    cuda_graphs: bool
+    prefill_graphs: bool
+    overlap_host: bool
+    compile_decode: bool
+    repetition: RepetitionConfig
+
+    def __post_init__(self) -> None:
+        if self.max_batch_slots is not None and self.max_batch_slots <= 0:
+            raise ValueError(f"max_batch_slots must be positive or auto, got {self.max_batch_slots}")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.max_auto_batch_slots <= 0:
+            raise ValueError(f"max_auto_batch_slots must be positive, got {self.max_auto_batch_slots}")
 
     @classmethod
-    def from_model_config(cls, model_config: dict) -> "LLMStageConfig":
+    def from_model_config(cls, model_config: dict, env: dict) -> "LLMStageConfig":
         device = get_parameter(model_config, "device")
+        on_cuda = device.startswith("cuda")
         # auto: bf16 where the hardware has it, fp32 on CPU (tests, parity)
-        dtype = get_dtype(model_config, "dtype", auto="bfloat16" if device.startswith("cuda") else "float32")
+        dtype = get_dtype(model_config, "dtype", auto="bfloat16" if on_cuda else "float32")
+        slots = get_parameter(model_config, "max_batch_slots")
+        graphs = on_cuda and _env_flag(env, CUDA_GRAPHS_ENV, True)
         return cls(Path(get_parameter(model_config, "model_dir")), device, dtype,
-                   get_parameter(model_config, "max_batch_slots", int),
-                   get_parameter(model_config, "max_seq_len", int))
+                   None if slots == AUTO else int(slots),
+                   get_parameter(model_config, "max_seq_len", int),
+                   get_parameter(model_config, "kv_cache_memory_fraction", float),
+                   get_parameter(model_config, "max_auto_batch_slots", int),
+                   cuda_graphs=graphs, prefill_graphs=graphs and _env_flag(env, PREFILL_GRAPHS_ENV, True),
+                   overlap_host=_env_flag(env, OVERLAP_ENV, True), compile_decode=_env_flag(env, COMPILE_ENV, False),
+                   repetition=RepetitionConfig.parse(env.get(REPETITION_ENV)))
+
+    def engine_config(self, batch_slots: int) -> EngineConfig:
+        return EngineConfig(max_batch_slots=batch_slots, max_seq_len=self.max_seq_len,
+                            use_cuda_graphs=self.cuda_graphs, prefill_graphs=self.prefill_graphs,
+                            overlap_host=self.overlap_host, compile_decode=self.compile_decode,
+                            repetition=self.repetition)
+
+
+def build_engine(config: LLMStageConfig) -> LLMEngine:
+    """Loads the model, sizes the slots (auto: from the GPU memory after a warm-up forward) and builds the engine."""
+    model = load_llm(config.model_dir, config.device, config.dtype)
+    slots = config.max_batch_slots
+    if slots is None and not config.device.startswith("cuda"):
+        slots = CPU_AUTO_BATCH_SLOTS
+    elif slots is None:
+        probe = EngineConfig(max_seq_len=config.max_seq_len)
+        slots = plan_batch_slots(model, config.max_seq_len, config.kv_cache_memory_fraction,
+                                 config.max_auto_batch_slots, max(probe.prefill_rows), max(probe.prefill_lens))
+    return LLMEngine(model, config.engine_config(slots))
 
 
 def _scalar(request, name: str, default=None):
@@ -63,8 +124,9 @@ def _scalar(request, name: str, default=None):
     return values[0].item()
 
 
-def parse_request(request, request_id: str) -> tuple[LLMRequest, bool]:
-    """TensorRT-LLM tensors -> (LLMRequest, streaming). Raises ValueError naming the field."""
+def parse_request(request, request_id: str) -> tuple[LLMRequest, bool, TokenGrouper | None]:
+    """TensorRT-LLM tensors (+ our optional `stream_boundaries`) -> (LLMRequest, streaming, the streaming
+    response grouper or None = one response per batch of new tokens). Raises ValueError naming the field."""
     ids = from_triton(pb_utils.get_input_tensor_by_name(request, "input_ids"))
     if ids.ndim != 2 or ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, L] (one sequence per request), got {list(ids.shape)}")
@@ -89,7 +151,12 @@ def parse_request(request, request_id: str) -> tuple[LLMRequest, bool]:
         min_new_tokens=int(_scalar(request, "min_length", 0)),
         sampling=sampling,
         seed=int(_scalar(request, "random_seed", 0)))
-    return llm_request, bool(_scalar(request, "streaming", False))
+    streaming = bool(_scalar(request, "streaming", False))
+    grouper = None
+    boundaries = pb_utils.get_input_tensor_by_name(request, BOUNDARIES_INPUT)
+    if streaming and boundaries is not None:
+        grouper = TokenGrouper(from_triton(boundaries).reshape(-1).tolist())
+    return llm_request, streaming, grouper
 
 
 def send_tokens(data: "RequestData", tokens: list[int], flags: int = 0) -> None:
@@ -107,6 +174,7 @@ class RequestData:
     streaming: bool
     requested_outputs: frozenset[str]
     tokens: list[int]
+    grouper: TokenGrouper | None = None   # streaming with stream_boundaries: holds tokens to the next boundary
     cancel_sent: bool = False
 
 
@@ -116,16 +184,24 @@ class TritonPythonModel:
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise ValueError("model `llm` must be decoupled (model_transaction_policy { decoupled: true })")
-        self.config = LLMStageConfig.from_model_config(model_config)
-        model = load_llm(self.config.model_dir, self.config.device, self.config.dtype)
-        # CUDA graphs for the decode step on GPU; LLM_CUDA_GRAPHS=0 falls back to eager steps (debugging).
-        on_cuda = self.config.device.startswith("cuda") and os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"
-        self.engine = LLMEngine(model, EngineConfig(max_batch_slots=self.config.max_batch_slots,
-                                                    max_seq_len=self.config.max_seq_len,
-                                                    use_cuda_graphs=on_cuda,
-                                                    repetition=RepetitionConfig.parse(os.environ.get(REPETITION_ENV))))
-        self.engine.start()
+        self.config = LLMStageConfig.from_model_config(model_config, dict(os.environ))
+        self.engine = build_engine(self.config)
+        started = time.monotonic()
+        self.engine.start()   # captures the CUDA graphs (decode and prefill)
+        capacity = self.engine.capacity
+        pb_utils.Logger.log_info(f"llm: {capacity.describe()}; engine started in {time.monotonic() - started:.1f} s "
+                                 f"({self.engine.config})")
         labels = {"model": args["model_name"], "version": args["model_version"]}
+        # Capacity, for the gateway and dashboards (set once, here, before any request).
+        self.capacity_families = []
+        for name, description, value in (
+                ("llm_capacity_batch_slots", "LLM requests decoding at once (engine slots)", capacity.batch_slots),
+                ("llm_capacity_max_seq_len", "LLM prompt + generated tokens per request", capacity.max_seq_len),
+                ("llm_kv_cache_bytes", "LLM static KV cache size", capacity.kv_cache_bytes)):
+            family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.GAUGE)
+            metric = family.Metric(labels=labels)
+            metric.set(value)
+            self.capacity_families.append((family, metric))
         self.active_family = pb_utils.MetricFamily(
             name="llm_active_requests", description="LLM requests enqueued or decoding (not yet final)",
             kind=pb_utils.MetricFamily.GAUGE)
@@ -152,10 +228,11 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             request_id = f"{request.request_id() or 'llm'}#{next(self.ids)}"   # unique even if clients reuse ids
             try:
-                llm_request, streaming = parse_request(request, request_id)
+                llm_request, streaming, grouper = parse_request(request, request_id)
                 with self.lock:
                     self.requests[request_id] = RequestData(request, sender, streaming,
-                                                              frozenset(request.requested_output_names()), [])
+                                                              frozenset(request.requested_output_names()), [],
+                                                              grouper)
                 self.engine.submit(llm_request, self.outputs.put)
             except Exception as exc:  # noqa: BLE001 - a bad request answers only itself
                 with self.lock:
@@ -211,7 +288,9 @@ class TritonPythonModel:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if not out.finished:
             if data.streaming:
-                send_tokens(data, list(out.tokens))
+                tokens = list(out.tokens) if data.grouper is None else data.grouper.push(out.tokens)
+                if tokens:
+                    send_tokens(data, tokens)
             else:
                 data.tokens.extend(out.tokens)
             return
@@ -224,8 +303,11 @@ class TritonPythonModel:
         elif out.finish_reason is FinishReason.CANCELLED:
             data.sender.send(flags=final)
         elif data.streaming:
-            if out.tokens:
-                send_tokens(data, list(out.tokens), final)
+            tokens = list(out.tokens)
+            if data.grouper is not None:
+                tokens = data.grouper.push(tokens) + data.grouper.flush()
+            if tokens:
+                send_tokens(data, tokens, final)
             else:
                 data.sender.send(flags=final)
         else:
@@ -256,4 +338,5 @@ class TritonPythonModel:
         self.outputs.put(None)
         self.responder.join()
         self.active_metric = self.tokens_metric = self.repetition_metric = None
+        self.capacity_families = []
         self.active_family = self.tokens_family = self.repetition_family = None
