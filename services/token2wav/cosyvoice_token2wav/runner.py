@@ -238,6 +238,7 @@ class Token2WavRunner:
         self._fade_out = window[self._n_cache:].to(self.device)
         self._chunk_masks: dict[tuple[int, int], torch.Tensor] = {}
         self._aranges: dict[int, torch.Tensor] = {}
+        self._cfg_pairs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._flow_graphs = GraphCache()
         self._hift_graphs = GraphCache()
         self._pinned: dict[tuple, _Staged] = {}
@@ -354,17 +355,35 @@ class Token2WavRunner:
         const_in = torch.cat([const, torch.zeros_like(const)], dim=0)
         mask_in = torch.cat([mask, mask], dim=0)
         bias_in = torch.cat([attn_bias, attn_bias], dim=0)
-        x = self._noise[:, :, :frames].expand(b, -1, -1).contiguous()
+        # the Euler state is held twice ([2B] rows, both halves equal: the CFG pair), so the step never sees a
+        # batch of 1 (a compiled step then serves B = 1 and B > 1 with one compilation)
+        x = self._noise[:, :, :frames].expand(2 * b, -1, -1).contiguous()
+        cfg = self._cfg_pairing(b)
         for step in range(self._n_steps):
-            x = self._step(x, const_in, mask_in, bias_in, self._step_biases[step], self._dt_tensors[step])
-        return x
+            x = self._step(x, const_in, mask_in, bias_in, self._step_biases[step], self._dt_tensors[step], cfg)
+        return x[:b]
+
+    def _cfg_pairing(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row CFG weights [2B, 1, 1] (own row, paired row) and the pairing index [2B] (cached per B)."""
+        entry = self._cfg_pairs.get(b)
+        if entry is None:
+            g, u = self._cfg_guided, self._cfg_unguided
+            w_self = torch.tensor([g] * b + [-u] * b, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+            w_pair = torch.tensor([-u] * b + [g] * b, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+            pair = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(self.device)
+            entry = self._cfg_pairs[b] = (w_self, w_pair, pair)
+        return entry
 
     def _estimator_step(self, x: torch.Tensor, const: torch.Tensor, mask: torch.Tensor, attn_bias: torch.Tensor,
-                        time_bias: tuple[torch.Tensor, ...], dt: torch.Tensor) -> torch.Tensor:
-        """One Euler step with CFG: x [B, 80, F] float32 -> x + dt * ((1 + r) v_cond - r v_uncond)."""
-        b = x.size(0)
-        v = self._estimator(torch.cat([x, x], dim=0).to(self.dtype), const, mask, attn_bias, time_bias).float()
-        return x + dt * (self._cfg_guided * v[:b] - self._cfg_unguided * v[b:])
+                        time_bias: tuple[torch.Tensor, ...], dt: torch.Tensor,
+                        cfg: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """One Euler step with CFG on the doubled state x [2B, 80, F] float32:
+        x + dt * ((1 + r) v_cond - r v_uncond) in both halves."""
+        v = self._estimator(x.to(self.dtype), const, mask, attn_bias, time_bias).float()
+        # row i pairs with row (i + B) mod 2B; weights (1 + r, -r) in the cond half and (-r, 1 + r) in the
+        # uncond half give (1 + r) v_cond - r v_uncond in both (no slicing by B, which may be 1)
+        w_self, w_pair, pair = cfg
+        return x + dt * (w_self * v + w_pair * v.index_select(0, pair))
 
     def _estimator(self, x: torch.Tensor, const: torch.Tensor, mask: torch.Tensor, attn_bias: torch.Tensor,
                    time_bias: tuple[torch.Tensor, ...]) -> torch.Tensor:
