@@ -53,7 +53,7 @@ from .token2wav import Token2WavConfig, VocoderCache
 # 75-250 tokens, a first chunk adds 15, the gateway allows prompts up to 750 tokens. Mel buckets are HiFT input
 # frames (8 cached + new): first chunk 30, a 25-token hop 58, an offline call 2 x its tokens.
 TOKEN_BUCKETS = (48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024)
-MEL_FRAME_BUCKETS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+MEL_FRAME_BUCKETS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 _BUCKET_TAIL_STEP = 128
 # Graphs exist for batch bucket x length bucket up to these sizes (rows x length); a larger call is
 # compute-bound, gains nothing from a graph and would only grow the graph pool: it runs eagerly.
