@@ -25,8 +25,8 @@ Serving (the stage): ``compile_estimator`` runs each Euler step (estimator + CFG
 torch.compile (Inductor, dynamic shapes); ``capture_all`` compiles and captures every graph bucket at
 start-up, and with ``capture_on_demand=False`` nothing is ever captured or compiled inside a call (a call
 outside the captured buckets runs eagerly). The estimator's attention mask is an additive mask in the compute
-dtype, built once per call. ``run_chunks`` splits a dynamic batch into length groups under a padding budget
-and runs groups holding a stream's first chunk first, reporting each group as soon as it is done.
+dtype, built once per call. ``run_chunks`` splits a dynamic batch into length groups under a padding budget,
+streams' first chunks in groups of their own that run first, and reports each group as soon as it is done.
 """
 from __future__ import annotations
 
@@ -782,33 +782,33 @@ class Token2WavRunner:
             results.append(ChunkResult(waveform=wav, cache=cache, mel=parts.pop(0) if keep_mel else None))
         return results
 
-    def _padded_lengths(self, plans: list[_Plan]) -> tuple[int, int]:
-        _, tk, mk = self._sizes(plans)
-        return tk, mk
-
     def schedule(self, plans: list[_Plan]) -> list[list[_Plan]]:
-        """Groups to run, in order. Rows are sorted by length and cut into groups of at most max_batch whose
-        padded lengths (tokens and mel frames, each row padded to the group's bucket) stay within
-        ``padding_budget`` x their real lengths, so a long final chunk or offline call never pads short
-        chunks to its size. Groups holding a stream's first chunk run first, then the cheapest."""
-        order = sorted(plans, key=lambda p: (p.t_enc, p.mel_frames, p.index))
+        """Groups to run, in order. Streams' first chunks and the other calls never share a group; within each,
+        rows are sorted by length and cut into groups of at most max_batch whose padded lengths (tokens and mel
+        frames, each row padded to the group's bucket) stay within ``padding_budget`` x their real lengths,
+        so a long final chunk or offline call never pads short chunks to its size. The first chunks' groups
+        run first, then the cheapest."""
         groups: list[list[_Plan]] = []
-        for p in order:
-            cur = groups[-1] if groups else None
-            if cur is not None and len(cur) < self.max_batch:
-                tk, mk = self._padded_lengths(cur + [p])
-                n = len(cur) + 1
-                if (n * tk <= self.padding_budget * sum(q.t_enc for q in cur + [p])
-                        and n * mk <= self.padding_budget * sum(max(q.mel_frames, self.config.mel_cache_frames)
-                                                                for q in cur + [p])):
-                    cur.append(p)
-                    continue
-            groups.append([p])
+        for first in (True, False):
+            cur: list[_Plan] = []
+            for p in sorted((p for p in plans if p.first == first), key=lambda p: (p.t_enc, p.mel_frames, p.index)):
+                if cur and (len(cur) >= self.max_batch or not self._within_budget(cur + [p])):
+                    groups.append(cur)
+                    cur = []
+                cur.append(p)
+            if cur:
+                groups.append(cur)
 
         def cost(g: list[_Plan]) -> int:
-            bb, tk, mk = self._sizes(g)
+            bb, tk, _ = self._sizes(g)
             return bb * tk
-        return sorted(groups, key=lambda g: (not any(p.first for p in g), cost(g), g[0].index))
+        return sorted(groups, key=lambda g: (not g[0].first, cost(g), g[0].index))
+
+    def _within_budget(self, group: list[_Plan]) -> bool:
+        _, tk, mk = self._sizes(group)
+        n = len(group)
+        return (n * tk <= self.padding_budget * sum(p.t_enc for p in group)
+                and n * mk <= self.padding_budget * sum(max(p.mel_frames, self.config.mel_cache_frames) for p in group))
 
     @torch.inference_mode()
     def run_chunks(self, requests: list[ChunkRequest], keep_mel: bool = False,
