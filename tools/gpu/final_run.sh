@@ -8,7 +8,7 @@
 #               still on the GPU), then also no CUDA graphs; the tables say which one served.
 #   replicas    the same stack with TOKEN2WAV_REPLICAS=2 on this one GPU, streaming at $REPLICA_CONC
 #   engine      the in-process pipeline (--engine-only) as the second line
-#   components  LLM decode step variants and token2wav variants, each against its plain baseline (same run)
+#   components  LLM decode step variants against their plain baseline; token2wav old vs new serving configuration (same run)
 # Usage on the device machine (repo root): DEADLINE_S=560 bash tools/gpu/final_run.sh > $OUT/run.log 2>&1
 # Set DEADLINE_S below the call's real limit (`run` grants less than timeout_s when the session's device
 # budget is low) and never pipe the command: a call stopped at its limit loses its pipeline's output.
@@ -132,8 +132,7 @@ if has components; then
   echo "== components ($(left) s left)"
   timeout "$(share 50)" python3 tools/gpu/llm_speed.py --variants plain-graph,fast-graph --batches 1,8,32 \
     --e2e 1,32 > "$OUTDIR/llm_speed.txt" 2>&1; publish
-  timeout $(( $(left) - 10 )) python3 tools/gpu/token2wav_speed.py --device cuda --size full \
-    --variants fp32-graphs,bf16-graphs --batches 1,4,16 --baseline-max-batch 1 --baseline-repeats 2 --out "$RESULTS" \
+  timeout $(( $(left) - 10 )) python3 tools/gpu/token2wav_speed.py --device cuda --size full --out "$RESULTS" \
     > "$OUTDIR/token2wav_speed.txt" 2>&1
 fi
 echo "== done ($(left) s left; stack config: $MODE)"
