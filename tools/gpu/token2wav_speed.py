@@ -231,7 +231,8 @@ def serving_runner(name: str, flow, hift, device: torch.device, dtype: torch.dty
     graphs = device.type == "cuda"
     if name == "old":
         runner = Token2WavRunner((flow, hift), device, dtype, use_cuda_graphs=graphs, max_batch=max_batch,
-                                 capture_on_demand=True, padding_budget=1e9)
+                                 capture_on_demand=True, padding_budget=1e9,
+                                 first_chunks_apart=False)   # one padded batch per call, as before
         return runner, 0.0
     runner = Token2WavRunner((flow, hift), device, dtype, use_cuda_graphs=graphs, max_batch=max_batch,
                              compile_estimator=compile_mode is not None, compile_mode=compile_mode or "default",
@@ -361,6 +362,8 @@ def main() -> int:
     variants = [v for v in args.variants.split(",") if v]
     set_tf32(False)
     torch.manual_seed(0)
+    if device.type == "cpu":
+        torch.set_num_threads(1)   # the smoke shares small CPU machines
     info = dict(torch=torch.__version__, device=str(device), size=args.size,
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     log(f"== token2wav speed: {info}")

@@ -194,11 +194,11 @@ class Token2WavRunner:
                  use_cuda_graphs: bool = False, max_batch: int = 16, hift_dtype: torch.dtype = torch.float32,
                  config: Token2WavConfig = Token2WavConfig(), compile_estimator: bool = False,
                  compile_mode: str = "default", capture_on_demand: bool = True,
-                 padding_budget: float = DEFAULT_PADDING_BUDGET) -> None:
+                 padding_budget: float = DEFAULT_PADDING_BUDGET, first_chunks_apart: bool = True) -> None:
         """compile_estimator: one Euler step of the estimator goes through torch.compile (Inductor, dynamic
         shapes: one compilation serves every bucket). capture_on_demand: a graph bucket is captured the first
         time a call needs it (inside that call); False: only what ``capture_all`` captured replays, anything
-        else runs eagerly. padding_budget: see ``schedule``."""
+        else runs eagerly. padding_budget, first_chunks_apart: see ``schedule``."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -213,6 +213,7 @@ class Token2WavRunner:
         self.use_cuda_graphs = use_cuda_graphs
         self.capture_on_demand = capture_on_demand
         self.padding_budget = padding_budget
+        self.first_chunks_apart = first_chunks_apart
         self.compile_mode = compile_mode if compile_estimator else None
         # pad to the graph buckets (batch rows and lengths) even when eager: lets CPU tests cover that padding
         self.pad_to_buckets = use_cuda_graphs
@@ -783,15 +784,18 @@ class Token2WavRunner:
         return results
 
     def schedule(self, plans: list[_Plan]) -> list[list[_Plan]]:
-        """Groups to run, in order. Streams' first chunks and the other calls never share a group; within each,
+        """Groups to run, in order. Streams' first chunks and the other calls never share a group (unless
+        ``first_chunks_apart`` is off); within each,
         rows are sorted by length and cut into groups of at most max_batch whose padded lengths (tokens and mel
         frames, each row padded to the group's bucket) stay within ``padding_budget`` x their real lengths,
         so a long final chunk or offline call never pads short chunks to its size. The first chunks' groups
         run first, then the cheapest."""
         groups: list[list[_Plan]] = []
-        for first in (True, False):
+        classes = (True, False) if self.first_chunks_apart else (None,)
+        for first in classes:
             cur: list[_Plan] = []
-            for p in sorted((p for p in plans if p.first == first), key=lambda p: (p.t_enc, p.mel_frames, p.index)):
+            members = (p for p in plans if first is None or p.first == first)
+            for p in sorted(members, key=lambda p: (p.t_enc, p.mel_frames, p.index)):
                 if cur and (len(cur) >= self.max_batch or not self._within_budget(cur + [p])):
                     groups.append(cur)
                     cur = []
@@ -802,7 +806,7 @@ class Token2WavRunner:
         def cost(g: list[_Plan]) -> int:
             bb, tk, _ = self._sizes(g)
             return bb * tk
-        return sorted(groups, key=lambda g: (not g[0].first, cost(g), g[0].index))
+        return sorted(groups, key=lambda g: (not any(p.first for p in g), cost(g), g[0].index))
 
     def _within_budget(self, group: list[_Plan]) -> bool:
         _, tk, mk = self._sizes(group)

@@ -134,6 +134,8 @@ def test_padding_budget_splits_and_merges_by_length(models, load):
     tight = Token2WavRunner((flow, hift), "cpu", max_batch=8, padding_budget=1.0)
     loose = Token2WavRunner((flow, hift), "cpu", max_batch=8, padding_budget=100.0)
     assert [len(g) for g in loose.schedule(plans)] == [3, 2]      # first chunks apart from the rest
+    one_batch = Token2WavRunner((flow, hift), "cpu", max_batch=8, padding_budget=100.0, first_chunks_apart=False)
+    assert [len(g) for g in one_batch.schedule(plans)] == [5]
     assert len(tight.schedule(plans)) == len({(p.t_enc, max(p.mel_frames, 8)) for p in plans})
     assert len(Token2WavRunner((flow, hift), "cpu", max_batch=2, padding_budget=100.0).schedule(plans)) == 3
     with pytest.raises(ValueError):
