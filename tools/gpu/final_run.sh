@@ -39,10 +39,12 @@ for s in TOKENIZER SPEAKER LLM TOKEN2WAV; do export ${s}_DEVICES=$DEVICE; done
 export TOKENIZER_BACKEND=torch SPEAKER_BACKEND=torch LLM_DTYPE=${LLM_DTYPE:-bfloat16}
 export STACK_RUN_DIR=/tmp/run REDIS_PORT=6390 PLACEMENT_DEFAULT_DEVICE=$DEVICE
 export SEED_FRONT=0   # the seed-compatible fronts are measured by their own client, not in this run
+# token2wav compiles its Euler step and captures every graph before it reports ready (minutes on a fresh machine)
+export STACK_READY_TIMEOUT_S=${STACK_READY_TIMEOUT_S:-570}
 LABEL="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo cpu), $(date -u +%F)"
 
 stack_up() {  # $1 = tag
-  timeout 240 python3 -m cosyvoice_tools.stack up > "$OUTDIR/stack_up_$1.txt" 2>&1 || { tail -5 "$OUTDIR/stack_up_$1.txt"; return 1; }
+  timeout "${STACK_UP_TIMEOUT_S:-600}" python3 -m cosyvoice_tools.stack up > "$OUTDIR/stack_up_$1.txt" 2>&1 || { tail -5 "$OUTDIR/stack_up_$1.txt"; return 1; }
   STATS=$(python3 -c "import json; s=json.load(open('/tmp/run/stack.json')); print(','.join(f\"127.0.0.1:{p['ports']['http']}\" for p in s['processes'] if p['kind'] == 'triton'))")
 }
 smoke() {  # one short streaming request through the whole stack
