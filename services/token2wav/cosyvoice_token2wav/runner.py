@@ -243,6 +243,7 @@ class Token2WavRunner:
         self._flow_graphs = GraphCache()
         self._hift_graphs = GraphCache()
         self._pinned: dict[tuple, _Staged] = {}
+        self._graph_keys = tuple(set(keys) for keys in self.graph_keys())   # (flow, HiFT)
         self._step = self._estimator_step
         if compile_estimator:
             self._step = compile_step(self._estimator_step, compile_mode)
@@ -703,8 +704,7 @@ class Token2WavRunner:
         if not self.use_cuda_graphs:
             return None
         graph = cache.lookup(key)
-        if graph is None and self.capture_on_demand and key[0] * key[1] <= (
-                MAX_GRAPH_TOKEN_ROWS if cache is self._flow_graphs else MAX_GRAPH_MEL_ROWS):
+        if graph is None and self.capture_on_demand and key in self._graph_keys[cache is self._hift_graphs]:
             graph = cache.get(key, fn, make_inputs)
         return graph
 
