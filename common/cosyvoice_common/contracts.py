@@ -49,13 +49,12 @@ LLM_INPUTS = (
     TensorSpec("runtime_top_p", "FP32", (1,), optional=True),
     TensorSpec("temperature", "FP32", (1,), optional=True),
     TensorSpec("random_seed", "UINT64", (1,), optional=True),
-    # Ours only (the TensorRT-LLM backend has no such input; clients send it only where the served config lists
-    # it): generated-token counts at which a streaming response is due; tokens in between are held back.
-    TensorSpec("stream_boundaries", "INT32", (-1,), optional=True),
 )
-# Ours, not TensorRT-LLM's (which rejects unknown inputs): send it only when the served `llm` model config lists it.
-# Cumulative generated-token counts at which a streaming response is sent (services/llm/README.md).
+# Ours, not TensorRT-LLM's (which rejects unknown inputs): the gateway's stage client sends it only to a replica whose
+# served `llm` model config lists it. Cumulative generated-token counts at which a streaming response is sent; tokens
+# in between are held back (services/llm/README.md).
 LLM_STREAM_BOUNDARIES = TensorSpec("stream_boundaries", "INT32", (-1,), optional=True)
+LLM_INPUTS = (*LLM_INPUTS, LLM_STREAM_BOUNDARIES)
 LLM_OUTPUTS = (
     TensorSpec("output_ids", "INT32", (-1, -1)),         # [beam=1, new tokens in this response]
     TensorSpec("sequence_length", "INT32", (-1,)),

@@ -14,7 +14,7 @@ from (deploy/README.md): defaults < PLACEMENT_FILE (YAML) < variables.
     <STAGE>_REPLICAS (0 = not started here), <STAGE>_DEVICES (cpu | cuda:0,cuda:1; replica i uses device
     i mod len), <STAGE>_INSTANCES, <STAGE>_MAX_BATCH_SIZE, <STAGE>_BASE_PORT (0 = free ports)
                                                           for STAGE in TOKENIZER SPEAKER LLM TOKEN2WAV
-    TOKENIZER_BACKEND, SPEAKER_BACKEND (onnx | torch), LLM_DTYPE, TOKEN2WAV_DTYPE
+    TOKENIZER_BACKEND, SPEAKER_BACKEND (onnx | torch), LLM_DTYPE, TOKEN2WAV_DTYPE, TOKEN2WAV_COMPILE
     REDIS_PORT (6379), GRPC_PORT (50051), HTTP_PORT (8080), STACK_RUN_DIR (run), STACK_READY_TIMEOUT_S
     STACK_CUDA_MPS (off | on | auto): stage servers sharing a GPU run under one CUDA MPS daemon (mps.py)
     SEED_FRONT (1), SEED_STREAM_BASE_PORT (8000), SEED_OFFLINE_BASE_PORT (8010), SEED_* (gateway README)
@@ -177,7 +177,8 @@ def default_stage_params(name: str, env: Mapping[str, str]) -> dict[str, str]:
                   "llm_max_seq_len": env.get("LLM_MAX_SEQ_LEN", "2048"),
                   "llm_batch_slots": env.get("LLM_BATCH_SLOTS", "auto")}
     elif name == "token2wav":
-        params = {"token2wav_dtype": env.get("TOKEN2WAV_DTYPE", "auto")}
+        params = {"token2wav_dtype": env.get("TOKEN2WAV_DTYPE", "auto"),
+                  "token2wav_compile": env.get("TOKEN2WAV_COMPILE", "auto")}
     kind = env.get(f"{name.upper()}_TRITON_KIND", "").strip()
     if kind:
         if kind not in TRITON_KINDS:

@@ -9,7 +9,7 @@
 #   nomps       the same stack with STACK_CUDA_MPS=off, streaming at $NOMPS_CONC (what MPS buys)
 #   replicas    the same stack with TOKEN2WAV_REPLICAS=2 on this one GPU, streaming at $REPLICA_CONC
 #   engine      the in-process pipeline (--engine-only) as the second line
-#   components  LLM decode step variants and token2wav variants, each against its plain baseline (same run)
+#   components  LLM engine old vs new; token2wav old vs new serving configuration (same run)
 #   baseline    the whole stack of another checkout (BASELINE_DIR, e.g. the previous release unpacked there),
 #               streaming at $BASELINE_CONC on the same model: the before/after pair of one call
 # STACK_CUDA_MPS (off | on | auto) is passed to the launcher for this tree's stack (cosyvoice_tools.mps).
@@ -43,10 +43,12 @@ for s in TOKENIZER SPEAKER LLM TOKEN2WAV; do export ${s}_DEVICES=$DEVICE; done
 export TOKENIZER_BACKEND=torch SPEAKER_BACKEND=torch LLM_DTYPE=${LLM_DTYPE:-bfloat16} TOKEN2WAV_DTYPE=${TOKEN2WAV_DTYPE:-bfloat16}
 export STACK_RUN_DIR=/tmp/run REDIS_PORT=6390 PLACEMENT_DEFAULT_DEVICE=$DEVICE
 export SEED_FRONT=0   # the seed-compatible fronts are measured by their own client, not in this run
+# token2wav compiles its Euler step and captures every graph before it reports ready (minutes on a fresh machine)
+export STACK_READY_TIMEOUT_S=${STACK_READY_TIMEOUT_S:-570}
 LABEL="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo cpu), $(date -u +%F)"
 
 stack_up() {  # $1 = tag
-  timeout "${STACK_UP_S:-360}" python3 -m cosyvoice_tools.stack up > "$OUTDIR/stack_up_$1.txt" 2>&1 || { tail -5 "$OUTDIR/stack_up_$1.txt"; return 1; }
+  timeout "${STACK_UP_TIMEOUT_S:-600}" python3 -m cosyvoice_tools.stack up > "$OUTDIR/stack_up_$1.txt" 2>&1 || { tail -5 "$OUTDIR/stack_up_$1.txt"; return 1; }
   STATS=$(python3 -c "import json; s=json.load(open('/tmp/run/stack.json')); print(','.join(f\"127.0.0.1:{p['ports']['http']}\" for p in s['processes'] if p['kind'] == 'triton'))")
 }
 smoke() {  # one short streaming request through the whole stack
@@ -156,10 +158,9 @@ fi
 
 if has components; then
   echo "== components ($(left) s left)"
-  timeout "$(share 50)" python3 tools/gpu/llm_speed.py --variants plain-graph,fast-graph --batches 1,8,32 \
-    --e2e 1,32 > "$OUTDIR/llm_speed.txt" 2>&1; publish
-  timeout $(( $(left) - 10 )) python3 tools/gpu/token2wav_speed.py --device cuda --size full \
-    --variants fp32-graphs,bf16-graphs --batches 1,4,16 --baseline-max-batch 1 --baseline-repeats 2 --out "$RESULTS" \
+  timeout "$(share "${LLM_SPEED_SHARE:-40}")" python3 tools/gpu/llm_speed.py ${LLM_SPEED_ARGS:-} > "$OUTDIR/llm_speed.txt" 2>&1
+  publish
+  timeout $(( $(left) - 10 )) python3 tools/gpu/token2wav_speed.py --device cuda --size full --out "$RESULTS" ${T2W_SPEED_ARGS:-} \
     > "$OUTDIR/token2wav_speed.txt" 2>&1
 fi
 echo "== done ($(left) s left; stack config: $MODE)"

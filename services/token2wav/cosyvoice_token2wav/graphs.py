@@ -44,7 +44,7 @@ def capture(fn: Callable[..., tuple[torch.Tensor, ...]], inputs: tuple[torch.Ten
 
 
 class GraphCache:
-    """Lazily captured graphs keyed by shape bucket, sharing one memory pool."""
+    """Graphs keyed by shape bucket, sharing one memory pool; ``get`` captures a missing one."""
 
     def __init__(self) -> None:
         self._graphs: dict[Hashable, CapturedGraph] = {}
@@ -52,6 +52,9 @@ class GraphCache:
 
     def __len__(self) -> int:
         return len(self._graphs)
+
+    def lookup(self, key: Hashable) -> CapturedGraph | None:
+        return self._graphs.get(key)
 
     def get(self, key: Hashable, fn: Callable[..., tuple[torch.Tensor, ...]],
             make_inputs: Callable[[], tuple[torch.Tensor, ...]]) -> CapturedGraph:

@@ -20,13 +20,22 @@ q/k/v fused; each resnet's time bias per Euler step precomputed). With ``use_cud
 flow (encoder + 10 Euler steps) is one CUDA graph per (batch bucket, token bucket) and HiFT one per
 (batch bucket, mel-frame bucket), replayed from static buffers. Per call: one upload per input kind,
 per-request source-noise draws (each request's own generator), one download of all outputs.
+
+Serving (the stage): ``compile_estimator`` runs each Euler step (estimator + CFG update) through
+torch.compile (Inductor, dynamic shapes); ``capture_all`` compiles and captures every graph bucket at
+start-up, and with ``capture_on_demand=False`` nothing is ever captured or compiled inside a call (a call
+outside the captured buckets runs eagerly). The estimator's attention mask is an additive mask in the compute
+dtype, built once per call. ``run_chunks`` splits a dynamic batch into length groups under a padding budget,
+streams' first chunks in groups of their own that run first, and reports each group as soon as it is done.
 """
 from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,16 +44,25 @@ import torch.nn.functional as F
 from cosyvoice_common.constants import MEL_BINS, SPEAKER_EMBEDDING_DIM
 
 from .flow import CausalMaskedDiffWithXvec
-from .graphs import GraphCache
+from .graphs import CapturedGraph, GraphCache
 from .hift import POST_LRELU_SLOPE, ISTFT_MAX_MAGNITUDE, HiFTGenerator
 from .token2wav import Token2WavConfig, VocoderCache
 
-# (upper bound, step) pairs: a length is rounded up to a multiple of the step of the first bound it fits.
-TOKEN_BUCKETS = ((128, 16), (256, 32), (512, 64), (1 << 30, 128))
-MEL_FRAME_BUCKETS = ((128, 16), (256, 32), (512, 64), (1 << 30, 128))
-# Graphs are captured up to these sizes; longer calls run eagerly (same results).
-MAX_GRAPH_TOKENS = 1024
-MAX_GRAPH_MEL_FRAMES = 2048
+# Length buckets (a length is padded to the first bucket >= it; past the last, to a multiple of the last
+# step). Token buckets are encoder frames (prompt + chunk tokens, 3 look-ahead excluded): 3-10 s prompts are
+# 75-250 tokens, a first chunk adds 15, the gateway allows prompts up to 750 tokens. Mel buckets are HiFT input
+# frames (8 cached + new): first chunk 30, a 25-token hop 58, an offline call 2 x its tokens.
+TOKEN_BUCKETS = (48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024)
+MEL_FRAME_BUCKETS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+_BUCKET_TAIL_STEP = 128
+# Graphs exist for batch bucket x length bucket up to these sizes (rows x length); a larger call is
+# compute-bound, gains nothing from a graph and would only grow the graph pool: it runs eagerly.
+MAX_GRAPH_TOKEN_ROWS = 16 * 512
+MAX_GRAPH_MEL_ROWS = 16 * 512
+# A group of chunk calls may pad its rows' lengths (tokens, mel frames) to at most this times their sum.
+DEFAULT_PADDING_BUDGET = 2.0
+# torch.compile modes for the estimator step: the runner captures CUDA graphs itself, so none that adds its own
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 _ISTFT_MIN_ENVELOPE = 1e-11   # torch.istft's own validity bound on the window envelope
 
 # meta columns (int64 per row)
@@ -85,6 +103,13 @@ class ChunkRequest:
     generator: torch.Generator | None = None   # HiFT source noise; else `seed`; else the global RNG
     seed: int | None = None
 
+    @property
+    def kind(self) -> str:
+        """first | middle | final (chunks of a stream) | offline (one pass): what scheduling and metrics use."""
+        if not self.finalize:
+            return "first" if self.token_offset == 0 else "middle"
+        return "final" if self.token_offset > 0 else "offline"
+
 
 @dataclass(slots=True)
 class ChunkResult:
@@ -92,6 +117,30 @@ class ChunkResult:
     cache: VocoderCache | None            # for the next chunk; None after the final one (or on error)
     error: Exception | None = None
     mel: torch.Tensor | None = None       # [1, 80, F] this chunk's new flow mel (only with keep_mel)
+
+
+CHUNK_KINDS = ("first", "middle", "final", "offline")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupTiming:
+    """One scheduled group of a ``run_chunks`` call."""
+    wait_ms: float        # from the start of run_chunks to the start of this group
+    compute_ms: float     # this group's run, results on the output device
+    rows: int             # requests in the group (0 for the requests that failed validation)
+    padded: tuple[int, int, int] = (0, 0, 0)   # (batch, tokens, mel frames) it ran at
+
+
+def compile_step(fn: Callable, mode: str) -> Callable:
+    """``fn`` through torch.compile (Inductor) with dynamic shapes, so one compilation serves every
+    (rows, frames) bucket; the runner's CUDA graphs capture the compiled kernels."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    import torch._dynamo
+    cfg = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, limit, max(getattr(cfg, limit), 64))
+    return torch.compile(fn, mode=None if mode == "default" else mode, dynamic=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +156,7 @@ class _Plan:
     new_frames: int
     finalize: bool
     streaming: bool
+    first: bool                # a stream's first chunk: scheduled ahead of the rest
 
 
 @dataclass(slots=True)
@@ -122,11 +172,11 @@ class _Staged:
     extra: dict = field(default_factory=dict)
 
 
-def bucket(n: int, table: tuple[tuple[int, int], ...]) -> int:
-    for bound, step in table:
-        if n <= bound:
-            return max(step, math.ceil(n / step) * step)
-    raise ValueError(n)
+def bucket(n: int, table: tuple[int, ...]) -> int:
+    for size in table:
+        if n <= size:
+            return size
+    return math.ceil(n / _BUCKET_TAIL_STEP) * _BUCKET_TAIL_STEP
 
 
 def batch_bucket(n: int, max_batch: int) -> int:
@@ -142,7 +192,13 @@ class Token2WavRunner:
     def __init__(self, model: str | Path | tuple[CausalMaskedDiffWithXvec, HiFTGenerator],
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  use_cuda_graphs: bool = False, max_batch: int = 16, hift_dtype: torch.dtype = torch.float32,
-                 config: Token2WavConfig = Token2WavConfig()) -> None:
+                 config: Token2WavConfig = Token2WavConfig(), compile_estimator: bool = False,
+                 compile_mode: str = "default", capture_on_demand: bool = True,
+                 padding_budget: float = DEFAULT_PADDING_BUDGET, first_chunks_apart: bool = True) -> None:
+        """compile_estimator: one Euler step of the estimator goes through torch.compile (Inductor, dynamic
+        shapes: one compilation serves every bucket). capture_on_demand: a graph bucket is captured the first
+        time a call needs it (inside that call); False: only what ``capture_all`` captured replays, anything
+        else runs eagerly. padding_budget, first_chunks_apart: see ``schedule``."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -150,9 +206,15 @@ class Token2WavRunner:
             raise ValueError("CUDA graphs need a CUDA device")
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if padding_budget < 1.0:
+            raise ValueError("padding_budget must be >= 1")
         self.dtype = dtype
         self.hift_dtype = hift_dtype
         self.use_cuda_graphs = use_cuda_graphs
+        self.capture_on_demand = capture_on_demand
+        self.padding_budget = padding_budget
+        self.first_chunks_apart = first_chunks_apart
+        self.compile_mode = compile_mode if compile_estimator else None
         # pad to the graph buckets (batch rows and lengths) even when eager: lets CPU tests cover that padding
         self.pad_to_buckets = use_cuda_graphs
         self.max_batch = max_batch
@@ -177,9 +239,15 @@ class Token2WavRunner:
         self._fade_out = window[self._n_cache:].to(self.device)
         self._chunk_masks: dict[tuple[int, int], torch.Tensor] = {}
         self._aranges: dict[int, torch.Tensor] = {}
+        self._cfg_pairs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._flow_graphs = GraphCache()
         self._hift_graphs = GraphCache()
         self._pinned: dict[tuple, _Staged] = {}
+        self._graph_keys = tuple(set(keys) for keys in self.graph_keys())   # (flow, HiFT)
+        self._step = self._estimator_step
+        if compile_estimator:
+            self._step = compile_step(self._estimator_step, compile_mode)
+        self.startup_s = 0.0
 
     # ------------------------------------------------------------------------------------------------
     # load-time conversion
@@ -203,12 +271,13 @@ class Token2WavRunner:
             # are per-step constants.
             temb = est.time_mlp(est.time_embeddings(t_sched).to(self.dtype))   # [steps, temb]
             resnets = [est.down_blocks[0][0], *[m[0] for m in est.mid_blocks], est.up_blocks[0][0]]
-            self._time_bias = {id(r): r.mlp(temb).unsqueeze(-1).contiguous() for r in resnets}  # [steps, C, 1]
-            self._qkv = {}
-            for module in est.modules():
-                if module.__class__.__name__ == "Attention":
-                    self._qkv[id(module)] = torch.cat([module.to_q.weight, module.to_k.weight,
-                                                       module.to_v.weight], dim=0).contiguous()
+            biases = [r.mlp(temb).unsqueeze(-1) for r in resnets]              # [steps, C, 1] each
+            # per step, one [C, 1] bias per resnet (down, mids, up): tensors, so a compiled step serves every step
+            self._step_biases = [tuple(b[step].contiguous() for b in biases) for step in range(self._n_steps)]
+            self._dt_tensors = [torch.tensor(dt, dtype=torch.float32, device=self.device) for dt in self._dt]
+            stacks = [est.down_blocks[0][1], *[m[1] for m in est.mid_blocks], est.up_blocks[0][1]]
+            self._stack_qkv = [[torch.cat([b.attn1.to_q.weight, b.attn1.to_k.weight, b.attn1.to_v.weight],
+                                          dim=0).contiguous() for b in blocks] for blocks in stacks]
         return flow
 
     def _prepare_hift(self, hift: HiFTGenerator, owned: bool) -> HiFTGenerator:
@@ -276,51 +345,80 @@ class Token2WavRunner:
         valid = t_enc * self._ratio
         frame_mask = (self._arange(frames)[None, :] < valid).unsqueeze(1).to(self.dtype)    # [B, 1, F]
         attn = self._attn_mask(frames, valid, streaming, flow.decoder.estimator.cfg.static_chunk_size_frames)
-        return (self._cfm(mu, frame_mask, spks, cond, attn),)
+        # additive (0 / -inf) in the compute dtype, built once per call: SDPA would otherwise convert a boolean
+        # mask in each of the estimator's attention layers at every step
+        bias = torch.zeros(attn.shape, dtype=self.dtype, device=attn.device).masked_fill_(~attn, float("-inf"))
+        return (self._cfm(mu, frame_mask, spks, cond, bias),)
 
     def _cfm(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
-             attn: torch.Tensor) -> torch.Tensor:
+             attn_bias: torch.Tensor) -> torch.Tensor:
         b, _, frames = mu.shape
         const = torch.cat([mu, spks.unsqueeze(-1).expand(-1, -1, frames), cond], dim=1)
         const_in = torch.cat([const, torch.zeros_like(const)], dim=0)
         mask_in = torch.cat([mask, mask], dim=0)
-        attn_in = torch.cat([attn, attn], dim=0)
-        x = self._noise[:, :, :frames].expand(b, -1, -1)
+        bias_in = torch.cat([attn_bias, attn_bias], dim=0)
+        # the Euler state is held twice ([2B] rows, both halves equal: the CFG pair), so the step never sees a
+        # batch of 1 (a compiled step then serves B = 1 and B > 1 with one compilation)
+        x = self._noise[:, :, :frames].expand(2 * b, -1, -1).contiguous()
+        cfg = self._cfg_pairing(b)
         for step in range(self._n_steps):
-            x_in = torch.cat([x, x], dim=0).to(self.dtype)
-            v = self._estimator(x_in, const_in, mask_in, attn_in, step).float()
-            x = x + self._dt[step] * (self._cfg_guided * v[:b] - self._cfg_unguided * v[b:])
-        return x
+            x = self._step(x, const_in, mask_in, bias_in, self._step_biases[step], self._dt_tensors[step], cfg)
+        return x[:b]
 
-    def _estimator(self, x: torch.Tensor, const: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor,
-                   step: int) -> torch.Tensor:
+    def _cfg_pairing(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row CFG weights [2B, 1, 1] (own row, paired row) and the pairing index [2B] (cached per B)."""
+        entry = self._cfg_pairs.get(b)
+        if entry is None:
+            g, u = self._cfg_guided, self._cfg_unguided
+            w_self = torch.tensor([g] * b + [-u] * b, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+            w_pair = torch.tensor([-u] * b + [g] * b, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+            pair = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(self.device)
+            entry = self._cfg_pairs[b] = (w_self, w_pair, pair)
+        return entry
+
+    def _estimator_step(self, x: torch.Tensor, const: torch.Tensor, mask: torch.Tensor, attn_bias: torch.Tensor,
+                        time_bias: tuple[torch.Tensor, ...], dt: torch.Tensor,
+                        cfg: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """One Euler step with CFG on the doubled state x [2B, 80, F] float32:
+        x + dt * ((1 + r) v_cond - r v_uncond) in both halves."""
+        v = self._estimator(x.to(self.dtype), const, mask, attn_bias, time_bias).float()
+        # row i pairs with row (i + B) mod 2B; weights (1 + r, -r) in the cond half and (-r, 1 + r) in the
+        # uncond half give (1 + r) v_cond - r v_uncond in both (no slicing by B, which may be 1)
+        w_self, w_pair, pair = cfg
+        return x + dt * (w_self * v + w_pair * v.index_select(0, pair))
+
+    def _estimator(self, x: torch.Tensor, const: torch.Tensor, mask: torch.Tensor, attn_bias: torch.Tensor,
+                   time_bias: tuple[torch.Tensor, ...]) -> torch.Tensor:
         est = self.flow.decoder.estimator
+        qkv = self._stack_qkv
         h = torch.cat([x, const], dim=1)
         resnet, blocks, down = est.down_blocks[0]
-        h = self._transformers(blocks, self._resnet(resnet, h, mask, step), attn)
+        h = self._transformers(blocks, qkv[0], self._resnet(resnet, h, mask, time_bias[0]), attn_bias)
         skip = h
         h = down(h * mask)
-        for resnet, blocks in est.mid_blocks:
-            h = self._transformers(blocks, self._resnet(resnet, h, mask, step), attn)
+        for i, (resnet, blocks) in enumerate(est.mid_blocks, start=1):
+            h = self._transformers(blocks, qkv[i], self._resnet(resnet, h, mask, time_bias[i]), attn_bias)
         resnet, blocks, up = est.up_blocks[0]
         h = torch.cat([h[:, :, :skip.size(-1)], skip], dim=1)
-        h = self._transformers(blocks, self._resnet(resnet, h, mask, step), attn)
+        h = self._transformers(blocks, qkv[-1], self._resnet(resnet, h, mask, time_bias[-1]), attn_bias)
         h = up(h * mask)
         h = est.final_block(h, mask)
         return est.final_proj(h * mask) * mask
 
-    def _resnet(self, rb, x: torch.Tensor, mask: torch.Tensor, step: int) -> torch.Tensor:
-        h = rb.block1(x, mask) + self._time_bias[id(rb)][step]
+    @staticmethod
+    def _resnet(rb, x: torch.Tensor, mask: torch.Tensor, time_bias: torch.Tensor) -> torch.Tensor:
+        h = rb.block1(x, mask) + time_bias
         h = rb.block2(h, mask)
         return h + rb.res_conv(x * mask)
 
-    def _transformers(self, blocks, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _transformers(blocks, qkv_weights: list[torch.Tensor], x: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
         h = x.transpose(1, 2)
-        for blk in blocks:
+        for blk, w in zip(blocks, qkv_weights):
             a = blk.attn1
             n, f, _ = h.shape
-            qkv = F.linear(blk.norm1(h), self._qkv[id(a)]).view(n, f, 3, a.heads, a.head_dim).permute(2, 0, 3, 1, 4)
-            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn)
+            qkv = F.linear(blk.norm1(h), w).view(n, f, 3, a.heads, a.head_dim).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_bias)
             h = h + a.to_out[0](out.transpose(1, 2).reshape(n, f, a.heads * a.head_dim))
             h = h + blk.ff(blk.norm3(h))
         return h.transpose(1, 2)
@@ -464,7 +562,8 @@ class Token2WavRunner:
                                     f"got {mel_frames}")
         if mel_frames < 1:
             raise ChunkRequestError("the chunk has no mel frames to vocode")
-        return _Plan(index, ids, t_enc, prompt_frames, start, cache_frames, mel_frames, new, r.finalize, r.streaming)
+        return _Plan(index, ids, t_enc, prompt_frames, start, cache_frames, mel_frames, new, r.finalize, r.streaming,
+                     r.kind == "first")
 
     def _sizes(self, plans: list[_Plan]) -> tuple[int, int, int]:
         n = len(plans)
@@ -548,20 +647,74 @@ class Token2WavRunner:
         out = src.gather(2, idx.unsqueeze(1).expand(-1, src.size(1), -1))
         return torch.where((m < m_len).unsqueeze(1), out, 0.0).to(self.hift_dtype)
 
+    # ------------------------------------------------------------------------------------------------
+    # graphs
+    # ------------------------------------------------------------------------------------------------
+    def _flow_graph_inputs(self, bb: int, tk: int) -> tuple[torch.Tensor, ...]:
+        dev = self.device
+        meta = torch.zeros(bb, _META_COLS, dtype=torch.int64)
+        meta[:, [_M_TENC, _M_NVALID, _M_MEL]] = 1   # padding rows: a valid (if trivial) call for the warm-up runs
+        return (torch.zeros(bb, tk + self._lookahead, dtype=torch.int64, device=dev), meta.to(dev),
+                torch.zeros(bb, MEL_BINS, self._ratio * tk, dtype=self.dtype, device=dev),
+                torch.ones(bb, SPEAKER_EMBEDDING_DIM, dtype=self.dtype, device=dev))
+
+    def _hift_graph_inputs(self, bb: int, mk: int) -> tuple[torch.Tensor, ...]:
+        dev, k = self.device, self._n_cache
+        spf, n_h = self.hift.cfg.samples_per_frame, self.hift.cfg.n_harmonic_channels
+        return (torch.zeros(bb, MEL_BINS, mk, dtype=self.hift_dtype, device=dev),
+                torch.ones(bb, 2, dtype=torch.int64, device=dev),
+                torch.zeros(bb, k, dtype=torch.float32, device=dev),
+                torch.zeros(bb, k, dtype=torch.float32, device=dev),
+                torch.zeros(bb, n_h, dtype=self.hift_dtype, device=dev),
+                torch.zeros(bb, mk * spf, n_h, dtype=self.hift_dtype, device=dev))
+
+    def graph_keys(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(flow (batch, token) keys, HiFT (batch, mel frame) keys) that get graphs: every batch bucket x
+        length bucket within MAX_GRAPH_*_ROWS."""
+        batches = sorted({batch_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
+        flow = [(b, t) for b in batches for t in TOKEN_BUCKETS if b * t <= MAX_GRAPH_TOKEN_ROWS]
+        hift = [(b, m) for b in batches for m in MEL_FRAME_BUCKETS if b * m <= MAX_GRAPH_MEL_ROWS]
+        return flow, hift
+
+    @torch.inference_mode()
+    def capture_all(self, log: Callable[[str], None] | None = None) -> float:
+        """Compile (when on) and capture every graph bucket now, largest first (the pool is sized by the
+        first capture); returns the seconds it took (also in ``startup_s``). Without CUDA graphs it runs
+        the compiled step once per bucket, so no compilation is left for a request."""
+        t0 = time.perf_counter()
+        flow_keys, hift_keys = self.graph_keys()
+        if self.use_cuda_graphs:
+            for bb, tk in sorted(flow_keys, key=lambda k: -k[0] * k[1]):
+                self._flow_graphs.get((bb, tk), self._flow_core, lambda: self._flow_graph_inputs(bb, tk))
+            for bb, mk in sorted(hift_keys, key=lambda k: -k[0] * k[1]):
+                self._hift_graphs.get((bb, mk), self._hift_core, lambda: self._hift_graph_inputs(bb, mk))
+            torch.cuda.synchronize(self.device)
+        elif self.compile_mode is not None:
+            for bb, tk in flow_keys:
+                self._flow_core(*self._flow_graph_inputs(bb, tk))
+        self.startup_s = time.perf_counter() - t0
+        if log is not None:
+            log(f"token2wav: {self.graph_count} graphs ({len(flow_keys)} flow, {len(hift_keys)} HiFT"
+                f"{', estimator compiled: ' + self.compile_mode if self.compile_mode else ''}) ready in "
+                f"{self.startup_s:.1f} s")
+        return self.startup_s
+
+    def _graph(self, cache: GraphCache, key: tuple[int, int], fn, make_inputs) -> CapturedGraph | None:
+        """The captured graph of `key`; None = run eagerly (no graphs, or not captured and not capturing now)."""
+        if not self.use_cuda_graphs:
+            return None
+        graph = cache.lookup(key)
+        if graph is None and self.capture_on_demand and key in self._graph_keys[cache is self._hift_graphs]:
+            graph = cache.get(key, fn, make_inputs)
+        return graph
+
     def _run_group(self, plans: list[_Plan], requests: list[ChunkRequest], keep_mel: bool,
                    output_device: torch.device) -> list[ChunkResult]:
         bb, tk, mk = self._sizes(plans)
-        graphs = self.use_cuda_graphs and tk <= MAX_GRAPH_TOKENS and mk <= MAX_GRAPH_MEL_FRAMES
         st = self._stage(plans, requests, bb, tk)
         dev = self.device
-        la, k = self._lookahead, self._n_cache
-        if graphs:
-            def flow_inputs():
-                return (torch.zeros(bb, tk + la, dtype=torch.int64, device=dev),
-                        st.meta.to(dev),   # padding-row meta: a valid (if trivial) call for the warm-up runs
-                        torch.zeros(bb, MEL_BINS, self._ratio * tk, dtype=self.dtype, device=dev),
-                        torch.ones(bb, SPEAKER_EMBEDDING_DIM, dtype=self.dtype, device=dev))
-            fg = self._flow_graphs.get((bb, tk), self._flow_core, flow_inputs)
+        fg = self._graph(self._flow_graphs, (bb, tk), self._flow_core, lambda: self._flow_graph_inputs(bb, tk))
+        if fg is not None:
             ids, meta, cond, emb = fg.inputs
             ids.copy_(st.ids, non_blocking=True)
             meta.copy_(st.meta, non_blocking=True)
@@ -576,17 +729,8 @@ class Token2WavRunner:
         cache_mel = st.cache_mel.to(dev, non_blocking=True)
         hmel = self._hift_input(feat, meta, cache_mel, mk)
         hmeta = torch.stack([meta[:, _M_MEL], meta[:, _M_CACHE] * self.config.samples_per_frame], dim=1)
-        if graphs:
-            spf, n_h = self.hift.cfg.samples_per_frame, self.hift.cfg.n_harmonic_channels
-
-            def hift_inputs():
-                return (torch.zeros(bb, MEL_BINS, mk, dtype=self.hift_dtype, device=dev),
-                        torch.ones(bb, 2, dtype=torch.int64, device=dev),
-                        torch.zeros(bb, k, dtype=torch.float32, device=dev),
-                        torch.zeros(bb, k, dtype=torch.float32, device=dev),
-                        torch.zeros(bb, n_h, dtype=self.hift_dtype, device=dev),
-                        torch.zeros(bb, mk * spf, n_h, dtype=self.hift_dtype, device=dev))
-            hg = self._hift_graphs.get((bb, mk), self._hift_core, hift_inputs)
+        hg = self._graph(self._hift_graphs, (bb, mk), self._hift_core, lambda: self._hift_graph_inputs(bb, mk))
+        if hg is not None:
             g_mel, g_meta, g_src, g_sp, g_ri, g_noise = hg.inputs
             g_mel.copy_(hmel)
             g_meta.copy_(hmeta)
@@ -639,13 +783,50 @@ class Token2WavRunner:
             results.append(ChunkResult(waveform=wav, cache=cache, mel=parts.pop(0) if keep_mel else None))
         return results
 
+    def schedule(self, plans: list[_Plan]) -> list[list[_Plan]]:
+        """Groups to run, in order. Streams' first chunks and the other calls never share a group (unless
+        ``first_chunks_apart`` is off); within each,
+        rows are sorted by length and cut into groups of at most max_batch whose padded lengths (tokens and mel
+        frames, each row padded to the group's bucket) stay within ``padding_budget`` x their real lengths,
+        so a long final chunk or offline call never pads short chunks to its size. The first chunks' groups
+        run first, then the cheapest."""
+        groups: list[list[_Plan]] = []
+        classes = (True, False) if self.first_chunks_apart else (None,)
+        for first in classes:
+            cur: list[_Plan] = []
+            members = (p for p in plans if first is None or p.first == first)
+            for p in sorted(members, key=lambda p: (p.t_enc, p.mel_frames, p.index)):
+                if cur and (len(cur) >= self.max_batch or not self._within_budget(cur + [p])):
+                    groups.append(cur)
+                    cur = []
+                cur.append(p)
+            if cur:
+                groups.append(cur)
+
+        def cost(g: list[_Plan]) -> int:
+            bb, tk, _ = self._sizes(g)
+            return bb * tk
+        return sorted(groups, key=lambda g: (not any(p.first for p in g), cost(g), g[0].index))
+
+    def _within_budget(self, group: list[_Plan]) -> bool:
+        _, tk, mk = self._sizes(group)
+        n = len(group)
+        return (n * tk <= self.padding_budget * sum(p.t_enc for p in group)
+                and n * mk <= self.padding_budget * sum(max(p.mel_frames, self.config.mel_cache_frames) for p in group))
+
     @torch.inference_mode()
     def run_chunks(self, requests: list[ChunkRequest], keep_mel: bool = False,
-                   output_device: torch.device | str = "cpu") -> list[ChunkResult]:
+                   output_device: torch.device | str = "cpu",
+                   on_group: Callable[[list[int], list[ChunkResult], GroupTiming], None] | None = None
+                   ) -> list[ChunkResult]:
         """Run every request (any mix of first/middle/final streaming chunks and offline calls) batched.
 
         Results are in request order; a request that fails validation gets ``error`` set and the rest run.
+        Requests run in the groups of ``schedule``; ``on_group(indices, results, timing)`` is called as soon
+        as each group's results are on the output device (first with the requests that failed validation),
+        so a caller can answer them before the next group runs.
         """
+        t0 = time.perf_counter()
         results: list[ChunkResult | None] = [None] * len(requests)
         plans: list[_Plan] = []
         for i, r in enumerate(requests):
@@ -653,11 +834,19 @@ class Token2WavRunner:
                 plans.append(self._plan(i, r))
             except ChunkRequestError as exc:
                 results[i] = ChunkResult(waveform=None, cache=None, error=exc)
+        if on_group is not None and len(plans) < len(requests):
+            failed = [i for i, res in enumerate(results) if res is not None]
+            on_group(failed, [results[i] for i in failed], GroupTiming(0.0, 0.0, 0))
         out_dev = torch.device(output_device)
-        for g in range(0, len(plans), self.max_batch):
-            group = plans[g:g + self.max_batch]
-            for p, res in zip(group, self._run_group(group, [requests[p.index] for p in group], keep_mel, out_dev)):
+        for group in self.schedule(plans):
+            start = time.perf_counter()
+            group_results = self._run_group(group, [requests[p.index] for p in group], keep_mel, out_dev)
+            done = time.perf_counter()
+            for p, res in zip(group, group_results):
                 results[p.index] = res
+            if on_group is not None:
+                on_group([p.index for p in group], group_results,
+                         GroupTiming((start - t0) * 1e3, (done - start) * 1e3, len(group), self._sizes(group)))
         return results  # type: ignore[return-value]
 
     @property

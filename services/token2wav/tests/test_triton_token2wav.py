@@ -109,3 +109,47 @@ def test_chunk_seeds_differ_per_chunk_and_repeat_per_request():
     assert len(set(seeds)) == len(seeds) and all(0 <= s < 1 << 63 for s in seeds)
     assert seeds == [chunk_seed(7, offset) for offset in (0, 15, 40, 90)]
     assert chunk_seed(8, 0) != seeds[0] and chunk_seed((1 << 64) - 1, 0) < 1 << 63
+
+
+def _kind_count(metrics_url: str, name: str, kind: str) -> float:
+    import re
+    import urllib.request
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    match = re.search(rf'^{name}{{[^}}]*kind="{kind}"[^}}]*}} ([0-9.e+]+)$', text, re.M)
+    assert match, f"{name}{{kind={kind}}} missing from the metrics port: " + "; ".join(
+        line for line in text.splitlines() if "token2wav" in line and not line.startswith("#"))[:3000]
+    return float(match.group(1))
+
+
+def test_concurrent_first_chunk_and_offline_call_are_each_answered_and_counted_by_kind(stage_servers):
+    """A first chunk (priority 1, as the gateway sends it) and a long offline call in flight together: each
+    gets its own answer (through the response sender of its group); chunks and ms are counted per kind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(6)
+    url = stage_servers.grpc_url("token2wav")
+    metrics = stage_servers.metrics_url("token2wav")
+    before = {k: _kind_count(metrics, "token2wav_chunks", k) for k in ("first", "offline")}
+    long_target = rng.integers(0, 6561, (1, 200)).astype(np.int32) + SPEECH_ID_OFFSET
+    first_target = rng.integers(0, 6561, (1, 18)).astype(np.int32) + SPEECH_ID_OFFSET
+    prompts = [_prompt(rng) for _ in range(3)]
+
+    def offline():
+        client = grpcclient.InferenceServerClient(url)
+        return client.infer(TOKEN2WAV_MODEL, [_input("target_speech_tokens", long_target, "INT32"), *prompts[0]])
+
+    def first(n: int):
+        client = grpcclient.InferenceServerClient(url)
+        return client.infer(TOKEN2WAV_MODEL, [
+            _input("target_speech_tokens", first_target, "INT32"), *prompts[n],
+            _input("token_offset", np.array([[0]], np.int32), "INT32"),
+            _input("finalize", np.array([[False]]), "BOOL")], priority=1)
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(offline), pool.submit(first, 1), pool.submit(first, 2)]
+        long_wav, *firsts = [f.result(timeout=120).as_numpy("waveform") for f in futures]
+    assert long_wav.shape == (1, 200 * SAMPLES_PER_TOKEN)
+    assert all(w.shape == (1, 15 * SAMPLES_PER_TOKEN - HIFT_SOURCE_CACHE_SAMPLES) for w in firsts)
+    assert _kind_count(metrics, "token2wav_chunks", "first") == before["first"] + 2
+    assert _kind_count(metrics, "token2wav_chunks", "offline") == before["offline"] + 1
+    assert _kind_count(metrics, "token2wav_chunk_compute_ms", "offline") > 0

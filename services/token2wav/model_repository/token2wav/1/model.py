@@ -5,8 +5,12 @@ and speech tails) arrives as input tensors and leaves as output tensors, so any 
 and a cancelled stream leaves nothing behind. Without `token_offset` the call is offline (one pass).
 With `seed` the vocoder's source noise is drawn from a generator seeded by `chunk_seed(seed, token_offset)`
 (the same request replayed gives the same audio, on any replica); without it, from the process RNG.
-The whole dynamic batch (streaming chunks and offline calls mixed) runs as one padded batch; each
-request's failure answers only that request.
+The dynamic batch (streaming chunks and offline calls mixed) runs as length-grouped padded batches, groups
+holding a stream's first chunk first (Token2WavRunner.schedule); each group is answered through the
+requests' response senders as soon as it is done, so a first chunk never waits for a long final chunk of
+the same batch. Each request's failure answers only that request. On a GPU the flow runs in bfloat16
+(`dtype` auto), each Euler step compiled (`compile` auto), and every graph bucket is compiled and captured
+in initialize(), before the stage reports ready; no request ever captures or compiles.
 """
 from __future__ import annotations
 
@@ -21,20 +25,53 @@ import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import MEL_BINS, SPEECH_ID_OFFSET
 from cosyvoice_common.runtime import install_stack_dumps
-from cosyvoice_common.triton_io import error_response, from_triton, get_dtype, get_parameter, to_triton
-from cosyvoice_token2wav.runner import ChunkRequest, Token2WavRunner, chunk_seed
+from cosyvoice_common.triton_io import error_response, from_triton, get_parameter, send_outputs
+from cosyvoice_token2wav.runner import (CHUNK_KINDS, COMPILE_MODES, ChunkRequest, ChunkResult, GroupTiming,
+                                        Token2WavRunner, chunk_seed)
 from cosyvoice_token2wav.token2wav import VocoderCache
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_OFF = ("off", "0", "false", "no")
+
 
 @dataclass(frozen=True, slots=True)
 class Token2WavStageConfig:
+    """config.pbtxt parameters. dtype: auto = bfloat16 flow on CUDA (it holds the quality gate against
+    float32, cosyvoice_token2wav.quality), float32 on CPU (the reference's numerics; HiFT is always float32).
+    compile: auto = on with CUDA graphs, off otherwise; on = Inductor's default mode; or a mode of
+    COMPILE_MODES. padding_budget: Token2WavRunner.schedule's bound on length padding."""
     model_dir: Path
     device: str
     flow_dtype: torch.dtype
+    cuda_graphs: bool
+    compile_mode: str | None
+    padding_budget: float
+
+    def __post_init__(self) -> None:
+        if self.cuda_graphs and torch.device(self.device).type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile must be auto, on, off or one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.padding_budget < 1.0:
+            raise ValueError(f"padding_budget must be >= 1, got {self.padding_budget}")
 
     @classmethod
-    def from_model_config(cls, model_config: dict) -> "Token2WavStageConfig":
-        return cls(Path(get_parameter(model_config, "model_dir")), get_parameter(model_config, "device"),
-                   get_dtype(model_config, "dtype", auto="float32"))   # auto: the reference's numerics
+    def from_model_config(cls, model_config: dict, env: dict | None = None) -> "Token2WavStageConfig":
+        env = os.environ if env is None else env
+        device = get_parameter(model_config, "device")
+        cuda = torch.device(device).type == "cuda"
+        dtype_name = get_parameter(model_config, "dtype")
+        if dtype_name == "auto":
+            dtype_name = "bfloat16" if cuda else "float32"
+        if dtype_name not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {list(_DTYPES)}, got {dtype_name!r}")
+        graphs = cuda and env.get("TOKEN2WAV_CUDA_GRAPHS", "1") != "0"
+        compile_name = get_parameter(model_config, "compile")
+        if compile_name == "auto":
+            compile_name = "on" if graphs else "off"
+        compile_mode = None if compile_name in _OFF else ("default" if compile_name == "on" else compile_name)
+        return cls(Path(get_parameter(model_config, "model_dir")), device, _DTYPES[dtype_name], graphs, compile_mode,
+                   get_parameter(model_config, "padding_budget", float))
 
 
 def _input(request, name: str) -> np.ndarray | None:
@@ -95,27 +132,68 @@ class ChunkCall:
                    token_offset, is_final, streaming, cache, seed)
 
 
-def chunk_response(wav: torch.Tensor, cache: VocoderCache | None):
+def chunk_outputs(wav: torch.Tensor, cache: VocoderCache | None) -> dict[str, torch.Tensor]:
     if cache is None:   # after the final chunk: empty caches, same ranks
         mel, source, speech = torch.zeros(1, MEL_BINS, 0), torch.zeros(1, 0), torch.zeros(1, 0)
     else:
         mel, source, speech = cache.mel, cache.source.reshape(1, -1), cache.speech.reshape(1, -1)
     outputs = {"waveform": wav.reshape(1, -1), "cache_mel": mel, "cache_source": source, "cache_speech": speech}
-    return pb_utils.InferenceResponse([to_triton(name, t.float()) for name, t in outputs.items()])   # all float32
+    return {name: t.float() for name, t in outputs.items()}   # all float32
+
+
+class _KindMetrics:
+    """Per chunk kind (first/middle/final/offline): chunks answered, in-stage wait (from execute() to the
+    start of the chunk's group; Triton's own queue is nv_inference_queue_duration_us) and compute ms."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.families = families = {   # held: a family that is garbage collected takes its metrics along
+            "chunks": pb_utils.MetricFamily(name="token2wav_chunks", description="token2wav chunks answered",
+                                            kind=pb_utils.MetricFamily.COUNTER),
+            "wait": pb_utils.MetricFamily(name="token2wav_chunk_wait_ms",
+                                          description="ms a chunk waited inside execute() for its group to start",
+                                          kind=pb_utils.MetricFamily.COUNTER),
+            "compute": pb_utils.MetricFamily(name="token2wav_chunk_compute_ms",
+                                             description="ms of compute of the group that answered a chunk",
+                                             kind=pb_utils.MetricFamily.COUNTER)}
+        self.metrics = {(name, kind): family.Metric(labels={**labels, "kind": kind})
+                        for name, family in families.items() for kind in CHUNK_KINDS}
+
+    def record(self, kind: str, timing: GroupTiming) -> None:
+        self.metrics[("chunks", kind)].increment(1)
+        self.metrics[("wait", kind)].increment(timing.wait_ms)
+        self.metrics[("compute", kind)].increment(timing.compute_ms)
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         install_stack_dumps()
         model_config = json.loads(args["model_config"])
-        self.config = Token2WavStageConfig.from_model_config(model_config)
-        device = torch.device(self.config.device)
-        self.runner = Token2WavRunner(self.config.model_dir, device, self.config.flow_dtype,
-                                      use_cuda_graphs=device.type == "cuda" and os.environ.get("TOKEN2WAV_CUDA_GRAPHS", "1") != "0",
-                                      max_batch=max(1, int(model_config.get("max_batch_size", 0) or 1)))
+        self.config = cfg = Token2WavStageConfig.from_model_config(model_config)
+        self.runner = Token2WavRunner(cfg.model_dir, torch.device(cfg.device), cfg.flow_dtype,
+                                      use_cuda_graphs=cfg.cuda_graphs,
+                                      max_batch=max(1, int(model_config.get("max_batch_size", 0) or 1)),
+                                      compile_estimator=cfg.compile_mode is not None,
+                                      compile_mode=cfg.compile_mode or "default", capture_on_demand=False,
+                                      padding_budget=cfg.padding_budget)
+        # every graph bucket compiled and captured now: the stage is ready only after this
+        self.runner.capture_all(log=lambda msg: pb_utils.Logger.log_info(f"{msg}; flow {cfg.flow_dtype}"))
+        self.kind_metrics = _KindMetrics({"model": args["model_name"], "version": args["model_version"]})
 
     def execute(self, requests):
-        responses: list = [None] * len(requests)
+        """Answers every request through its response sender (one final response each) and returns None."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        senders = [request.get_response_sender() for request in requests]
+        answered = [False] * len(requests)
+
+        def answer(i: int, outputs: dict | None = None, exc: BaseException | None = None) -> None:
+            if answered[i]:
+                return
+            answered[i] = True
+            if exc is not None:
+                senders[i].send(error_response(exc), flags=final)
+            else:   # only the outputs the client asked for, held past send(): see triton_io.send_outputs
+                send_outputs(senders[i], outputs, frozenset(requests[i].requested_output_names()), flags=final)
+
         calls: list[tuple[int, ChunkRequest]] = []
         for i, request in enumerate(requests):
             try:
@@ -125,14 +203,24 @@ class TritonPythonModel:
                                               token_offset=call.token_offset, finalize=call.finalize,
                                               streaming=call.streaming, cache=call.cache, seed=call.seed)))
             except Exception as exc:  # noqa: BLE001 - a malformed request answers only itself
-                responses[i] = error_response(exc)
+                answer(i, exc=exc)
+
+        def on_group(indices: list[int], results: list[ChunkResult], timing: GroupTiming) -> None:
+            for j, res in zip(indices, results):
+                i, call = calls[j]
+                try:
+                    if res.error is not None:
+                        answer(i, exc=res.error)
+                    else:
+                        answer(i, chunk_outputs(res.waveform, res.cache))
+                        self.kind_metrics.record(call.kind, timing)
+                except Exception as exc:  # noqa: BLE001 - a failed send concerns only its own request
+                    pb_utils.Logger.log_error(f"token2wav: answering request {i} failed: {exc}")
+
         if calls:
             try:
-                results = self.runner.run_chunks([c for _, c in calls])
-                for (i, _), res in zip(calls, results):
-                    responses[i] = error_response(res.error) if res.error is not None else \
-                        chunk_response(res.waveform, res.cache)
-            except Exception as exc:  # noqa: BLE001 - a failed batch answers each of its requests
+                self.runner.run_chunks([c for _, c in calls], on_group=on_group)
+            except Exception as exc:  # noqa: BLE001 - a failed group answers each request not yet answered
                 for i, _ in calls:
-                    responses[i] = error_response(exc)
-        return responses
+                    answer(i, exc=exc)
+        return None
