@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import torch
 
 from cosyvoice_common.constants import (
     OUTPUT_SAMPLE_RATE_HZ,
@@ -82,42 +81,46 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
 
 # --- resample ----------------------------------------------------------------------------------------
 @lru_cache(maxsize=64)
-def _resample_kernel(orig_hz: int, new_hz: int) -> tuple[torch.Tensor, int]:
-    """Polyphase sinc-Hann kernel for a reduced rate pair, [new, 1, 2*width+orig]; built once per pair."""
-    base_hz = min(orig_hz, new_hz) * RESAMPLE_ROLLOFF
-    width = math.ceil(RESAMPLE_LOWPASS_FILTER_WIDTH * orig_hz / base_hz)
-    # float32 throughout, like torchaudio (which builds the kernel in the float32 input's dtype).
-    idx = torch.arange(-width, width + orig_hz, dtype=torch.float32)[None, None] / orig_hz
-    phase = torch.arange(0, -new_hz, -1, dtype=torch.float32)[:, None, None] / new_hz
-    t = ((phase + idx) * base_hz).clamp(-RESAMPLE_LOWPASS_FILTER_WIDTH, RESAMPLE_LOWPASS_FILTER_WIDTH)
-    window = torch.cos(t * math.pi / RESAMPLE_LOWPASS_FILTER_WIDTH / 2) ** 2
-    t = t * math.pi
-    scale = base_hz / orig_hz
-    safe_t = torch.where(t == 0, torch.ones_like(t), t)
-    kernel = torch.where(t == 0, torch.ones_like(t), torch.sin(safe_t) / safe_t) * window * scale
+def _resample_kernel(orig_hz: int, new_hz: int) -> tuple[np.ndarray, int]:
+    """Polyphase sinc-Hann kernel for a reduced rate pair, float32 [new, 2*width+orig]; built once per pair.
+
+    The same float32 arithmetic as torchaudio's `_get_sinc_resample_kernel`, in numpy: the gateway image has
+    no torch."""
+    base_hz = np.float32(min(orig_hz, new_hz) * RESAMPLE_ROLLOFF)
+    width = math.ceil(RESAMPLE_LOWPASS_FILTER_WIDTH * orig_hz / float(base_hz))
+    idx = np.arange(-width, width + orig_hz, dtype=np.float32)[None, :] / np.float32(orig_hz)
+    phase = np.arange(0, -new_hz, -1, dtype=np.float32)[:, None] / np.float32(new_hz)
+    t = np.clip((phase + idx) * base_hz, -RESAMPLE_LOWPASS_FILTER_WIDTH, RESAMPLE_LOWPASS_FILTER_WIDTH)
+    window = np.cos(t * np.float32(math.pi / RESAMPLE_LOWPASS_FILTER_WIDTH / 2)) ** 2
+    t = t * np.float32(math.pi)
+    scale = base_hz / np.float32(orig_hz)
+    safe_t = np.where(t == 0, np.float32(1), t)
+    kernel = np.where(t == 0, np.float32(1), np.sin(safe_t) / safe_t) * window * scale
+    kernel = np.ascontiguousarray(kernel, dtype=np.float32)
+    kernel.flags.writeable = False
     return kernel, width
 
 
 def resample(wav: np.ndarray, orig_hz: int, new_hz: int) -> np.ndarray:
     """Resample a 1-D float signal like torchaudio.functional.resample's default (sinc_interp_hann).
 
-    The kernel for each rate pair is cached, so serving never rebuilds it per request.
+    The kernel for each rate pair is cached, so serving never rebuilds it per request. The strided
+    convolution is one float32 matmul over the signal's windows (a view, no copy of the windows).
     """
     if orig_hz <= 0 or new_hz <= 0:
         raise ValueError(f"sample rates must be positive, got {orig_hz} -> {new_hz}")
-    wav = np.asarray(wav, dtype=np.float32)
+    wav = np.asarray(wav, dtype=np.float32).reshape(-1)
     if orig_hz == new_hz:
         return wav.copy()
     gcd = math.gcd(int(orig_hz), int(new_hz))
     orig, new = int(orig_hz) // gcd, int(new_hz) // gcd
     kernel, width = _resample_kernel(orig, new)
-    length = wav.shape[-1]
-    x = torch.from_numpy(np.ascontiguousarray(wav)).reshape(1, 1, length)
-    x = torch.nn.functional.pad(x, (width, width + orig))
-    y = torch.nn.functional.conv1d(x, kernel, stride=orig)        # [1, new, frames]
-    y = y.transpose(1, 2).reshape(-1)
+    length = wav.shape[0]
+    padded = np.pad(wav, (width, width + orig))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, kernel.shape[1])[::orig]   # [frames, K]
+    y = (windows @ kernel.T).reshape(-1)                                                  # frame-major
     target = math.ceil(new * length / orig)
-    return y[:target].numpy().astype(np.float32, copy=False)
+    return np.ascontiguousarray(y[:target], dtype=np.float32)
 
 
 # --- prompt preparation ------------------------------------------------------------------------------
