@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
+from cosyvoice_common.constants import LLM_MAX_SEQ_LEN
 from cosyvoice_common.contracts import LLM_MODEL, SPEAKER_MODEL, TOKEN2WAV_MODEL, TOKENIZER_MODEL
 from cosyvoice_common.placement import (
     CPU_DEVICE,
@@ -171,7 +172,7 @@ def default_stage_params(name: str, env: Mapping[str, str]) -> dict[str, str]:
         params = {"speaker_backend": env.get("SPEAKER_BACKEND", "onnx")}
     elif name == "llm":
         params = {"llm_dtype": env.get("LLM_DTYPE", "auto"),
-                  "llm_max_seq_len": env.get("LLM_MAX_SEQ_LEN", "2048")}
+                  "llm_max_seq_len": env.get("LLM_MAX_SEQ_LEN", str(LLM_MAX_SEQ_LEN))}
     elif name == "token2wav":
         params = {"token2wav_dtype": env.get("TOKEN2WAV_DTYPE", "auto")}
     kind = env.get(f"{name.upper()}_TRITON_KIND", "").strip()

@@ -39,8 +39,8 @@ from cosyvoice_common.constants import (
     FLAT_EOS1_ID,
     FLAT_SOS_ID,
     FLAT_TASK_ID,
-    MAX_TOKEN_TEXT_RATIO,
-    MIN_TOKEN_TEXT_RATIO,
+    LLM_MAX_SEQ_LEN,
+    MAX_SPEECH_TOKENS,
     OUTPUT_SAMPLE_RATE_HZ,
     SPEECH_CODEBOOK_SIZE,
     SPEECH_ID_OFFSET,
@@ -59,7 +59,7 @@ from cosyvoice_common.textnorm import (
     text_normalize,
 )
 
-from cosyvoice_gateway import metrics
+from cosyvoice_gateway import limits, metrics
 from cosyvoice_gateway.stage_client import MS_PER_S, CallTiming, StageError, Stages
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ def invalid(message: str) -> RequestError:
 @dataclass(frozen=True, slots=True)
 class PipelineConfig:
     max_text_chars: int = 10_000
-    max_speech_tokens: int = 3000            # per segment: 120 s of audio; more is an absurd request
+    max_speech_tokens: int = MAX_SPEECH_TOKENS   # per segment: 120 s of audio; more is an absurd request
+    llm_max_seq_len: int = LLM_MAX_SEQ_LEN   # the llm stage's positions until its model config was read
     split: SplitConfig = DEFAULT_SPLIT       # spec 2.2 lengths (characters for zh, text tokens otherwise)
     default_temperature: float = 1.0
     default_top_p: float = 0.8
@@ -93,7 +94,7 @@ class PipelineConfig:
     schedule: ScheduleConfig = ScheduleConfig()
 
     def __post_init__(self) -> None:
-        if self.max_text_chars < 1 or self.max_speech_tokens < 1:
+        if self.max_text_chars < 1 or self.max_speech_tokens < 1 or self.llm_max_seq_len < 2:
             raise ValueError(f"bad pipeline limits: {self}")
 
 
@@ -212,13 +213,12 @@ def speech_ids_from_llm(output_ids: np.ndarray) -> tuple[list[int], bool]:
     return ids, False
 
 
-def speech_token_bounds(req: SynthesisRequest, target_text_tokens: int, limit: int) -> tuple[int, int]:
-    """Request bounds, else the model's rule (spec 4.4: 2x / 20x target text tokens), capped at `limit`."""
-    rule_min = min(MIN_TOKEN_TEXT_RATIO * target_text_tokens, limit)
-    rule_max = min(MAX_TOKEN_TEXT_RATIO * target_text_tokens, limit)
-    hi = req.max_speech_tokens or max(rule_max, req.min_speech_tokens)
-    lo = req.min_speech_tokens or min(rule_min, hi)
-    return lo, max(hi, 1)
+def speech_token_bounds(req: SynthesisRequest, target_text_tokens: int, limit: int, room: int | None = None
+                        ) -> tuple[int, int]:
+    """Request bounds, else the model's rule (spec 4.4: 2x / 20x target text tokens), capped at `limit` and
+    at `room` (positions the input leaves in the llm stage; `cosyvoice_gateway.limits`)."""
+    return limits.speech_token_bounds(req.min_speech_tokens, req.max_speech_tokens, target_text_tokens, limit,
+                                      room)
 
 
 class Pipeline:
@@ -239,6 +239,10 @@ class Pipeline:
         if not text_frontend or not prompt_text:
             return prompt_text
         return text_normalize(prompt_text, self.count_tokens, split=False, config=self.config.split)
+
+    def llm_capacity(self) -> int:
+        """Positions per llm slot: the served llm model's `max_seq_len` parameter, else the config default."""
+        return self.stages.llm.int_parameter(limits.LLM_CAPACITY_PARAMETER) or self.config.llm_max_seq_len
 
     async def close(self) -> None:
         if self._background:
@@ -266,6 +270,10 @@ class Pipeline:
             raise invalid(f"min_speech_tokens {lo} > max_speech_tokens {hi}")
         if max(lo, hi) > limit:
             raise invalid(f"speech token bound {max(lo, hi)} exceeds the limit {limit}")
+        capacity = self.llm_capacity()
+        if max(lo, hi) + limits.LLM_FRAME_POSITIONS + 1 > capacity:
+            raise invalid(f"speech token bound {max(lo, hi)} does not fit the llm stage's max_seq_len {capacity} "
+                          f"(input ids + speech tokens)")
         # Written so that NaN fails too.
         if not (0 <= req.temperature < float("inf") and 0 <= req.top_p <= 1 and req.top_k >= 0):
             raise invalid("sampling: temperature >= 0, 0 <= top_p <= 1, top_k >= 0 required")
@@ -377,11 +385,20 @@ class Pipeline:
 
         base_seed = req.seed or secrets.randbits(63)
         segments = []
+        capacity = self.llm_capacity()
+        fixed_positions = limits.LLM_FRAME_POSITIONS + len(prefix_ids) + llm_prompt.shape[0]
+        if not explicit:
+            texts = limits.fit_segments(texts, self.count_tokens, fixed_positions, capacity)
         for i, text in enumerate(texts):
             target_ids = list(self.encode_text(text))
-            min_tokens, max_tokens = speech_token_bounds(req, len(target_ids), self.config.max_speech_tokens)
             ids = [FLAT_SOS_ID, *prefix_ids, *target_ids, FLAT_TASK_ID]
             input_ids = np.concatenate([np.asarray(ids, np.int32), llm_prompt.astype(np.int32)])
+            try:
+                min_tokens, max_tokens = speech_token_bounds(req, len(target_ids), self.config.max_speech_tokens,
+                                                             room=capacity - input_ids.shape[0])
+            except limits.LimitError as exc:
+                raise invalid(f"{input_ids.shape[0]} input ids (prompt and text) + speech tokens exceed the llm "
+                              f"stage's max_seq_len {capacity}: {exc}") from exc
             segments.append(Segment(input_ids, min_tokens, max_tokens, (base_seed + i) % _SEED_MODULUS))
         return PreparedRequest(
             request_id=request_id,

@@ -43,7 +43,7 @@ from typing import Protocol
 
 import numpy as np
 
-from cosyvoice_common.constants import PROMPT_16K_SAMPLE_RATE_HZ
+from cosyvoice_common.constants import MAX_SPEECH_TOKENS, PROMPT_16K_SAMPLE_RATE_HZ
 
 SEED_MODEL_NAME = "cosyvoice2"          # the only name the seed's clients accept for CosyVoice2
 DEFAULT_SPEAKER = "001"                 # the seed's spk2info.pt key
@@ -139,7 +139,7 @@ class SeedSemantics:
     default_speaker: str = DEFAULT_SPEAKER
     length_from_text: str = "off"          # off: the model's own rule (2x..20x text tokens, end token)
     length_k: float = DEFAULT_LENGTH_K     # ratio: min = max = round(k * target text tokens)
-    max_speech_tokens: int = 3000
+    max_speech_tokens: int = MAX_SPEECH_TOKENS
 
     def __post_init__(self) -> None:
         if self.length_from_text not in LENGTH_MODES:

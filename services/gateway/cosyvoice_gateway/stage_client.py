@@ -168,6 +168,7 @@ class _Replica:
     ready: bool = False
     batched: bool | None = None   # model config max_batch_size > 0: add/strip a leading batch dim of 1;
                                   # None until the replica's config was read (see _batched)
+    parameters: dict[str, str] = field(default_factory=dict)   # model config `parameters` (string values)
 
 
 @dataclass(slots=True)
@@ -261,11 +262,24 @@ class StageClient:
                 config = await replica.client.get_model_config(self.config.model, as_json=True,
                                                                client_timeout=self.config.timeout_s)
                 replica.batched = int(config["config"].get("max_batch_size", 0)) > 0
+                replica.parameters = {k: str(v.get("string_value", "")) for k, v in
+                                      config["config"].get("parameters", {}).items()}
         except InferenceServerException:
             ready = False
         replica.ready = bool(ready)
         if replica.ready != was_ready:
             log.info("stage %s replica %s %s", self.name, replica.url, "ready" if replica.ready else "NOT ready")
+
+    def int_parameter(self, name: str) -> int | None:
+        """A model config parameter as an int, the smallest over the replicas that have read it (what every
+        replica can serve), or None until one has (or when it is absent or not an int)."""
+        values = []
+        for replica in self._replicas:
+            try:
+                values.append(int(replica.parameters[name]))
+            except (KeyError, ValueError):
+                continue
+        return min(values) if values else None
 
     # --- load balancing -----------------------------------------------------------------------------
     def _pick(self, exclude: Sequence[_Replica] = ()) -> _Replica:
