@@ -22,6 +22,13 @@ from cosyvoice_common.constants import (
     SUPPORTED_OUTPUT_RATES_HZ,
 )
 
+# Upload bounds checked before any decoding: the bytes, then the container header (soundfile.info), then a
+# decode that reads at most PROMPT_MAX_SECONDS of frames, so a small compressed file that would expand to
+# gigabytes (a long silent FLAC) is refused at the cost of reading its header.
+PROMPT_MAX_BYTES = 16 << 20            # a 30 s prompt is ~3 MB as 48 kHz 16-bit WAV
+PROMPT_MAX_CHANNELS = 8
+PROMPT_MAX_SAMPLE_RATE_HZ = 192000
+
 # A prompt whose peak is below this (about -80 dBFS) carries no usable voice.
 SILENCE_PEAK_AMPLITUDE = 1e-4
 # The reference asserts prompts are at least 16 kHz before downsampling (spec 3.1).
@@ -62,21 +69,47 @@ class PromptAudio:
 
 
 # --- decode ------------------------------------------------------------------------------------------
-def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode any soundfile-readable container to float32 mono in [-1, 1] (channels averaged)."""
+def decode_audio(data: bytes, max_seconds: float | None = None, max_bytes: int = PROMPT_MAX_BYTES
+                 ) -> tuple[np.ndarray, int]:
+    """Decode any soundfile-readable container to float32 mono in [-1, 1] (channels averaged).
+
+    Bounded: more than `max_bytes` bytes, a header that says more than `max_seconds` (None = no duration
+    bound), too many channels or an absurd rate are refused before decoding, and the decode itself reads at
+    most `max_seconds` of frames (a header that understates its length is caught there)."""
     import soundfile as sf  # imported here so feature code that only needs the filter banks does not need libsndfile
 
     if not data:
         raise AudioDecodeError("audio is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise AudioValidationError(f"audio is {len(data)} bytes; the limit is {max_bytes} bytes")
     try:
-        # soundfile scales every integer PCM width (8/16/24/32 bit) to [-1, 1) when dtype is float.
-        samples, sample_rate_hz = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        info = sf.info(io.BytesIO(data))
     except Exception as exc:  # libsndfile raises several types (RuntimeError, LibsndfileError, TypeError)
         raise AudioDecodeError(f"cannot decode audio ({len(data)} bytes): {exc}") from exc
+    sample_rate_hz, channels = int(info.samplerate), int(info.channels)
+    if not 0 < sample_rate_hz <= PROMPT_MAX_SAMPLE_RATE_HZ:
+        raise AudioValidationError(f"audio sample rate {sample_rate_hz} Hz is outside (0, {PROMPT_MAX_SAMPLE_RATE_HZ}]")
+    if not 0 < channels <= PROMPT_MAX_CHANNELS:
+        raise AudioValidationError(f"audio has {channels} channels; the limit is {PROMPT_MAX_CHANNELS}")
+    max_frames = -1
+    if max_seconds is not None:
+        max_frames = int(math.ceil(max_seconds * sample_rate_hz))
+        if info.frames > max_frames:
+            raise AudioValidationError(
+                f"audio is too long: {info.frames / sample_rate_hz:.3f} s (maximum {max_seconds} s)")
+    try:
+        # soundfile scales every integer PCM width (8/16/24/32 bit) to [-1, 1) when dtype is float.
+        # One frame past the bound tells a header that understated the length.
+        samples, _ = sf.read(io.BytesIO(data), frames=max_frames + 1 if max_frames >= 0 else -1, dtype="float32",
+                             always_2d=True)
+    except Exception as exc:
+        raise AudioDecodeError(f"cannot decode audio ({len(data)} bytes): {exc}") from exc
+    if max_frames >= 0 and samples.shape[0] > max_frames:
+        raise AudioValidationError(f"audio is too long: more than {max_seconds} s")
     if samples.shape[0] == 0:
         raise AudioDecodeError("audio contains no samples")
     mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
-    return np.ascontiguousarray(mono, dtype=np.float32), int(sample_rate_hz)
+    return np.ascontiguousarray(mono, dtype=np.float32), sample_rate_hz
 
 
 # --- resample ----------------------------------------------------------------------------------------
@@ -148,7 +181,7 @@ def prepare_prompt(data: bytes) -> PromptAudio:
 
     Like the reference `load_wav`, both rates are resampled from the original file (not 24k from 16k).
     """
-    wav, sample_rate_hz = decode_audio(data)
+    wav, sample_rate_hz = decode_audio(data, max_seconds=PROMPT_MAX_SECONDS)
     duration_s = validate_prompt(wav, sample_rate_hz)
     wav_16k = resample(wav, sample_rate_hz, PROMPT_16K_SAMPLE_RATE_HZ)
     wav_24k = resample(wav, sample_rate_hz, OUTPUT_SAMPLE_RATE_HZ)

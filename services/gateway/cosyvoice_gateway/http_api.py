@@ -36,10 +36,11 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from cosyvoice_common.audio import encode_audio
+from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio
 from cosyvoice_common.spk2info import RegistryUnavailableError, SpeakerInfo
 
 from cosyvoice_gateway import metrics
+from cosyvoice_gateway.guards import BodyLimit
 from cosyvoice_gateway.pipeline import (
     Pipeline,
     RequestError,
@@ -66,6 +67,7 @@ SUPPORTED_SPEED = 1.0
 OPENAI_DEFAULT_FORMAT = "mp3"
 FALLBACK_FORMAT = "wav"
 _DISCONNECT = "http.disconnect"
+BODY_OVERHEAD_BYTES = 1 << 20     # request body beyond the upload bound: form fields, JSON text
 
 # gRPC status of a pipeline error -> HTTP status and OpenAI error type.
 _HTTP_STATUS = {
@@ -97,7 +99,7 @@ def _available_formats() -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
-    max_upload_bytes: int = 16 << 20            # a 30 s prompt is ~3 MB as 48 kHz 16-bit WAV
+    max_upload_bytes: int = PROMPT_MAX_BYTES    # a 30 s prompt is ~3 MB as 48 kHz 16-bit WAV
     default_response_format: str = ""           # "" = OpenAI's mp3 when libsndfile has it, else wav
     formats: tuple[str, ...] = ()               # () = every format libsndfile can write here
 
@@ -114,7 +116,7 @@ class HttpConfig:
 
     @classmethod
     def from_env(cls) -> "HttpConfig":
-        return cls(max_upload_bytes=int(os.environ.get("HTTP_MAX_UPLOAD_BYTES", 16 << 20)),
+        return cls(max_upload_bytes=int(os.environ.get("HTTP_MAX_UPLOAD_BYTES", PROMPT_MAX_BYTES)),
                    default_response_format=os.environ.get("HTTP_DEFAULT_RESPONSE_FORMAT", ""))
 
 
@@ -259,6 +261,8 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
     """The HTTP app over a shared pipeline; `is_ready()` gates /healthz (the gateway's stage readiness)."""
     config = config or HttpConfig()
     app = FastAPI(title="CosyVoice2 gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    # A body is the upload plus a little form/JSON around it; anything beyond is refused unparsed.
+    app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes + BODY_OVERHEAD_BYTES)
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
@@ -369,8 +373,9 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
     @app.delete("/v1/audio/voices/{name}")
     async def delete_voice(name: str) -> dict[str, Any]:
         try:
+            pipeline.validate_voice_fields(name, b"", "")
             deleted = await pipeline.cache.delete_speaker(name)
-        except RegistryUnavailableError as exc:
+        except (RegistryUnavailableError, RequestError) as exc:
             raise _api_error(exc) from exc
         if not deleted:
             raise ApiError(404, f"voice {name!r} is not registered", param="name", code="not_found")

@@ -34,7 +34,13 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from cosyvoice_common.audio import AudioDecodeError, AudioValidationError, PromptAudio, prepare_prompt
+from cosyvoice_common.audio import (
+    PROMPT_MAX_BYTES,
+    AudioDecodeError,
+    AudioValidationError,
+    PromptAudio,
+    prepare_prompt,
+)
 from cosyvoice_common.constants import (
     FLAT_EOS1_ID,
     FLAT_SOS_ID,
@@ -66,6 +72,7 @@ log = logging.getLogger(__name__)
 
 ENDOFPROMPT = "<|endofprompt|>"
 SPEAKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+REQUEST_ID_PATTERN = re.compile(r"^[\x21-\x7e]*$")     # printable ASCII, no spaces: it goes into every log line
 _SEED_MODULUS = 1 << 63                  # the llm stage takes seeds in [0, 2^63)
 
 
@@ -85,6 +92,11 @@ def invalid(message: str) -> RequestError:
 @dataclass(frozen=True, slots=True)
 class PipelineConfig:
     max_text_chars: int = 10_000
+    # Every other string and the prompt upload are bounded too (cheap refusals, no unbounded log lines).
+    max_prompt_text_chars: int = 2_000       # a 30 s prompt's transcript is a few hundred characters
+    max_instruct_chars: int = 2_000
+    max_id_chars: int = 128                  # speaker_id, request_id
+    max_prompt_audio_bytes: int = PROMPT_MAX_BYTES
     max_speech_tokens: int = MAX_SPEECH_TOKENS   # per segment: 120 s of audio; more is an absurd request
     llm_max_seq_len: int = LLM_MAX_SEQ_LEN   # the llm stage's positions until its model config was read
     split: SplitConfig = DEFAULT_SPLIT       # spec 2.2 lengths (characters for zh, text tokens otherwise)
@@ -94,7 +106,8 @@ class PipelineConfig:
     schedule: ScheduleConfig = ScheduleConfig()
 
     def __post_init__(self) -> None:
-        if self.max_text_chars < 1 or self.max_speech_tokens < 1 or self.llm_max_seq_len < 2:
+        if min(self.max_text_chars, self.max_speech_tokens, self.max_prompt_text_chars, self.max_instruct_chars,
+               self.max_id_chars, self.max_prompt_audio_bytes) < 1 or self.llm_max_seq_len < 2:
             raise ValueError(f"bad pipeline limits: {self}")
 
 
@@ -249,7 +262,23 @@ class Pipeline:
             await asyncio.gather(*self._background, return_exceptions=True)
 
     # --- validation ------------------------------------------------------------------------------
+    def validate_voice_fields(self, speaker_id: str, audio: bytes, prompt_text: str) -> None:
+        """Bounds of the voice fields (synthesis and registration alike), before any decoding."""
+        cfg = self.config
+        if len(speaker_id) > cfg.max_id_chars:
+            raise invalid(f"speaker_id is {len(speaker_id)} characters; the limit is {cfg.max_id_chars}")
+        if len(audio) > cfg.max_prompt_audio_bytes:
+            raise invalid(f"prompt_audio is {len(audio)} bytes; the limit is {cfg.max_prompt_audio_bytes}")
+        if len(prompt_text) > cfg.max_prompt_text_chars:
+            raise invalid(f"prompt_text is {len(prompt_text)} characters; the limit is {cfg.max_prompt_text_chars}")
+
     def _validate(self, req: SynthesisRequest) -> None:
+        self.validate_voice_fields(req.speaker_id, req.prompt_audio, req.prompt_text)
+        if len(req.instruct) > self.config.max_instruct_chars:
+            raise invalid(f"instruct is {len(req.instruct)} characters; the limit is {self.config.max_instruct_chars}")
+        if len(req.request_id) > self.config.max_id_chars or not REQUEST_ID_PATTERN.match(req.request_id):
+            raise invalid(f"request_id must be at most {self.config.max_id_chars} printable ASCII characters "
+                          f"without spaces")
         if not req.text.strip():
             raise invalid("text is empty")
         if len(req.text) > self.config.max_text_chars:
@@ -344,6 +373,7 @@ class Pipeline:
 
     async def register_speaker(self, speaker_id: str, audio: bytes, prompt_text: str, timings: StageTimings,
                                text_frontend: bool = False):
+        self.validate_voice_fields(speaker_id, audio, prompt_text)
         if not SPEAKER_ID_PATTERN.match(speaker_id):
             raise invalid(f"speaker_id {speaker_id!r} must match {SPEAKER_ID_PATTERN.pattern}")
         if not audio:

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
-from cosyvoice_common.audio import encode_audio, wav_header
+from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio, wav_header
 from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ
 from cosyvoice_common.spk2info import RegistryUnavailableError, Spk2InfoCache, Spk2InfoConfig
 
@@ -48,6 +48,8 @@ SERVICE_NAME = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
 _REVISION_FILES = ("cosyvoice2.yaml", "llm.pt", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v2.onnx")
 _REVISION_PROBE_BYTES = 1 << 20
 _PCM16_MAX = 32767.0
+_LOGGED_ID_CHARS = 128                    # a refused request's id may be anything: log its start only
+GRPC_MESSAGE_OVERHEAD_BYTES = 1 << 20     # a request beyond its prompt audio: texts, ids, settings
 _ENCODING_NAMES = {
     tts_pb2.AUDIO_ENCODING_UNSPECIFIED: "pcm_s16le",
     tts_pb2.PCM_S16LE: "pcm_s16le",
@@ -203,7 +205,8 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServicer):
         if isinstance(exc, RegistryUnavailableError):
             exc = RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
         metrics.REQUESTS.labels(rpc=rpc, code=exc.code.name).inc()
-        log.info("rpc=%s request_id=%s status=%s: %s", rpc, request_id, exc.code.name, exc.message)
+        log.info("rpc=%s request_id=%s status=%s: %s", rpc, request_id[:_LOGGED_ID_CHARS], exc.code.name,
+                 exc.message)
         await context.abort(exc.code, exc.message)
 
     def _done(self, rpc: str, request_id: str, timings: StageTimings) -> None:
@@ -286,8 +289,9 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServicer):
 
     async def DeleteSpeaker(self, request, context):
         try:
+            self.pipeline.validate_voice_fields(request.speaker_id, b"", "")
             deleted = await self.pipeline.cache.delete_speaker(request.speaker_id)
-        except RegistryUnavailableError as exc:
+        except (RegistryUnavailableError, RequestError) as exc:
             await self._fail(context, "DeleteSpeaker", request.speaker_id, exc)
         log.info("rpc=DeleteSpeaker speaker_id=%s deleted=%s", request.speaker_id, deleted)
         return tts_pb2.DeleteSpeakerResponse(deleted=deleted)
@@ -308,7 +312,10 @@ class Gateway:
         self.pipeline = Pipeline(PipelineConfig(), self.stages, self.cache,
                                  encode_text or load_text_encoder(config.model_dir))
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        # Messages up to the prompt upload bound (plus the text around it), so the pipeline's own checks answer
+        # an oversized prompt with INVALID_ARGUMENT and a message, as HTTP does.
+        self.server = grpc.aio.server(maximum_concurrent_rpcs=config.max_concurrent_rpcs, options=[
+            ("grpc.max_receive_message_length", PROMPT_MAX_BYTES + GRPC_MESSAGE_OVERHEAD_BYTES)])
         self.port = 0
         self._tasks: list[asyncio.Task] = []
         self._serving = False

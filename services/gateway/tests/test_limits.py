@@ -57,8 +57,9 @@ def _pipeline(capacity: int | None) -> Pipeline:
 
 
 def test_capacity_comes_from_the_llm_model_config_else_the_default():
-    assert _pipeline(None).llm_capacity() == LLM_MAX_SEQ_LEN
-    assert _pipeline(300).llm_capacity() == 300
+    async def capacities():                   # grpc.aio clients are made inside a running loop
+        return _pipeline(None).llm_capacity(), _pipeline(300).llm_capacity()
+    assert asyncio.run(capacities()) == (LLM_MAX_SEQ_LEN, 300)
 
 
 def test_explicit_bound_beyond_the_served_capacity_is_invalid_argument_naming_it():
