@@ -314,6 +314,9 @@ class SeedFront:
         self.pipeline = self._call(build(), 60)
         self.encode_text = encode_text
         self._canceller.start()
+        from cosyvoice_common.seed_speakers import import_model_speakers   # <model_dir>/spk2info.pt, if any
+
+        self._call(import_model_speakers(self.pipeline.cache, cfg.model_dir, encode_text), 60)
         if cfg.prompt_wav:
             self.register_default_speaker(Path(cfg.prompt_wav).read_bytes(), cfg.prompt_text)
         log.info("seed front: stages %s, speaker %r, length_from_text=%s (k=%.2f), revision %s",

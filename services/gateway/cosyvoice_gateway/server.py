@@ -26,6 +26,7 @@ from prometheus_client import start_http_server
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio, wav_header
 from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ
+from cosyvoice_common.seed_speakers import import_model_speakers
 from cosyvoice_common.spk2info import RegistryUnavailableError, Spk2InfoCache, Spk2InfoConfig
 
 from cosyvoice_gateway import metrics
@@ -319,6 +320,7 @@ class Gateway:
         self.port = 0
         self._tasks: list[asyncio.Task] = []
         self._serving = False
+        self._speakers_imported = False    # <model_dir>/spk2info.pt (seed drop-in) once Redis answers
 
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -330,6 +332,9 @@ class Gateway:
 
     async def _readiness_loop(self) -> None:
         while True:
+            if not self._speakers_imported:
+                self._speakers_imported = await import_model_speakers(self.cache, self.config.model_dir,
+                                                                      self.pipeline.encode_text)
             await self._set_serving(await self.stages.check_ready())
             await asyncio.sleep(self.config.readiness_interval_s)
 

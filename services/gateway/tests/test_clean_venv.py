@@ -103,6 +103,14 @@ def test_gateway_from_clean_venv_serves_a_request(clean_python, stage_servers, r
             response = stub.Synthesize(tts_pb2.SynthesizeRequest(
                 text="Hello from a clean venv.", prompt_audio=prompt_wav_bytes(2.0, 22050), prompt_text="hi",
                 min_speech_tokens=10, max_speech_tokens=10, sampling=tts_pb2.SamplingParams(seed=3)), timeout=120)
+            # Seed drop-in, torch-free: the model dir's spk2info.pt (modelgen writes speaker 001) was imported
+            # into the registry at start, so the seed's default speaker speaks.
+            speakers = {s.speaker_id: s for s in stub.ListSpeakers(tts_pb2.ListSpeakersRequest(), timeout=30).speakers}
+            assert "001" in speakers and speakers["001"].prompt_speech_tokens > 0
+            seed_voice = stub.Synthesize(tts_pb2.SynthesizeRequest(
+                text="Hello from the seed speaker.", speaker_id="001", min_speech_tokens=10, max_speech_tokens=10),
+                timeout=120)
+            assert seed_voice.timings.speech_tokens == 10 and len(seed_voice.audio) > 0
         assert response.timings.speech_tokens == 10
         assert len(response.audio) > 0
     finally:
