@@ -21,7 +21,7 @@ import numpy as np
 
 from cosyvoice_common import torchfile
 from cosyvoice_common.constants import MEL_BINS, SPEAKER_EMBEDDING_DIM, SPEECH_CODEBOOK_SIZE, TOKEN_FRAME_RATE_HZ, TOKEN_MEL_RATIO
-from cosyvoice_common.spk2info import PromptFeatures, Spk2InfoCache
+from cosyvoice_common.spk2info import PromptFeatures, SpeakerExistsError, Spk2InfoCache
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,11 @@ async def import_spk2info(cache: Spk2InfoCache, path: str | Path,
     speakers = read_spk2info(path, encode_text)
     added = []
     for name, features in speakers.items():
-        if await cache.get_speaker(name) is None:
-            await cache.register_speaker(name, features)
-            added.append(name)
+        try:
+            await cache.register_speaker(name, features, replace=False)
+        except SpeakerExistsError:
+            continue
+        added.append(name)
     if added:
         log.info("spk2info: imported %s from %s", ", ".join(added), path)
     return added

@@ -45,6 +45,10 @@ class RegistryUnavailableError(RuntimeError):
     """The speaker registry (Redis) cannot be reached: named-speaker operations cannot be served."""
 
 
+class SpeakerExistsError(KeyError):
+    """A speaker of that name is registered and the registration did not ask to replace it."""
+
+
 @dataclass(frozen=True, slots=True)
 class PromptFeatures:
     """Everything the LLM and token2wav need from a prompt, already aligned (spec 3.5)."""
@@ -218,7 +222,9 @@ class Spk2InfoCache:
         self._down_until_s = 0.0     # it answered: ad-hoc lookups may use it again at once
         return result
 
-    async def register_speaker(self, name: str, features: PromptFeatures) -> SpeakerInfo:
+    async def register_speaker(self, name: str, features: PromptFeatures, replace: bool = True) -> SpeakerInfo:
+        """Store a named speaker. `replace=False`: the name is claimed in the index first (HSETNX), and an
+        existing one raises SpeakerExistsError."""
         info = _speaker_info(name, features)
         key = self._speaker_prefix + name
         index_entry = json.dumps({
@@ -228,6 +234,8 @@ class Spk2InfoCache:
         })
 
         async def run():
+            if not replace and not await self._redis.hsetnx(self._index_key, name, index_entry):
+                raise SpeakerExistsError(name)
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(key).hset(key, mapping=_encode(features)).hset(self._index_key, name, index_entry)
                 await pipe.execute()

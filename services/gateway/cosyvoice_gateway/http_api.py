@@ -20,6 +20,7 @@ a client that disconnects (streaming or not) cancels the request's stage work.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,6 +41,7 @@ from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio
 from cosyvoice_common.spk2info import RegistryUnavailableError, SpeakerInfo
 
 from cosyvoice_gateway import metrics
+from cosyvoice_gateway.auth import HttpApiKey
 from cosyvoice_gateway.guards import BodyLimit
 from cosyvoice_gateway.pipeline import (
     Pipeline,
@@ -102,6 +104,7 @@ class HttpConfig:
     max_upload_bytes: int = PROMPT_MAX_BYTES    # a 30 s prompt is ~3 MB as 48 kHz 16-bit WAV
     default_response_format: str = ""           # "" = OpenAI's mp3 when libsndfile has it, else wav
     formats: tuple[str, ...] = ()               # () = every format libsndfile can write here
+    api_keys: tuple[str, ...] = ()              # the gateway's COSYVOICE_API_KEY; empty = open
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1:
@@ -263,6 +266,7 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
     app = FastAPI(title="CosyVoice2 gateway", docs_url=None, redoc_url=None, openapi_url=None)
     # A body is the upload plus a little form/JSON around it; anything beyond is refused unparsed.
     app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes + BODY_OVERHEAD_BYTES)
+    app.add_middleware(HttpApiKey, keys=config.api_keys)     # added last = runs first: no key, no body read
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
@@ -354,14 +358,15 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
 
     @app.post("/v1/audio/voices", status_code=201)
     async def register_voice(request: Request, name: str = Form(...), audio: UploadFile = File(...),
-                             prompt_text: str = Form(""), text_frontend: bool = Form(True)) -> dict[str, Any]:
+                             prompt_text: str = Form(""), text_frontend: bool = Form(True),
+                             replace: bool = Form(False)) -> dict[str, Any]:
         data = await audio.read(config.max_upload_bytes + 1)
         if len(data) > config.max_upload_bytes:
             raise ApiError(413, f"audio is larger than {config.max_upload_bytes} bytes", param="audio")
         timings = StageTimings()
         try:
             info = await run_unless_disconnected(
-                request.receive, pipeline.register_speaker(name, data, prompt_text, timings, text_frontend))
+                request.receive, pipeline.register_speaker(name, data, prompt_text, timings, text_frontend, replace))
         except Exception as exc:
             error = _api_error(exc)
             metrics.REQUESTS.labels(rpc="http.voices.register", code=_metric_code(error)).inc()
@@ -420,7 +425,8 @@ async def _encoded_stream(pipeline: Pipeline, prepared, timings: StageTimings, f
 
 def create_app(gateway) -> FastAPI:
     """The gateway's hook (`Gateway._http_app`): share its pipeline; /healthz follows its readiness."""
-    return build_app(gateway.pipeline, lambda: gateway.serving, HttpConfig.from_env())
+    return build_app(gateway.pipeline, lambda: gateway.serving,
+                     dataclasses.replace(HttpConfig.from_env(), api_keys=gateway.config.api_keys))
 
 
 __all__ = ["AudioStreamResponse", "HttpConfig", "SpeechRequest", "build_app", "create_app",

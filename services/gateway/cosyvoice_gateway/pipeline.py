@@ -54,7 +54,7 @@ from cosyvoice_common.constants import (
     TOKEN_MEL_RATIO,
 )
 from cosyvoice_common.schedule import ChunkSchedule, ScheduleConfig
-from cosyvoice_common.spk2info import PromptFeatures, RegistryUnavailableError, Spk2InfoCache
+from cosyvoice_common.spk2info import PromptFeatures, RegistryUnavailableError, SpeakerExistsError, Spk2InfoCache
 from cosyvoice_common.textnorm import (
     DEFAULT_SPLIT,
     SplitConfig,
@@ -372,7 +372,7 @@ class Pipeline:
         return features
 
     async def register_speaker(self, speaker_id: str, audio: bytes, prompt_text: str, timings: StageTimings,
-                               text_frontend: bool = False):
+                               text_frontend: bool = False, replace: bool = False):
         self.validate_voice_fields(speaker_id, audio, prompt_text)
         if not SPEAKER_ID_PATTERN.match(speaker_id):
             raise invalid(f"speaker_id {speaker_id!r} must match {SPEAKER_ID_PATTERN.pattern}")
@@ -381,7 +381,10 @@ class Pipeline:
         prompt_text = self.normalize_prompt_text(prompt_text, text_frontend)
         features = await self.prompt_features(audio, prompt_text, f"register-{speaker_id}", timings)
         try:
-            return await self.cache.register_speaker(speaker_id, features)
+            return await self.cache.register_speaker(speaker_id, features, replace=replace)
+        except SpeakerExistsError as exc:
+            raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
+                               f"speaker {speaker_id!r} is already registered; set replace to overwrite it") from exc
         except RegistryUnavailableError as exc:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
 

@@ -336,7 +336,7 @@ class SeedFront:
         from cosyvoice_gateway.pipeline import StageTimings
 
         info = self._call(self.pipeline.register_speaker(self.config.semantics.default_speaker, audio,
-                                                         prompt_text, StageTimings()), timeout_s)
+                                                         prompt_text, StageTimings(), replace=True), timeout_s)
         log.info("seed front: registered default speaker %r (%d prompt tokens)", info.speaker_id,
                  info.prompt_speech_tokens)
         return info

@@ -30,6 +30,7 @@ from cosyvoice_common.seed_speakers import import_model_speakers
 from cosyvoice_common.spk2info import RegistryUnavailableError, Spk2InfoCache, Spk2InfoConfig
 
 from cosyvoice_gateway import metrics
+from cosyvoice_gateway.auth import ApiKeyInterceptor, keys_from_env
 from cosyvoice_gateway.pipeline import (
     Pipeline,
     PipelineConfig,
@@ -103,6 +104,7 @@ class GatewayConfig:
     max_concurrent_rpcs: int = 256
     readiness_interval_s: float = 2.0
     grace_s: float = 5.0
+    api_keys: tuple[str, ...] = ()    # COSYVOICE_API_KEY (comma-separated); empty = no authentication
 
     def __post_init__(self) -> None:
         for port in (self.grpc_port, self.http_port, self.metrics_port):
@@ -136,6 +138,7 @@ class GatewayConfig:
             max_concurrent_rpcs=_env_int("MAX_CONCURRENT_RPCS", 256),
             readiness_interval_s=_env_float("READINESS_INTERVAL_S", 2.0),
             grace_s=_env_float("GRACE_S", 5.0),
+            api_keys=keys_from_env(os.environ),
         )
 
 
@@ -274,7 +277,7 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServicer):
     async def RegisterSpeaker(self, request, context):
         try:
             info = await self.pipeline.register_speaker(request.speaker_id, request.prompt_audio,
-                                                        request.prompt_text, StageTimings())
+                                                        request.prompt_text, StageTimings(), replace=request.replace)
         except (RequestError, StageError) as exc:
             await self._fail(context, "RegisterSpeaker", request.speaker_id, exc)
         metrics.REQUESTS.labels(rpc="RegisterSpeaker", code="OK").inc()
@@ -315,7 +318,9 @@ class Gateway:
         self.health = health.aio.HealthServicer()
         # Messages up to the prompt upload bound (plus the text around it), so the pipeline's own checks answer
         # an oversized prompt with INVALID_ARGUMENT and a message, as HTTP does.
-        self.server = grpc.aio.server(maximum_concurrent_rpcs=config.max_concurrent_rpcs, options=[
+        interceptors = [ApiKeyInterceptor(config.api_keys)] if config.api_keys else []
+        self.server = grpc.aio.server(maximum_concurrent_rpcs=config.max_concurrent_rpcs, interceptors=interceptors,
+                                      options=[
             ("grpc.max_receive_message_length", PROMPT_MAX_BYTES + GRPC_MESSAGE_OVERHEAD_BYTES)])
         self.port = 0
         self._tasks: list[asyncio.Task] = []
