@@ -41,6 +41,7 @@ from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio
 from cosyvoice_common.spk2info import RegistryUnavailableError, SpeakerInfo
 
 from cosyvoice_gateway import metrics
+from cosyvoice_gateway.admission import Admission, HttpAdmission
 from cosyvoice_gateway.auth import HttpApiKey
 from cosyvoice_gateway.guards import BodyLimit
 from cosyvoice_gateway.pipeline import (
@@ -260,12 +261,15 @@ def _voice_json(info: SpeakerInfo) -> dict[str, Any]:
             "prompt_speech_tokens": info.prompt_speech_tokens, "prompt_seconds": info.prompt_seconds}
 
 
-def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConfig | None = None) -> FastAPI:
+def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConfig | None = None,
+              admission: Admission | None = None, request_timeout_s: float = 0.0) -> FastAPI:
     """The HTTP app over a shared pipeline; `is_ready()` gates /healthz (the gateway's stage readiness)."""
     config = config or HttpConfig()
     app = FastAPI(title="CosyVoice2 gateway", docs_url=None, redoc_url=None, openapi_url=None)
     # A body is the upload plus a little form/JSON around it; anything beyond is refused unparsed.
     app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes + BODY_OVERHEAD_BYTES)
+    if admission is not None:      # the gateway's, shared with gRPC
+        app.add_middleware(HttpAdmission, admission=admission, request_timeout_s=request_timeout_s)
     app.add_middleware(HttpApiKey, keys=config.api_keys)     # added last = runs first: no key, no body read
 
     @app.exception_handler(ApiError)
@@ -426,7 +430,8 @@ async def _encoded_stream(pipeline: Pipeline, prepared, timings: StageTimings, f
 def create_app(gateway) -> FastAPI:
     """The gateway's hook (`Gateway._http_app`): share its pipeline; /healthz follows its readiness."""
     return build_app(gateway.pipeline, lambda: gateway.serving,
-                     dataclasses.replace(HttpConfig.from_env(), api_keys=gateway.config.api_keys))
+                     dataclasses.replace(HttpConfig.from_env(), api_keys=gateway.config.api_keys),
+                     gateway.admission, gateway.config.request_timeout_s)
 
 
 __all__ = ["AudioStreamResponse", "HttpConfig", "SpeechRequest", "build_app", "create_app",

@@ -30,6 +30,7 @@ from cosyvoice_common.seed_speakers import import_model_speakers
 from cosyvoice_common.spk2info import RegistryUnavailableError, Spk2InfoCache, Spk2InfoConfig
 
 from cosyvoice_gateway import metrics
+from cosyvoice_gateway.admission import Admission, AdmissionInterceptor
 from cosyvoice_gateway.auth import ApiKeyInterceptor, keys_from_env
 from cosyvoice_gateway.pipeline import (
     Pipeline,
@@ -105,12 +106,16 @@ class GatewayConfig:
     readiness_interval_s: float = 2.0
     grace_s: float = 5.0
     api_keys: tuple[str, ...] = ()    # COSYVOICE_API_KEY (comma-separated); empty = no authentication
+    max_inflight_requests: int = 64   # synthesis/registration requests in flight; more = RESOURCE_EXHAUSTED/429
+    retry_after_s: float = 1.0        # the retry hint sent with a refusal
+    request_timeout_s: float = 0.0    # per-request deadline for every stage call (0 = the client's, if any)
 
     def __post_init__(self) -> None:
         for port in (self.grpc_port, self.http_port, self.metrics_port):
             if not 0 <= port < 65536:
                 raise ValueError(f"bad port {port}")
-        if self.max_concurrent_rpcs < 1 or self.grace_s < 0 or self.readiness_interval_s <= 0:
+        if (self.max_concurrent_rpcs < 1 or self.grace_s < 0 or self.readiness_interval_s <= 0
+                or self.max_inflight_requests < 0 or self.retry_after_s <= 0 or self.request_timeout_s < 0):
             raise ValueError(f"bad gateway config: {self}")
 
     @classmethod
@@ -139,6 +144,9 @@ class GatewayConfig:
             readiness_interval_s=_env_float("READINESS_INTERVAL_S", 2.0),
             grace_s=_env_float("GRACE_S", 5.0),
             api_keys=keys_from_env(os.environ),
+            max_inflight_requests=_env_int("MAX_INFLIGHT_REQUESTS", 64),
+            retry_after_s=_env_float("RETRY_AFTER_S", 1.0),
+            request_timeout_s=_env_float("REQUEST_TIMEOUT_S", 0.0),
         )
 
 
@@ -318,7 +326,10 @@ class Gateway:
         self.health = health.aio.HealthServicer()
         # Messages up to the prompt upload bound (plus the text around it), so the pipeline's own checks answer
         # an oversized prompt with INVALID_ARGUMENT and a message, as HTTP does.
-        interceptors = [ApiKeyInterceptor(config.api_keys)] if config.api_keys else []
+        self.admission = Admission(config.max_inflight_requests, config.retry_after_s)
+        # Order: authentication first (an unauthenticated call takes no slot), then admission.
+        interceptors = [*([ApiKeyInterceptor(config.api_keys)] if config.api_keys else []),
+                        AdmissionInterceptor(self.admission, config.request_timeout_s)]
         self.server = grpc.aio.server(maximum_concurrent_rpcs=config.max_concurrent_rpcs, interceptors=interceptors,
                                       options=[
             ("grpc.max_receive_message_length", PROMPT_MAX_BYTES + GRPC_MESSAGE_OVERHEAD_BYTES)])

@@ -47,6 +47,7 @@ from cosyvoice_common.contracts import (
 )
 
 from cosyvoice_gateway import metrics
+from cosyvoice_gateway.admission import time_left_s
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +354,15 @@ class StageClient:
         return StageError(self.name, f"{replica.url}: {message}", unavailable=unavailable,
                           timed_out="DEADLINE" in status, invalid=_STAGE_INVALID_REQUEST in message)
 
+    def _timeout_s(self) -> float:
+        """This call's timeout: the stage's, or the time left to the request's deadline if sooner."""
+        left = time_left_s()
+        if left is None:
+            return self.config.timeout_s
+        if left <= 0:
+            raise StageError(self.name, "request deadline passed before the call", timed_out=True)
+        return min(self.config.timeout_s, left)
+
     # --- calls --------------------------------------------------------------------------------------
     async def infer(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = ""
                     ) -> tuple[dict[str, np.ndarray], CallTiming]:
@@ -376,7 +386,7 @@ class StageClient:
             result = await replica.client.infer(
                 self.config.model, self._inputs(tensors, batched),
                 outputs=[InferRequestedOutput(n) for n in outputs], request_id=request_id,
-                client_timeout=self.config.timeout_s)
+                client_timeout=self._timeout_s())
             lease.timing.compute_ms = (time.perf_counter() - start) * MS_PER_S
             return self._outputs(result, outputs, batched), lease.timing
         except InferenceServerException as exc:
@@ -417,6 +427,7 @@ class StageClient:
         try:
             batched = await self._batched(replica)
             inputs = self._inputs(tensors, batched)
+            timeout_s = self._timeout_s()
         except BaseException:
             self._release(lease)
             raise
@@ -432,7 +443,7 @@ class StageClient:
             yield request
 
         start = time.perf_counter()
-        responses = replica.client.stream_infer(requests(), stream_timeout=self.config.timeout_s)
+        responses = replica.client.stream_infer(requests(), stream_timeout=timeout_s)
         finished = False
         try:
             async for result, error in responses:
