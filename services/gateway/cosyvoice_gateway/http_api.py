@@ -402,6 +402,16 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
         return Response("ok\n" if ready else "stages not ready\n", status_code=200 if ready else 503,
                         media_type="text/plain")
 
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """Readiness (Kubernetes readinessProbe): every stage has a ready replica."""
+        return await healthz()
+
+    @app.get("/livez")
+    async def livez() -> Response:
+        """Liveness (Kubernetes livenessProbe): the process answers; stages may be down (not a restart reason)."""
+        return Response("ok\n", media_type="text/plain")
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
