@@ -52,6 +52,14 @@ LLM_PROMPT_BUDGET_POSITIONS = 1096
 LLM_MAX_SEQ_LEN = MAX_SPEECH_TOKENS + LLM_PROMPT_BUDGET_POSITIONS          # 4096
 
 
+# --- Redis (spk2info cache + speaker registry) -------------------------------------------------------------
+# Bounded memory; volatile-lru evicts only keys with a TTL (cached prompts), never named voices (no expiry).
+REDIS_MAXMEMORY = "1gb"
+REDIS_EVICTION_POLICY = "volatile-lru"
+REDIS_BOUND_ARGS = ("--maxmemory", REDIS_MAXMEMORY, "--maxmemory-policy", REDIS_EVICTION_POLICY)
+MAX_NAMED_SPEAKERS = 10_000             # per model revision; more registrations are RESOURCE_EXHAUSTED
+
+
 def speech_code_to_flat_id(code: int) -> int:
     return code + SPEECH_ID_OFFSET
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cosyvoice_common import contracts
+from cosyvoice_common.constants import REDIS_BOUND_ARGS
 
 STAGES = ("tokenizer", "speaker", "llm", "token2wav")
 STAGE_TRITON_MODELS = {
@@ -527,7 +528,7 @@ def to_compose(placement: Placement) -> dict:
 
     services["redis"] = {
         "image": REDIS_IMAGE,
-        "command": ["redis-server", "--appendonly", "yes"],
+        "command": ["redis-server", "--appendonly", "yes", *REDIS_BOUND_ARGS],
         "volumes": ["redis-data:/data"],
         "expose": [str(REDIS_PORT)],
         "healthcheck": {"test": ["CMD", "redis-cli", "ping"], "interval": HEALTH_INTERVAL,
@@ -711,7 +712,7 @@ def k8s_from_values(values: dict, release: str = "cosyvoice2") -> list[dict]:
             "serviceName": f"{release}-redis", "replicas": 1, "selector": {"matchLabels": rlabels},
             "template": {"metadata": {"labels": rlabels}, "spec": {"containers": [{
                 "name": "redis", "image": values["redis"]["image"],
-                "args": ["--appendonly", "yes"],
+                "args": ["--appendonly", "yes", *REDIS_BOUND_ARGS],
                 "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
                 "readinessProbe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 5},
                 "volumeMounts": [{"name": "data", "mountPath": "/data"}],

@@ -21,7 +21,7 @@ import numpy as np
 
 from cosyvoice_common import torchfile
 from cosyvoice_common.constants import MEL_BINS, SPEAKER_EMBEDDING_DIM, SPEECH_CODEBOOK_SIZE, TOKEN_FRAME_RATE_HZ, TOKEN_MEL_RATIO
-from cosyvoice_common.spk2info import PromptFeatures, SpeakerExistsError, Spk2InfoCache
+from cosyvoice_common.spk2info import PromptFeatures, SpeakerExistsError, SpeakerLimitError, Spk2InfoCache
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,9 @@ async def import_spk2info(cache: Spk2InfoCache, path: str | Path,
             await cache.register_speaker(name, features, replace=False)
         except SpeakerExistsError:
             continue
+        except SpeakerLimitError as exc:
+            log.error("spk2info: %s; %s and later speakers of %s not imported", exc, name, path)
+            break
         added.append(name)
     if added:
         log.info("spk2info: imported %s from %s", ", ".join(added), path)

@@ -54,7 +54,13 @@ from cosyvoice_common.constants import (
     TOKEN_MEL_RATIO,
 )
 from cosyvoice_common.schedule import ChunkSchedule, ScheduleConfig
-from cosyvoice_common.spk2info import PromptFeatures, RegistryUnavailableError, SpeakerExistsError, Spk2InfoCache
+from cosyvoice_common.spk2info import (
+    PromptFeatures,
+    RegistryUnavailableError,
+    SpeakerExistsError,
+    SpeakerLimitError,
+    Spk2InfoCache,
+)
 from cosyvoice_common.textnorm import (
     DEFAULT_SPLIT,
     SplitConfig,
@@ -382,6 +388,8 @@ class Pipeline:
         features = await self.prompt_features(audio, prompt_text, f"register-{speaker_id}", timings)
         try:
             return await self.cache.register_speaker(speaker_id, features, replace=replace)
+        except SpeakerLimitError as exc:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
         except SpeakerExistsError as exc:
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
                                f"speaker {speaker_id!r} is already registered; set replace to overwrite it") from exc

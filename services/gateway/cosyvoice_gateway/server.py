@@ -25,7 +25,7 @@ from prometheus_client import start_http_server
 
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio, wav_header
-from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ
+from cosyvoice_common.constants import MAX_NAMED_SPEAKERS, OUTPUT_SAMPLE_RATE_HZ
 from cosyvoice_common.seed_speakers import import_model_speakers
 from cosyvoice_common.spk2info import RegistryUnavailableError, Spk2InfoCache, Spk2InfoConfig
 
@@ -106,6 +106,7 @@ class GatewayConfig:
     readiness_interval_s: float = 2.0
     grace_s: float = 5.0
     api_keys: tuple[str, ...] = ()    # COSYVOICE_API_KEY (comma-separated); empty = no authentication
+    max_speakers: int = MAX_NAMED_SPEAKERS  # named voices in the registry (MAX_SPEAKERS)
     max_inflight_requests: int = 64   # synthesis/registration requests in flight; more = RESOURCE_EXHAUSTED/429
     retry_after_s: float = 1.0        # the retry hint sent with a refusal
     request_timeout_s: float = 0.0    # per-request deadline for every stage call (0 = the client's, if any)
@@ -145,6 +146,7 @@ class GatewayConfig:
             grace_s=_env_float("GRACE_S", 5.0),
             api_keys=keys_from_env(os.environ),
             max_inflight_requests=_env_int("MAX_INFLIGHT_REQUESTS", 64),
+            max_speakers=_env_int("MAX_SPEAKERS", MAX_NAMED_SPEAKERS),
             retry_after_s=_env_float("RETRY_AFTER_S", 1.0),
             request_timeout_s=_env_float("REQUEST_TIMEOUT_S", 0.0),
         )
@@ -320,7 +322,7 @@ class Gateway:
             for name, urls in (("tokenizer", config.tokenizer_urls), ("speaker", config.speaker_urls),
                                ("llm", config.llm_urls), ("token2wav", config.token2wav_urls))))
         self.cache = Spk2InfoCache(Spk2InfoConfig(url=config.redis_url, model_revision=config.model_revision,
-                                                  ttl_s=config.cache_ttl_s))
+                                                  ttl_s=config.cache_ttl_s, max_speakers=config.max_speakers))
         self.pipeline = Pipeline(PipelineConfig(), self.stages, self.cache,
                                  encode_text or load_text_encoder(config.model_dir))
         self.health = health.aio.HealthServicer()
