@@ -18,6 +18,8 @@ import soundfile as sf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
+from cosyvoice_common.audio import PROMPT_MAX_BYTES
+from cosyvoice_gateway.server import GRPC_MESSAGE_OVERHEAD_BYTES
 from cosyvoice_common.constants import SAMPLES_PER_TOKEN
 from cosyvoice_gateway.testing import prompt_wav_bytes
 
@@ -140,10 +142,11 @@ def test_odd_but_usable_prompts_are_served(channel, case):
 
 def test_oversized_message_is_resource_exhausted_and_the_gateway_keeps_serving(channel):
     stub = tts_pb2_grpc.TextToSpeechStub(channel)
-    request = _req(prompt_audio=b"\0" * (5 << 20))     # above gRPC's 4 MiB default receive limit
+    too_big = PROMPT_MAX_BYTES + GRPC_MESSAGE_OVERHEAD_BYTES + 1   # above the gateway's gRPC receive limit
+    request = _req(prompt_audio=b"\0" * too_big)
     for code, message, _ in _call_both(stub, request):
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, message
-    register = tts_pb2.RegisterSpeakerRequest(speaker_id="big", prompt_audio=b"\0" * (5 << 20))
+    register = tts_pb2.RegisterSpeakerRequest(speaker_id="big", prompt_audio=b"\0" * too_big)
     with pytest.raises(grpc.RpcError) as info:
         stub.RegisterSpeaker(register, timeout=30)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import torch
 
 from cosyvoice_common.constants import (
     OUTPUT_SAMPLE_RATE_HZ,
@@ -22,6 +21,13 @@ from cosyvoice_common.constants import (
     PROMPT_MIN_SECONDS,
     SUPPORTED_OUTPUT_RATES_HZ,
 )
+
+# Upload bounds checked before any decoding: the bytes, then the container header (soundfile.info), then a
+# decode that reads at most PROMPT_MAX_SECONDS of frames, so a small compressed file that would expand to
+# gigabytes (a long silent FLAC) is refused at the cost of reading its header.
+PROMPT_MAX_BYTES = 16 << 20            # a 30 s prompt is ~3 MB as 48 kHz 16-bit WAV
+PROMPT_MAX_CHANNELS = 8
+PROMPT_MAX_SAMPLE_RATE_HZ = 192000
 
 # A prompt whose peak is below this (about -80 dBFS) carries no usable voice.
 SILENCE_PEAK_AMPLITUDE = 1e-4
@@ -63,61 +69,91 @@ class PromptAudio:
 
 
 # --- decode ------------------------------------------------------------------------------------------
-def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode any soundfile-readable container to float32 mono in [-1, 1] (channels averaged)."""
+def decode_audio(data: bytes, max_seconds: float | None = None, max_bytes: int = PROMPT_MAX_BYTES
+                 ) -> tuple[np.ndarray, int]:
+    """Decode any soundfile-readable container to float32 mono in [-1, 1] (channels averaged).
+
+    Bounded: more than `max_bytes` bytes, a header that says more than `max_seconds` (None = no duration
+    bound), too many channels or an absurd rate are refused before decoding, and the decode itself reads at
+    most `max_seconds` of frames (a header that understates its length is caught there)."""
     import soundfile as sf  # imported here so feature code that only needs the filter banks does not need libsndfile
 
     if not data:
         raise AudioDecodeError("audio is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise AudioValidationError(f"audio is {len(data)} bytes; the limit is {max_bytes} bytes")
     try:
-        # soundfile scales every integer PCM width (8/16/24/32 bit) to [-1, 1) when dtype is float.
-        samples, sample_rate_hz = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        info = sf.info(io.BytesIO(data))
     except Exception as exc:  # libsndfile raises several types (RuntimeError, LibsndfileError, TypeError)
         raise AudioDecodeError(f"cannot decode audio ({len(data)} bytes): {exc}") from exc
+    sample_rate_hz, channels = int(info.samplerate), int(info.channels)
+    if not 0 < sample_rate_hz <= PROMPT_MAX_SAMPLE_RATE_HZ:
+        raise AudioValidationError(f"audio sample rate {sample_rate_hz} Hz is outside (0, {PROMPT_MAX_SAMPLE_RATE_HZ}]")
+    if not 0 < channels <= PROMPT_MAX_CHANNELS:
+        raise AudioValidationError(f"audio has {channels} channels; the limit is {PROMPT_MAX_CHANNELS}")
+    max_frames = -1
+    if max_seconds is not None:
+        max_frames = int(math.ceil(max_seconds * sample_rate_hz))
+        if info.frames > max_frames:
+            raise AudioValidationError(
+                f"audio is too long: {info.frames / sample_rate_hz:.3f} s (maximum {max_seconds} s)")
+    try:
+        # soundfile scales every integer PCM width (8/16/24/32 bit) to [-1, 1) when dtype is float.
+        # One frame past the bound tells a header that understated the length.
+        samples, _ = sf.read(io.BytesIO(data), frames=max_frames + 1 if max_frames >= 0 else -1, dtype="float32",
+                             always_2d=True)
+    except Exception as exc:
+        raise AudioDecodeError(f"cannot decode audio ({len(data)} bytes): {exc}") from exc
+    if max_frames >= 0 and samples.shape[0] > max_frames:
+        raise AudioValidationError(f"audio is too long: more than {max_seconds} s")
     if samples.shape[0] == 0:
         raise AudioDecodeError("audio contains no samples")
     mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
-    return np.ascontiguousarray(mono, dtype=np.float32), int(sample_rate_hz)
+    return np.ascontiguousarray(mono, dtype=np.float32), sample_rate_hz
 
 
 # --- resample ----------------------------------------------------------------------------------------
 @lru_cache(maxsize=64)
-def _resample_kernel(orig_hz: int, new_hz: int) -> tuple[torch.Tensor, int]:
-    """Polyphase sinc-Hann kernel for a reduced rate pair, [new, 1, 2*width+orig]; built once per pair."""
-    base_hz = min(orig_hz, new_hz) * RESAMPLE_ROLLOFF
-    width = math.ceil(RESAMPLE_LOWPASS_FILTER_WIDTH * orig_hz / base_hz)
-    # float32 throughout, like torchaudio (which builds the kernel in the float32 input's dtype).
-    idx = torch.arange(-width, width + orig_hz, dtype=torch.float32)[None, None] / orig_hz
-    phase = torch.arange(0, -new_hz, -1, dtype=torch.float32)[:, None, None] / new_hz
-    t = ((phase + idx) * base_hz).clamp(-RESAMPLE_LOWPASS_FILTER_WIDTH, RESAMPLE_LOWPASS_FILTER_WIDTH)
-    window = torch.cos(t * math.pi / RESAMPLE_LOWPASS_FILTER_WIDTH / 2) ** 2
-    t = t * math.pi
-    scale = base_hz / orig_hz
-    safe_t = torch.where(t == 0, torch.ones_like(t), t)
-    kernel = torch.where(t == 0, torch.ones_like(t), torch.sin(safe_t) / safe_t) * window * scale
+def _resample_kernel(orig_hz: int, new_hz: int) -> tuple[np.ndarray, int]:
+    """Polyphase sinc-Hann kernel for a reduced rate pair, float32 [new, 2*width+orig]; built once per pair.
+
+    The same float32 arithmetic as torchaudio's `_get_sinc_resample_kernel`, in numpy: the gateway image has
+    no torch."""
+    base_hz = np.float32(min(orig_hz, new_hz) * RESAMPLE_ROLLOFF)
+    width = math.ceil(RESAMPLE_LOWPASS_FILTER_WIDTH * orig_hz / float(base_hz))
+    idx = np.arange(-width, width + orig_hz, dtype=np.float32)[None, :] / np.float32(orig_hz)
+    phase = np.arange(0, -new_hz, -1, dtype=np.float32)[:, None] / np.float32(new_hz)
+    t = np.clip((phase + idx) * base_hz, -RESAMPLE_LOWPASS_FILTER_WIDTH, RESAMPLE_LOWPASS_FILTER_WIDTH)
+    window = np.cos(t * np.float32(math.pi / RESAMPLE_LOWPASS_FILTER_WIDTH / 2)) ** 2
+    t = t * np.float32(math.pi)
+    scale = base_hz / np.float32(orig_hz)
+    safe_t = np.where(t == 0, np.float32(1), t)
+    kernel = np.where(t == 0, np.float32(1), np.sin(safe_t) / safe_t) * window * scale
+    kernel = np.ascontiguousarray(kernel, dtype=np.float32)
+    kernel.flags.writeable = False
     return kernel, width
 
 
 def resample(wav: np.ndarray, orig_hz: int, new_hz: int) -> np.ndarray:
     """Resample a 1-D float signal like torchaudio.functional.resample's default (sinc_interp_hann).
 
-    The kernel for each rate pair is cached, so serving never rebuilds it per request.
+    The kernel for each rate pair is cached, so serving never rebuilds it per request. The strided
+    convolution is one float32 matmul over the signal's windows (a view, no copy of the windows).
     """
     if orig_hz <= 0 or new_hz <= 0:
         raise ValueError(f"sample rates must be positive, got {orig_hz} -> {new_hz}")
-    wav = np.asarray(wav, dtype=np.float32)
+    wav = np.asarray(wav, dtype=np.float32).reshape(-1)
     if orig_hz == new_hz:
         return wav.copy()
     gcd = math.gcd(int(orig_hz), int(new_hz))
     orig, new = int(orig_hz) // gcd, int(new_hz) // gcd
     kernel, width = _resample_kernel(orig, new)
-    length = wav.shape[-1]
-    x = torch.from_numpy(np.ascontiguousarray(wav)).reshape(1, 1, length)
-    x = torch.nn.functional.pad(x, (width, width + orig))
-    y = torch.nn.functional.conv1d(x, kernel, stride=orig)        # [1, new, frames]
-    y = y.transpose(1, 2).reshape(-1)
+    length = wav.shape[0]
+    padded = np.pad(wav, (width, width + orig))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, kernel.shape[1])[::orig]   # [frames, K]
+    y = (windows @ kernel.T).reshape(-1)                                                  # frame-major
     target = math.ceil(new * length / orig)
-    return y[:target].numpy().astype(np.float32, copy=False)
+    return np.ascontiguousarray(y[:target], dtype=np.float32)
 
 
 # --- prompt preparation ------------------------------------------------------------------------------
@@ -145,7 +181,7 @@ def prepare_prompt(data: bytes) -> PromptAudio:
 
     Like the reference `load_wav`, both rates are resampled from the original file (not 24k from 16k).
     """
-    wav, sample_rate_hz = decode_audio(data)
+    wav, sample_rate_hz = decode_audio(data, max_seconds=PROMPT_MAX_SECONDS)
     duration_s = validate_prompt(wav, sample_rate_hz)
     wav_16k = resample(wav, sample_rate_hz, PROMPT_16K_SAMPLE_RATE_HZ)
     wav_24k = resample(wav, sample_rate_hz, OUTPUT_SAMPLE_RATE_HZ)

@@ -43,6 +43,22 @@ HIFT_SOURCE_CACHE_SAMPLES = 3840        # = 8 mel frames * 480
 PROMPT_MAX_SECONDS = 30.0
 PROMPT_MIN_SECONDS = 0.5
 
+# --- capacity (every stage agrees on these; the llm stage's own value is read from its model config) ----
+MAX_SPEECH_TOKENS = 3000                # the API's bound per segment: 120 s of audio
+PROMPT_MAX_SPEECH_TOKENS = int(PROMPT_MAX_SECONDS * TOKEN_FRAME_RATE_HZ)   # 750: a 30 s prompt's tokens
+# Default positions per llm slot (prompt + generated): holds MAX_SPEECH_TOKENS after the longest prompt
+# (LLM_PROMPT_BUDGET_POSITIONS: sos, task, a 30 s prompt's tokens, and prompt + target text tokens).
+LLM_PROMPT_BUDGET_POSITIONS = 1096
+LLM_MAX_SEQ_LEN = MAX_SPEECH_TOKENS + LLM_PROMPT_BUDGET_POSITIONS          # 4096
+
+
+# --- Redis (spk2info cache + speaker registry) -------------------------------------------------------------
+# Bounded memory; volatile-lru evicts only keys with a TTL (cached prompts), never named voices (no expiry).
+REDIS_MAXMEMORY = "1gb"
+REDIS_EVICTION_POLICY = "volatile-lru"
+REDIS_BOUND_ARGS = ("--maxmemory", REDIS_MAXMEMORY, "--maxmemory-policy", REDIS_EVICTION_POLICY)
+MAX_NAMED_SPEAKERS = 10_000             # per model revision; more registrations are RESOURCE_EXHAUSTED
+
 
 def speech_code_to_flat_id(code: int) -> int:
     return code + SPEECH_ID_OFFSET

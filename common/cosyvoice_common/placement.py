@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cosyvoice_common import contracts
+from cosyvoice_common.constants import REDIS_BOUND_ARGS
 
 STAGES = ("tokenizer", "speaker", "llm", "token2wav")
 STAGE_TRITON_MODELS = {
@@ -468,6 +469,13 @@ def compose_service_names(placement: Placement, stage: str) -> list[str]:
     return [stage] if sp.replicas_identical else [f"{stage}-{r}" for r in range(sp.replicas)]
 
 
+# Published ports bind to loopback unless PUBLISH_HOST says otherwise (`PUBLISH_HOST=0.0.0.0 docker compose up`).
+COMPOSE_PUBLISH_HOST = "${PUBLISH_HOST:-127.0.0.1}"
+# Triton's Python backend moves tensors through /dev/shm; Docker's 64 MB default is too small for audio batches.
+COMPOSE_SHM_SIZE = "${TRITON_SHM_SIZE:-1gb}"
+GATEWAY_LIVENESS_PATH = "/livez"     # process up (HTTP answers); readiness = stages ready (gRPC health, /readyz)
+
+
 def to_compose(placement: Placement) -> dict:
     """The docker compose file for `placement`. Inside a container every replica of a stage listens on
     the stage's replica-0 ports (own network namespace); only the gateway and the seed fronts publish host ports."""
@@ -500,6 +508,7 @@ def to_compose(placement: Placement) -> dict:
                 "environment": env,
                 "volumes": [model_volume],
                 "expose": [str(slot0.http_port), str(slot0.grpc_port), str(slot0.metrics_port)],
+                "shm_size": COMPOSE_SHM_SIZE,
                 "healthcheck": {"test": _triton_health_cmd(slot0.http_port), "interval": HEALTH_INTERVAL,
                                 "timeout": HEALTH_TIMEOUT, "retries": HEALTH_RETRIES,
                                 "start_period": TRITON_START_PERIOD},
@@ -519,7 +528,7 @@ def to_compose(placement: Placement) -> dict:
 
     services["redis"] = {
         "image": REDIS_IMAGE,
-        "command": ["redis-server", "--appendonly", "yes"],
+        "command": ["redis-server", "--appendonly", "yes", *REDIS_BOUND_ARGS],
         "volumes": ["redis-data:/data"],
         "expose": [str(REDIS_PORT)],
         "healthcheck": {"test": ["CMD", "redis-cli", "ping"], "interval": HEALTH_INTERVAL,
@@ -531,8 +540,8 @@ def to_compose(placement: Placement) -> dict:
         "build": {"context": ".", "dockerfile": "services/gateway/Dockerfile"},
         "environment": gateway_env,
         "volumes": [model_volume],        # the gateway's text tokenizer reads MODEL_DIR/CosyVoice-BlankEN
-        "ports": [f"${{GATEWAY_GRPC_HOST_PORT:-{GATEWAY_GRPC_PORT}}}:{GATEWAY_GRPC_PORT}",
-                  f"${{GATEWAY_HTTP_HOST_PORT:-{GATEWAY_HTTP_PORT}}}:{GATEWAY_HTTP_PORT}"],
+        "ports": [f"{COMPOSE_PUBLISH_HOST}:${{GATEWAY_GRPC_HOST_PORT:-{GATEWAY_GRPC_PORT}}}:{GATEWAY_GRPC_PORT}",
+                  f"{COMPOSE_PUBLISH_HOST}:${{GATEWAY_HTTP_HOST_PORT:-{GATEWAY_HTTP_PORT}}}:{GATEWAY_HTTP_PORT}"],
         "depends_on": gateway_depends,
         "healthcheck": {"test": GATEWAY_HEALTH_CMD, "interval": HEALTH_INTERVAL, "timeout": HEALTH_TIMEOUT,
                         "retries": HEALTH_RETRIES, "start_period": "30s"},
@@ -550,7 +559,8 @@ def to_compose(placement: Placement) -> dict:
             "command": ["python", SEED_FRONT_ENTRYPOINT],
             "environment": env,
             "volumes": [model_volume],    # text tokenizer + model revision, as the gateway (same spk2info keys)
-            "ports": [f"{p}:{p}" for p in (http_port, grpc_port, metrics_port)],
+            "ports": [f"{COMPOSE_PUBLISH_HOST}:{p}:{p}" for p in (http_port, grpc_port, metrics_port)],
+            "shm_size": COMPOSE_SHM_SIZE,
             "depends_on": {k: dict(v) for k, v in gateway_depends.items()},   # every stage and Redis, healthy
             "healthcheck": {"test": _triton_health_cmd(http_port), "interval": HEALTH_INTERVAL,
                             "timeout": HEALTH_TIMEOUT, "retries": HEALTH_RETRIES, "start_period": SEED_START_PERIOD},
@@ -702,7 +712,7 @@ def k8s_from_values(values: dict, release: str = "cosyvoice2") -> list[dict]:
             "serviceName": f"{release}-redis", "replicas": 1, "selector": {"matchLabels": rlabels},
             "template": {"metadata": {"labels": rlabels}, "spec": {"containers": [{
                 "name": "redis", "image": values["redis"]["image"],
-                "args": ["--appendonly", "yes"],
+                "args": ["--appendonly", "yes", *REDIS_BOUND_ARGS],
                 "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
                 "readinessProbe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 5},
                 "volumeMounts": [{"name": "data", "mountPath": "/data"}],
@@ -735,7 +745,7 @@ def k8s_from_values(values: dict, release: str = "cosyvoice2") -> list[dict]:
                     "env": gateway_env,
                     "ports": gports,
                     "readinessProbe": {"grpc": {"port": g["grpcPort"]}, "periodSeconds": 5},
-                    "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"},
+                    "livenessProbe": {"httpGet": {"path": GATEWAY_LIVENESS_PATH, "port": "http"},
                                       "initialDelaySeconds": 30, "periodSeconds": 10},
                     "volumeMounts": [{"name": "models", "mountPath": MODEL_MOUNT_DIR, "readOnly": True}],
                 }],

@@ -7,8 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 
 def install_stack_dumps() -> None:
     """For a Triton stub process: a fatal signal (SIGSEGV, SIGABRT, ...) prints every thread's Python stack
@@ -22,6 +20,8 @@ def install_stack_dumps() -> None:
 def exact_fp32() -> Iterator[None]:
     """Run convs/matmuls in true float32 on CUDA (cuDNN defaults to TF32 for convs on Ampere+), so the GPU
     ports agree with onnxruntime and the reference within the parity tolerances. Flags are restored after."""
+    import torch   # here: the gateway image (seed fronts call install_stack_dumps) has no torch
+
     conv_tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:

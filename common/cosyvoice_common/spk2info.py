@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
-from cosyvoice_common.constants import MEL_BINS, SPEAKER_EMBEDDING_DIM, TOKEN_MEL_RATIO
+from cosyvoice_common.constants import MAX_NAMED_SPEAKERS, MEL_BINS, SPEAKER_EMBEDDING_DIM, TOKEN_MEL_RATIO
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,14 @@ _ARRAY_FIELDS = ("speech_codes", "speech_feat", "spk_embedding", "text_ids")
 
 class RegistryUnavailableError(RuntimeError):
     """The speaker registry (Redis) cannot be reached: named-speaker operations cannot be served."""
+
+
+class SpeakerLimitError(RuntimeError):
+    """The registry holds its maximum of named speakers (`max_speakers`)."""
+
+
+class SpeakerExistsError(KeyError):
+    """A speaker of that name is registered and the registration did not ask to replace it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +87,12 @@ class Spk2InfoConfig:
     socket_timeout_s: float = 0.25
     retry_after_s: float = 5.0    # after a failure, treat Redis as down this long
     key_prefix: str = "cosyvoice"
+    max_speakers: int = MAX_NAMED_SPEAKERS   # named voices per model revision
 
     def __post_init__(self) -> None:
         if not self.model_revision:
             raise ValueError("model_revision is required (cache entries are only valid for one model)")
-        if self.ttl_s <= 0 or self.socket_timeout_s <= 0 or self.retry_after_s < 0:
+        if self.ttl_s <= 0 or self.socket_timeout_s <= 0 or self.retry_after_s < 0 or self.max_speakers < 1:
             raise ValueError(f"bad spk2info config: {self}")
 
     @classmethod
@@ -94,6 +103,7 @@ class Spk2InfoConfig:
             ttl_s=int(os.environ.get("CACHE_TTL_S", 24 * 3600)),
             socket_timeout_s=float(os.environ.get("REDIS_TIMEOUT_S", 0.25)),
             retry_after_s=float(os.environ.get("REDIS_RETRY_AFTER_S", 5.0)),
+            max_speakers=int(os.environ.get("MAX_SPEAKERS", MAX_NAMED_SPEAKERS)),
         )
 
 
@@ -218,7 +228,9 @@ class Spk2InfoCache:
         self._down_until_s = 0.0     # it answered: ad-hoc lookups may use it again at once
         return result
 
-    async def register_speaker(self, name: str, features: PromptFeatures) -> SpeakerInfo:
+    async def register_speaker(self, name: str, features: PromptFeatures, replace: bool = True) -> SpeakerInfo:
+        """Store a named speaker. `replace=False`: the name is claimed in the index first (HSETNX), and an
+        existing one raises SpeakerExistsError."""
         info = _speaker_info(name, features)
         key = self._speaker_prefix + name
         index_entry = json.dumps({
@@ -228,6 +240,13 @@ class Spk2InfoCache:
         })
 
         async def run():
+            exists = await self._redis.hexists(self._index_key, name)
+            if exists and not replace:
+                raise SpeakerExistsError(name)
+            if not exists and await self._redis.hlen(self._index_key) >= self.config.max_speakers:
+                raise SpeakerLimitError(f"the registry holds its maximum of {self.config.max_speakers} speakers")
+            if not replace and not await self._redis.hsetnx(self._index_key, name, index_entry):
+                raise SpeakerExistsError(name)      # registered meanwhile
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(key).hset(key, mapping=_encode(features)).hset(self._index_key, name, index_entry)
                 await pipe.execute()

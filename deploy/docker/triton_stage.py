@@ -16,11 +16,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from cosyvoice_common.constants import LLM_MAX_SEQ_LEN   # the image's PYTHONPATH holds the common package
+
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # cosyvoice_tools.stack's defaults (default_stage_params, StageSettings), so a container starts like `make up`.
 DEFAULTS = {"max_batch_size": "16", "max_queue_delay_us": "0", "tokenizer_backend": "onnx",
-            "speaker_backend": "onnx", "llm_dtype": "auto", "llm_max_seq_len": "2048", "llm_batch_slots": "auto",
-            "token2wav_dtype": "auto", "token2wav_compile": "auto"}
+            "speaker_backend": "onnx", "llm_dtype": "auto", "llm_max_seq_len": str(LLM_MAX_SEQ_LEN),
+            "llm_batch_slots": "auto", "token2wav_dtype": "auto", "token2wav_compile": "auto"}
 
 
 def placement_params(env: dict[str, str]) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """docker-compose.yml and `render.py compose`: valid compose-spec, healthy dependency graph, stages on
 the GPUs their placement names."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +32,38 @@ def checked_in() -> dict:
     return yaml.safe_load((REPO / "docker-compose.yml").read_text())
 
 
+_DEFAULTED = re.compile(r"\$\{[A-Za-z_]+:-([^}]*)\}")
+
+
+def _parts(spec: str) -> list[str]:
+    """'${HOST:-127.0.0.1}:${VAR:-50051}:50051' -> ['127.0.0.1', '50051', '50051'] (defaults applied)."""
+    return _DEFAULTED.sub(lambda m: m.group(1).replace(":", "\0"), spec).split(":")
+
+
 def host_port(spec: str) -> int:
-    """'${VAR:-50051}:50051' or '8000:8000' -> the host port with defaults applied."""
-    host = spec.rsplit(":", 1)[0]
-    return int(host.split(":-", 1)[1].rstrip("}")) if host.startswith("${") else int(host)
+    """'${HOST:-127.0.0.1}:${VAR:-50051}:50051' or '127.0.0.1:8000:8000' -> the host port."""
+    return int(_parts(spec)[-2])
+
+
+def host_ip(spec: str) -> str:
+    parts = _parts(spec)
+    return parts[0] if len(parts) == 3 else "0.0.0.0"
+
+
+def test_published_ports_bind_to_loopback_unless_configured():
+    for doc in (checked_in(), to_compose(load_placement(env={}, path=EXAMPLE))):
+        published = [(name, p) for name, svc in doc["services"].items() for p in svc.get("ports", [])]
+        assert published and all(host_ip(p) == "127.0.0.1" for _, p in published), published
+        assert all(p.startswith("${PUBLISH_HOST:-127.0.0.1}:") for _, p in published)
+
+
+def test_python_backend_services_get_shared_memory():
+    doc = checked_in()
+    for name, svc in doc["services"].items():
+        if name in ("redis", "gateway"):
+            assert "shm_size" not in svc
+        else:                       # every tritonserver (stages, seed fronts) runs Python-backend stubs
+            assert svc["shm_size"] == "${TRITON_SHM_SIZE:-1gb}", name
 
 
 def check_structure(doc: dict, gpu_services: dict[str, list[str]]) -> None:
@@ -143,7 +172,7 @@ def test_seed_front_is_a_tritonserver_of_the_gateway_image_on_its_own_ports(name
     assert svc["image"] == gw["image"] and svc["build"] == gw["build"]
     assert svc["command"] == ["python", "/opt/cosyvoice/bin/seed_front.py"]
     http, grpc_, metrics = ports
-    assert svc["ports"] == [f"{p}:{p}" for p in ports]
+    assert [(host_port(p), int(p.rsplit(":", 1)[1])) for p in svc["ports"]] == [(p, p) for p in ports]
     env = svc["environment"]
     assert env["SEED_DECOUPLED"] == ("true" if decoupled else "false")
     assert (env["TRITON_HTTP_PORT"], env["TRITON_GRPC_PORT"], env["TRITON_METRICS_PORT"]) == \

@@ -40,6 +40,35 @@ def copy_sources(instrs) -> list[str]:
     return srcs
 
 
+def requirement_files(service: str) -> list[str]:
+    """The requirements files the image installs: COPYed from its own folder, then `pip install -r`."""
+    instrs = instructions(service)
+    copied = {}
+    for word, rest in instrs:
+        if word == "COPY" and "--from" not in rest:
+            parts = rest.split()
+            for src in parts[:-1]:
+                name = src.rsplit("/", 1)[-1]
+                copied[name] = src
+    files = []
+    for word, rest in instrs:
+        if word == "RUN" and "pip install" in rest:
+            for target in re.findall(r"-r\s+(\S+)", rest):
+                files.append(copied[target.rsplit("/", 1)[-1]])
+    return files
+
+
+def requirements(service: str) -> list[str]:
+    """Every requirement line the image installs (comments and blanks dropped)."""
+    lines = []
+    for path in requirement_files(service):
+        for line in (REPO / path).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                lines.append(line)
+    return lines
+
+
 def dockerignore() -> list[str]:
     return [l.strip() for l in (REPO / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
 
@@ -65,18 +94,32 @@ def test_stage_image_is_triton_with_only_its_own_stage(stage):
     assert not others, f"{stage} image copies another stage: {others}"
     assert "." not in srcs and "services" not in srcs and "services/" not in srcs
     runs = " ".join(r for w, r in instrs if w == "RUN")
-    assert "torch==" in runs
+    assert any(r.startswith("torch==") for r in requirements(stage))
     for other in set(STAGES) - {stage}:
         assert f"cosyvoice_{other}" not in runs
 
 
+@pytest.mark.parametrize("service", SERVICES)
+def test_image_installs_exactly_its_own_requirements_files(service):
+    """The dependency list is a file in the service's folder; no package is named inline in a RUN."""
+    files = requirement_files(service)
+    assert f"services/{service}/requirements.txt" in files
+    assert all(f.startswith(f"services/{service}/") for f in files), files
+    final = final_stage(instructions(service))
+    for word, rest in final:
+        if word == "RUN" and "pip install" in rest:
+            for command in re.findall(r"pip install ([^&]*)", rest):
+                args = [a for a in command.split() if not a.startswith("-")]
+                assert all(a.startswith("/opt/cosyvoice/") for a in args), f"{service}: inline packages {args}"
+
+
 def test_dependencies_follow_what_each_stage_imports():
-    runs = {s: " ".join(r for w, r in instructions(s) if w == "RUN") for s in SERVICES}
-    assert "onnxruntime-gpu" in runs["tokenizer"] and "s3tokenizer" in runs["tokenizer"]
-    assert "onnx2torch" in runs["speaker"] and "onnxruntime-gpu" in runs["speaker"]
-    assert "onnxruntime" not in runs["llm"] and "onnxruntime" not in runs["token2wav"]
-    assert "torch" not in runs["gateway"].replace("tritonclient", "")   # no torch in the gateway
-    assert "tritonclient" in runs["gateway"] and "grpcio-health-checking" in runs["gateway"]
+    reqs = {s: " ".join(requirements(s)) for s in SERVICES}
+    assert "onnxruntime-gpu" in reqs["tokenizer"] and "s3tokenizer" in reqs["tokenizer"]
+    assert "onnx2torch" in reqs["speaker"] and "onnxruntime-gpu" in reqs["speaker"]
+    assert "onnxruntime" not in reqs["llm"] and "onnxruntime" not in reqs["token2wav"]
+    assert "torch" not in reqs["gateway"].replace("tritonclient", "")   # no torch in the gateway
+    assert "tritonclient[grpc,http]" in reqs["gateway"] and "grpcio-health-checking" in reqs["gateway"]
 
 
 def test_gateway_image_is_slim_python_with_protos_built_in():
@@ -85,7 +128,7 @@ def test_gateway_image_is_slim_python_with_protos_built_in():
     assert final[0] == ("FROM", "python:3.12-slim")
     srcs = copy_sources(final)
     assert "services/gateway" in srcs and "common/cosyvoice_common" in srcs
-    assert not [s for s in srcs if s.startswith("services/") and s != "services/gateway"]
+    assert not [s for s in srcs if s.startswith("services/") and s.split("/")[1] != "gateway"]
     assert any(w == "COPY" and "--from=protos" in r for w, r in final)
     assert "protos/cosyvoice" in copy_sources(instrs)
 
@@ -96,8 +139,9 @@ def test_gateway_image_can_run_the_seed_fronts():
     assert ("COPY", "deploy/docker/seed_front.py /opt/cosyvoice/bin/seed_front.py") in final
     runs = " ".join(r for w, r in final if w == "RUN")
     assert "tritonserver" in runs and "triton_python_backend_stub" in runs
+    assert "nvidia-pytriton==0.7.0" in requirements("gateway")
     # the stub embeds this interpreter: numpy 2 would corrupt the BYTES texts (shared/notes/TRITON.md)
-    assert '"numpy<2"' in runs
+    assert "numpy<2" in requirements("gateway")
 
 
 @pytest.mark.parametrize("service", SERVICES)

@@ -54,10 +54,15 @@ from cosyvoice_common.constants import (
     TOKEN_MEL_RATIO,
 )
 from cosyvoice_common import modelconfig as mc
+from cosyvoice_common.seed_speakers import SPK2INFO_NAME   # read into the registry at start
 
 Shape = tuple[int, ...]
 SIZES = ("tiny", "full")
 MARKER_NAME = "GENERATED.json"
+SEED_SPEAKER_ID = "001"                    # the seed's default speaker key
+SEED_SPEAKER_TEXT = "Hello, this is a tiny text to speech model."
+SEED_SPEAKER_SECONDS = 3
+SEED_SPEAKER_OFFSET = 97                   # its generator's seed offset (apart from the weights' and stand-ins')
 GENERATOR_VERSION = 1
 
 # --- init statistics (golden README "Weights") --------------------------------------------------------------------
@@ -632,7 +637,7 @@ def build_state_dicts(cfg: Mapping[str, Any], seed: int, device: str = "cpu",
 
 def expected_files(model_dir: Path) -> list[Path]:
     return [model_dir / n for n in (mc.YAML_NAME, *mc.CHECKPOINT_NAMES, mc.CAMPPLUS_ONNX_NAME,
-                                    mc.SPEECH_TOKENIZER_ONNX_NAME)] + \
+                                    mc.SPEECH_TOKENIZER_ONNX_NAME, SPK2INFO_NAME)] + \
         [model_dir / mc.QWEN2_DIR_NAME / mc.QWEN2_CONFIG_NAME, model_dir / MARKER_NAME]
 
 
@@ -658,6 +663,25 @@ def _write_tokenizer(qwen_dir: Path, qcfg: Mapping[str, Any]) -> None:
     its ids sit at the bottom of the 151936-row table: text ids stay below the flat speech ids (151663 + code)."""
     from cosyvoice_common.text import write_tiny_bpe_tokenizer
     write_tiny_bpe_tokenizer(qwen_dir, vocab_size=int(qcfg["vocab_size"]))
+
+
+def _write_seed_spk2info(model_dir: Path, seed: int) -> None:
+    """`spk2info.pt` with the seed's default speaker `001`, in the Triton recipe's layout (spec 1.6). Like the
+    weights, its prompt features are random (seeded), not computed from audio: a voice for the random model."""
+    from cosyvoice_common.text import TextTokenizer
+
+    gen = torch.Generator().manual_seed(seed * SEED_STRIDE + SEED_SPEAKER_OFFSET)
+    tokens = SEED_SPEAKER_SECONDS * TOKEN_FRAME_RATE_HZ
+    text_ids = TextTokenizer.from_dir(model_dir / mc.QWEN2_DIR_NAME).encode(SEED_SPEAKER_TEXT)
+    embedding = torch.randn(1, SPEAKER_EMBEDDING_DIM, generator=gen)
+    entry = {
+        "name": SEED_SPEAKER_ID, "spk_id": SEED_SPEAKER_ID, "prompt_text": SEED_SPEAKER_TEXT,
+        "prompt_text_token": torch.tensor([text_ids], dtype=torch.int32),
+        "speech_token": torch.randint(0, SPEECH_CODEBOOK_SIZE, (1, tokens), generator=gen, dtype=torch.int32),
+        "speech_feat": torch.randn(1, TOKEN_MEL_RATIO * tokens, MEL_BINS, generator=gen) * 2.0 - 4.0,
+        "embedding": embedding / embedding.norm(),
+    }
+    _atomic_save({SEED_SPEAKER_ID: entry}, model_dir / SPK2INFO_NAME)
 
 
 def _write_standins(model_dir: Path, size: str, seed: int) -> None:
@@ -700,6 +724,7 @@ def generate(out_dir: str | Path, size: str = "tiny", seed: int = 1, force: bool
     qcfg = {**QWEN2_CONFIG_EXTRA, **cfg["llm"]["llm"]["qwen2_config"]}
     (qwen_dir / mc.QWEN2_CONFIG_NAME).write_text(json.dumps(qcfg, indent=2, sort_keys=True) + "\n")
     _write_tokenizer(qwen_dir, qcfg)
+    _write_seed_spk2info(model_dir, seed)
     _write_standins(model_dir, size, seed)
     mc.write_model_yaml(cfg, model_dir / mc.YAML_NAME)
 

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
+from cosyvoice_common.constants import LLM_MAX_SEQ_LEN, REDIS_BOUND_ARGS
 from cosyvoice_common.contracts import LLM_MODEL, SPEAKER_MODEL, TOKEN2WAV_MODEL, TOKENIZER_MODEL
 from cosyvoice_common.placement import (
     CPU_DEVICE,
@@ -174,7 +175,7 @@ def default_stage_params(name: str, env: Mapping[str, str]) -> dict[str, str]:
         params = {"speaker_backend": env.get("SPEAKER_BACKEND", "onnx")}
     elif name == "llm":
         params = {"llm_dtype": env.get("LLM_DTYPE", "auto"),
-                  "llm_max_seq_len": env.get("LLM_MAX_SEQ_LEN", "2048"),
+                  "llm_max_seq_len": env.get("LLM_MAX_SEQ_LEN", str(LLM_MAX_SEQ_LEN)),
                   "llm_batch_slots": env.get("LLM_BATCH_SLOTS", "auto")}
     elif name == "token2wav":
         params = {"token2wav_dtype": env.get("TOKEN2WAV_DTYPE", "auto"),
@@ -427,7 +428,7 @@ def start_redis(port: int, data_dir: Path, log_path: Path) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [redis_server_binary(), "--port", str(port), "--bind", HOST, "--dir", str(data_dir),
                # Named speakers persist across restarts of the stack (AOF in the run dir).
-               "--appendonly", "yes", "--save", "", "--daemonize", "no", "--protected-mode", "yes"]
+               "--appendonly", "yes", "--save", "", "--daemonize", "no", "--protected-mode", "yes", *REDIS_BOUND_ARGS]
     with open(log_path, "ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)

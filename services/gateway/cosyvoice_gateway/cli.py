@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import soundfile as sf
 
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
+from cosyvoice_gateway.auth import API_KEY_ENV
 
 MS_PER_S = 1000.0
 
@@ -43,7 +45,7 @@ async def synth(stub, args) -> None:
     start = time.perf_counter()
     if args.stream:
         pieces, first_ms, timings = [], None, None
-        async for chunk in stub.SynthesizeStream(request):
+        async for chunk in stub.SynthesizeStream(request, metadata=args.metadata):
             if first_ms is None and chunk.audio:
                 first_ms = (time.perf_counter() - start) * MS_PER_S
             pieces.append(chunk.audio)
@@ -53,7 +55,7 @@ async def synth(stub, args) -> None:
         audio = b"".join(pieces)
         print(f"chunks {len(pieces)}  first chunk {first_ms or 0:.1f} ms (client)")
     else:
-        response = await stub.Synthesize(request)
+        response = await stub.Synthesize(request, metadata=args.metadata)
         audio, sample_rate, timings = response.audio, response.sample_rate, response.timings
     total_ms = (time.perf_counter() - start) * MS_PER_S
     wav = np.frombuffer(audio, "<i2")
@@ -72,14 +74,15 @@ async def main_async(args) -> int:
             elif args.command == "register":
                 r = await stub.RegisterSpeaker(tts_pb2.RegisterSpeakerRequest(
                     speaker_id=args.speaker, prompt_audio=Path(args.prompt_wav).read_bytes(),
-                    prompt_text=args.prompt_text or ""))
+                    prompt_text=args.prompt_text or "", replace=args.replace), metadata=args.metadata)
                 print(f"registered {r.speaker.speaker_id}: {r.speaker.prompt_speech_tokens} tokens, "
                       f"{r.speaker.prompt_seconds:.2f} s")
             elif args.command == "list":
-                for s in (await stub.ListSpeakers(tts_pb2.ListSpeakersRequest())).speakers:
+                for s in (await stub.ListSpeakers(tts_pb2.ListSpeakersRequest(), metadata=args.metadata)).speakers:
                     print(f"{s.speaker_id}\t{s.prompt_speech_tokens} tokens\t{s.prompt_seconds:.2f} s\t{s.prompt_text}")
             elif args.command == "delete":
-                r = await stub.DeleteSpeaker(tts_pb2.DeleteSpeakerRequest(speaker_id=args.speaker))
+                r = await stub.DeleteSpeaker(tts_pb2.DeleteSpeakerRequest(speaker_id=args.speaker),
+                                            metadata=args.metadata)
                 print("deleted" if r.deleted else "not found")
         except grpc.aio.AioRpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -107,12 +110,16 @@ def parse_args(argv=None):
     r.add_argument("--speaker", required=True)
     r.add_argument("--prompt-wav", required=True)
     r.add_argument("--prompt-text")
+    r.add_argument("--replace", action="store_true", help="overwrite a speaker of that name")
     sub.add_parser("list")
     d = sub.add_parser("delete")
     d.add_argument("--speaker", required=True)
     for p in (s, r, d):   # --addr also accepted after the subcommand
         p.add_argument("--addr", default=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    key = os.environ.get(API_KEY_ENV, "").split(",")[0].strip()     # the gateway's key, when it has one
+    args.metadata = (("authorization", f"Bearer {key}"),) if key else ()
+    return args
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,9 @@ a client that disconnects (streaming or not) cancels the request's stage work.
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,10 +39,13 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from cosyvoice_common.audio import encode_audio
+from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio
 from cosyvoice_common.spk2info import RegistryUnavailableError, SpeakerInfo
 
 from cosyvoice_gateway import metrics
+from cosyvoice_gateway.admission import Admission, HttpAdmission
+from cosyvoice_gateway.auth import HttpApiKey
+from cosyvoice_gateway.guards import BodyLimit
 from cosyvoice_gateway.pipeline import (
     Pipeline,
     RequestError,
@@ -61,11 +67,17 @@ MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp
                "opus": "audio/ogg; codecs=opus"}
 # Formats whose bytes can be sent chunk by chunk as produced (a WAV header of unknown length, then PCM).
 STREAMABLE_FORMATS = ("pcm", "wav")
+STREAM_FORMATS = ("audio", "sse")
+SSE_MEDIA_TYPE = "text/event-stream"
+# OpenAI's built-in voice names; one not registered here speaks with HttpConfig.openai_voice.
+OPENAI_VOICES = frozenset(("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer",
+                           "verse"))
 SUPPORTED_SPEED = 1.0
 # OpenAI's default is mp3; libsndfile builds without MP3 (< 1.1) fall back to wav.
 OPENAI_DEFAULT_FORMAT = "mp3"
 FALLBACK_FORMAT = "wav"
 _DISCONNECT = "http.disconnect"
+BODY_OVERHEAD_BYTES = 1 << 20     # request body beyond the upload bound: form fields, JSON text
 
 # gRPC status of a pipeline error -> HTTP status and OpenAI error type.
 _HTTP_STATUS = {
@@ -97,9 +109,11 @@ def _available_formats() -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
-    max_upload_bytes: int = 16 << 20            # a 30 s prompt is ~3 MB as 48 kHz 16-bit WAV
+    max_upload_bytes: int = PROMPT_MAX_BYTES    # a 30 s prompt is ~3 MB as 48 kHz 16-bit WAV
     default_response_format: str = ""           # "" = OpenAI's mp3 when libsndfile has it, else wav
     formats: tuple[str, ...] = ()               # () = every format libsndfile can write here
+    api_keys: tuple[str, ...] = ()              # the gateway's COSYVOICE_API_KEY; empty = open
+    openai_voice: str = "001"                   # the voice OpenAI's names (alloy, ...) speak with
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1:
@@ -114,8 +128,9 @@ class HttpConfig:
 
     @classmethod
     def from_env(cls) -> "HttpConfig":
-        return cls(max_upload_bytes=int(os.environ.get("HTTP_MAX_UPLOAD_BYTES", 16 << 20)),
-                   default_response_format=os.environ.get("HTTP_DEFAULT_RESPONSE_FORMAT", ""))
+        return cls(max_upload_bytes=int(os.environ.get("HTTP_MAX_UPLOAD_BYTES", PROMPT_MAX_BYTES)),
+                   default_response_format=os.environ.get("HTTP_DEFAULT_RESPONSE_FORMAT", ""),
+                   openai_voice=os.environ.get("HTTP_OPENAI_VOICE", "001"))
 
 
 class SpeechRequest(BaseModel):
@@ -124,12 +139,14 @@ class SpeechRequest(BaseModel):
 
     model: str
     input: str
-    voice: str                                  # a registered voice (POST /v1/audio/voices or gRPC)
+    voice: str = ""                             # a registered voice (POST /v1/audio/voices or gRPC)
     response_format: str | None = None
     speed: float = SUPPORTED_SPEED
     instructions: str = ""                      # OpenAI's voice instructions -> CosyVoice2 instruct2 mode
     stream: bool = False
-    stream_format: str = "audio"                # OpenAI's; only raw audio streaming ("sse" is not served)
+    stream_format: str = "audio"                # "audio" = raw bytes; "sse" = OpenAI's speech.audio.delta events
+    ref_audio: str = ""                         # in-request cloning: base64 (or a data: URL) of a prompt file
+    ref_text: str = ""                          # its transcript (empty = cross-lingual)
     # --- extras ---
     sample_rate: int = 0                        # 0 = 24000; 8000/16000/22050/24000/44100/48000
     seed: int = 0
@@ -255,10 +272,16 @@ def _voice_json(info: SpeakerInfo) -> dict[str, Any]:
             "prompt_speech_tokens": info.prompt_speech_tokens, "prompt_seconds": info.prompt_seconds}
 
 
-def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConfig | None = None) -> FastAPI:
+def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConfig | None = None,
+              admission: Admission | None = None, request_timeout_s: float = 0.0) -> FastAPI:
     """The HTTP app over a shared pipeline; `is_ready()` gates /healthz (the gateway's stage readiness)."""
     config = config or HttpConfig()
-    app = FastAPI(title="CosyVoice2 gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="CosyVoice2 gateway", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+    # A body is the upload plus a little form/JSON around it; anything beyond is refused unparsed.
+    app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes + BODY_OVERHEAD_BYTES)
+    if admission is not None:      # the gateway's, shared with gRPC
+        app.add_middleware(HttpAdmission, admission=admission, request_timeout_s=request_timeout_s)
+    app.add_middleware(HttpApiKey, keys=config.api_keys)     # added last = runs first: no key, no body read
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
@@ -295,6 +318,28 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
             seed=body.seed, min_speech_tokens=body.min_speech_tokens, max_speech_tokens=body.max_speech_tokens,
             text_frontend=body.text_frontend)
 
+    async def voice_fields(body: SpeechRequest) -> dict[str, Any]:
+        """The voice: `ref_audio` (+ `ref_text`) cloned in-request (OpenAI clients always send a `voice` too; the
+        reference audio wins); else the named voice, where an OpenAI voice
+        name that is not registered speaks with `config.openai_voice`."""
+        if body.ref_audio:
+            encoded = body.ref_audio.split(",", 1)[1] if body.ref_audio.startswith("data:") else body.ref_audio
+            if len(encoded) > (config.max_upload_bytes * 4) // 3 + 4:
+                raise ApiError(413, f"ref_audio is larger than {config.max_upload_bytes} bytes", param="ref_audio")
+            try:
+                audio = base64.b64decode(encoded, validate=True)
+            except ValueError as exc:
+                raise ApiError(400, "ref_audio is not valid base64", param="ref_audio") from exc
+            return {"speaker_id": "", "prompt_audio": audio, "prompt_text": body.ref_text}
+        if body.voice in OPENAI_VOICES:
+            try:
+                registered = await pipeline.cache.get_speaker(body.voice)
+            except RegistryUnavailableError as exc:
+                raise _api_error(exc) from exc
+            if registered is None:
+                return {"speaker_id": config.openai_voice}
+        return {}
+
     def check_speech(body: SpeechRequest) -> str:
         fmt = body.response_format or config.default_response_format
         if fmt not in config.formats:
@@ -302,14 +347,18 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
                            param="response_format")
         if body.speed != SUPPORTED_SPEED:
             raise ApiError(400, f"speed {body.speed} is not supported; only {SUPPORTED_SPEED}", param="speed")
-        if body.stream_format != "audio":
-            raise ApiError(400, f"stream_format {body.stream_format!r} is not supported; use 'audio'",
-                           param="stream_format")
+        if body.stream_format not in STREAM_FORMATS:
+            raise ApiError(400, f"stream_format {body.stream_format!r} is not supported; use one of "
+                           f"{list(STREAM_FORMATS)}", param="stream_format")
+        if body.stream_format == "sse" and fmt not in STREAMABLE_FORMATS:
+            raise ApiError(400, f"stream_format 'sse' carries {list(STREAMABLE_FORMATS)}, not {fmt!r}",
+                           param="response_format")
         if body.stream and fmt not in STREAMABLE_FORMATS:
             raise ApiError(400, f"stream: true supports response_format {list(STREAMABLE_FORMATS)}, not {fmt!r}",
                            param="response_format")
-        if not body.voice:
-            raise ApiError(400, "voice is empty: give a registered voice (GET /v1/audio/voices)", param="voice")
+        if not body.voice and not body.ref_audio:
+            raise ApiError(400, "voice is empty: give a registered voice (GET /v1/audio/voices) or ref_audio",
+                           param="voice")
         return fmt
 
     @app.post("/v1/audio/speech")
@@ -318,12 +367,17 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
         timings = StageTimings()
         try:
             fmt = check_speech(body)
-            prepared = await run_unless_disconnected(request.receive, pipeline.prepare(to_request(body), timings))
+            synthesis = dataclasses.replace(to_request(body), **await voice_fields(body))
+            prepared = await run_unless_disconnected(request.receive, pipeline.prepare(synthesis, timings))
         except Exception as exc:
             error = _api_error(exc)
             finish(route, body.request_id, _metric_code(error), timings)
             raise error from exc
         headers = {"X-Sample-Rate": str(prepared.sample_rate_hz), "X-Request-Id": prepared.request_id}
+        if body.stream_format == "sse":
+            return AudioStreamResponse(_sse_events(_encoded_stream(pipeline, prepared, timings, fmt), timings),
+                                       SSE_MEDIA_TYPE, headers, lambda code: finish(route, prepared.request_id, code,
+                                                                                   timings))
         if body.stream:
             return AudioStreamResponse(_encoded_stream(pipeline, prepared, timings, fmt), MEDIA_TYPES[fmt],
                                        headers, lambda code: finish(route, prepared.request_id, code, timings))
@@ -350,14 +404,15 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
 
     @app.post("/v1/audio/voices", status_code=201)
     async def register_voice(request: Request, name: str = Form(...), audio: UploadFile = File(...),
-                             prompt_text: str = Form(""), text_frontend: bool = Form(True)) -> dict[str, Any]:
+                             prompt_text: str = Form(""), text_frontend: bool = Form(True),
+                             replace: bool = Form(False)) -> dict[str, Any]:
         data = await audio.read(config.max_upload_bytes + 1)
         if len(data) > config.max_upload_bytes:
             raise ApiError(413, f"audio is larger than {config.max_upload_bytes} bytes", param="audio")
         timings = StageTimings()
         try:
             info = await run_unless_disconnected(
-                request.receive, pipeline.register_speaker(name, data, prompt_text, timings, text_frontend))
+                request.receive, pipeline.register_speaker(name, data, prompt_text, timings, text_frontend, replace))
         except Exception as exc:
             error = _api_error(exc)
             metrics.REQUESTS.labels(rpc="http.voices.register", code=_metric_code(error)).inc()
@@ -369,8 +424,9 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
     @app.delete("/v1/audio/voices/{name}")
     async def delete_voice(name: str) -> dict[str, Any]:
         try:
+            pipeline.validate_voice_fields(name, b"", "")
             deleted = await pipeline.cache.delete_speaker(name)
-        except RegistryUnavailableError as exc:
+        except (RegistryUnavailableError, RequestError) as exc:
             raise _api_error(exc) from exc
         if not deleted:
             raise ApiError(404, f"voice {name!r} is not registered", param="name", code="not_found")
@@ -388,11 +444,35 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
         return Response("ok\n" if ready else "stages not ready\n", status_code=200 if ready else 503,
                         media_type="text/plain")
 
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """Readiness (Kubernetes readinessProbe): every stage has a ready replica."""
+        return await healthz()
+
+    @app.get("/livez")
+    async def livez() -> Response:
+        """Liveness (Kubernetes livenessProbe): the process answers; stages may be down (not a restart reason)."""
+        return Response("ok\n", media_type="text/plain")
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _sse_events(chunks: AsyncIterator[bytes], timings: StageTimings) -> AsyncIterator[bytes]:
+    """OpenAI's speech SSE: one `speech.audio.delta` event (base64 audio) per chunk, then `speech.audio.done`."""
+    def event(payload: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
+    try:
+        async for data in chunks:
+            yield event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        yield event({"type": "speech.audio.done",
+                     "usage": {"input_tokens": 0, "output_tokens": timings.speech_tokens,
+                               "total_tokens": timings.speech_tokens}})
+    finally:
+        await chunks.aclose()      # type: ignore[attr-defined]
 
 
 async def _encoded_stream(pipeline: Pipeline, prepared, timings: StageTimings, fmt: str) -> AsyncIterator[bytes]:
@@ -415,7 +495,9 @@ async def _encoded_stream(pipeline: Pipeline, prepared, timings: StageTimings, f
 
 def create_app(gateway) -> FastAPI:
     """The gateway's hook (`Gateway._http_app`): share its pipeline; /healthz follows its readiness."""
-    return build_app(gateway.pipeline, lambda: gateway.serving, HttpConfig.from_env())
+    return build_app(gateway.pipeline, lambda: gateway.serving,
+                     dataclasses.replace(HttpConfig.from_env(), api_keys=gateway.config.api_keys),
+                     gateway.admission, gateway.config.request_timeout_s)
 
 
 __all__ = ["AudioStreamResponse", "HttpConfig", "SpeechRequest", "build_app", "create_app",

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cosyvoice_common.constants import MEL_BINS, OUTPUT_SAMPLE_RATE_HZ, SPEECH_ID_OFFSET
+from cosyvoice_common.constants import LLM_MAX_SEQ_LEN, MEL_BINS, OUTPUT_SAMPLE_RATE_HZ, SPEECH_ID_OFFSET
 from cosyvoice_common.errors import InvalidRequestError
 from cosyvoice_common.spk2info import PromptFeatures, Spk2InfoCache, Spk2InfoConfig, SpeakerInfo
 
@@ -52,7 +52,6 @@ from cosyvoice_gateway.stage_client import MS_PER_S, CallTiming, StageError, Sta
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 16
-_LLM_MAX_SEQ_LEN = 2048
 _LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -390,7 +389,7 @@ class LocalLLM(LocalStage):
     name = "llm"
 
     def __init__(self, model_dir: Path, device: str, dtype: torch.dtype, max_batch_slots: int,
-                 max_seq_len: int = _LLM_MAX_SEQ_LEN, recorder: _Recorder | None = None) -> None:
+                 max_seq_len: int = LLM_MAX_SEQ_LEN, recorder: _Recorder | None = None) -> None:
         from cosyvoice_llm.engine import EngineConfig, LLMEngine
         from cosyvoice_llm.model import load_llm
 

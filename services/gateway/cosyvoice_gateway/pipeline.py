@@ -34,14 +34,20 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from cosyvoice_common.audio import AudioDecodeError, AudioValidationError, PromptAudio, prepare_prompt
+from cosyvoice_common.audio import (
+    PROMPT_MAX_BYTES,
+    AudioDecodeError,
+    AudioValidationError,
+    PromptAudio,
+    prepare_prompt,
+)
 from cosyvoice_common.constants import (
     FLAT_EOS1_ID,
     FLAT_SOS_ID,
     FLAT_TASK_ID,
-    MAX_TOKEN_TEXT_RATIO,
+    LLM_MAX_SEQ_LEN,
+    MAX_SPEECH_TOKENS,
     MEL_HOP_SAMPLES,
-    MIN_TOKEN_TEXT_RATIO,
     OUTPUT_SAMPLE_RATE_HZ,
     SPEECH_CODEBOOK_SIZE,
     SPEECH_ID_OFFSET,
@@ -49,7 +55,13 @@ from cosyvoice_common.constants import (
     TOKEN_MEL_RATIO,
 )
 from cosyvoice_common.schedule import ChunkSchedule, ScheduleConfig, chunk_ends
-from cosyvoice_common.spk2info import PromptFeatures, RegistryUnavailableError, Spk2InfoCache
+from cosyvoice_common.spk2info import (
+    PromptFeatures,
+    RegistryUnavailableError,
+    SpeakerExistsError,
+    SpeakerLimitError,
+    Spk2InfoCache,
+)
 from cosyvoice_common.textnorm import (
     DEFAULT_SPLIT,
     SplitConfig,
@@ -60,13 +72,14 @@ from cosyvoice_common.textnorm import (
     text_normalize,
 )
 
-from cosyvoice_gateway import metrics
+from cosyvoice_gateway import limits, metrics
 from cosyvoice_gateway.stage_client import MS_PER_S, CallTiming, StageError, Stages
 
 log = logging.getLogger(__name__)
 
 ENDOFPROMPT = "<|endofprompt|>"
 SPEAKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+REQUEST_ID_PATTERN = re.compile(r"^[\x21-\x7e]*$")     # printable ASCII, no spaces: it goes into every log line
 _SEED_MODULUS = 1 << 63                  # the llm stage takes seeds in [0, 2^63)
 # Triton priority of a stream's first token2wav chunk (1 = highest; the model's config.pbtxt declares the
 # levels, and a server without them ignores the value): time to first audio never waits behind long chunks.
@@ -90,7 +103,13 @@ def invalid(message: str) -> RequestError:
 @dataclass(frozen=True, slots=True)
 class PipelineConfig:
     max_text_chars: int = 10_000
-    max_speech_tokens: int = 3000            # per segment: 120 s of audio; more is an absurd request
+    # Every other string and the prompt upload are bounded too (cheap refusals, no unbounded log lines).
+    max_prompt_text_chars: int = 2_000       # a 30 s prompt's transcript is a few hundred characters
+    max_instruct_chars: int = 2_000
+    max_id_chars: int = 128                  # speaker_id, request_id
+    max_prompt_audio_bytes: int = PROMPT_MAX_BYTES
+    max_speech_tokens: int = MAX_SPEECH_TOKENS   # per segment: 120 s of audio; more is an absurd request
+    llm_max_seq_len: int = LLM_MAX_SEQ_LEN   # the llm stage's positions until its model config was read
     split: SplitConfig = DEFAULT_SPLIT       # spec 2.2 lengths (characters for zh, text tokens otherwise)
     default_temperature: float = 1.0
     default_top_p: float = 0.8
@@ -98,7 +117,8 @@ class PipelineConfig:
     schedule: ScheduleConfig = ScheduleConfig()
 
     def __post_init__(self) -> None:
-        if self.max_text_chars < 1 or self.max_speech_tokens < 1:
+        if min(self.max_text_chars, self.max_speech_tokens, self.max_prompt_text_chars, self.max_instruct_chars,
+               self.max_id_chars, self.max_prompt_audio_bytes) < 1 or self.llm_max_seq_len < 2:
             raise ValueError(f"bad pipeline limits: {self}")
 
 
@@ -238,13 +258,12 @@ def speech_ids_from_llm(output_ids: np.ndarray) -> tuple[list[int], bool]:
     return ids, False
 
 
-def speech_token_bounds(req: SynthesisRequest, target_text_tokens: int, limit: int) -> tuple[int, int]:
-    """Request bounds, else the model's rule (spec 4.4: 2x / 20x target text tokens), capped at `limit`."""
-    rule_min = min(MIN_TOKEN_TEXT_RATIO * target_text_tokens, limit)
-    rule_max = min(MAX_TOKEN_TEXT_RATIO * target_text_tokens, limit)
-    hi = req.max_speech_tokens or max(rule_max, req.min_speech_tokens)
-    lo = req.min_speech_tokens or min(rule_min, hi)
-    return lo, max(hi, 1)
+def speech_token_bounds(req: SynthesisRequest, target_text_tokens: int, limit: int, room: int | None = None
+                        ) -> tuple[int, int]:
+    """Request bounds, else the model's rule (spec 4.4: 2x / 20x target text tokens), capped at `limit` and
+    at `room` (positions the input leaves in the llm stage; `cosyvoice_gateway.limits`)."""
+    return limits.speech_token_bounds(req.min_speech_tokens, req.max_speech_tokens, target_text_tokens, limit,
+                                      room)
 
 
 class Pipeline:
@@ -266,12 +285,32 @@ class Pipeline:
             return prompt_text
         return text_normalize(prompt_text, self.count_tokens, split=False, config=self.config.split)
 
+    def llm_capacity(self) -> int:
+        """Positions per llm slot: the served llm model's `max_seq_len` parameter, else the config default."""
+        return self.stages.llm.int_parameter(limits.LLM_CAPACITY_PARAMETER) or self.config.llm_max_seq_len
+
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
     # --- validation ------------------------------------------------------------------------------
+    def validate_voice_fields(self, speaker_id: str, audio: bytes, prompt_text: str) -> None:
+        """Bounds of the voice fields (synthesis and registration alike), before any decoding."""
+        cfg = self.config
+        if len(speaker_id) > cfg.max_id_chars:
+            raise invalid(f"speaker_id is {len(speaker_id)} characters; the limit is {cfg.max_id_chars}")
+        if len(audio) > cfg.max_prompt_audio_bytes:
+            raise invalid(f"prompt_audio is {len(audio)} bytes; the limit is {cfg.max_prompt_audio_bytes}")
+        if len(prompt_text) > cfg.max_prompt_text_chars:
+            raise invalid(f"prompt_text is {len(prompt_text)} characters; the limit is {cfg.max_prompt_text_chars}")
+
     def _validate(self, req: SynthesisRequest) -> None:
+        self.validate_voice_fields(req.speaker_id, req.prompt_audio, req.prompt_text)
+        if len(req.instruct) > self.config.max_instruct_chars:
+            raise invalid(f"instruct is {len(req.instruct)} characters; the limit is {self.config.max_instruct_chars}")
+        if len(req.request_id) > self.config.max_id_chars or not REQUEST_ID_PATTERN.match(req.request_id):
+            raise invalid(f"request_id must be at most {self.config.max_id_chars} printable ASCII characters "
+                          f"without spaces")
         if not req.text.strip():
             raise invalid("text is empty")
         if len(req.text) > self.config.max_text_chars:
@@ -292,6 +331,10 @@ class Pipeline:
             raise invalid(f"min_speech_tokens {lo} > max_speech_tokens {hi}")
         if max(lo, hi) > limit:
             raise invalid(f"speech token bound {max(lo, hi)} exceeds the limit {limit}")
+        capacity = self.llm_capacity()
+        if max(lo, hi) + limits.LLM_FRAME_POSITIONS + 1 > capacity:
+            raise invalid(f"speech token bound {max(lo, hi)} does not fit the llm stage's max_seq_len {capacity} "
+                          f"(input ids + speech tokens)")
         # Written so that NaN fails too.
         if not (0 <= req.temperature < float("inf") and 0 <= req.top_p <= 1 and req.top_k >= 0):
             raise invalid("sampling: temperature >= 0, 0 <= top_p <= 1, top_k >= 0 required")
@@ -385,7 +428,8 @@ class Pipeline:
         return features
 
     async def register_speaker(self, speaker_id: str, audio: bytes, prompt_text: str, timings: StageTimings,
-                               text_frontend: bool = False):
+                               text_frontend: bool = False, replace: bool = False):
+        self.validate_voice_fields(speaker_id, audio, prompt_text)
         if not SPEAKER_ID_PATTERN.match(speaker_id):
             raise invalid(f"speaker_id {speaker_id!r} must match {SPEAKER_ID_PATTERN.pattern}")
         if not audio:
@@ -393,7 +437,12 @@ class Pipeline:
         prompt_text = self.normalize_prompt_text(prompt_text, text_frontend)
         features = await self.prompt_features(audio, prompt_text, f"register-{speaker_id}", timings)
         try:
-            return await self.cache.register_speaker(speaker_id, features)
+            return await self.cache.register_speaker(speaker_id, features, replace=replace)
+        except SpeakerLimitError as exc:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        except SpeakerExistsError as exc:
+            raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
+                               f"speaker {speaker_id!r} is already registered; set replace to overwrite it") from exc
         except RegistryUnavailableError as exc:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
 
@@ -428,11 +477,20 @@ class Pipeline:
 
         base_seed = req.seed or secrets.randbits(63)
         segments = []
+        capacity = self.llm_capacity()
+        fixed_positions = limits.LLM_FRAME_POSITIONS + len(prefix_ids) + llm_prompt.shape[0]
+        if not explicit:
+            texts = limits.fit_segments(texts, self.count_tokens, fixed_positions, capacity)
         for i, text in enumerate(texts):
             target_ids = list(self.encode_text(text))
-            min_tokens, max_tokens = speech_token_bounds(req, len(target_ids), self.config.max_speech_tokens)
             ids = [FLAT_SOS_ID, *prefix_ids, *target_ids, FLAT_TASK_ID]
             input_ids = np.concatenate([np.asarray(ids, np.int32), llm_prompt.astype(np.int32)])
+            try:
+                min_tokens, max_tokens = speech_token_bounds(req, len(target_ids), self.config.max_speech_tokens,
+                                                             room=capacity - input_ids.shape[0])
+            except limits.LimitError as exc:
+                raise invalid(f"{input_ids.shape[0]} input ids (prompt and text) + speech tokens exceed the llm "
+                              f"stage's max_seq_len {capacity}: {exc}") from exc
             segments.append(Segment(input_ids, min_tokens, max_tokens, (base_seed + i) % _SEED_MODULUS))
         return PreparedRequest(
             request_id=request_id,

@@ -43,7 +43,7 @@ from typing import Protocol
 
 import numpy as np
 
-from cosyvoice_common.constants import PROMPT_16K_SAMPLE_RATE_HZ
+from cosyvoice_common.constants import MAX_SPEECH_TOKENS, PROMPT_16K_SAMPLE_RATE_HZ
 
 SEED_MODEL_NAME = "cosyvoice2"          # the only name the seed's clients accept for CosyVoice2
 DEFAULT_SPEAKER = "001"                 # the seed's spk2info.pt key
@@ -139,7 +139,7 @@ class SeedSemantics:
     default_speaker: str = DEFAULT_SPEAKER
     length_from_text: str = "off"          # off: the model's own rule (2x..20x text tokens, end token)
     length_k: float = DEFAULT_LENGTH_K     # ratio: min = max = round(k * target text tokens)
-    max_speech_tokens: int = 3000
+    max_speech_tokens: int = MAX_SPEECH_TOKENS
 
     def __post_init__(self) -> None:
         if self.length_from_text not in LENGTH_MODES:
@@ -314,6 +314,9 @@ class SeedFront:
         self.pipeline = self._call(build(), 60)
         self.encode_text = encode_text
         self._canceller.start()
+        from cosyvoice_common.seed_speakers import import_model_speakers   # <model_dir>/spk2info.pt, if any
+
+        self._call(import_model_speakers(self.pipeline.cache, cfg.model_dir, encode_text), 60)
         if cfg.prompt_wav:
             self.register_default_speaker(Path(cfg.prompt_wav).read_bytes(), cfg.prompt_text)
         log.info("seed front: stages %s, speaker %r, length_from_text=%s (k=%.2f), revision %s",
@@ -333,7 +336,7 @@ class SeedFront:
         from cosyvoice_gateway.pipeline import StageTimings
 
         info = self._call(self.pipeline.register_speaker(self.config.semantics.default_speaker, audio,
-                                                         prompt_text, StageTimings()), timeout_s)
+                                                         prompt_text, StageTimings(), replace=True), timeout_s)
         log.info("seed front: registered default speaker %r (%d prompt tokens)", info.speaker_id,
                  info.prompt_speech_tokens)
         return info

@@ -24,11 +24,14 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
-from cosyvoice_common.audio import encode_audio, wav_header
-from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ
+from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio, wav_header
+from cosyvoice_common.constants import MAX_NAMED_SPEAKERS, OUTPUT_SAMPLE_RATE_HZ
+from cosyvoice_common.seed_speakers import import_model_speakers
 from cosyvoice_common.spk2info import RegistryUnavailableError, Spk2InfoCache, Spk2InfoConfig
 
 from cosyvoice_gateway import metrics
+from cosyvoice_gateway.admission import Admission, AdmissionInterceptor
+from cosyvoice_gateway.auth import ApiKeyInterceptor, keys_from_env
 from cosyvoice_gateway.pipeline import (
     Pipeline,
     PipelineConfig,
@@ -48,6 +51,8 @@ SERVICE_NAME = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
 _REVISION_FILES = ("cosyvoice2.yaml", "llm.pt", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v2.onnx")
 _REVISION_PROBE_BYTES = 1 << 20
 _PCM16_MAX = 32767.0
+_LOGGED_ID_CHARS = 128                    # a refused request's id may be anything: log its start only
+GRPC_MESSAGE_OVERHEAD_BYTES = 1 << 20     # a request beyond its prompt audio: texts, ids, settings
 _ENCODING_NAMES = {
     tts_pb2.AUDIO_ENCODING_UNSPECIFIED: "pcm_s16le",
     tts_pb2.PCM_S16LE: "pcm_s16le",
@@ -100,12 +105,18 @@ class GatewayConfig:
     max_concurrent_rpcs: int = 256
     readiness_interval_s: float = 2.0
     grace_s: float = 5.0
+    api_keys: tuple[str, ...] = ()    # COSYVOICE_API_KEY (comma-separated); empty = no authentication
+    max_speakers: int = MAX_NAMED_SPEAKERS  # named voices in the registry (MAX_SPEAKERS)
+    max_inflight_requests: int = 64   # synthesis/registration requests in flight; more = RESOURCE_EXHAUSTED/429
+    retry_after_s: float = 1.0        # the retry hint sent with a refusal
+    request_timeout_s: float = 0.0    # per-request deadline for every stage call (0 = the client's, if any)
 
     def __post_init__(self) -> None:
         for port in (self.grpc_port, self.http_port, self.metrics_port):
             if not 0 <= port < 65536:
                 raise ValueError(f"bad port {port}")
-        if self.max_concurrent_rpcs < 1 or self.grace_s < 0 or self.readiness_interval_s <= 0:
+        if (self.max_concurrent_rpcs < 1 or self.grace_s < 0 or self.readiness_interval_s <= 0
+                or self.max_inflight_requests < 0 or self.retry_after_s <= 0 or self.request_timeout_s < 0):
             raise ValueError(f"bad gateway config: {self}")
 
     @classmethod
@@ -133,6 +144,11 @@ class GatewayConfig:
             max_concurrent_rpcs=_env_int("MAX_CONCURRENT_RPCS", 256),
             readiness_interval_s=_env_float("READINESS_INTERVAL_S", 2.0),
             grace_s=_env_float("GRACE_S", 5.0),
+            api_keys=keys_from_env(os.environ),
+            max_inflight_requests=_env_int("MAX_INFLIGHT_REQUESTS", 64),
+            max_speakers=_env_int("MAX_SPEAKERS", MAX_NAMED_SPEAKERS),
+            retry_after_s=_env_float("RETRY_AFTER_S", 1.0),
+            request_timeout_s=_env_float("REQUEST_TIMEOUT_S", 0.0),
         )
 
 
@@ -203,7 +219,8 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServicer):
         if isinstance(exc, RegistryUnavailableError):
             exc = RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
         metrics.REQUESTS.labels(rpc=rpc, code=exc.code.name).inc()
-        log.info("rpc=%s request_id=%s status=%s: %s", rpc, request_id, exc.code.name, exc.message)
+        log.info("rpc=%s request_id=%s status=%s: %s", rpc, request_id[:_LOGGED_ID_CHARS], exc.code.name,
+                 exc.message)
         await context.abort(exc.code, exc.message)
 
     def _done(self, rpc: str, request_id: str, timings: StageTimings) -> None:
@@ -270,7 +287,7 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServicer):
     async def RegisterSpeaker(self, request, context):
         try:
             info = await self.pipeline.register_speaker(request.speaker_id, request.prompt_audio,
-                                                        request.prompt_text, StageTimings())
+                                                        request.prompt_text, StageTimings(), replace=request.replace)
         except (RequestError, StageError) as exc:
             await self._fail(context, "RegisterSpeaker", request.speaker_id, exc)
         metrics.REQUESTS.labels(rpc="RegisterSpeaker", code="OK").inc()
@@ -286,8 +303,9 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServicer):
 
     async def DeleteSpeaker(self, request, context):
         try:
+            self.pipeline.validate_voice_fields(request.speaker_id, b"", "")
             deleted = await self.pipeline.cache.delete_speaker(request.speaker_id)
-        except RegistryUnavailableError as exc:
+        except (RegistryUnavailableError, RequestError) as exc:
             await self._fail(context, "DeleteSpeaker", request.speaker_id, exc)
         log.info("rpc=DeleteSpeaker speaker_id=%s deleted=%s", request.speaker_id, deleted)
         return tts_pb2.DeleteSpeakerResponse(deleted=deleted)
@@ -304,14 +322,23 @@ class Gateway:
             for name, urls in (("tokenizer", config.tokenizer_urls), ("speaker", config.speaker_urls),
                                ("llm", config.llm_urls), ("token2wav", config.token2wav_urls))))
         self.cache = Spk2InfoCache(Spk2InfoConfig(url=config.redis_url, model_revision=config.model_revision,
-                                                  ttl_s=config.cache_ttl_s))
+                                                  ttl_s=config.cache_ttl_s, max_speakers=config.max_speakers))
         self.pipeline = Pipeline(PipelineConfig(), self.stages, self.cache,
                                  encode_text or load_text_encoder(config.model_dir))
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        # Messages up to the prompt upload bound (plus the text around it), so the pipeline's own checks answer
+        # an oversized prompt with INVALID_ARGUMENT and a message, as HTTP does.
+        self.admission = Admission(config.max_inflight_requests, config.retry_after_s)
+        # Order: authentication first (an unauthenticated call takes no slot), then admission.
+        interceptors = [*([ApiKeyInterceptor(config.api_keys)] if config.api_keys else []),
+                        AdmissionInterceptor(self.admission, config.request_timeout_s)]
+        self.server = grpc.aio.server(maximum_concurrent_rpcs=config.max_concurrent_rpcs, interceptors=interceptors,
+                                      options=[
+            ("grpc.max_receive_message_length", PROMPT_MAX_BYTES + GRPC_MESSAGE_OVERHEAD_BYTES)])
         self.port = 0
         self._tasks: list[asyncio.Task] = []
         self._serving = False
+        self._speakers_imported = False    # <model_dir>/spk2info.pt (seed drop-in) once Redis answers
 
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -323,6 +350,9 @@ class Gateway:
 
     async def _readiness_loop(self) -> None:
         while True:
+            if not self._speakers_imported:
+                self._speakers_imported = await import_model_speakers(self.cache, self.config.model_dir,
+                                                                      self.pipeline.encode_text)
             await self._set_serving(await self.stages.check_ready())
             await asyncio.sleep(self.config.readiness_interval_s)
 

@@ -47,6 +47,7 @@ from cosyvoice_common.contracts import (
 )
 
 from cosyvoice_gateway import metrics
+from cosyvoice_gateway.admission import time_left_s
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ class _Replica:
     batched: bool | None = None   # model config max_batch_size > 0: add/strip a leading batch dim of 1;
                                   # None until the replica's config was read (see _batched)
     inputs: frozenset[str] = frozenset()   # input names its model config declares (optional ones may be absent)
+    parameters: dict[str, str] = field(default_factory=dict)   # model config `parameters` (string values)
 
 
 @dataclass(slots=True)
@@ -264,11 +266,24 @@ class StageClient:
                                                                client_timeout=self.config.timeout_s)
                 replica.batched = int(config["config"].get("max_batch_size", 0)) > 0
                 replica.inputs = frozenset(spec["name"] for spec in config["config"].get("input", []))
+                replica.parameters = {k: str(v.get("string_value", "")) for k, v in
+                                      config["config"].get("parameters", {}).items()}
         except InferenceServerException:
             ready = False
         replica.ready = bool(ready)
         if replica.ready != was_ready:
             log.info("stage %s replica %s %s", self.name, replica.url, "ready" if replica.ready else "NOT ready")
+
+    def int_parameter(self, name: str) -> int | None:
+        """A model config parameter as an int, the smallest over the replicas that have read it (what every
+        replica can serve), or None until one has (or when it is absent or not an int)."""
+        values = []
+        for replica in self._replicas:
+            try:
+                values.append(int(replica.parameters[name]))
+            except (KeyError, ValueError):
+                continue
+        return min(values) if values else None
 
     # --- load balancing -----------------------------------------------------------------------------
     def _pick(self, exclude: Sequence[_Replica] = ()) -> _Replica:
@@ -346,6 +361,15 @@ class StageClient:
         return StageError(self.name, f"{replica.url}: {message}", unavailable=unavailable,
                           timed_out="DEADLINE" in status, invalid=_STAGE_INVALID_REQUEST in message)
 
+    def _timeout_s(self) -> float:
+        """This call's timeout: the stage's, or the time left to the request's deadline if sooner."""
+        left = time_left_s()
+        if left is None:
+            return self.config.timeout_s
+        if left <= 0:
+            raise StageError(self.name, "request deadline passed before the call", timed_out=True)
+        return min(self.config.timeout_s, left)
+
     # --- calls --------------------------------------------------------------------------------------
     async def infer(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = "",
                     priority: int = 0) -> tuple[dict[str, np.ndarray], CallTiming]:
@@ -370,7 +394,7 @@ class StageClient:
             result = await replica.client.infer(
                 self.config.model, self._inputs(tensors, batched, replica),
                 outputs=[InferRequestedOutput(n) for n in outputs], request_id=request_id,
-                client_timeout=self.config.timeout_s, priority=priority)
+                client_timeout=self._timeout_s(), priority=priority)
             lease.timing.compute_ms = (time.perf_counter() - start) * MS_PER_S
             return self._outputs(result, outputs, batched), lease.timing
         except InferenceServerException as exc:
@@ -411,6 +435,7 @@ class StageClient:
         try:
             batched = await self._batched(replica)
             inputs = self._inputs(tensors, batched, replica)
+            timeout_s = self._timeout_s()
         except BaseException:
             self._release(lease)
             raise
@@ -426,7 +451,7 @@ class StageClient:
             yield request
 
         start = time.perf_counter()
-        responses = replica.client.stream_infer(requests(), stream_timeout=self.config.timeout_s)
+        responses = replica.client.stream_infer(requests(), stream_timeout=timeout_s)
         finished = False
         try:
             async for result, error in responses:

@@ -95,6 +95,13 @@ def test_health_is_503_until_stages_are_ready_and_metrics_are_prometheus_text(ga
     run_with_http(gateway_redis.url, body)
 
 
+def test_liveness_is_up_while_readiness_waits_for_the_stages(gateway_redis):
+    async def body(client, http: httpx.AsyncClient):
+        assert (await http.get("/livez")).status_code == 200        # process up: no restart
+        assert (await http.get("/readyz")).status_code == 503       # stages unreachable: no traffic
+    run_with_http(gateway_redis.url, body)
+
+
 def test_voice_registry_errors_are_clear(gateway_redis):
     async def body(client, http: httpx.AsyncClient):
         assert (await http.get("/v1/audio/voices")).json() == {"object": "list", "data": []}
