@@ -126,13 +126,15 @@ def test_slow_start_replica_kill_and_redis_restart(stage_servers, tiny_model_dir
                 assert [r[0] for r in results] == [OK, OK], results
                 assert all(len(r[1]) == 2 * 40 * 960 for r in results)
 
-                # 3. kill an llm replica mid-stream: UNAVAILABLE (audio was already sent) or OK, never a hang.
-                firsts = [asyncio.Event() for _ in range(2)]
-                tasks = [asyncio.create_task(_stream(stub, _request(20 + i, n=400), firsts[i])) for i in range(2)]
-                await asyncio.gather(*(e.wait() for e in firsts))
+                # 3. kill an llm replica while it generates a stream: UNAVAILABLE (audio was already sent) or OK,
+                # never a hang. Killed once its llm_active_requests shows it holds a stream (the tiny llm may end
+                # 400 tokens before the first audio chunk, so the first chunk is no sign that it still does).
+                tasks = [asyncio.create_task(_stream(stub, _request(20 + i, n=400))) for i in range(2)]
                 victim = stack.stage_records("llm")[0]
-                held = await asyncio.to_thread(_llm_active, victim)
-                assert held >= 1, "no stream was on the llm replica about to be killed: the kill tests nothing"
+                deadline = time.monotonic() + 120
+                while await asyncio.to_thread(_llm_active, victim) < 1:
+                    assert time.monotonic() < deadline, "no stream was ever on the llm replica about to be killed"
+                    await asyncio.sleep(0.05)
                 os.killpg(victim.pid, signal.SIGKILL)   # the whole replica: server and its stub
                 results = await asyncio.wait_for(asyncio.gather(*tasks), 300)
                 assert {r[0] for r in results} <= {OK, UNAVAILABLE}, results
