@@ -76,8 +76,9 @@ plan: $(STAMP) ## the stage processes `make up` would start (devices, CUDA_VISIB
 logs: ## tail the stack's logs (make logs FOLLOW=1 to follow)
 	$(PY) -m cosyvoice_tools.stack logs $(if $(FOLLOW),--follow,)
 
-test: $(STAMP) ## the whole test suite (real tritonserver / redis / gateway processes)
-	$(PY) -m pytest -q
+PYTEST_ARGS ?=
+test: $(STAMP) ## the whole test suite (real tritonserver / redis / gateway processes); PYTEST_ARGS adds options
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # --- tensorrt-llm ---
 # The TensorRT-LLM path of the llm stage (services/llm/trtllm/README.md). trtllm-build needs a TensorRT-LLM machine

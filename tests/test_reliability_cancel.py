@@ -75,21 +75,29 @@ def test_client_cancel_of_a_stream_frees_the_llm_slot(stack, llm_metrics):
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["Synthesize", "SynthesizeStream"])
 def test_deadline_is_propagated_and_frees_the_llm_slot(stack, llm_metrics, streaming):
-    stub_call = None
+    before = _generated(llm_metrics)
     with grpc.insecure_channel(stack.gateway_grpc_url) as channel:
         stub = tts_pb2_grpc.TextToSpeechStub(channel)
+        if streaming:
+            call = stub.SynthesizeStream(_long_request(2), timeout=4.0)
+        else:
+            call = stub.Synthesize.future(_long_request(3), timeout=4.0)
         started = time.monotonic()
+        # the request reached the llm stage before the deadline: its freeing below is the deadline's doing
+        assert _wait_active(llm_metrics, lambda v: v >= 1, 4.0) >= 1, "the llm stage never saw the request"
         with pytest.raises(grpc.RpcError) as info:
             if streaming:
-                for _ in stub.SynthesizeStream(_long_request(2), timeout=4.0):
+                for _ in call:
                     pass
             else:
-                stub_call = stub.Synthesize(_long_request(3), timeout=4.0)
+                call.result()
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
         assert time.monotonic() - started < 4.0 + 5.0
-    assert stub_call is None
     value = _wait_active(llm_metrics, lambda v: v == 0, FREED_WITHIN_S)
     assert value == 0, "the llm stage kept decoding after the client's deadline"
+    generated = _generated(llm_metrics) - before
+    print(f"{generated:.0f} of {LONG} tokens made before the deadline stopped the llm")
+    assert generated < LONG, "the llm ran to the end: the deadline did not reach it"
 
 
 def test_stream_handler_closed_at_its_yield_logs_cancelled_and_frees_the_llm_slot(stack, llm_metrics, tiny_model_dir,

@@ -4,17 +4,19 @@ One extra stack of two llm and two token2wav replicas (tokenizer/speaker: the se
 gateway over it with a private Redis:
 - while the replicas start, gateway health is NOT_SERVING; SERVING once they are ready;
 - kill -9 one token2wav replica during streams: token2wav calls are stateless, so they are retried on the
-  other replica and every stream completes; kill one llm replica: a stream that had audio fails UNAVAILABLE
-  (or completes), never hangs; afterwards every request succeeds on the survivors;
+  other replica and every stream completes; kill the llm replica that holds one of two
+  streams: a stream that had audio fails UNAVAILABLE (or completes), never hangs; afterwards every request succeeds on the survivors;
 - Redis down: requests still succeed (cache misses); Redis back: the cache hits again.
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import threading
 import time
+import urllib.request
 from dataclasses import replace
 
 import grpc
@@ -53,6 +55,15 @@ async def _stream(stub, request, first_chunk: asyncio.Event | None = None):
     finally:
         if first_chunk is not None:
             first_chunk.set()
+
+
+def _llm_active(record) -> float:
+    """Requests an llm replica holds now (its `llm_active_requests` gauge)."""
+    url = f"http://127.0.0.1:{record.ports['metrics']}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    values = [float(v) for v in re.findall(r"^llm_active_requests\{[^}]*\} (\S+)$", text, re.M)]
+    assert values, f"llm_active_requests is not exported at {url}"
+    return sum(values)
 
 
 async def _health(channel) -> int:
@@ -100,7 +111,11 @@ def test_slow_start_replica_kill_and_redis_restart(stage_servers, tiny_model_dir
                 while not all(stack.health().values()):
                     assert time.monotonic() < deadline, stack.health()
                     await asyncio.sleep(0.5)
-                await asyncio.sleep(3.0)   # let the gateway's readiness loop see every replica ready
+                # the gateway's readiness loop sees every replica ready (else both streams below go to one)
+                deadline = time.monotonic() + 60
+                while not all(r.ready for s in (gateway.stages.llm, gateway.stages.token2wav) for r in s._replicas):
+                    assert time.monotonic() < deadline, "the gateway never saw every replica ready"
+                    await asyncio.sleep(0.2)
 
                 # 2. kill a token2wav replica mid-stream: retried on the other one, streams complete.
                 firsts = [asyncio.Event() for _ in range(2)]
@@ -111,11 +126,16 @@ def test_slow_start_replica_kill_and_redis_restart(stage_servers, tiny_model_dir
                 assert [r[0] for r in results] == [OK, OK], results
                 assert all(len(r[1]) == 2 * 40 * 960 for r in results)
 
-                # 3. kill an llm replica mid-stream: UNAVAILABLE (audio was already sent) or OK, never a hang.
-                firsts = [asyncio.Event() for _ in range(2)]
-                tasks = [asyncio.create_task(_stream(stub, _request(20 + i, n=400), firsts[i])) for i in range(2)]
-                await asyncio.gather(*(e.wait() for e in firsts))
-                os.killpg(stack.stage_records("llm")[0].pid, signal.SIGKILL)   # the whole replica: server and its stub
+                # 3. kill an llm replica while it generates a stream: UNAVAILABLE (audio was already sent) or OK,
+                # never a hang. Killed once its llm_active_requests shows it holds a stream (the tiny llm may end
+                # 400 tokens before the first audio chunk, so the first chunk is no sign that it still does).
+                tasks = [asyncio.create_task(_stream(stub, _request(20 + i, n=400))) for i in range(2)]
+                victim = stack.stage_records("llm")[0]
+                deadline = time.monotonic() + 120
+                while await asyncio.to_thread(_llm_active, victim) < 1:
+                    assert time.monotonic() < deadline, "no stream was ever on the llm replica about to be killed"
+                    await asyncio.sleep(0.05)
+                os.killpg(victim.pid, signal.SIGKILL)   # the whole replica: server and its stub
                 results = await asyncio.wait_for(asyncio.gather(*tasks), 300)
                 assert {r[0] for r in results} <= {OK, UNAVAILABLE}, results
                 # 4. later requests succeed on the surviving replicas (dead ones marked down / retried).

@@ -195,9 +195,8 @@ def _multipart(fields: dict[str, tuple[str | None, bytes]]) -> tuple[bytes, str]
 
 @pytest.fixture(scope="module")
 def http_url(stack):
-    status, _ = _http(f"{stack.gateway_http_url}/v1/models", method="GET")
-    if status != 200:
-        pytest.skip("the HTTP API (cosyvoice_gateway.http_api) is not served by this gateway")
+    status, body = _http(f"{stack.gateway_http_url}/v1/models", method="GET")
+    assert status == 200, f"the gateway's HTTP API is not served: {status} {body[:200]!r}"
     return stack.gateway_http_url
 
 

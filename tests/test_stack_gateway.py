@@ -5,12 +5,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cosyvoice_tools.stack import gateway_available
-
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
-@pytest.mark.skipif(not gateway_available(), reason="cosyvoice_gateway.server not landed")
 def test_stack_gateway_serves_health_over_the_stage_servers(stack):
     assert stack.health() and all(stack.health().values())
     with urllib.request.urlopen(f"{stack.gateway_http_url}/healthz", timeout=5) as response:

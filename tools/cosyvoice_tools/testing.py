@@ -92,7 +92,9 @@ def make_stack_config(model_dir: Path, run_dir: Path, stages: tuple[str, ...] = 
         for s in STAGES)
     return StackConfig(model_dir=model_dir, run_dir=run_dir, stages=settings, redis_port=0, start_redis=redis,
                        gateway=gateway, gateway_grpc_port=0, gateway_http_port=0, ready_timeout_s=180.0,
-                       generate_model=False, quiet=True, seed_front=False)
+                       generate_model=False, quiet=True, seed_front=False,
+                       # a stage call on a loaded 2-core CI machine can take far longer than the 30 s default
+                       gateway_env={"STAGE_TIMEOUT_S": "120"})
 
 
 class StageServers:

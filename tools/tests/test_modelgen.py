@@ -17,12 +17,8 @@ GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden" / "tin
 needs_golden = pytest.mark.skipif(not (GOLDEN / "full_size_keys.json").is_file(), reason=f"no golden set at {GOLDEN}")
 
 
-def _import_or_skip(module: str, attr: str):
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        print(f"skipping: {module}.{attr} not available yet ({e})")
-        pytest.skip(f"{module}.{attr} not available yet: {e}")
+def _import(module: str, attr: str):
+    return getattr(importlib.import_module(module), attr)
 
 
 def _layout(sd) -> dict[str, list[int]]:
@@ -55,11 +51,11 @@ def test_full_size_layout_matches_the_model_classes_on_meta():
     cfg = mc.add_source_defaults(mg.model_config("full"))
     want = mg.param_shapes(cfg)
     builders = {
-        mc.FLOW_CHECKPOINT_NAME: lambda: _import_or_skip("cosyvoice_token2wav.flow", "CausalMaskedDiffWithXvec")
+        mc.FLOW_CHECKPOINT_NAME: lambda: _import("cosyvoice_token2wav.flow", "CausalMaskedDiffWithXvec")
         .from_config(cfg["flow"]),
-        mc.HIFT_CHECKPOINT_NAME: lambda: _import_or_skip("cosyvoice_token2wav.hift", "HiFTGenerator")
+        mc.HIFT_CHECKPOINT_NAME: lambda: _import("cosyvoice_token2wav.hift", "HiFTGenerator")
         .from_config(cfg["hift"]),
-        mc.LLM_CHECKPOINT_NAME: lambda: _import_or_skip("cosyvoice_llm.model", "Qwen2LM")
+        mc.LLM_CHECKPOINT_NAME: lambda: _import("cosyvoice_llm.model", "Qwen2LM")
         .from_config(cfg["llm"], mc.qwen2_config_of(cfg)),
     }
     for name, build in builders.items():
@@ -89,7 +85,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     for mod, attr in (("cosyvoice_common.text", "write_tiny_bpe_tokenizer"),
                       ("cosyvoice_speaker.standin", "write_campplus_onnx"),
                       ("cosyvoice_tokenizer.standin", "write_speech_tokenizer_onnx")):
-        _import_or_skip(mod, attr)
+        _import(mod, attr)
     return mg.generate(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=3)
 
 
@@ -145,25 +141,25 @@ def test_generate_is_idempotent_and_protects_other_models(tiny_dir, tmp_path, ca
 
 
 def test_tiny_dir_loads_with_every_component_loader(tiny_dir):
-    load_llm = _import_or_skip("cosyvoice_llm.model", "load_llm")
-    load_flow = _import_or_skip("cosyvoice_token2wav.flow", "load_flow")
-    load_hift = _import_or_skip("cosyvoice_token2wav.hift", "load_hift")
+    load_llm = _import("cosyvoice_llm.model", "load_llm")
+    load_flow = _import("cosyvoice_token2wav.flow", "load_flow")
+    load_hift = _import("cosyvoice_token2wav.hift", "load_hift")
     llm = load_llm(tiny_dir)
     assert llm.llm_decoder.weight.shape[0] == SPEECH_EOS + len(SPEECH_STOP_IDS)
     load_flow(tiny_dir, "cpu")
     load_hift(tiny_dir, "cpu")
-    text_tok = _import_or_skip("cosyvoice_common.text", "TextTokenizer").from_dir(tiny_dir / mc.QWEN2_DIR_NAME)
+    text_tok = _import("cosyvoice_common.text", "TextTokenizer").from_dir(tiny_dir / mc.QWEN2_DIR_NAME)
     assert len(text_tok) <= mg.SIZE_SPECS["tiny"].qwen_vocab_size
     import numpy as np
     wav16 = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
-    emb = _import_or_skip("cosyvoice_speaker.encoder", "SpeakerEncoder")(tiny_dir).embed([wav16])
+    emb = _import("cosyvoice_speaker.encoder", "SpeakerEncoder")(tiny_dir).embed([wav16])
     assert emb.shape == (1, 192)
-    codes = _import_or_skip("cosyvoice_tokenizer.tokenizer", "SpeechTokenizer")(tiny_dir).tokenize([wav16])[0]
+    codes = _import("cosyvoice_tokenizer.tokenizer", "SpeechTokenizer")(tiny_dir).tokenize([wav16])[0]
     assert len(codes) == 25                                    # 1 s of 16 kHz audio at 25 Hz
 
 
 def test_random_llm_terminates_soon_after_min_len(tiny_dir):
-    load_llm = _import_or_skip("cosyvoice_llm.model", "load_llm")
+    load_llm = _import("cosyvoice_llm.model", "load_llm")
     llm = load_llm(tiny_dir)
     text = list(range(100, 112))                               # 12 text tokens: min_len 24, max_len 240
     gen = torch.Generator().manual_seed(0)

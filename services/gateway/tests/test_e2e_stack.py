@@ -36,10 +36,7 @@ def stage_urls(request):
     path = os.environ.get("GATEWAY_TEST_STACK_JSON")
     if path:
         return json.loads(Path(path).read_text())
-    try:
-        stack = request.getfixturevalue("stack")
-    except pytest.FixtureLookupError:
-        pytest.skip("root conftest fixture `stack` (tools/cosyvoice_tools/testing.py) has not landed yet")
+    stack = request.getfixturevalue("stack")
     urls = {name: ",".join(stack.stage_grpc_urls(name)) for name in STAGE_NAMES}
     urls["redis"] = stack.redis_url
     urls["model_dir"] = str(request.getfixturevalue("tiny_model_dir"))   # the model the stages serve
@@ -53,7 +50,7 @@ class GatewayProcess:
                         LLM_URLS=urls["llm"], TOKEN2WAV_URLS=urls["token2wav"], REDIS_URL=urls["redis"],
                         MODEL_REVISION=revision, GRPC_PORT=str(self.port), HTTP_PORT="0", METRICS_PORT="0",
                         MODEL_DIR=urls.get("model_dir") or os.environ.get("MODEL_DIR", str(REPO / "models/cosyvoice2-tiny")),
-                        READINESS_INTERVAL_S="0.5")
+                        READINESS_INTERVAL_S="0.5", STAGE_TIMEOUT_S="120")   # a loaded 2-core machine
         self.log = tmp / f"gateway-{self.port}.log"
         self.proc = None
 
@@ -130,8 +127,11 @@ def test_streaming_and_offline_agree_with_the_same_seed(gateway):
     streamed = np.frombuffer(b"".join(c.audio for c in chunks), "<f4")
     offline = np.frombuffer(asyncio.run(_unary(gateway.addr, request)).audio, "<f4")
     assert streamed.shape == offline.shape == (N_TOKENS * SAMPLES_PER_TOKEN,)
-    # Streaming flow attention is chunk-causal, so samples differ near joins; the signal stays alike.
-    assert np.corrcoef(streamed, offline)[0, 1] > 0.3
+    # Streaming flow attention is chunk-causal, so samples differ near joins; the signal stays alike
+    # (0.79 measured on the tiny model)
+    assert np.corrcoef(streamed, offline)[0, 1] > 0.6
+    again = np.frombuffer(b"".join(c.audio for c in asyncio.run(_stream(gateway.addr, request))), "<f4")
+    assert np.array_equal(again, streamed), "a seeded stream did not repeat bit for bit"
     rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
     assert 0.75 < rms(streamed) / rms(offline) < 1.33
 
@@ -182,6 +182,9 @@ def _token2wav_count(url: str) -> int:
 
 
 def test_cancelled_stream_stops_issuing_stage_calls(gateway, stage_urls):
+    calls_before = _token2wav_count(stage_urls["token2wav"])
+    cancels_before = gateway.log.read_text().count("status=CANCELLED")
+
     async def run():
         async with grpc.aio.insecure_channel(gateway.addr) as channel:
             call = tts_pb2_grpc.TextToSpeechStub(channel).SynthesizeStream(tts_pb2.SynthesizeRequest(
@@ -190,13 +193,16 @@ def test_cancelled_stream_stops_issuing_stage_calls(gateway, stage_urls):
             async for _ in call:
                 break                  # first chunk arrived: leave
             call.cancel()
-        await asyncio.sleep(1.0)       # the call in flight when we left may still finish
-        before = _token2wav_count(stage_urls["token2wav"])
-        await asyncio.sleep(3.0)
-        assert _token2wav_count(stage_urls["token2wav"]) == before
     asyncio.run(run())
-    # The handler logs once its in-flight stage call returns: allow for a loaded 2-core CI machine.
-    deadline = time.monotonic() + 45
-    while "status=CANCELLED" not in gateway.log.read_text():
+    # The handler logs once its in-flight stage call returns and its pipeline is closed: wait for that line
+    # (generous bound: a loaded 2-core CI machine).
+    deadline = time.monotonic() + 120
+    while gateway.log.read_text().count("status=CANCELLED") <= cancels_before:
         assert time.monotonic() < deadline, gateway.log.read_text()
         time.sleep(0.2)
+    # Its token2wav calls are all counted by now: few (the whole request would make ~60), and none comes
+    # later: across a barrier request only that request's own calls are added.
+    at_cancel = _token2wav_count(stage_urls["token2wav"])
+    assert at_cancel - calls_before <= 4, at_cancel - calls_before
+    barrier = asyncio.run(_unary(gateway.addr, _request(voice_seed=6)))
+    assert _token2wav_count(stage_urls["token2wav"]) == at_cancel + barrier.timings.token2wav.calls

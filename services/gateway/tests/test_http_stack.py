@@ -157,33 +157,51 @@ def _metric(http_url: str, needle: str) -> float:
     return 0.0
 
 
+def _wait_counted(http_url: str, needle: str, above: float) -> None:
+    """Until the gateway's request counter `needle` passes `above` (it counts once the handler has ended, so
+    its pipeline and every stage call it made are done)."""
+    deadline = time.monotonic() + 120      # generous: a loaded 2-core machine
+    while _metric(http_url, needle) <= above:
+        assert time.monotonic() < deadline, f"the gateway never counted {needle}"
+        time.sleep(0.2)
+
+
+def _calls_of_a_barrier_request(stack) -> int:
+    """One short gRPC request through the same gateway; its own token2wav call count."""
+    with grpc.insecure_channel(stack.gateway_grpc_url) as channel:
+        reply = tts_pb2_grpc.TextToSpeechStub(channel).Synthesize(tts_pb2.SynthesizeRequest(
+            text="Barrier.", prompt_audio=prompt_wav_bytes(seed=9), prompt_text="p", min_speech_tokens=N_TOKENS,
+            max_speech_tokens=N_TOKENS), timeout=120)
+    return reply.timings.token2wav.calls
+
+
+def _assert_no_stage_call_after_the_cancel(stack, calls_before_request: int) -> None:
+    """The cancelled request's handler has ended: its token2wav calls are all counted, few (a whole 1500-token
+    request makes ~60), and none comes later: across a barrier request only that request's own calls are added."""
+    at_cancel = _token2wav_count(stack)
+    assert at_cancel - calls_before_request <= 4, at_cancel - calls_before_request
+    barrier = _calls_of_a_barrier_request(stack)
+    assert _token2wav_count(stack) == at_cancel + barrier
+
+
 def test_client_disconnect_cancels_the_stream_and_its_stage_work(client, voice, stack, http_url):
     cancelled = 'cosyvoice_gateway_requests_total{code="CANCELLED",rpc="http.speech.stream"}'
     before_cancels = _metric(http_url, cancelled)
+    calls_before = _token2wav_count(stack)
     with client.audio.speech.with_streaming_response.create(
             model="cosyvoice2", voice=voice, input="A very long one.", response_format="pcm",
             extra_body=_forced(1500, stream=True)) as response:
         next(response.iter_bytes())                       # first chunk arrived: leave (closes the connection)
-    time.sleep(1.0)                                       # the token2wav call in flight may still finish
-    before = _token2wav_count(stack)
-    time.sleep(3.0)
-    assert _token2wav_count(stack) == before
-    deadline = time.monotonic() + 10
-    while _metric(http_url, cancelled) <= before_cancels:
-        assert time.monotonic() < deadline, "the gateway never counted the stream as cancelled"
-        time.sleep(0.2)
+    _wait_counted(http_url, cancelled, before_cancels)
+    _assert_no_stage_call_after_the_cancel(stack, calls_before)
 
 
 def test_client_timeout_cancels_an_offline_request(voice, stack, http_url):
     cancelled = 'cosyvoice_gateway_requests_total{code="CANCELLED",rpc="http.speech"}'
     before_cancels = _metric(http_url, cancelled)
+    calls_before = _token2wav_count(stack)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{http_url}/v1/audio/speech", timeout=1.0,
                    json={"model": "cosyvoice2", "voice": voice, "input": "A very long one.", **_forced(1500)})
-    deadline = time.monotonic() + 10
-    while _metric(http_url, cancelled) <= before_cancels:
-        assert time.monotonic() < deadline, "the gateway never counted the offline request as cancelled"
-        time.sleep(0.2)
-    before = _token2wav_count(stack)
-    time.sleep(2.0)
-    assert _token2wav_count(stack) == before
+    _wait_counted(http_url, cancelled, before_cancels)
+    _assert_no_stage_call_after_the_cancel(stack, calls_before)

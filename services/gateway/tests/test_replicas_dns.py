@@ -1,21 +1,22 @@
 """A stage URL whose host is a DNS name standing for several servers (compose --scale, a headless Service):
 the gateway expands it to one replica per address, re-resolves it on every readiness check, spreads calls
-over every address and skips one that went away. Real gRPC servers on 127.0.0.1 and 127.0.0.2 (same port),
+over every address and skips one that went away. Real tritonservers (a trivial Python model under the
+tokenizer's model name) on 127.0.0.1 and 127.0.0.2 (same port),
 behind a resolver the test controls (the default resolver is the system's getaddrinfo)."""
 from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import numpy as np
 import pytest
-import tritonclient.grpc.service_pb2 as pb
-import tritonclient.grpc.service_pb2_grpc as pb_grpc
-import grpc
+import tritonclient.grpc
 
 from cosyvoice_gateway.stage_client import (
     StageClient, expand_url, resolve_addresses, split_host_port, stage_config,
 )
+from cosyvoice_tools.triton import TritonServer, TritonServerConfig, free_ports
 
 
 # --- expansion rules -----------------------------------------------------------------------------------
@@ -85,35 +86,30 @@ def test_replicas_follow_dns_as_containers_come_and_go():
     asyncio.run(main())
 
 
-# --- real servers on two loopback addresses ----------------------------------------------------------------
+# --- real tritonservers on two loopback addresses ----------------------------------------------------------
 
-class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):
-    """Just enough of Triton's gRPC service for StageClient: readiness, config, a unary infer that counts."""
+CONFIG = """name: "audio_tokenizer"
+backend: "python"
+max_batch_size: 0
+input [ { name: "reference_wav" data_type: TYPE_FP32 dims: [ -1 ] },
+        { name: "reference_wav_len" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [ { name: "n" data_type: TYPE_INT32 dims: [ 1 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
 
-    def __init__(self, model: str):
-        self.model = model
-        self.infers = 0
+MODEL = """import numpy as np
+import triton_python_backend_utils as pb_utils
 
-    async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=True)
-
-    async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=request.name == self.model)
-
-    async def ModelConfig(self, request, context):
-        return pb.ModelConfigResponse(config={"name": self.model, "max_batch_size": 0})
-
-    async def ModelInfer(self, request, context):
-        self.infers += 1
-        await asyncio.sleep(0.01)
-        out = np.array([self.infers], dtype=np.int32)
-        return pb.ModelInferResponse(
-            model_name=self.model, id=request.id,
-            outputs=[pb.ModelInferResponse.InferOutputTensor(name="n", datatype="INT32", shape=[1])],
-            raw_output_contents=[out.tobytes()])
+from cosyvoice_common.triton_io import to_triton
 
 
-def _port_free_on_both(port: int) -> bool:
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([to_triton("n", np.array([1], np.int32))]) for _ in requests]
+"""
+
+
+def _free_on_both(port: int) -> bool:
     for host in ("127.0.0.1", "127.0.0.2"):
         with socket.socket() as s:
             try:
@@ -123,51 +119,65 @@ def _port_free_on_both(port: int) -> bool:
     return True
 
 
-async def _start_pair(model: str):
-    """Two servers on the same port of 127.0.0.1 and 127.0.0.2 (what one name with two A records reaches)."""
+@pytest.fixture
+def server_pair(tmp_path):
+    """Two tritonservers with a trivial `audio_tokenizer` on the same ports of 127.0.0.1 and 127.0.0.2 (what one
+    name with two A records reaches)."""
+    repo = tmp_path / "models"
+    (repo / "audio_tokenizer" / "1").mkdir(parents=True)
+    (repo / "audio_tokenizer" / "config.pbtxt").write_text(CONFIG)
+    (repo / "audio_tokenizer" / "1" / "model.py").write_text(MODEL)
     for _ in range(20):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not _port_free_on_both(port):
-            continue
-        servers, fakes = [], []
-        try:
-            for host in ("127.0.0.1", "127.0.0.2"):
-                fake = FakeTriton(model)
-                server = grpc.aio.server()
-                pb_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)
-                if server.add_insecure_port(f"{host}:{port}") == 0:
-                    raise OSError(f"cannot bind {host}:{port}")
-                await server.start()
-                servers.append(server)
-                fakes.append(fake)
-            return port, servers, fakes
-        except (OSError, RuntimeError):
-            for server in servers:
-                await server.stop(0)
-    pytest.skip("no port free on both 127.0.0.1 and 127.0.0.2")
+        ports = free_ports(3)
+        if all(_free_on_both(p) for p in ports):
+            break
+    else:
+        raise AssertionError("no 3 ports free on both 127.0.0.1 and 127.0.0.2")
+    servers = [TritonServer(TritonServerConfig(repo, *ports, tmp_path / f"triton-{host}.log", host=host)).start()
+               for host in ("127.0.0.1", "127.0.0.2")]
+    try:
+        for server in servers:
+            server.wait_ready(180.0)
+        yield ports[1], servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def _served(server: TritonServer) -> int:
+    stats = tritonclient.grpc.InferenceServerClient(server.grpc_url).get_inference_statistics(
+        "audio_tokenizer", as_json=True)
+    return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+
+
+def _counted(servers: list[TritonServer], total: int) -> list[int]:
+    """Each server's count once they add up to `total` (Triton counts a request a moment after it answered)."""
+    deadline = time.monotonic() + 60
+    while sum(counts := [_served(s) for s in servers]) < total and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return counts
 
 
 def _tokenizer_inputs() -> dict[str, np.ndarray]:
     return {"reference_wav": np.zeros(160, np.float32), "reference_wav_len": np.array([160], np.int32)}
 
 
-def test_name_resolving_to_two_addresses_spreads_calls_and_skips_a_stopped_server():
+def test_name_resolving_to_two_addresses_spreads_calls_and_skips_a_stopped_server(server_pair):
+    port, servers = server_pair
+
     async def main():
-        port, servers, fakes = await _start_pair("audio_tokenizer")
         resolver = FakeResolver({"tokenizer.test": ["127.0.0.1", "127.0.0.2", "::1"]})
-        config = stage_config("tokenizer", f"tokenizer.test:{port}", 5.0)
+        config = stage_config("tokenizer", f"tokenizer.test:{port}", 30.0)
         client = StageClient(config, resolver=resolver)
         try:
             assert await client.check_ready()
             assert client.replica_urls == (f"127.0.0.1:{port}", f"127.0.0.2:{port}")
             await asyncio.gather(*(client.infer(_tokenizer_inputs(), ["n"]) for _ in range(12)))
-            assert [f.infers for f in fakes] == [6, 6]       # least outstanding, ties round-robin
-            await servers[1].stop(0)                         # one container goes away
+            assert _counted(servers, 12) == [6, 6]           # least outstanding, ties round-robin
+            await asyncio.to_thread(servers[1].stop)         # one container goes away
             for _ in range(6):                               # a call may hit it once: retried elsewhere
                 await client.infer(_tokenizer_inputs(), ["n"])
-            assert fakes[0].infers == 12 and fakes[1].infers == 6
+            assert _counted(servers[:1], 12) == [12]
             await client.check_ready()
             assert [r.ready for r in client._replicas] == [True, False]
             resolver.table["tokenizer.test"] = ["127.0.0.1"]  # DNS drops it: back to the configured name
@@ -175,7 +185,5 @@ def test_name_resolving_to_two_addresses_spreads_calls_and_skips_a_stopped_serve
             assert client.replica_urls == (f"tokenizer.test:{port}",)
         finally:
             await client.close()
-            for server in servers:
-                await server.stop(0)
 
     asyncio.run(main())

@@ -6,7 +6,8 @@ import torch
 
 from cosyvoice_llm.model import Qwen2LM
 
-GOLDEN_DIR = Path("/work/shared/golden/tiny-seed1")
+# <checkout>/../shared/golden/tiny-seed1, as every other test finds it
+GOLDEN_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "golden" / "tiny-seed1"
 
 TINY_QWEN2 = {
     "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -19,7 +20,6 @@ TINY_LLM = {"llm_input_size": 32, "llm_output_size": 32, "speech_token_size": 65
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not (GOLDEN_DIR / "llm.npz").is_file():
-        print(f"golden set not found at {GOLDEN_DIR}")
         pytest.skip(f"golden set not found at {GOLDEN_DIR}")
     return GOLDEN_DIR
 

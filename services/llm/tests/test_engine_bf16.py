@@ -43,6 +43,9 @@ def test_bf16_fast_path_tracks_fp32_on_the_golden_model(golden_dir: Path):
     top2 = fp32[:, head].topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 2 * err
     agree = fp32[:, head].argmax(-1) == bf16[:, head].argmax(-1)
+    # the argmax check below holds only where the margin is clear: enough such steps that it can fail
+    # (measured 10 of 20 on this model)
+    assert int(clear.sum()) >= len(clear) // 4, f"only {int(clear.sum())}/{len(clear)} steps have a clear margin"
     assert agree[clear].all()
     print(f"bf16 vs fp32: max |dlogp| {err:.3g}, argmax agree {agree.float().mean():.3f}, "
           f"clear-margin steps {int(clear.sum())}/{len(clear)}")

@@ -43,7 +43,7 @@ def test_template_serves_the_llm_contract(trtllm_config):
 
 
 def test_gateway_sends_only_contract_inputs(trtllm_config):
-    stage_client = pytest.importorskip("cosyvoice_gateway.stage_client")
+    from cosyvoice_gateway import stage_client
     model, inputs = stage_client.STAGE_INPUTS["llm"]
     assert model == trtllm_config.name
     _assert_serves_contract(trtllm_config.input, inputs)

@@ -1,6 +1,8 @@
-"""token2wav served by a real tritonserver on the tiny model: 960 samples per token, the cache travels out and back."""
+"""token2wav served by a real tritonserver on the tiny model: the same audio as the in-process runner on the same
+inputs (offline, and streamed with the cache sent out and back), 960 samples per token."""
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 
 from cosyvoice_common.constants import (HIFT_MEL_CACHE_FRAMES, HIFT_SOURCE_CACHE_SAMPLES, MEL_BINS,
@@ -23,6 +25,76 @@ def _prompt(rng):
     embedding = rng.standard_normal((1, SPEAKER_EMBEDDING_DIM)).astype(np.float32)
     return [_input("prompt_speech_tokens", tokens, "INT32"), _input("prompt_speech_feat", feat, "FP32"),
             _input("prompt_spk_embedding", embedding, "FP32")]
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny_model_dir):
+    """The runner the served model wraps, loaded in this process from the same model dir (float32, cpu)."""
+    from cosyvoice_token2wav.runner import Token2WavRunner
+    return Token2WavRunner(tiny_model_dir, "cpu", torch.float32)
+
+
+def _local_chunk(runner, target, prompt_arrays, seed, offset=None, finalize=True, cache=None):
+    from cosyvoice_token2wav.runner import ChunkRequest, chunk_seed
+    tokens, feat, embedding = prompt_arrays
+    request = ChunkRequest(
+        tokens=torch.from_numpy(target.astype(np.int64) - SPEECH_ID_OFFSET),
+        prompt_tokens=torch.from_numpy(tokens.astype(np.int64) - SPEECH_ID_OFFSET),
+        prompt_feat=torch.from_numpy(feat), embedding=torch.from_numpy(embedding),
+        token_offset=offset or 0, finalize=finalize, streaming=offset is not None and not finalize,
+        cache=cache, seed=chunk_seed(seed, offset or 0))
+    result = runner.run_chunks([request])[0]
+    assert result.error is None, result.error
+    return result
+
+
+def _prompt_arrays(rng):
+    return (rng.integers(0, 6561, (1, PROMPT_TOKENS)).astype(np.int32) + SPEECH_ID_OFFSET,
+            rng.standard_normal((1, PROMPT_TOKENS * TOKEN_MEL_RATIO, MEL_BINS)).astype(np.float32),
+            rng.standard_normal((1, SPEAKER_EMBEDDING_DIM)).astype(np.float32))
+
+
+def _prompt_inputs(arrays):
+    tokens, feat, embedding = arrays
+    return [_input("prompt_speech_tokens", tokens, "INT32"), _input("prompt_speech_feat", feat, "FP32"),
+            _input("prompt_spk_embedding", embedding, "FP32")]
+
+
+SEED = 11
+TOL = dict(rtol=1e-4, atol=1e-4)   # the served call may run padded in a batch bucket
+
+
+def test_served_offline_call_matches_the_in_process_runner(stage_servers, in_process):
+    rng = np.random.default_rng(21)
+    target = rng.integers(0, 6561, (1, 30)).astype(np.int32) + SPEECH_ID_OFFSET
+    prompt = _prompt_arrays(rng)
+    client = grpcclient.InferenceServerClient(stage_servers.grpc_url("token2wav"))
+    served = client.infer(TOKEN2WAV_MODEL, [_input("target_speech_tokens", target, "INT32"), *_prompt_inputs(prompt),
+                                            _input("seed", np.array([[SEED]], np.uint64), "UINT64")])
+    local = _local_chunk(in_process, target, prompt, SEED)
+    np.testing.assert_allclose(served.as_numpy("waveform"), local.waveform.numpy(), **TOL)
+
+
+def test_served_stream_chunks_match_the_in_process_runner(stage_servers, in_process):
+    rng = np.random.default_rng(22)
+    target = rng.integers(0, 6561, (1, 40)).astype(np.int32) + SPEECH_ID_OFFSET
+    prompt = _prompt_arrays(rng)
+    client = grpcclient.InferenceServerClient(stage_servers.grpc_url("token2wav"))
+    seed = [_input("seed", np.array([[SEED]], np.uint64), "UINT64")]
+    first = client.infer(TOKEN2WAV_MODEL, [
+        _input("target_speech_tokens", target[:, :28], "INT32"), *_prompt_inputs(prompt), *seed,
+        _input("token_offset", np.array([[0]], np.int32), "INT32"), _input("finalize", np.array([[False]]), "BOOL")])
+    local_first = _local_chunk(in_process, target[:, :28], prompt, SEED, offset=0, finalize=False)
+    np.testing.assert_allclose(first.as_numpy("waveform"), local_first.waveform.numpy(), **TOL)
+    for name, value in (("cache_mel", local_first.cache.mel), ("cache_source", local_first.cache.source),
+                        ("cache_speech", local_first.cache.speech)):
+        np.testing.assert_allclose(first.as_numpy(name), value.reshape(first.as_numpy(name).shape).numpy(), **TOL)
+    last = client.infer(TOKEN2WAV_MODEL, [
+        _input("target_speech_tokens", target, "INT32"), *_prompt_inputs(prompt), *seed,
+        _input("token_offset", np.array([[25]], np.int32), "INT32"), _input("finalize", np.array([[True]]), "BOOL"),
+        *(_input(n, first.as_numpy(n), "FP32") for n in ("cache_mel", "cache_source", "cache_speech"))])
+    local_last = _local_chunk(in_process, target, prompt, SEED, offset=25, finalize=True, cache=local_first.cache)
+    np.testing.assert_allclose(last.as_numpy("waveform"), local_last.waveform.numpy(), **TOL)
 
 
 def test_token2wav_offline_call_returns_960_samples_per_token(stage_servers):
