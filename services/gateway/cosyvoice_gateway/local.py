@@ -46,6 +46,7 @@ from cosyvoice_common.constants import LLM_MAX_SEQ_LEN, MEL_BINS, OUTPUT_SAMPLE_
 from cosyvoice_common.errors import InvalidRequestError
 from cosyvoice_common.spk2info import PromptFeatures, Spk2InfoCache, Spk2InfoConfig, SpeakerInfo
 
+from cosyvoice_gateway.limits import LLM_CAPACITY_PARAMETER
 from cosyvoice_gateway.pipeline import Pipeline, PipelineConfig, StageTimings, SynthesisRequest
 from cosyvoice_gateway.stage_client import MS_PER_S, CallTiming, StageError, Stages
 
@@ -167,6 +168,10 @@ class LocalStage:
 
     async def check_ready(self) -> bool:
         return True
+
+    def int_parameter(self, name: str) -> int | None:
+        """A served model's config parameter (`StageClient.int_parameter`): in process, none is declared."""
+        return None
 
     async def close(self) -> None:
         return None
@@ -399,6 +404,9 @@ class LocalLLM(LocalStage):
                                                     use_cuda_graphs=str(device).startswith("cuda")))
         self.engine.start()
         self._ids = itertools.count()
+
+    def int_parameter(self, name: str) -> int | None:
+        return self.engine.config.max_seq_len if name == LLM_CAPACITY_PARAMETER else None
 
     @staticmethod
     def _scalar(tensors: Mapping[str, np.ndarray], name: str, default=None):
