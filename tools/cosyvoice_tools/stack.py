@@ -14,7 +14,8 @@ from (deploy/README.md): defaults < PLACEMENT_FILE (YAML) < variables.
     <STAGE>_REPLICAS (0 = not started here), <STAGE>_DEVICES (cpu | cuda:0,cuda:1; replica i uses device
     i mod len), <STAGE>_INSTANCES, <STAGE>_MAX_BATCH_SIZE, <STAGE>_BASE_PORT (0 = free ports)
                                                           for STAGE in TOKENIZER SPEAKER LLM TOKEN2WAV
-    TOKENIZER_BACKEND, SPEAKER_BACKEND (onnx | torch), LLM_DTYPE, TOKEN2WAV_DTYPE, TOKEN2WAV_COMPILE
+    TOKENIZER_BACKEND, SPEAKER_BACKEND (onnx | torch), LLM_DTYPE, TOKEN2WAV_DTYPE, TOKEN2WAV_COMPILE,
+    LLM_MAX_SEQ_LEN, LLM_BATCH_SLOTS (auto: sized from GPU memory; services/llm/README.md for the engine's switches)
     REDIS_PORT (6379), GRPC_PORT (50051), HTTP_PORT (8080), STACK_RUN_DIR (run), STACK_READY_TIMEOUT_S
     STACK_CUDA_MPS (off | on | auto): stage servers sharing a GPU run under one CUDA MPS daemon (mps.py)
     SEED_FRONT (1), SEED_STREAM_BASE_PORT (8000), SEED_OFFLINE_BASE_PORT (8010), SEED_* (gateway README)
