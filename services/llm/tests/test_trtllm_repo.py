@@ -38,15 +38,45 @@ def test_template_serves_the_llm_contract(trtllm_config):
     assert trtllm_config.name == LLM_MODEL and trtllm_config.backend == "tensorrtllm"
     assert trtllm_config.model_transaction_policy.decoupled
     assert trtllm_config.max_batch_size > 0     # contract dims exclude the batch dimension
-    _assert_serves_contract(trtllm_config.input, LLM_INPUTS)
+    _assert_serves_contract(trtllm_config.input, _theirs(LLM_INPUTS))
     _assert_serves_contract(trtllm_config.output, LLM_OUTPUTS)
+
+
+def _theirs(specs):
+    """The contract less our own optional `stream_boundaries`, which the stage client leaves out for a model that
+    does not declare it (test_stage_client_leaves_out_inputs_the_model_does_not_declare)."""
+    return tuple(s for s in specs if s.name != LLM_STREAM_BOUNDARIES.name)
 
 
 def test_gateway_sends_only_contract_inputs(trtllm_config):
     from cosyvoice_gateway import stage_client
     model, inputs = stage_client.STAGE_INPUTS["llm"]
     assert model == trtllm_config.name
-    _assert_serves_contract(trtllm_config.input, inputs)
+    _assert_serves_contract(trtllm_config.input, _theirs(inputs))
+
+
+def test_stage_client_leaves_out_inputs_the_model_does_not_declare(trtllm_config):
+    import asyncio
+
+    import numpy as np
+
+    from cosyvoice_gateway import stage_client
+
+    async def build():
+        client = stage_client.StageClient(stage_client.stage_config("llm", "127.0.0.1:1", 1.0), resolver=None)
+        replica = client._replicas[0]
+        tensors = {"input_ids": np.array([1, 2], np.int32), "input_lengths": np.array([2], np.int32),
+                   LLM_STREAM_BOUNDARIES.name: np.array([18, 43], np.int32)}
+        replica.inputs = frozenset(t.name for t in trtllm_config.input)        # TensorRT-LLM's declared inputs
+        to_trtllm = [i.name() for i in client._inputs(tensors, True, replica)]
+        replica.inputs = replica.inputs | {LLM_STREAM_BOUNDARIES.name}          # our llm stage declares it
+        to_ours = [i.name() for i in client._inputs(tensors, True, replica)]
+        await client.close()
+        return to_trtllm, to_ours
+
+    to_trtllm, to_ours = asyncio.run(build())
+    assert to_trtllm == ["input_ids", "input_lengths"]
+    assert to_ours == ["input_ids", "input_lengths", LLM_STREAM_BOUNDARIES.name]
 
 
 def test_same_io_as_our_python_llm_model(trtllm_config):
