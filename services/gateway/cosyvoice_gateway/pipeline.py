@@ -239,11 +239,11 @@ def target_segments(text: str, count_tokens: Callable[[str], int], text_frontend
 
 
 # --- prompt alignment (spec 3.5) ------------------------------------------------------------------------
-def align_prompt(speech_ids_flat: np.ndarray, speech_feat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keep n = min(F // 2, T) tokens and 2n mel frames; returns (codes int32[n], mel float32[2n, 80])."""
+def align_prompt(speech_ids_flat: np.ndarray, mel_frames: int) -> np.ndarray:
+    """Codes the LLM and the flow see: n = min(mel_frames // 2, T) of them (the flow takes 2n mel frames).
+    `mel_frames` follows from the 24 kHz length alone, so this needs no speaker-stage answer."""
     codes = np.asarray(speech_ids_flat, dtype=np.int32).reshape(-1) - SPEECH_ID_OFFSET
-    n = min(speech_feat.shape[0] // TOKEN_MEL_RATIO, codes.shape[0])
-    return codes[:n].copy(), np.ascontiguousarray(speech_feat[: TOKEN_MEL_RATIO * n], dtype=np.float32)
+    return codes[: min(mel_frames // TOKEN_MEL_RATIO, codes.shape[0])].copy()
 
 
 def speech_ids_from_llm(output_ids: np.ndarray) -> tuple[list[int], bool]:
@@ -386,9 +386,7 @@ class Pipeline:
             speaker.add_done_callback(_consume_exception)
             raise
         timings.record("tokenizer", tok_timing)
-        mel_frames = prompt.wav_24k.shape[0] // MEL_HOP_SAMPLES
-        codes = np.asarray(tok_out["prompt_speech_tokens"], np.int32).reshape(-1) - SPEECH_ID_OFFSET
-        codes = codes[: min(mel_frames // TOKEN_MEL_RATIO, codes.shape[0])].copy()
+        codes = align_prompt(tok_out["prompt_speech_tokens"], prompt.wav_24k.shape[0] // MEL_HOP_SAMPLES)
         if codes.shape[0] == 0:
             speaker.cancel()
             speaker.add_done_callback(_consume_exception)
