@@ -14,6 +14,9 @@ REQUEST_LATENCY = Histogram("cosyvoice_gateway_request_seconds", "request arriva
                             ["rpc"], buckets=_LATENCY_BUCKETS_S)
 STAGE_RETRIES = Counter("cosyvoice_gateway_stage_retries_total",
                         "stage calls retried on another replica after an unreachable one", ["stage"])
+# Issued, counted when the call is sent (a call cancelled later is still counted): what a client's cancel must
+# stop is the gateway issuing more of them.
+STAGE_CALLS = Counter("cosyvoice_gateway_stage_calls_total", "stage calls issued by the gateway", ["stage"])
 CACHE_LOOKUPS = Counter("cosyvoice_gateway_prompt_cache_total", "prompt-feature cache lookups", ["result"])
 
 

@@ -391,6 +391,7 @@ class StageClient:
         start = time.perf_counter()
         try:
             batched = await self._batched(replica)
+            metrics.STAGE_CALLS.labels(stage=self.name).inc()
             result = await replica.client.infer(
                 self.config.model, self._inputs(tensors, batched, replica),
                 outputs=[InferRequestedOutput(n) for n in outputs], request_id=request_id,
@@ -451,6 +452,7 @@ class StageClient:
             yield request
 
         start = time.perf_counter()
+        metrics.STAGE_CALLS.labels(stage=self.name).inc()
         responses = replica.client.stream_infer(requests(), stream_timeout=timeout_s)
         finished = False
         try:
