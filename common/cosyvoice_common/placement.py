@@ -31,38 +31,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cosyvoice_common import contracts
 from cosyvoice_common.constants import REDIS_BOUND_ARGS
+from cosyvoice_common.stages import (DEFAULT_SPEAKER_ID, GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, GRPC_PORT_DELTA,
+                                     METRICS_PORT_DELTA, PUBLIC_PORTS, REDIS_PORT, REPLICA_PORT_STRIDE,
+                                     SEED_OFFLINE_PORTS, SEED_STREAMING_PORTS)
+from cosyvoice_common.stages import STAGE_NAMES as STAGES
+from cosyvoice_common.stages import STAGES as STAGE_REGISTRY
 
-STAGES = ("tokenizer", "speaker", "llm", "token2wav")
-STAGE_TRITON_MODELS = {
-    "tokenizer": contracts.TOKENIZER_MODEL,
-    "speaker": contracts.SPEAKER_MODEL,
-    "llm": contracts.LLM_MODEL,
-    "token2wav": contracts.TOKEN2WAV_MODEL,
-}
+STAGE_TRITON_MODELS = {s.name: s.triton_model for s in STAGE_REGISTRY}
 CPU_DEVICE = "cpu"
-DEFAULT_DEVICE = "cuda:0"          # the single-H100 target of the brief: every stage on GPU 0
-
-# Stage tritonservers: HTTP on the base, gRPC base+1, metrics base+2; replica r adds r * stride.
-# Bases 100 apart leave room for 10 replicas per stage on one host before ports collide (checked).
-STAGE_HTTP_PORT_BASES = {"tokenizer": 8100, "speaker": 8200, "llm": 8300, "token2wav": 8400}
-GRPC_PORT_DELTA = 1
-METRICS_PORT_DELTA = 2
-REPLICA_PORT_STRIDE = 10
-
-# Public addresses (BRIEF section 1); stage ports must not collide with them.
-GATEWAY_GRPC_PORT = 50051
-GATEWAY_HTTP_PORT = 8080
-SEED_STREAMING_PORTS = (8000, 8001, 8002)   # Triton HTTP, gRPC, metrics of the decoupled `cosyvoice2`
-SEED_OFFLINE_PORTS = (8010, 8011, 8012)     # the same model name, non-decoupled
-REDIS_PORT = 6379
+DEFAULT_DEVICE = "cuda:0"          # the single-GPU target of the brief: every stage on GPU 0
+STAGE_HTTP_PORT_BASES = {s.name: s.http_port_base for s in STAGE_REGISTRY}
 # The two seed-compatible fronts (services/gateway/model_repository/cosyvoice2): compose service / Helm
 # variant name, decoupled or not, (HTTP, gRPC, metrics). Each is a tritonserver from the gateway image.
 SEED_FRONTS = (("seed-stream", True, SEED_STREAMING_PORTS), ("seed-offline", False, SEED_OFFLINE_PORTS))
-SEED_DEFAULT_SPEAKER = "001"                # the seed's spk2info.pt key (cosyvoice_gateway.seed.DEFAULT_SPEAKER)
+SEED_DEFAULT_SPEAKER = DEFAULT_SPEAKER_ID
 SEED_FRONT_ENTRYPOINT = "/opt/cosyvoice/bin/seed_front.py"   # deploy/docker/seed_front.py in the gateway image
-PUBLIC_PORTS = (GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, *SEED_STREAMING_PORTS, *SEED_OFFLINE_PORTS, REDIS_PORT)
 
 _DEVICE_RE = re.compile(r"^(?:cpu|cuda:(0|[1-9][0-9]*))$")
 _STAGE_KEYS = frozenset({"replicas", "devices", "instances", "base_port"})

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from cosyvoice_common.stages import fill_template
+
 # Repository root: tools/cosyvoice_tools/triton.py -> parents[2]. The stage models import these package
 # roots; they go on the stub's PYTHONPATH so model.py imports the same code with or without the venv.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +32,6 @@ PACKAGE_ROOTS = tuple(
     for p in ("common", "services/tokenizer", "services/speaker", "services/llm", "services/token2wav",
               "services/gateway", "tools", "protos/gen")
 )
-_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _TEMPLATE_SUFFIXES = (".pbtxt",)
 
 
@@ -125,11 +126,6 @@ def render_model_repository(template_root: Path, out_root: Path, params: Mapping
     return out_root
 
 
-def fill_template(text: str, params: Mapping[str, object], source: str = "<template>") -> str:
-    missing = sorted({m.group(1) for m in _PLACEHOLDER.finditer(text) if m.group(1) not in params})
-    if missing:
-        raise TritonError(f"{source}: no value for {', '.join('${' + m + '}' for m in missing)}")
-    return _PLACEHOLDER.sub(lambda m: str(params[m.group(1)]), text)
 
 
 def device_params(device: str) -> dict[str, str]:

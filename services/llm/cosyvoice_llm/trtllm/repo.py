@@ -10,7 +10,6 @@ Then: `tritonserver --model-repository REPO_DIR` on the TensorRT-LLM machine, an
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Mapping
 
 from cosyvoice_common.contracts import LLM_MODEL
+from cosyvoice_common.stages import TemplateError, fill_template  # noqa: F401 (TemplateError: callers catch it here)
 
 # services/llm/cosyvoice_llm/trtllm/repo.py -> services/llm
 SERVICE_ROOT = Path(__file__).resolve().parents[2]
@@ -25,11 +25,6 @@ TEMPLATE_ROOT = SERVICE_ROOT / "trtllm" / "model_repository"
 TEMPLATE_MODEL = "tensorrt_llm"
 CONFIG_NAME = "config.pbtxt"
 VERSION_DIR = "1"
-_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-class TemplateError(ValueError):
-    """A template placeholder has no value; the message names the file and the placeholders."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +57,6 @@ class TrtllmRepoConfig:
         return {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in asdict(self).items()}
 
 
-def fill_template(text: str, params: Mapping[str, object], source: str = "<template>") -> str:
-    missing = sorted({m.group(1) for m in _PLACEHOLDER.finditer(text) if m.group(1) not in params})
-    if missing:
-        raise TemplateError(f"{source}: no value for {', '.join('${' + m + '}' for m in missing)}")
-    return _PLACEHOLDER.sub(lambda m: str(params[m.group(1)]), text)
 
 
 def render_config(params: Mapping[str, object], template_root: Path = TEMPLATE_ROOT) -> str:
