@@ -167,14 +167,14 @@ seed-download: $(STAMP) ## run.sh stage 0 (download): model dir (random weights 
 	$(MAKE) seed-stub-env
 
 seed-stub-env: $(STAMP) ## numpy<2 interpreter env for the cosyvoice2 fronts' Python stub (build/seed-stub-python; wheels from .whl/ or the index)
-	$(PY) -c 'from pathlib import Path; from cosyvoice_gateway.seed import ensure_stub_python; print(ensure_stub_python(Path("build/seed-stub-python"), [Path(".whl")]))'
+	$(PY) -m cosyvoice_tools.seed_repo stub-env --target build/seed-stub-python --wheels .whl
 
 seed-build: $(STAMP) ## run.sh stage 1 (convert/build): LLM_BACKEND=trtllm builds the TensorRT-LLM engine into ENGINE_DIR; our PyTorch engine needs none
 	@if [ "$(LLM_BACKEND)" = "trtllm" ]; then services/llm/trtllm/build_engine.sh --model-dir $(MODEL_DIR) --engine-dir $(ENGINE_DIR); \
 	else echo "seed stage 1: nothing to convert for the PyTorch LLM engine (LLM_BACKEND=trtllm to build a TensorRT-LLM engine)"; fi
 
 seed-repo: $(STAMP) ## run.sh stage 2 (model repository): render the streaming + offline cosyvoice2 repos into SEED_REPOS (make up renders its own)
-	$(PY) -m cosyvoice_gateway.seed render --out $(SEED_REPOS)
+	MODEL_DIR=$(MODEL_DIR) $(PY) -m cosyvoice_tools.seed_repo render --out $(SEED_REPOS)
 
 seed-launch: up ## run.sh stage 3 (launch): the whole stack incl. cosyvoice2 streaming 8000-8002 and offline 8010-8012
 

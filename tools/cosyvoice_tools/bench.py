@@ -21,21 +21,21 @@ that shows what the servers and gRPC cost.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import asyncio
+import dataclasses
 import json
 import pathlib
 import statistics
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
-
 from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ
+from cosyvoice_common.stages import STAGE_NAMES
 
-STAGES = ("tokenizer", "speaker", "llm", "token2wav")
+STAGES = STAGE_NAMES
 MODES = ("stream", "stream-cached", "offline")
 CACHE_WARMUP_TOKENS = 4  # a short request is enough to store a prompt's features
 
@@ -174,7 +174,9 @@ class EngineDriver:
     """Runs the gateway pipeline in-process against in-process stages (no servers, no gRPC)."""
 
     def __init__(self, model_dir: str, device: str):
-        from cosyvoice_gateway.local import LocalPipeline  # built on the same pipeline code as the gateway
+        from cosyvoice_tools.local import (
+            LocalPipeline,  # built on the same pipeline code as the gateway
+        )
 
         self._pipeline = LocalPipeline.create(model_dir, device)
 

@@ -27,11 +27,11 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from cosyvoice_common.contracts import LLM_MODEL, SPEAKER_MODEL, TOKEN2WAV_MODEL, TOKENIZER_MODEL
+from cosyvoice_common.stages import STAGE_NAMES
+from cosyvoice_common.stages import STAGES as STAGE_REGISTRY
 
-STAGES = ("tokenizer", "speaker", "llm", "token2wav")
-STAGE_OF_MODEL = {TOKENIZER_MODEL: "tokenizer", SPEAKER_MODEL: "speaker", LLM_MODEL: "llm",
-                  TOKEN2WAV_MODEL: "token2wav"}
+STAGES = STAGE_NAMES
+STAGE_OF_MODEL = {s.triton_model: s.name for s in STAGE_REGISTRY}
 STAGE_METRIC = "cosyvoice_gateway_stage_seconds"
 FIRST_CHUNK_METRIC = "cosyvoice_gateway_first_chunk_seconds"
 REQUEST_METRIC = "cosyvoice_gateway_request_seconds"

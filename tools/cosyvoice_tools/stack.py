@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Mapping
 
 from cosyvoice_common.constants import LLM_MAX_SEQ_LEN, REDIS_BOUND_ARGS
-from cosyvoice_common.contracts import LLM_MODEL, SPEAKER_MODEL, TOKEN2WAV_MODEL, TOKENIZER_MODEL
 from cosyvoice_common.placement import (
     CPU_DEVICE,
     DEFAULT_DEVICE,
@@ -53,6 +52,7 @@ from cosyvoice_common.placement import (
     load_placement,
     parse_device,
 )
+from cosyvoice_common.stages import STAGES as STAGE_REGISTRY
 from cosyvoice_tools import mps
 from cosyvoice_tools.mps import MpsDaemon
 from cosyvoice_tools.triton import (
@@ -89,12 +89,9 @@ class StageSpec:
     default_base_port: int
 
 
-STAGES: tuple[StageSpec, ...] = (
-    StageSpec("tokenizer", TOKENIZER_MODEL, REPO_ROOT / "services/tokenizer/model_repository", "TOKENIZER_URLS", 8100),
-    StageSpec("speaker", SPEAKER_MODEL, REPO_ROOT / "services/speaker/model_repository", "SPEAKER_URLS", 8200),
-    StageSpec("llm", LLM_MODEL, REPO_ROOT / "services/llm/model_repository", "LLM_URLS", 8300),
-    StageSpec("token2wav", TOKEN2WAV_MODEL, REPO_ROOT / "services/token2wav/model_repository", "TOKEN2WAV_URLS", 8400),
-)
+STAGES: tuple[StageSpec, ...] = tuple(
+    StageSpec(s.name, s.triton_model, REPO_ROOT / s.service_dir / "model_repository", s.env("URLS"), s.http_port_base)
+    for s in STAGE_REGISTRY)
 STAGE_BY_NAME = {s.name: s for s in STAGES}
 
 
@@ -601,9 +598,10 @@ class Stack:
     def _start_seed_fronts(self) -> None:
         """Two tritonservers serving `cosyvoice2` (decoupled and offline) over this stack's stages."""
         from cosyvoice_gateway import seed
+        from cosyvoice_tools import seed_repo
 
         cfg = self.config
-        stub_bin = seed.ensure_stub_python(_repo_path(os.environ.get("SEED_STUB_PYTHON_DIR", "build/seed-stub-python")),
+        stub_bin = seed_repo.ensure_stub_python(_repo_path(os.environ.get("SEED_STUB_PYTHON_DIR", "build/seed-stub-python")),
                                            wheel_dirs=(REPO_ROOT / ".whl",))
         self._install = self._install or TritonInstall.locate()
         urls = {s.urls_env: ",".join(self.stage_grpc_urls(s.name)) for s in STAGES}
@@ -615,7 +613,7 @@ class Stack:
                                            seed.template_params(decoupled, cfg.model_dir, urls, self.redis_url, params))
             log = cfg.run_dir / "logs" / f"{name}.log"
             log.unlink(missing_ok=True)
-            env = seed.stub_environment(stub_bin, self._install.env())
+            env = seed_repo.stub_environment(stub_bin, self._install.env())
             server = TritonServer(TritonServerConfig(repo, http, grpc, metrics, log, extra_env=env),
                                   self._install).start()
             self._say(f"starting {name} (model cosyvoice2) on http {HOST}:{http} grpc {HOST}:{grpc}")
@@ -821,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - a CLI reports, start() already stopped what it began
             print(f"stack up failed: {exc}", file=sys.stderr)
             return 1
-        print(f"stop with: make down  (or python -m cosyvoice_tools.stack down)")
+        print("stop with: make down  (or python -m cosyvoice_tools.stack down)")
         return 0
     if args.command == "down":
         stack = Stack.attach(config)

@@ -6,7 +6,7 @@
     python -m cosyvoice_tools.stage_load run --stage token2wav --inputs stage_inputs --concurrency 8 --duration-s 20
 
 `record` runs one streaming and one offline request (forced length `--tokens`) through
-`cosyvoice_gateway.local.LocalPipeline` with a recorder on every stage call: `<out>/<stage>/<n>.npz`
+`cosyvoice_tools.local.LocalPipeline` with a recorder on every stage call: `<out>/<stage>/<n>.npz`
 holds exactly what the gateway would send (no batch dimension; streaming token2wav chunks with the
 vocoder cache of the previous chunk). With `--manifest` the prompt is the manifest's first item, else
 a synthetic 3 s prompt.
@@ -35,12 +35,13 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ
+from cosyvoice_common.stages import STAGE_NAMES
+
 from cosyvoice_tools.bench import settled
 from cosyvoice_tools.profile import ModelStats, stack_addresses, triton_stage_stats
 
-STAGES = ("tokenizer", "speaker", "llm", "token2wav")
+STAGES = STAGE_NAMES
 STAGE_OUTPUTS = {
     "tokenizer": ["prompt_speech_tokens"],
     "speaker": ["prompt_spk_embedding", "prompt_speech_feat"],
@@ -59,7 +60,7 @@ def synthetic_prompt() -> tuple[bytes, str]:
 
 async def record(model_dir: pathlib.Path, device: str, out: pathlib.Path, tokens: int,
                  manifest: pathlib.Path | None, text: str) -> dict[str, int]:
-    from cosyvoice_gateway.local import LocalPipeline
+    from cosyvoice_tools.local import LocalPipeline
     from cosyvoice_gateway.pipeline import SynthesisRequest
 
     if manifest is not None:

@@ -19,15 +19,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import soundfile as sf
-
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
+from cosyvoice_common.stages import STAGE_NAMES
+
 from cosyvoice_gateway.auth import API_KEY_ENV
 
 MS_PER_S = 1000.0
 
 
 def _print_timings(t: tts_pb2.StageTimings) -> None:
-    for stage in ("tokenizer", "speaker", "llm", "token2wav"):
+    for stage in STAGE_NAMES:
         s = getattr(t, stage)
         print(f"  {stage:<9} queue {s.queue_ms:8.1f} ms  compute {s.compute_ms:8.1f} ms  calls {s.calls}")
     print(f"  cache_hit {t.cache_hit}  speech_tokens {t.speech_tokens}  audio {t.audio_seconds:.2f} s  "

@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio
+from cosyvoice_common.spk2info import RegistryUnavailableError, SpeakerInfo
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -39,12 +41,10 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio
-from cosyvoice_common.spk2info import RegistryUnavailableError, SpeakerInfo
-
 from cosyvoice_gateway import metrics
 from cosyvoice_gateway.admission import Admission, HttpAdmission
 from cosyvoice_gateway.auth import HttpApiKey
+from cosyvoice_gateway.encoding import StreamEncoder
 from cosyvoice_gateway.guards import BodyLimit
 from cosyvoice_gateway.pipeline import (
     Pipeline,
@@ -477,8 +477,6 @@ async def _sse_events(chunks: AsyncIterator[bytes], timings: StageTimings) -> As
 
 async def _encoded_stream(pipeline: Pipeline, prepared, timings: StageTimings, fmt: str) -> AsyncIterator[bytes]:
     """Encode each pipeline chunk as it arrives: one soxr stream per request (no clicks at chunk joins)."""
-    from cosyvoice_gateway.server import StreamEncoder   # lazy: server imports this module's package
-
     encoder = StreamEncoder(prepared.sample_rate_hz, RESPONSE_FORMATS[fmt] if fmt == "wav" else "pcm_s16le")
     chunks = pipeline.stream(prepared, timings)
     try:
@@ -494,7 +492,7 @@ async def _encoded_stream(pipeline: Pipeline, prepared, timings: StageTimings, f
 
 
 def create_app(gateway) -> FastAPI:
-    """The gateway's hook (`Gateway._http_app`): share its pipeline; /healthz follows its readiness."""
+    """The HTTP front of a `Gateway` (duck-typed: no import of server): its pipeline, admission and readiness."""
     return build_app(gateway.pipeline, lambda: gateway.serving,
                      dataclasses.replace(HttpConfig.from_env(), api_keys=gateway.config.api_keys),
                      gateway.admission, gateway.config.request_timeout_s)

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-
 from cosyvoice_common.audio import (
     PROMPT_MAX_BYTES,
     AudioDecodeError,

@@ -31,9 +31,6 @@ import asyncio
 import contextlib
 import io
 import logging
-import os
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -42,7 +39,6 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-
 from cosyvoice_common.constants import MAX_SPEECH_TOKENS, PROMPT_16K_SAMPLE_RATE_HZ
 
 SEED_MODEL_NAME = "cosyvoice2"          # the only name the seed's clients accept for CosyVoice2
@@ -290,8 +286,9 @@ class SeedFront:
 
     def start(self) -> "SeedFront":
         from cosyvoice_common.spk2info import Spk2InfoCache, Spk2InfoConfig
+
+        from cosyvoice_gateway.model_dir import load_text_encoder, model_revision
         from cosyvoice_gateway.pipeline import Pipeline, PipelineConfig
-        from cosyvoice_gateway.server import load_text_encoder, model_revision
         from cosyvoice_gateway.stage_client import StageClient, Stages, stage_config
 
         cfg = self.config
@@ -314,7 +311,9 @@ class SeedFront:
         self.pipeline = self._call(build(), 60)
         self.encode_text = encode_text
         self._canceller.start()
-        from cosyvoice_common.seed_speakers import import_model_speakers   # <model_dir>/spk2info.pt, if any
+        from cosyvoice_common.seed_speakers import (
+            import_model_speakers,  # <model_dir>/spk2info.pt, if any
+        )
 
         self._call(import_model_speakers(self.pipeline.cache, cfg.model_dir, encode_text), 60)
         if cfg.prompt_wav:
@@ -445,98 +444,3 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, SeedRequestError):
         return f"INVALID_ARGUMENT: {exc}"
     return f"INTERNAL: {type(exc).__name__}: {exc}"
-
-
-# --- the stub's interpreter environment (numpy < 2) ---------------------------------------------------------
-# numpy<2 for BYTES; async-timeout for redis.asyncio when the stub's libpython is older than 3.11.3.
-STUB_PACKAGES = ("numpy<2", "async-timeout")
-
-
-def stub_environment(stub_bin: Path, base_env: Mapping[str, str]) -> dict[str, str]:
-    """PATH (the numpy<2 environment first) and LD_LIBRARY_PATH for the front's tritonserver.
-
-    The wheel's stub links `libpython3.X.so.1.0` and takes whichever the loader finds first (here the
-    system's 3.11.2) while importing this interpreter's stdlib (3.11.7): extension modules such as `_ssl`
-    then fail to load, and redis-py cannot be imported. This interpreter's own libpython goes first.
-    """
-    import sysconfig
-
-    env = {"PATH": f"{stub_bin}{os.pathsep}{base_env.get('PATH', '')}"}
-    libdir = sysconfig.get_config_var("LIBDIR") or ""
-    ldlibrary = sysconfig.get_config_var("INSTSONAME") or ""
-    if libdir and ldlibrary and (Path(libdir) / ldlibrary).exists():
-        rest = base_env.get("LD_LIBRARY_PATH", "")
-        env["LD_LIBRARY_PATH"] = f"{libdir}{os.pathsep}{rest}" if rest else libdir
-    return env
-
-
-def ensure_stub_python(target: Path, wheel_dirs: Sequence[Path] = ()) -> Path:
-    """A venv (no pip) whose site-packages holds numpy < 2 and a .pth onto this interpreter's import path.
-
-    Put its `bin` first on the front tritonserver's PATH: the Python-backend stub then embeds this
-    environment, so BYTES inputs arrive intact. Built once (a stamp file records the inputs); numpy
-    comes from `wheel_dirs` (e.g. .whl/ on a machine without network) or the package index.
-    Returns the `bin` directory.
-    """
-    from cosyvoice_tools.triton import PACKAGE_ROOTS
-
-    target = Path(target).resolve()
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    own_paths = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and not p.startswith(str(target))]
-    pth_lines = [*(str(p) for p in PACKAGE_ROOTS), *own_paths]
-    stamp_text = "\n".join([sys.version, *STUB_PACKAGES, *pth_lines])
-    stamp = target / ".stub-env"
-    if stamp.exists() and stamp.read_text() == stamp_text and (target / "bin" / "python").exists():
-        return target / "bin"
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    subprocess.run(["rm", "-rf", str(tmp)], check=True)
-    base_python = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base_python, "-m", "venv", "--without-pip", str(tmp)], check=True)
-    tmp_site = tmp / "lib" / version / "site-packages"
-    find_links = [arg for d in wheel_dirs if Path(d).is_dir() for arg in ("--find-links", str(d))]
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--only-binary=:all:",
-                    "--target", str(tmp_site), *find_links, *STUB_PACKAGES], check=True)
-    # Appended after the env's own site-packages: its numpy wins, everything else comes from ours.
-    (tmp_site / "zz-cosyvoice-stack.pth").write_text("\n".join(pth_lines) + "\n")
-    (tmp / ".stub-env").write_text(stamp_text)
-    subprocess.run(["rm", "-rf", str(target)], check=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, target)
-    except OSError:   # a parallel launcher won the race
-        subprocess.run(["rm", "-rf", str(tmp)], check=True)
-    return target / "bin"
-
-
-def render_repositories(out_dir: Path, model_dir: Path, stage_urls: Mapping[str, str], redis_url: str,
-                        params: Mapping[str, str]) -> dict[str, Path]:
-    """run.sh stage 2: the two `cosyvoice2` repositories (streaming, offline) from the one template."""
-    from cosyvoice_tools.triton import REPO_ROOT, render_model_repository
-
-    template = REPO_ROOT / "services/gateway/model_repository"
-    return {name: render_model_repository(template, Path(out_dir) / name,
-                                          template_params(decoupled, model_dir, stage_urls, redis_url, params))
-            for name, decoupled in (("seed-stream", True), ("seed-offline", False))}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m cosyvoice_gateway.seed render --out DIR`: stage-2 repositories from the environment."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m cosyvoice_gateway.seed")
-    sub = parser.add_subparsers(dest="command", required=True)
-    render = sub.add_parser("render", help="render the streaming and offline cosyvoice2 repositories")
-    render.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    env = os.environ
-    urls = {name: env.get(name, f"127.0.0.1:{port}") for name, port in (
-        ("TOKENIZER_URLS", 8101), ("SPEAKER_URLS", 8201), ("LLM_URLS", 8301), ("TOKEN2WAV_URLS", 8401))}
-    repos = render_repositories(args.out, Path(env.get("MODEL_DIR", "models/cosyvoice2-tiny")).resolve(), urls,
-                                env.get("REDIS_URL", "redis://127.0.0.1:6379/0"), front_env_params(env))
-    for name, path in repos.items():
-        print(f"{name}: {path / SEED_MODEL_NAME / 'config.pbtxt'}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

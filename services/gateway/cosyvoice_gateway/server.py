@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import importlib
 import logging
 import os
 import signal
@@ -19,19 +17,25 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
+from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio
+from cosyvoice_common.constants import MAX_NAMED_SPEAKERS
+from cosyvoice_common.seed_speakers import import_model_speakers
+from cosyvoice_common.spk2info import (
+    RegistryUnavailableError,
+    Spk2InfoCache,
+    Spk2InfoConfig,
+)
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
-from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio, wav_header
-from cosyvoice_common.constants import MAX_NAMED_SPEAKERS, OUTPUT_SAMPLE_RATE_HZ
-from cosyvoice_common.seed_speakers import import_model_speakers
-from cosyvoice_common.spk2info import RegistryUnavailableError, Spk2InfoCache, Spk2InfoConfig
-
 from cosyvoice_gateway import metrics
 from cosyvoice_gateway.admission import Admission, AdmissionInterceptor
 from cosyvoice_gateway.auth import ApiKeyInterceptor, keys_from_env
+from cosyvoice_gateway.encoding import StreamEncoder
+from cosyvoice_gateway.http_api import create_app
+from cosyvoice_gateway.model_dir import load_text_encoder, model_revision
 from cosyvoice_gateway.pipeline import (
     Pipeline,
     PipelineConfig,
@@ -48,9 +52,6 @@ log = logging.getLogger("cosyvoice_gateway")
 SERVICE_NAME = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
 # Files whose content identifies a model for the spk2info key; hashing head and tail of each keeps
 # start-up fast on multi-GB checkpoints while any re-export changes the revision.
-_REVISION_FILES = ("cosyvoice2.yaml", "llm.pt", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v2.onnx")
-_REVISION_PROBE_BYTES = 1 << 20
-_PCM16_MAX = 32767.0
 _LOGGED_ID_CHARS = 128                    # a refused request's id may be anything: log its start only
 GRPC_MESSAGE_OVERHEAD_BYTES = 1 << 20     # a request beyond its prompt audio: texts, ids, settings
 _ENCODING_NAMES = {
@@ -59,22 +60,6 @@ _ENCODING_NAMES = {
     tts_pb2.FLOAT32: "float32",
     tts_pb2.WAV: "wav",
 }
-
-
-def model_revision(model_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for name in _REVISION_FILES:
-        path = model_dir / name
-        if not path.is_file():
-            continue
-        size = path.stat().st_size
-        digest.update(f"{name}:{size}".encode())
-        with path.open("rb") as f:
-            digest.update(f.read(_REVISION_PROBE_BYTES))
-            if size > _REVISION_PROBE_BYTES:
-                f.seek(-_REVISION_PROBE_BYTES, os.SEEK_END)
-                digest.update(f.read())
-    return digest.hexdigest()[:16]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -152,12 +137,6 @@ class GatewayConfig:
         )
 
 
-def load_text_encoder(model_dir: Path):
-    from cosyvoice_common.text import TextTokenizer   # landed by the text-frontend engineer
-
-    return TextTokenizer.from_dir(model_dir / "CosyVoice-BlankEN").encode
-
-
 # --- proto <-> pipeline -----------------------------------------------------------------------------------
 def to_request(msg: tts_pb2.SynthesizeRequest) -> SynthesisRequest:
     return SynthesisRequest(
@@ -180,32 +159,6 @@ def timings_proto(t: StageTimings) -> tts_pb2.StageTimings:
         tokenizer=stage(t.tokenizer), speaker=stage(t.speaker), llm=stage(t.llm), token2wav=stage(t.token2wav),
         cache_hit=t.cache_hit, first_chunk_ms=t.first_chunk_ms, total_ms=t.total_ms,
         speech_tokens=t.speech_tokens, audio_seconds=t.audio_seconds)
-
-
-class StreamEncoder:
-    """Per-request streaming encoder: one soxr stream (no clicks at chunk joins), WAV header once."""
-
-    def __init__(self, sample_rate_hz: int, encoding: str) -> None:
-        import soxr
-
-        self.sample_rate_hz = sample_rate_hz
-        self.encoding = encoding
-        self._resampler = (soxr.ResampleStream(OUTPUT_SAMPLE_RATE_HZ, sample_rate_hz, 1, dtype="float32")
-                           if sample_rate_hz != OUTPUT_SAMPLE_RATE_HZ else None)
-        self._header_sent = False
-
-    def encode(self, wav_24k: np.ndarray, last: bool = False) -> bytes:
-        wav = np.asarray(wav_24k, np.float32)
-        if self._resampler is not None:
-            wav = self._resampler.resample_chunk(wav, last=last)
-        if self.encoding == "float32":
-            body = wav.astype("<f4").tobytes()
-        else:
-            body = (np.clip(wav, -1.0, 1.0) * _PCM16_MAX).round().astype("<i2").tobytes()
-        if self.encoding == "wav" and not self._header_sent:
-            self._header_sent = True
-            return wav_header(self.sample_rate_hz, None) + body
-        return body
 
 
 # --- the service ------------------------------------------------------------------------------------------
@@ -360,17 +313,6 @@ class Gateway:
     def serving(self) -> bool:
         return self._serving
 
-    def _http_app(self):
-        """Hook for the HTTP front end: the module `cosyvoice_gateway.http_api` with `create_app(gateway)`.
-
-        Until it exists, a minimal app serves `/healthz` (200 once SERVING, else 503; the stack launcher
-        waits on it) and `/metrics`."""
-        try:
-            module = importlib.import_module("cosyvoice_gateway.http_api")
-        except ModuleNotFoundError:
-            return _minimal_http_app(self)
-        return module.create_app(self)
-
     async def start(self) -> None:
         tts_pb2_grpc.add_TextToSpeechServicer_to_server(TextToSpeechService(self.pipeline), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -381,7 +323,7 @@ class Gateway:
         await self.server.start()
         if self.config.metrics_port:
             start_http_server(self.config.metrics_port, addr=self.config.host)
-        app = self._http_app() if self.config.http_port else None
+        app = create_app(self) if self.config.http_port else None
         if app is not None:
             import uvicorn
 
@@ -402,24 +344,6 @@ class Gateway:
         await self.stages.close()
         await self.cache.close()
         log.info("gateway: stopped")
-
-
-def _minimal_http_app(gateway: "Gateway"):
-    from fastapi import FastAPI, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    app = FastAPI()
-
-    @app.get("/healthz")
-    async def healthz() -> Response:
-        return Response("ok\n" if gateway.serving else "stages not ready\n",
-                        status_code=200 if gateway.serving else 503, media_type="text/plain")
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 async def serve(config: GatewayConfig) -> None:

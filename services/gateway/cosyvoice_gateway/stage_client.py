@@ -31,9 +31,6 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import InferInput, InferRequestedOutput
-from tritonclient.utils import InferenceServerException
-
 from cosyvoice_common.contracts import (
     LLM_INPUTS,
     LLM_MODEL,
@@ -45,6 +42,8 @@ from cosyvoice_common.contracts import (
     TOKENIZER_MODEL,
     TensorSpec,
 )
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
 
 from cosyvoice_gateway import metrics
 from cosyvoice_gateway.admission import time_left_s

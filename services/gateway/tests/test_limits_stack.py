@@ -11,7 +11,7 @@ import pytest
 from cosyvoice_common.constants import FLAT_EOS1_ID, SPEECH_ID_OFFSET
 from cosyvoice_common.spk2info import Spk2InfoCache, Spk2InfoConfig
 from cosyvoice_gateway.pipeline import Pipeline, PipelineConfig, RequestError, StageTimings, SynthesisRequest
-from cosyvoice_gateway.server import load_text_encoder
+from cosyvoice_gateway.model_dir import load_text_encoder
 from cosyvoice_gateway.stage_client import StageClient, StageError, Stages, stage_config
 from cosyvoice_gateway.testing import prompt_wav_bytes
 from cosyvoice_tools.stack import Stack

@@ -550,7 +550,7 @@ class LocalPipeline:
     def create(cls, model_dir: str | Path, device: str = "cpu", **options) -> "LocalPipeline":
         """`options`: LocalConfig fields; unset ones follow the stack's TOKENIZER_BACKEND, SPEAKER_BACKEND,
         LLM_DTYPE, TOKEN2WAV_DTYPE, TOKEN2WAV_MAX_BATCH_SIZE when those are in the environment."""
-        from cosyvoice_gateway.server import load_text_encoder, model_revision
+        from cosyvoice_gateway.model_dir import load_text_encoder, model_revision
 
         env = {"tokenizer_backend": "TOKENIZER_BACKEND", "speaker_backend": "SPEAKER_BACKEND",
                "llm_dtype": "LLM_DTYPE", "token2wav_dtype": "TOKEN2WAV_DTYPE"}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cosyvoice_common.constants import MEL_HOP_SAMPLES, OUTPUT_SAMPLE_RATE_HZ, TOKEN_MEL_RATIO
-from cosyvoice_gateway.local import LocalPipeline
+from cosyvoice_tools.local import LocalPipeline
 from cosyvoice_gateway.pipeline import StageTimings, SynthesisRequest
 from cosyvoice_gateway.testing import prompt_wav_bytes
 
