@@ -8,10 +8,12 @@ STAMP  := $(VENV)/.stamp
 PKG_DIRS := common services/tokenizer services/speaker services/llm services/token2wav services/gateway tools protos/gen
 MODEL_SIZE ?= tiny
 MODEL_DIR  ?= models/cosyvoice2-$(MODEL_SIZE)
-GOLDEN     ?= ../shared/golden/tiny-seed1
+GOLDEN     ?= data/golden/tiny-seed1
+# Where `make golden` takes the golden set from: a directory or an http(s) URL of a .tar.gz of one.
+GOLDEN_SOURCE ?= ../shared/golden/tiny-seed1
 export MODEL_DIR
 
-.PHONY: venv proto model download parity test up down logs ps plan bench profile clean help
+.PHONY: venv proto model download golden parity test up down logs ps plan bench profile clean help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -39,7 +41,10 @@ MODEL_SEED ?= 1
 model: $(STAMP) ## random-weight model dir: MODEL_SIZE=tiny|full, MODEL_DIR (default models/cosyvoice2-$(MODEL_SIZE))
 	$(PY) -m cosyvoice_tools.modelgen --size $(MODEL_SIZE) --out $(MODEL_DIR) --seed $(MODEL_SEED)
 
-parity: $(STAMP) ## every golden-parity case against GOLDEN (default ../shared/golden/tiny-seed1)
+golden: ## copy the golden set (reference outputs on a tiny checkpoint) from GOLDEN_SOURCE into GOLDEN, checked against its SHA256SUMS
+	@bash tools/fetch_golden.sh "$(GOLDEN_SOURCE)" "$(GOLDEN)"
+
+parity: $(STAMP) golden ## every golden-parity case against GOLDEN (default data/golden/tiny-seed1)
 	$(PY) -m cosyvoice_tools.parity --golden $(GOLDEN)
 
 # --- download ---
@@ -77,7 +82,7 @@ logs: ## tail the stack's logs (make logs FOLLOW=1 to follow)
 	$(PY) -m cosyvoice_tools.stack logs $(if $(FOLLOW),--follow,)
 
 PYTEST_ARGS ?=
-test: $(STAMP) ## the whole test suite (real tritonserver / redis / gateway processes); PYTEST_ARGS adds options
+test: $(STAMP) golden ## the whole test suite (real tritonserver / redis / gateway processes); PYTEST_ARGS adds options
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # --- tensorrt-llm ---
@@ -104,7 +109,7 @@ trtllm-repo: $(STAMP) ## Triton repository serving TRTLLM_ENGINE_DIR as model `l
 
 # --- bench + profile ---
 # make bench: the whole stack (`make up` first); make bench ENGINE_ONLY=1: the in-process pipeline (no servers).
-BENCH_MANIFEST    ?= ../shared/bench/seedtts-like/manifest.jsonl
+BENCH_MANIFEST    ?= bench/seedtts-like/manifest.jsonl
 BENCH_CONCURRENCY ?= 1,2,4,8,16,32
 BENCH_MODES       ?= stream,stream-cached,offline
 BENCH_DEVICE      ?= cuda
@@ -151,10 +156,10 @@ SEED_ADDR          ?= 127.0.0.1
 SEED_NUM_TASKS     ?= 4
 SEED_MODE          ?= streaming
 USE_SPK2INFO_CACHE ?= False
-SEED_MANIFEST      ?= ../shared/bench/seedtts-like/manifest.jsonl
+SEED_MANIFEST      ?= bench/seedtts-like/manifest.jsonl
 SEED_LOG_DIR       ?= bench_results/seed_$(SEED_MODE)_tasks$(SEED_NUM_TASKS)_spk_cache_$(USE_SPK2INFO_CACHE)
 SEED_REPOS         ?= run/seed-repos
-PROMPT_WAV         ?= ../shared/bench/seedtts-like/prompts/en_7_001.wav
+PROMPT_WAV         ?= bench/seedtts-like/prompts/en_7_001.wav
 PROMPT_TEXT        ?= If you have any questions about your order, our support team is happy to help.
 TARGET_TEXT        ?= The quick brown fox jumps over the lazy dog near the river bank.
 ENGINE_DIR         ?= build/trt_engines

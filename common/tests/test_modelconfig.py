@@ -1,17 +1,16 @@
 """modelconfig: HyperPyYAML reading (the released format), yaml round trip, model revision."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
-
 from cosyvoice_common import modelconfig as mc
+from cosyvoice_common.golden import golden_dir
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_YAML = REPO / "tools" / "tests" / "data" / "format_sample.yaml"
-GOLDEN = REPO.parent / "shared" / "golden" / "tiny-seed1"
+GOLDEN = golden_dir()
 needs_golden = pytest.mark.skipif(not (GOLDEN / "config.json").is_file(), reason=f"golden set not at {GOLDEN}")
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything we measure on the GPU, in one device call, most important first, under one deadline.
+# Everything we measure on a GPU in one run, most important first, under one deadline.
 # PHASES (comma list, default stack,engine,components):
 #   stack       whole stack (gateway + 4 stage servers, full-size random weights): streaming (cache off / on)
 #               and offline at $CONC. The llm stage is first checked alone (tools/gpu/llm_stage_probe.py;
@@ -13,11 +13,10 @@
 #   baseline    the whole stack of another checkout (BASELINE_DIR, e.g. the previous release unpacked there),
 #               streaming at $BASELINE_CONC on the same model: the before/after pair of one call
 # STACK_CUDA_MPS (off | on | auto) is passed to the launcher for this tree's stack (cosyvoice_tools.mps).
-# Usage on the device machine (repo root): DEADLINE_S=560 bash tools/gpu/final_run.sh > $OUT/run.log 2>&1
-# Set DEADLINE_S below the call's real limit (`run` grants less than timeout_s when the session's device
-# budget is low) and never pipe the command: a call stopped at its limit loses its pipeline's output.
-# Every phase writes its results under $OUT as soon as it ends (at most 8 files come back: tables and JSON,
-# the component JSON, and logs.tgz with every log and diagnostic).
+# Usage on a GPU machine (repo root): DEADLINE_S=560 RESULTS_DIR=bench_results bash tools/gpu/final_run.sh
+# DEADLINE_S bounds the whole run (each phase gets a share of what is left). Every phase copies its results to
+# RESULTS_DIR as soon as it ends (tables, JSON, and logs.tgz with every log and diagnostic), so a run that is
+# stopped early still leaves what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 START=$(date +%s); DEADLINE_S=${DEADLINE_S:-560}
@@ -27,15 +26,15 @@ PHASES=",${PHASES:-stack,engine,components},"
 has() { [[ $PHASES == *",$1,"* ]]; }
 [ "${SKIP_SETUP:-0}" = 1 ] || source tools/gpu/setup.sh || exit 1
 ulimit -c unlimited 2>/dev/null   # a crashed stub leaves a core for diagnose() (native backtrace if gdb exists)
-OUTDIR=/tmp/results; mkdir -p "$OUTDIR"   # scratch; results and a logs archive go to $OUT after every phase
-RESULTS=${OUT:-bench_results}; mkdir -p "$RESULTS"
+OUTDIR=/tmp/results; mkdir -p "$OUTDIR"   # scratch; results and a logs archive go to $RESULTS after every phase
+RESULTS=${RESULTS_DIR:-bench_results}; mkdir -p "$RESULTS"
 publish() {  # copy what exists so far; a call cut short still returns it
   cp "$OUTDIR"/stack_tables.md "$OUTDIR"/replicas_tables.md "$OUTDIR"/engine_tables.md "$OUTDIR"/stack.json \
      "$OUTDIR"/baseline_tables.md "$OUTDIR"/nomps_tables.md "$RESULTS/" 2>/dev/null
   tar -czf "$RESULTS/logs.tgz" -C "$OUTDIR" . 2>/dev/null
 }
 export MODEL_DIR=${MODEL_DIR:-/tmp/models/cosyvoice2-full}
-MANIFEST=$(realpath "${MANIFEST:-.carry/bench/manifest.jsonl}")   # absolute: the baseline phase runs from another folder
+MANIFEST=$(realpath "${MANIFEST:-bench/seedtts-like/manifest.jsonl}")   # absolute: the baseline phase runs from another folder
 CONC=${CONC:-1,2,4,8,16,32}
 python3 -m cosyvoice_tools.modelgen --size "${SIZE:-full}" --out "$MODEL_DIR" 2>&1 | grep -v "random weights" | tail -2
 DEVICE=${DEVICE:-cuda:0}; LIMIT=${LIMIT:-0}

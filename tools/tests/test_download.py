@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cosyvoice_common import modelconfig as mc
+from cosyvoice_common.golden import golden_dir
 from cosyvoice_tools import download, modelgen
 from cosyvoice_tools.triton import free_ports
 
@@ -64,7 +64,7 @@ def test_full_size_keys_and_shapes_verify_without_gigabytes(tiny_model_dir, tmp_
 
 
 def test_full_size_shapes_match_the_golden_key_table():
-    golden = Path(os.environ.get("GOLDEN_DIR", REPO.parent / "shared/golden/tiny-seed1")) / "full_size_keys.json"
+    golden = golden_dir() / "full_size_keys.json"
     if not golden.is_file():
         pytest.skip(f"no {golden}")
     table = json.loads(golden.read_text())

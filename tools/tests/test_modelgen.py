@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cosyvoice_common import modelconfig as mc
 from cosyvoice_common.constants import SPEECH_EOS, SPEECH_STOP_IDS
+from cosyvoice_common.golden import golden_dir
 from cosyvoice_tools import modelgen as mg
 
-GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden" / "tiny-seed1"
+GOLDEN = golden_dir()
 needs_golden = pytest.mark.skipif(not (GOLDEN / "full_size_keys.json").is_file(), reason=f"no golden set at {GOLDEN}")
 
 

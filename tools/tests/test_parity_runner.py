@@ -10,12 +10,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
+from cosyvoice_common.golden import golden_dir
 from cosyvoice_common.parity import ParityResult
 from cosyvoice_tools import parity
 
 REPO = Path(__file__).resolve().parents[2]
-GOLDEN = REPO.parent / "shared" / "golden" / "tiny-seed1"
+GOLDEN = golden_dir()
 needs_golden = pytest.mark.skipif(not (GOLDEN / "frontend.npz").is_file(), reason=f"no golden set at {GOLDEN}")
 FAST_MODULE = "cosyvoice_tokenizer.parity"      # frontend.npz only, ~0.1 s
 PERTURBED_ARRAY = "whisper_logmel128"

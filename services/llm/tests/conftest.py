@@ -3,11 +3,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from cosyvoice_common.golden import MISSING_HINT, golden_dir
 from cosyvoice_llm.model import Qwen2LM
 
 # <checkout>/../shared/golden/tiny-seed1, as every other test finds it
-GOLDEN_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "golden" / "tiny-seed1"
+GOLDEN_DIR = golden_dir()
 
 TINY_QWEN2 = {
     "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -20,7 +20,7 @@ TINY_LLM = {"llm_input_size": 32, "llm_output_size": 32, "speech_token_size": 65
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not (GOLDEN_DIR / "llm.npz").is_file():
-        pytest.skip(f"golden set not found at {GOLDEN_DIR}")
+        pytest.skip(MISSING_HINT)
     return GOLDEN_DIR
 
 

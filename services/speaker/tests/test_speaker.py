@@ -3,15 +3,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torchaudio.compliance import kaldi
-
 from cosyvoice_common.constants import SPEAKER_EMBEDDING_DIM
+from cosyvoice_common.golden import golden_dir
 from cosyvoice_speaker import CAMPPLUS_FILE, SpeakerEncoder
 from cosyvoice_speaker.features import kaldi_fbank, prompt_mel
 from cosyvoice_speaker.parity import cases
 from cosyvoice_speaker.standin import write_campplus_onnx
+from torchaudio.compliance import kaldi
 
-GOLDEN = Path(__file__).resolve().parents[3] / ".." / "shared" / "golden" / "tiny-seed1"
+GOLDEN = golden_dir()
 
 
 def _golden() -> Path:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from cosyvoice_common.errors import CheckpointError
+from cosyvoice_common.golden import golden_dir
 from cosyvoice_token2wav import parity_flow
 from cosyvoice_token2wav.flow import (
     CausalMaskedDiffWithXvec,
@@ -24,8 +24,7 @@ from cosyvoice_token2wav.flow.config import NOISE_FRAMES, NOISE_SEED
 
 _REPO = Path(__file__).resolve().parents[3]
 # the shared folder sits beside the checkout here and inside it on the device machine
-_CANDIDATES = [root / "shared" / "golden" / "tiny-seed1" for root in (_REPO.parent, _REPO)]
-GOLDEN_DIR = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
+GOLDEN_DIR = golden_dir()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -5,13 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from cosyvoice_common.constants import TOKEN_MEL_RATIO
+from cosyvoice_common.golden import MISSING_HINT, golden_dir
 from cosyvoice_token2wav.flow import build_flow, load_flow_state
 
 _REPO = Path(__file__).resolve().parents[3]
-_CANDIDATES = [root / "shared" / "golden" / "tiny-seed1" for root in (_REPO.parent, _REPO)]
-GOLDEN_DIR = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
+GOLDEN_DIR = golden_dir()
 ATOL = 1e-4
 ENCODER_CHUNK_TOKENS = 25      # tiny-seed1 encoder static_chunk_size (= the full model's)
 
@@ -29,8 +28,7 @@ def _one_intra_op_thread():
 @pytest.fixture(scope="module")
 def golden():
     if not (GOLDEN_DIR / "flow.npz").is_file():
-        print(f"golden set not found at {GOLDEN_DIR}")
-        pytest.skip(f"golden set not found at {GOLDEN_DIR}")
+        pytest.skip(MISSING_HINT)
     z = np.load(GOLDEN_DIR / "flow.npz")
     flow_cfg = json.loads((GOLDEN_DIR / "config.json").read_text())["flow"]
     flow = load_flow_state(build_flow(flow_cfg), GOLDEN_DIR / "flow.pt", "cpu")

@@ -1,19 +1,20 @@
 """HiFT vocoder: golden parity, checkpoint keys/shapes, strict loading, weight-norm folding, RNG isolation."""
 import json
-import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-
 from cosyvoice_common.errors import CheckpointError
-from cosyvoice_token2wav.hift import HiFTGenerator, SourceDraws, build_hift, load_hift_state
+from cosyvoice_common.golden import MISSING_HINT, golden_dir
+from cosyvoice_token2wav.hift import (
+    HiFTGenerator,
+    SourceDraws,
+    build_hift,
+    load_hift_state,
+)
 
-# <repo>/../shared/golden/tiny-seed1 unless COSYVOICE_GOLDEN_DIR names another set of the same format.
-GOLDEN_DIR = Path(os.environ.get("COSYVOICE_GOLDEN_DIR",
-                                 Path(__file__).resolve().parents[3].parent / "shared" / "golden" / "tiny-seed1"))
-needs_golden = pytest.mark.skipif(not GOLDEN_DIR.is_dir(), reason=f"golden dir {GOLDEN_DIR} absent")
+# cosyvoice_common.golden finds the set (COSYVOICE_GOLDEN_DIR names another of the same format).
+GOLDEN_DIR = golden_dir()
+needs_golden = pytest.mark.skipif(not GOLDEN_DIR.is_dir(), reason=MISSING_HINT)
 
 
 def _cfg(name: str = "config.json") -> dict:

@@ -1,19 +1,21 @@
 """Chunked token2wav: golden joining parity, reference schedule, streaming vs offline, request isolation."""
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from cosyvoice_common.constants import SAMPLES_PER_TOKEN
+from cosyvoice_common.golden import MISSING_HINT, golden_dir
 from cosyvoice_token2wav.hift import build_hift
-from cosyvoice_token2wav.token2wav import ChunkPlan, Token2Wav, VocoderCache, plan_reference_chunks
+from cosyvoice_token2wav.token2wav import (
+    ChunkPlan,
+    Token2Wav,
+    VocoderCache,
+    plan_reference_chunks,
+)
 
-GOLDEN_DIR = Path(os.environ.get("COSYVOICE_GOLDEN_DIR",
-                                 Path(__file__).resolve().parents[3].parent / "shared" / "golden" / "tiny-seed1"))
-needs_golden = pytest.mark.skipif(not GOLDEN_DIR.is_dir(), reason=f"golden dir {GOLDEN_DIR} absent")
+GOLDEN_DIR = golden_dir()
+needs_golden = pytest.mark.skipif(not GOLDEN_DIR.is_dir(), reason=MISSING_HINT)
 FRAME_SAMPLES = 480
 LOOKAHEAD = 3
 

@@ -4,14 +4,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from cosyvoice_common.constants import SPEECH_CODEBOOK_SIZE
+from cosyvoice_common.golden import golden_dir
 from cosyvoice_tokenizer import SPEECH_TOKENIZER_FILE, SpeechTokenizer, code_length
 from cosyvoice_tokenizer.features import whisper_log_mel
 from cosyvoice_tokenizer.parity import cases
 from cosyvoice_tokenizer.standin import write_speech_tokenizer_onnx
 
-GOLDEN = Path(__file__).resolve().parents[3] / ".." / "shared" / "golden" / "tiny-seed1"
+GOLDEN = golden_dir()
 
 
 def _golden() -> Path:
