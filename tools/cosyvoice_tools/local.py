@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import importlib.util
 import itertools
 import logging
 import os
@@ -41,13 +40,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from cosyvoice_common.constants import LLM_MAX_SEQ_LEN, MEL_BINS, OUTPUT_SAMPLE_RATE_HZ, SPEECH_ID_OFFSET
+from cosyvoice_common.constants import (
+    LLM_MAX_SEQ_LEN,
+    MEL_BINS,
+    OUTPUT_SAMPLE_RATE_HZ,
+    SPEECH_ID_OFFSET,
+)
 from cosyvoice_common.errors import InvalidRequestError
-from cosyvoice_common.spk2info import PromptFeatures, Spk2InfoCache, Spk2InfoConfig, SpeakerInfo
-
+from cosyvoice_common.spk2info import (
+    PromptFeatures,
+    SpeakerInfo,
+    Spk2InfoCache,
+    Spk2InfoConfig,
+)
 from cosyvoice_gateway.limits import LLM_CAPACITY_PARAMETER
-from cosyvoice_gateway.pipeline import Pipeline, PipelineConfig, StageTimings, SynthesisRequest
+from cosyvoice_gateway.pipeline import (
+    Pipeline,
+    PipelineConfig,
+    StageTimings,
+    SynthesisRequest,
+)
 from cosyvoice_gateway.stage_client import MS_PER_S, CallTiming, StageError, Stages
 
 log = logging.getLogger(__name__)
@@ -286,19 +298,10 @@ class LocalToken2Wav(_BatchedStage):
                  recorder: _Recorder | None = None) -> None:
         super().__init__(recorder)
         self.device = torch.device(device)
-        self.runner = self.token2wav = None
-        if importlib.util.find_spec("cosyvoice_token2wav.runner") is not None:
-            try:
-                from cosyvoice_token2wav.runner import Token2WavRunner
+        from cosyvoice_token2wav.runner import Token2WavRunner
 
-                self.runner = Token2WavRunner(model_dir, device, flow_dtype, max_batch=max_batch,
-                                              use_cuda_graphs=self.device.type == "cuda")
-            except Exception as exc:  # noqa: BLE001 - an unfinished runner must not stop the benchmark
-                log.warning("token2wav: Token2WavRunner unusable (%s: %s); chunk by chunk", type(exc).__name__, exc)
-        if self.runner is None:
-            from cosyvoice_token2wav.token2wav import load_token2wav
-
-            self.token2wav = load_token2wav(model_dir, device, flow_dtype)
+        self.runner = Token2WavRunner(model_dir, device, flow_dtype, max_batch=max_batch,
+                                      use_cuda_graphs=self.device.type == "cuda")
         self.batcher = _Batcher(self.name, self._run, max_batch)
 
     def _tensor(self, value, dtype: torch.dtype) -> torch.Tensor:
@@ -340,12 +343,6 @@ class LocalToken2Wav(_BatchedStage):
             token_offset=offset, finalize=finalize, streaming=streaming, cache=cache, wants_cache=wants_cache,
             seed=seed)
 
-    def _one(self, call: _ChunkCall) -> tuple[torch.Tensor, object]:
-        generator = None if call.seed is None else torch.Generator(device=self.device).manual_seed(call.seed)
-        return self.token2wav.chunk(call.tokens, call.prompt_tokens, call.prompt_feat, call.embedding,
-                                    token_offset=call.token_offset, finalize=call.finalize,
-                                    streaming=call.streaming, cache=call.cache, generator=generator)
-
     def _outputs(self, call: _ChunkCall, wav: torch.Tensor, cache) -> dict[str, object]:
         out: dict[str, object] = {"waveform": wav.detach().float().reshape(-1).cpu().numpy()}
         if call.wants_cache:    # device tensors: the next chunk of this stream reads them in place
@@ -364,23 +361,15 @@ class LocalToken2Wav(_BatchedStage):
             except Exception as exc:  # noqa: BLE001 - a bad call answers only itself
                 calls.append(exc)
         good = [c for c in calls if not isinstance(c, Exception)]
-        if self.runner is not None:
-            from cosyvoice_token2wav.runner import ChunkRequest
+        from cosyvoice_token2wav.runner import ChunkRequest
 
-            batch = self.runner.run_chunks(
-                [ChunkRequest(tokens=c.tokens, prompt_tokens=c.prompt_tokens, prompt_feat=c.prompt_feat,
-                              embedding=c.embedding, token_offset=c.token_offset, finalize=c.finalize,
-                              streaming=c.streaming, cache=c.cache, seed=c.seed) for c in good],
-                output_device=self.device)   # caches stay on the device; the waveform is copied once
-            done = {id(c): (r.error if r.error is not None else (r.waveform, r.cache))
-                    for c, r in zip(good, batch, strict=True)}
-        else:
-            done = {}
-            for c in good:
-                try:
-                    done[id(c)] = self._one(c)
-                except Exception as exc:  # noqa: BLE001
-                    done[id(c)] = exc
+        batch = self.runner.run_chunks(
+            [ChunkRequest(tokens=c.tokens, prompt_tokens=c.prompt_tokens, prompt_feat=c.prompt_feat,
+                          embedding=c.embedding, token_offset=c.token_offset, finalize=c.finalize,
+                          streaming=c.streaming, cache=c.cache, seed=c.seed) for c in good],
+            output_device=self.device)   # caches stay on the device; the waveform is copied once
+        done = {id(c): (r.error if r.error is not None else (r.waveform, r.cache))
+                for c, r in zip(good, batch, strict=True)}
         out = []
         for c in calls:
             result = c if isinstance(c, Exception) else done[id(c)]

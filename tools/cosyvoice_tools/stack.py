@@ -53,6 +53,7 @@ from cosyvoice_common.placement import (
     parse_device,
 )
 from cosyvoice_common.stages import STAGES as STAGE_REGISTRY
+
 from cosyvoice_tools import mps
 from cosyvoice_tools.mps import MpsDaemon
 from cosyvoice_tools.triton import (
@@ -598,6 +599,7 @@ class Stack:
     def _start_seed_fronts(self) -> None:
         """Two tritonservers serving `cosyvoice2` (decoupled and offline) over this stack's stages."""
         from cosyvoice_gateway import seed
+
         from cosyvoice_tools import seed_repo
 
         cfg = self.config
@@ -737,8 +739,6 @@ def ensure_model_dir(model_dir: Path, size: str, generate: bool, say=print) -> P
         return model_dir
     if not generate:
         raise FileNotFoundError(f"model dir {model_dir} is missing (cosyvoice2.yaml)")
-    if importlib.util.find_spec("cosyvoice_tools.modelgen") is None:
-        raise FileNotFoundError(f"model dir {model_dir} is missing and cosyvoice_tools.modelgen is not available")
     say(f"generating a {size} random model into {model_dir} ...")
     # Generate beside and rename: a half-written model dir never looks complete to a parallel run.
     tmp = model_dir.with_name(f".{model_dir.name}.tmp{os.getpid()}")

@@ -12,14 +12,20 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from torch import nn
-
-from cosyvoice_common.constants import (
-    FLAT_SOS_ID, FLAT_TASK_ID, MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO, SPEECH_CODEBOOK_SIZE, SPEECH_EOS,
-    SPEECH_ID_OFFSET, SPEECH_STOP_IDS,
-)
 from cosyvoice_common.checkpoint import check_state_dict
+from cosyvoice_common.constants import (
+    FLAT_SOS_ID,
+    FLAT_TASK_ID,
+    MAX_TOKEN_TEXT_RATIO,
+    MIN_TOKEN_TEXT_RATIO,
+    SPEECH_CODEBOOK_SIZE,
+    SPEECH_EOS,
+    SPEECH_ID_OFFSET,
+    SPEECH_STOP_IDS,
+)
 from cosyvoice_common.errors import CheckpointError, InvalidRequestError
+from cosyvoice_common.modelconfig import load_model_config
+from torch import nn
 
 from .qwen2 import Qwen2Config, Qwen2ForCausalLM
 from .sampling import SamplingParams, ras_sample
@@ -216,14 +222,9 @@ class Qwen2LM(nn.Module):
 
 def _read_llm_section(model_dir: Path, hidden_size: int) -> dict[str, Any]:
     try:
-        from cosyvoice_common.modelconfig import load_model_config  # written in parallel; may be absent
-    except ImportError:
-        load_model_config = None
-    if load_model_config is not None:
-        try:
-            return dict(load_model_config(model_dir)["llm"])
-        except FileNotFoundError:
-            pass
+        return dict(load_model_config(model_dir)["llm"])
+    except FileNotFoundError:
+        pass
     golden = model_dir / "config.json"
     if golden.is_file():
         return dict(json.loads(golden.read_text())["llm"])

@@ -18,11 +18,11 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
+from cosyvoice_common.checkpoint import check_state_dict
+from cosyvoice_common.modelconfig import load_model_config
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
-
-from cosyvoice_common.checkpoint import check_state_dict
 
 # Snake keeps 1/alpha finite for a zero alpha (reference value).
 SNAKE_EPS = 1e-9
@@ -407,7 +407,5 @@ def build_hift(hift_cfg: Mapping[str, Any] | HiFTConfig, checkpoint: str | Path,
 
 def load_hift(model_dir: str | Path, device: torch.device | str = "cpu", fold: bool = True) -> HiFTGenerator:
     """HiFT of a CosyVoice2 model directory (``cosyvoice2.yaml`` + ``hift.pt``), float32."""
-    from cosyvoice_common.modelconfig import load_model_config  # lazy: written by another engineer
-
     cfg = load_model_config(model_dir)["hift"]
     return build_hift(cfg, Path(model_dir) / "hift.pt", device=device, fold=fold)
