@@ -429,6 +429,8 @@ def compose_service_names(placement: Placement, stage_name: str) -> list[str]:
 COMPOSE_PUBLISH_HOST = "${PUBLISH_HOST:-127.0.0.1}"
 # Triton's Python backend moves tensors through /dev/shm; Docker's 64 MB default is too small for audio batches.
 COMPOSE_SHM_SIZE = "${TRITON_SHM_SIZE:-1gb}"
+# Gateway settings taken from the host's environment (`COSYVOICE_API_KEY=k1,k2 docker compose up`); empty = open.
+GATEWAY_HOST_ENV = {"COSYVOICE_API_KEY": "${COSYVOICE_API_KEY:-}"}
 
 
 def to_compose(placement: Placement) -> dict:
@@ -493,7 +495,7 @@ def to_compose(placement: Placement) -> dict:
     services["gateway"] = {
         "image": _image("gateway"),
         "build": {"context": ".", "dockerfile": GATEWAY_DOCKERFILE},
-        "environment": gateway_env,
+        "environment": {**gateway_env, **GATEWAY_HOST_ENV},
         "volumes": [model_volume],        # the gateway's text tokenizer reads MODEL_DIR/CosyVoice-BlankEN
         "ports": [f"{COMPOSE_PUBLISH_HOST}:${{GATEWAY_GRPC_HOST_PORT:-{GATEWAY_GRPC_PORT}}}:{GATEWAY_GRPC_PORT}",
                   f"{COMPOSE_PUBLISH_HOST}:${{GATEWAY_HTTP_HOST_PORT:-{GATEWAY_HTTP_PORT}}}:{GATEWAY_HTTP_PORT}"],
