@@ -1,5 +1,7 @@
 """The Helm chart deploy/helm/cosyvoice2, linted and rendered by the real helm with its default values, the
 example values files and operator overrides; the objects are checked for what a cluster needs."""
+import json
+
 import pytest
 import yaml
 
@@ -280,3 +282,20 @@ def test_seed_front_settings_come_from_values():
         "alice", "/models/cosyvoice2/p.wav", "ratio")
     assert dep["spec"]["replicas"] == 3
     assert objs[("Deployment", "rel-seed-offline")]["spec"]["replicas"] == 1
+
+
+def test_values_schema_names_the_registry_stages():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["stages"]["propertyNames"]["enum"] == list(STAGE_NAMES)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (("stages.tokeniser.replicas=2",), "tokeniser"),                         # a stage that does not exist
+    (("stages.llm.replica=2",), "Additional property replica is not allowed"),
+    (("gateway.replica=2",), "Additional property replica is not allowed"),
+    (("gateway.service.type=Public",), "gateway.service.type"),
+    (("stageDefaults.gpus=-1",), "stageDefaults.gpus"),
+    (("redis.maxmemory=lots",), "redis.maxmemory"),
+], ids=["unknown-stage", "stage-typo", "gateway-typo", "service-type", "negative-gpus", "maxmemory"])
+def test_values_schema_refuses_mistakes_before_anything_renders(sets, message):
+    assert message in template_error(sets=sets)
