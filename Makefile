@@ -59,7 +59,7 @@ download: $(STAMP) ## fetch + verify the released model into MODEL_DIR (default 
 	$(PY) -m cosyvoice_tools.download --model-dir $(DOWNLOAD_DIR) --source $(DOWNLOAD_SOURCE) $(if $(VERIFY_ONLY),--verify-only,)
 
 # --- stack ---
-# Where stages run: cosyvoice_common.placement (deploy/README.md), read by the launcher from the environment.
+# Where stages run: cosyvoice_tools.placement (deploy/README.md), read by the launcher from the environment.
 # Empty = unset: PLACEMENT_FILE (e.g. deploy/placement.example.yaml), then these override it; devices default
 # to PLACEMENT_DEFAULT_DEVICE, else cuda:0 when torch sees a GPU, else cpu.
 PLACEMENT_VARS = PLACEMENT_FILE PLACEMENT_DEFAULT_DEVICE \

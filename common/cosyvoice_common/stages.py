@@ -1,7 +1,8 @@
 """The stage registry: every fact about a model stage that more than one program needs, defined once.
 
-Tools (launcher, bench, profiler, stage load), deploy generators (compose, Helm values), the gateway and the
-container entrypoints all read it; none keeps its own stage list, port base or `${...}` filler.
+Tools (launcher, placement, bench, profiler, stage load), the compose generator, the deploy tests (which check the
+Helm chart against it), the gateway and the container entrypoints all read it; none keeps its own stage list,
+port base or `${...}` filler.
 
     from cosyvoice_common.stages import STAGES, STAGE_NAMES, stage
     stage("llm").triton_model          # "llm"

@@ -1,6 +1,7 @@
 import sys
 from pathlib import Path
 
-DEPLOY = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(DEPLOY))              # render, gotemplate
-sys.path.insert(0, str(DEPLOY.parent / "common"))
+TESTS = Path(__file__).resolve().parent
+DEPLOY = TESTS.parent
+# render (deploy/render.py), helm_chart (this folder); the stage registry and placement without the venv's .pth
+sys.path[:0] = [str(DEPLOY), str(TESTS), str(DEPLOY.parent / "common"), str(DEPLOY.parent / "tools")]

@@ -12,9 +12,10 @@ import yaml
 from check_jsonschema import builtin_schemas
 
 import render
-from cosyvoice_common.placement import (
-    GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, SEED_FRONTS, SEED_OFFLINE_PORTS, SEED_STREAMING_PORTS, STAGES,
-    compose_service_names, default_placement, load_placement, to_compose,
+from cosyvoice_common.stages import (GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, SEED_OFFLINE_PORTS, SEED_STREAMING_PORTS,
+                                     STAGE_NAMES)
+from cosyvoice_tools.placement import (
+    SEED_FRONTS, STAGE_DOCKERFILE, compose_service_names, default_placement, load_placement, to_compose,
 )
 
 FRONTS = tuple(name for name, _, _ in SEED_FRONTS)      # seed-stream, seed-offline
@@ -112,7 +113,7 @@ def test_schema_check_catches_a_broken_file():
 
 def test_checked_in_compose_structure_and_public_ports():
     doc = checked_in()
-    check_structure(doc, {s: ["0"] for s in STAGES})
+    check_structure(doc, {s: ["0"] for s in STAGE_NAMES})
     ports = {host_port(p) for p in doc["services"]["gateway"]["ports"]}
     assert ports == {GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT}
     assert [host_port(p) for p in doc["services"]["seed-stream"]["ports"]] == list(SEED_STREAMING_PORTS)
@@ -121,6 +122,7 @@ def test_checked_in_compose_structure_and_public_ports():
     # one DNS name per stage: `--scale token2wav=3` adds addresses behind it, nothing else changes
     assert env["TOKEN2WAV_URLS"] == "token2wav:8401"
     assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert env["COSYVOICE_API_KEY"] == "${COSYVOICE_API_KEY:-}"      # `COSYVOICE_API_KEY=k docker compose up`
 
 
 def test_example_placement_puts_each_stage_on_its_gpus():
@@ -130,6 +132,23 @@ def test_example_placement_puts_each_stage_on_its_gpus():
     assert "token2wav" not in doc["services"]
     assert doc["services"]["gateway"]["environment"]["TOKEN2WAV_URLS"] == "token2wav-0:8401,token2wav-1:8401"
     assert doc["services"]["token2wav-1"]["environment"]["TRITON_INSTANCE_COUNT"] == "2"
+
+
+@pytest.mark.parametrize("doc", [checked_in(), to_compose(load_placement(env={}, path=EXAMPLE))],
+                         ids=["checked-in", "example"])
+def test_every_stage_service_builds_the_one_stage_dockerfile_with_its_stage(doc):
+    for name, svc in doc["services"].items():
+        stage_name = svc.get("environment", {}).get("STAGE")
+        if stage_name is None:
+            continue
+        assert name == stage_name or name.startswith(f"{stage_name}-")
+        assert svc["build"] == {"context": ".", "dockerfile": STAGE_DOCKERFILE, "args": {"STAGE": stage_name}}
+        assert (REPO / STAGE_DOCKERFILE).exists()
+        assert svc["image"] == "${COSYVOICE_REGISTRY:-cosyvoice2}/" + stage_name + ":${COSYVOICE_TAG:-latest}"
+    built = {svc["build"]["args"]["STAGE"] for svc in doc["services"].values() if "args" in svc.get("build", {})}
+    assert built == set(STAGE_NAMES)
+    for name in ("gateway", *FRONTS):                  # the gateway image keeps its own Dockerfile
+        assert doc["services"][name]["build"] == {"context": ".", "dockerfile": "services/gateway/Dockerfile"}
 
 
 def test_replicas_on_the_same_devices_become_one_scaled_service():
@@ -142,7 +161,7 @@ def test_replicas_on_the_same_devices_become_one_scaled_service():
 def test_cpu_placement_reserves_no_gpu():
     doc = to_compose(load_placement(env={"PLACEMENT_DEFAULT_DEVICE": "cpu"}))
     check_structure(doc, {})
-    assert {doc["services"][s]["environment"]["TRITON_INSTANCE_KIND"] for s in STAGES} == {"KIND_CPU"}
+    assert {doc["services"][s]["environment"]["TRITON_INSTANCE_KIND"] for s in STAGE_NAMES} == {"KIND_CPU"}
     jsonschema.validate(doc, compose_schema())
 
 
@@ -155,7 +174,7 @@ def test_render_cli_compose_for_the_example_placement():
 def test_render_cli_reports_a_bad_placement(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text("stages:\n  vocoder: {}\n")
-    r = subprocess.run([sys.executable, str(REPO / "deploy" / "render.py"), "k8s", "--placement", str(bad)],
+    r = subprocess.run([sys.executable, str(REPO / "deploy" / "render.py"), "compose", "--placement", str(bad)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "unknown stage 'vocoder'" in r.stderr
 
@@ -180,7 +199,7 @@ def test_seed_front_is_a_tritonserver_of_the_gateway_image_on_its_own_ports(name
     # healthy = the front's Triton is ready, which needs its model (and so every stage) loaded
     assert svc["healthcheck"]["test"][:2] == ["CMD", "python3"]
     assert f"http://127.0.0.1:{http}/v2/health/ready" in svc["healthcheck"]["test"][-1]
-    for stage in STAGES:                                 # same stage replicas as the gateway
+    for stage in STAGE_NAMES:                                 # same stage replicas as the gateway
         key = f"{stage.upper()}_URLS"
         assert env[key] == gw["environment"][key]
         for host_and_port in env[key].split(","):

@@ -1,4 +1,6 @@
-"""Each image builds what its stage needs and nothing else (checked statically: no Docker daemon here)."""
+"""Each image builds what its component needs and nothing else (checked statically: no Docker daemon here).
+The four stage images come from one recipe, deploy/docker/Dockerfile.stage, read here once per stage with its
+build arg STAGE substituted; the gateway image has its own Dockerfile."""
 import fnmatch
 import re
 from pathlib import Path
@@ -6,15 +8,24 @@ from pathlib import Path
 import pytest
 
 import render
+from cosyvoice_common.stages import STAGE_NAMES
+from cosyvoice_tools.placement import GATEWAY_DOCKERFILE, STAGE_DOCKERFILE
 
 REPO = Path(render.REPO_ROOT)
-STAGES = ("tokenizer", "speaker", "llm", "token2wav")
+STAGES = STAGE_NAMES
 SERVICES = (*STAGES, "gateway")
 
 
+def dockerfile(service: str) -> str:
+    """The recipe `service` is built from, with the stage's build arg substituted (as `docker build
+    --build-arg STAGE=<stage>` does in every instruction after `ARG STAGE`)."""
+    if service == "gateway":
+        return (REPO / GATEWAY_DOCKERFILE).read_text()
+    return re.sub(r"\$\{STAGE\}|\$STAGE\b", service, (REPO / STAGE_DOCKERFILE).read_text())
+
+
 def instructions(service: str) -> list[tuple[str, str]]:
-    text = (REPO / "services" / service / "Dockerfile").read_text()
-    text = re.sub(r"\\\n", " ", text)                     # join continuation lines
+    text = re.sub(r"\\\n", " ", dockerfile(service))                     # join continuation lines
     out = []
     for line in text.splitlines():
         line = line.strip()
@@ -29,6 +40,13 @@ def final_stage(instrs):
     return instrs[last_from:]
 
 
+def expand(src: str) -> list[str]:
+    """A COPY source as Docker reads it: a glob matches files of the build context."""
+    if not any(ch in src for ch in "*?["):
+        return [src]
+    return sorted(str(p.relative_to(REPO)) for p in REPO.glob(src))
+
+
 def copy_sources(instrs) -> list[str]:
     srcs = []
     for word, rest in instrs:
@@ -36,7 +54,7 @@ def copy_sources(instrs) -> list[str]:
             parts = [p for p in rest.split() if not p.startswith("--")]
             if any(p.startswith("--from") for p in rest.split()):
                 continue                                   # from a build stage, not the context
-            srcs.extend(parts[:-1])
+            srcs.extend(s for p in parts[:-1] for s in expand(p))
     return srcs
 
 
@@ -47,14 +65,16 @@ def requirement_files(service: str) -> list[str]:
     for word, rest in instrs:
         if word == "COPY" and "--from" not in rest:
             parts = rest.split()
-            for src in parts[:-1]:
+            for src in (s for p in parts[:-1] for s in expand(p)):
                 name = src.rsplit("/", 1)[-1]
                 copied[name] = src
     files = []
     for word, rest in instrs:
         if word == "RUN" and "pip install" in rest:
-            for target in re.findall(r"-r\s+(\S+)", rest):
-                files.append(copied[target.rsplit("/", 1)[-1]])
+            for target in re.findall(r"-r\s+([^\s;]+)", rest):
+                name = target.rsplit("/", 1)[-1]
+                if name in copied:          # an optional file (`if [ -f ... ]`) the stage does not have is skipped
+                    files.append(copied[name])
     return files
 
 
@@ -99,6 +119,22 @@ def test_stage_image_is_triton_with_only_its_own_stage(stage):
         assert f"cosyvoice_{other}" not in runs
 
 
+def test_one_recipe_builds_every_stage_from_its_build_arg():
+    text = re.sub(r"\\\n", " ", (REPO / STAGE_DOCKERFILE).read_text())
+    instrs = [(w, r.strip()) for w, r in ((line.split(" ", 1) + [""])[:2] for line in text.splitlines())
+              if w and not w.startswith("#")]
+    words = [w for w, _ in instrs]
+    first_use = min(i for i, (w, r) in enumerate(instrs) if "STAGE" in r and w != "ARG")
+    assert ("ARG", "STAGE") in instrs and words.index("ARG", 1) < first_use       # declared after FROM, before use
+    env = " ".join(r for w, r in instrs if w == "ENV")
+    assert "STAGE=${STAGE}" in env                                  # the entrypoint reads STAGE
+    assert "/opt/cosyvoice/services/${STAGE}" in env                # its package on PYTHONPATH
+    assert ("ENTRYPOINT", '["python3", "/opt/cosyvoice/bin/triton_stage.py"]') in instrs
+    for name in STAGES:                                             # no second recipe to drift from this one
+        assert not (REPO / "services" / name / "Dockerfile").exists(), name
+        assert (REPO / "services" / name / "requirements.txt").exists(), name
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_image_installs_exactly_its_own_requirements_files(service):
     """The dependency list is a file in the service's folder; no package is named inline in a RUN."""
@@ -108,7 +144,7 @@ def test_image_installs_exactly_its_own_requirements_files(service):
     final = final_stage(instructions(service))
     for word, rest in final:
         if word == "RUN" and "pip install" in rest:
-            for command in re.findall(r"pip install ([^&]*)", rest):
+            for command in re.findall(r"pip install ([^&;]*)", rest):
                 args = [a for a in command.split() if not a.startswith("-")]
                 assert all(a.startswith("/opt/cosyvoice/") for a in args), f"{service}: inline packages {args}"
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+import helm_chart
 import render
-from cosyvoice_common.placement import SEED_FRONTS, default_placement, load_placement, to_compose, to_k8s
+from cosyvoice_tools.placement import SEED_FRONTS, load_placement, to_compose
 
 REPO = Path(render.REPO_ROOT)
 sys.path.insert(0, str(REPO / "services" / "gateway"))        # cosyvoice_gateway.seed, as the image's PYTHONPATH
@@ -39,9 +40,7 @@ def test_front_repository_renders_its_variant_from_the_compose_environment(tmp_p
 
 @pytest.mark.parametrize("name", [n for n, _, _ in SEED_FRONTS])
 def test_front_repository_renders_from_the_helm_environment(tmp_path, name):
-    (dep,) = [o for o in to_k8s(default_placement(), "rel")
-              if o["kind"] == "Deployment" and o["metadata"]["name"] == f"rel-{name}"]
-    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = helm_chart.env_values(helm_chart.template()[("Deployment", f"rel-{name}")])
     text = (seed_front.render(TEMPLATE_REPO, tmp_path / "repo", env) / "cosyvoice2" / "config.pbtxt").read_text()
     assert not seed_front._VAR.search(text) and 'string_value: "rel-llm:8301"' in text
 

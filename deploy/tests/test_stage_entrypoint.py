@@ -1,17 +1,20 @@
-"""The stage image's entrypoint fills the stage's real config.pbtxt templates from the placement's variables."""
+"""The stage image's entrypoint fills the stage's real config.pbtxt templates from what compose and the Helm
+chart set."""
 import importlib.util
 from pathlib import Path
 
 import pytest
 
+import helm_chart
 import render
-from cosyvoice_common.placement import load_placement, to_compose
+from cosyvoice_common.stages import STAGES
+from cosyvoice_tools.placement import load_placement, to_compose
 
 spec = importlib.util.spec_from_file_location("triton_stage", Path(render.DEPLOY_DIR) / "docker" / "triton_stage.py")
 triton_stage = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(triton_stage)
 REPO = Path(render.REPO_ROOT)
-STAGE_MODELS = {"tokenizer": "audio_tokenizer", "speaker": "speaker_embedding", "llm": "llm", "token2wav": "token2wav"}
+STAGE_MODELS = {s.name: s.triton_model for s in STAGES}
 
 
 @pytest.mark.parametrize("stage", STAGE_MODELS)
@@ -24,6 +27,18 @@ def test_every_stage_template_fills_from_the_compose_environment(stage):
     text = triton_stage.fill(template.read_text(), env, stage)
     assert not triton_stage._VAR.search(text)
     assert "/models/cosyvoice2" in text and "KIND_GPU" in text
+
+
+@pytest.mark.parametrize("values_file, kind", [(None, "KIND_GPU"), ("cpu-only.yaml", "KIND_CPU")],
+                         ids=["default", "cpu-only"])
+def test_every_stage_template_fills_from_the_helm_environment(values_file, kind):
+    objs = helm_chart.template(*([helm_chart.EXAMPLES / values_file] if values_file else []))
+    for stage, model in STAGE_MODELS.items():
+        template = REPO / "services" / stage / "model_repository" / model / "config.pbtxt"
+        env = helm_chart.env_values(objs[("Deployment", f"rel-{stage}")])
+        text = triton_stage.fill(template.read_text(), env, stage)
+        assert not triton_stage._VAR.search(text)
+        assert "/models/cosyvoice2" in text and kind in text
 
 
 def test_gpu_container_sees_its_gpus_from_zero():

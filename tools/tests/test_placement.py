@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from cosyvoice_common.placement import (
-    PUBLIC_PORTS, STAGES, Placement, PlacementError, StagePlacement, deal_round_robin, default_placement,
+from cosyvoice_common.stages import PUBLIC_PORTS, STAGE_NAMES
+from cosyvoice_tools.placement import (
+    Placement, PlacementError, StagePlacement, deal_round_robin, default_placement,
     load_placement, parse_device, stage_url_env,
 )
 
@@ -25,37 +26,35 @@ def slots_of(placement: Placement, stage: str):
 def test_default_placement_runs_each_stage_once_on_gpu0():
     p = default_placement()
     plan = p.process_plan()
-    assert [s.stage for s in plan] == list(STAGES)
+    assert [s.stage for s in plan] == list(STAGE_NAMES)
     assert all(s.device == "cuda:0" and s.cuda_visible_devices == "0" for s in plan)
     assert all(s.triton_kind == "KIND_GPU" and s.instance_count == 1 for s in plan)
-    assert p.gateway_replicas == 1
 
 
 def test_example_file_places_llm_token2wav_and_shared_gpu():
     p = load_placement(env={}, path=EXAMPLE)
-    assert p.llm.devices_per_replica == (("cuda:0",),)
-    assert p.token2wav.devices_per_replica == (("cuda:1",), ("cuda:2",))
-    assert p.token2wav.instances_per_device == 2
-    assert p.tokenizer.devices_per_replica == p.speaker.devices_per_replica == (("cuda:3",),)
+    assert p.stage("llm").devices_per_replica == (("cuda:0",),)
+    assert p.stage("token2wav").devices_per_replica == (("cuda:1",), ("cuda:2",))
+    assert p.stage("token2wav").instances_per_device == 2
+    assert p.stage("tokenizer").devices_per_replica == p.stage("speaker").devices_per_replica == (("cuda:3",),)
     t2w = slots_of(p, "token2wav")
     assert [(s.cuda_visible_devices, s.port_offset) for s in t2w] == [("1", 0), ("2", 10)]
     assert [s.grpc_port for s in t2w] == [8401, 8411]
     assert p.stage_urls("token2wav", host="h") == "h:8401,h:8411"
-    assert p.gateway_replicas == 2
 
 
 def test_placement_file_is_read_from_env_variable():
     p = load_placement(env={"PLACEMENT_FILE": str(EXAMPLE)})
-    assert p.token2wav.replicas == 2
+    assert p.stage("token2wav").replicas == 2
 
 
 def test_env_overrides_file_and_deals_devices_round_robin():
     env = {"TOKEN2WAV_REPLICAS": "3", "TOKEN2WAV_DEVICES": "cuda:1, CUDA:2", "LLM_INSTANCES": "2"}
     p = load_placement(env=env, path=EXAMPLE)
-    assert p.token2wav.devices_per_replica == (("cuda:1",), ("cuda:2",), ("cuda:1",))
+    assert p.stage("token2wav").devices_per_replica == (("cuda:1",), ("cuda:2",), ("cuda:1",))
     assert [s.http_port for s in slots_of(p, "token2wav")] == [8400, 8410, 8420]
-    assert p.llm.instances_per_device == 2
-    assert p.speaker.devices_per_replica == (("cuda:3",),)          # untouched by token2wav's variables
+    assert p.stage("llm").instances_per_device == 2
+    assert p.stage("speaker").devices_per_replica == (("cuda:3",),)          # untouched by token2wav's variables
 
 
 def test_more_devices_than_replicas_is_an_error_but_explicit_lists_give_several_gpus(tmp_path):
@@ -63,19 +62,18 @@ def test_more_devices_than_replicas_is_an_error_but_explicit_lists_give_several_
         load_placement(env={"LLM_REPLICAS": "2", "LLM_DEVICES": "cuda:0,cuda:1,cuda:2,cuda:3"})
     f = write(tmp_path, "stages:\n  llm:\n    devices: [[cuda:0, cuda:2], [cuda:1, cuda:3]]\n")
     p = load_placement(env={}, path=f)
-    assert p.llm.devices_per_replica == (("cuda:0", "cuda:2"), ("cuda:1", "cuda:3"))
+    assert p.stage("llm").devices_per_replica == (("cuda:0", "cuda:2"), ("cuda:1", "cuda:3"))
     slots = slots_of(p, "llm")
     assert [s.cuda_visible_devices for s in slots] == ["0,2", "1,3"]
     assert slots[0].template_params() == {"device": "cuda:0", "device_kind": "KIND_GPU", "gpu_ids": "0, 1",
                                           "instance_count": "1"}
-    assert p.llm.gpus_per_replica == 2
 
 
 def test_env_replicas_redeal_an_explicit_file_list(tmp_path):
     f = write(tmp_path, "stages:\n  token2wav:\n    devices: [[cuda:1], [cuda:2]]\n")
-    assert load_placement(env={}, path=f).token2wav.replicas == 2
+    assert load_placement(env={}, path=f).stage("token2wav").replicas == 2
     p = load_placement(env={"TOKEN2WAV_REPLICAS": "4"}, path=f)
-    assert p.token2wav.devices_per_replica == (("cuda:1",), ("cuda:2",), ("cuda:1",), ("cuda:2",))
+    assert p.stage("token2wav").devices_per_replica == (("cuda:1",), ("cuda:2",), ("cuda:1",), ("cuda:2",))
 
 
 def test_cpu_replica_hides_every_gpu():
@@ -85,7 +83,7 @@ def test_cpu_replica_hides_every_gpu():
     assert tok.env()["CUDA_VISIBLE_DEVICES"] == ""
     assert "kind: KIND_CPU" in tok.instance_group_pbtxt()
     assert tok.template_params() == {"device": "cpu", "device_kind": "KIND_CPU", "gpu_ids": "", "instance_count": "1"}
-    assert not p.tokenizer.uses_gpu and p.llm.uses_gpu and p.llm.gpu_ids == (0,)
+    assert [s.cuda_visible_devices for s in slots_of(p, "llm")] == ["0"]
 
 
 def test_empty_variables_count_as_unset():
@@ -104,7 +102,7 @@ def test_slot_env_and_instance_group_carry_the_placement():
 
 
 def test_stage_url_variable_names():
-    assert [stage_url_env(s) for s in STAGES] == ["TOKENIZER_URLS", "SPEAKER_URLS", "LLM_URLS", "TOKEN2WAV_URLS"]
+    assert [stage_url_env(s) for s in STAGE_NAMES] == ["TOKENIZER_URLS", "SPEAKER_URLS", "LLM_URLS", "TOKEN2WAV_URLS"]
     with pytest.raises(PlacementError, match="unknown stage"):
         stage_url_env("vocoder")
 
@@ -131,7 +129,6 @@ def test_bad_device_in_env_names_the_variable():
     ({"LLM_REPLICAS": "0"}, "llm: replicas must be >= 1"),
     ({"TOKEN2WAV_INSTANCES": "0"}, "token2wav: instances must be >= 1"),
     ({"SPEAKER_INSTANCES": "two"}, "SPEAKER_INSTANCES: expected an integer"),
-    ({"GATEWAY_REPLICAS": "-2"}, "GATEWAY_REPLICAS"),
 ])
 def test_bad_counts_in_env_are_rejected(env, match):
     with pytest.raises(PlacementError, match=match):
@@ -182,7 +179,16 @@ def test_stage_placement_validates_when_built_directly():
         StagePlacement(1, (("cpu",),), instances_per_device=0)
 
 
-def test_uneven_gpu_counts_cannot_become_one_deployment():
-    sp = StagePlacement(2, (("cuda:0", "cuda:1"), ("cuda:2",)))
-    with pytest.raises(PlacementError, match="different GPU counts"):
-        sp.gpus_per_replica
+def test_placement_covers_exactly_the_registry_stages():
+    p = default_placement()
+    assert [name for name, _ in p.items()] == list(STAGE_NAMES)
+    with pytest.raises(PlacementError, match="stages must name exactly"):
+        Placement({name: sp for name, sp in p.items() if name != "llm"})
+    with pytest.raises(PlacementError, match="unknown stage 'vocoder'"):
+        p.stage("vocoder")
+
+
+def test_a_gateway_section_is_no_longer_a_placement_key(tmp_path):
+    # Gateway replicas are a Helm value (gateway.replicas); compose runs one gateway on the published ports.
+    with pytest.raises(PlacementError, match="unknown keys"):
+        load_placement(env={}, path=write(tmp_path, "gateway: {replicas: 2}\n"))

@@ -1,17 +1,19 @@
-"""Where each stage runs: replicas, devices per replica, Triton instances per device, ports.
+"""Where each stage runs on one host: replicas, devices per replica, Triton instances per device, ports.
 
-One placement is read once (defaults < YAML file < environment) and then drives every way of starting
-the stack, so a stage lands on the same GPUs whichever way it is started:
+One placement is read once (defaults < YAML file < environment) and drives the two ways of starting the stack
+on one machine, so a stage lands on the same GPUs either way:
 
-- the local launcher (`make up`) walks `Placement.process_plan()`: one tritonserver process per slot,
-  with that slot's `CUDA_VISIBLE_DEVICES`, ports and Triton instance group;
-- `to_compose()` renders the docker compose file (`deploy/render.py compose`);
-- `to_k8s()` renders Kubernetes manifests; the Helm chart's values come from `to_helm_values()`.
+- the local launcher (`make up`, cosyvoice_tools.stack) walks `Placement.process_plan()`: one tritonserver
+  process per slot, with that slot's `CUDA_VISIBLE_DEVICES`, ports and Triton instance group;
+- `to_compose()` renders the docker compose file (`deploy/render.py compose`; docker-compose.yml is the default).
+
+Kubernetes is not rendered here: the Helm chart (deploy/helm/cosyvoice2) is its only source, and the scheduler
+picks GPUs there. What a stage *is* (name, Triton model, port base, environment prefix) comes from the stage
+registry, cosyvoice_common.stages; this module only says where its replicas run.
 
 YAML file (`PLACEMENT_FILE`, example `deploy/placement.example.yaml`):
 
     default_device: cuda:0          # for stages that name no devices
-    gateway: {replicas: 1}          # Kubernetes only; compose publishes host ports, so one gateway
     stages:
       llm:       {replicas: 1, devices: [cuda:0], instances: 1}
       token2wav: {replicas: 2, devices: [cuda:1, cuda:2]}     # replica i on device i mod 2
@@ -20,8 +22,8 @@ YAML file (`PLACEMENT_FILE`, example `deploy/placement.example.yaml`):
       # explicit per-replica lists (a replica may hold several GPUs): devices: [[cuda:1, cuda:2]]
 
 Environment (empty = unset; overrides the file): `{STAGE}_REPLICAS`, `{STAGE}_DEVICES` (comma list of
-`cpu` | `cuda:N`; replica i uses device i mod len, as cosyvoice_tools.stack does), `{STAGE}_INSTANCES` (Triton instances per device),
-`{STAGE}_BASE_PORT` (HTTP port of replica 0), `PLACEMENT_DEFAULT_DEVICE`, `GATEWAY_REPLICAS`.
+`cpu` | `cuda:N`; replica i uses device i mod len), `{STAGE}_INSTANCES` (Triton instances per device),
+`{STAGE}_BASE_PORT` (HTTP port of replica 0), `PLACEMENT_DEFAULT_DEVICE`.
 """
 from __future__ import annotations
 
@@ -34,23 +36,18 @@ from pathlib import Path
 from cosyvoice_common.constants import REDIS_BOUND_ARGS
 from cosyvoice_common.stages import (DEFAULT_SPEAKER_ID, GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, GRPC_PORT_DELTA,
                                      METRICS_PORT_DELTA, PUBLIC_PORTS, REDIS_PORT, REPLICA_PORT_STRIDE,
-                                     SEED_OFFLINE_PORTS, SEED_STREAMING_PORTS)
-from cosyvoice_common.stages import STAGE_NAMES as STAGES
-from cosyvoice_common.stages import STAGES as STAGE_REGISTRY
+                                     SEED_OFFLINE_PORTS, SEED_STREAMING_PORTS, STAGE_NAMES, stage)
 
-STAGE_TRITON_MODELS = {s.name: s.triton_model for s in STAGE_REGISTRY}
 CPU_DEVICE = "cpu"
 DEFAULT_DEVICE = "cuda:0"          # the single-GPU target of the brief: every stage on GPU 0
-STAGE_HTTP_PORT_BASES = {s.name: s.http_port_base for s in STAGE_REGISTRY}
-# The two seed-compatible fronts (services/gateway/model_repository/cosyvoice2): compose service / Helm
-# variant name, decoupled or not, (HTTP, gRPC, metrics). Each is a tritonserver from the gateway image.
+# The two seed-compatible fronts (services/gateway/model_repository/cosyvoice2): compose service name,
+# decoupled or not, (HTTP, gRPC, metrics). Each is a tritonserver from the gateway image.
 SEED_FRONTS = (("seed-stream", True, SEED_STREAMING_PORTS), ("seed-offline", False, SEED_OFFLINE_PORTS))
-SEED_DEFAULT_SPEAKER = DEFAULT_SPEAKER_ID
 SEED_FRONT_ENTRYPOINT = "/opt/cosyvoice/bin/seed_front.py"   # deploy/docker/seed_front.py in the gateway image
 
 _DEVICE_RE = re.compile(r"^(?:cpu|cuda:(0|[1-9][0-9]*))$")
 _STAGE_KEYS = frozenset({"replicas", "devices", "instances", "base_port"})
-_TOP_KEYS = frozenset({"stages", "default_device", "gateway"})
+_TOP_KEYS = frozenset({"stages", "default_device"})
 
 
 class PlacementError(ValueError):
@@ -106,26 +103,8 @@ class StagePlacement:
                 # One tritonserver is either a CPU or a GPU server: its instance_group has one kind.
                 raise PlacementError(f"replica {r}: 'cpu' cannot be mixed with GPUs in {devices}")
 
-    @property
-    def uses_gpu(self) -> bool:
-        return any(d != CPU_DEVICE for devs in self.devices_per_replica for d in devs)
-
-    @property
-    def gpu_ids(self) -> tuple[int, ...]:
-        """Host GPU indices any replica uses, sorted."""
-        return tuple(sorted({gpu_index(d) for devs in self.devices_per_replica for d in devs} - {None}))
-
     def gpus_of_replica(self, replica_index: int) -> tuple[int, ...]:
         return tuple(i for i in map(gpu_index, self.devices_per_replica[replica_index]) if i is not None)
-
-    @property
-    def gpus_per_replica(self) -> int:
-        """GPUs one replica holds; Kubernetes requests this many `nvidia.com/gpu` per pod (must be uniform)."""
-        counts = {len(self.gpus_of_replica(r)) for r in range(self.replicas)}
-        if len(counts) != 1:
-            raise PlacementError(f"replicas hold different GPU counts {sorted(counts)}; one Deployment "
-                                 "cannot express that")
-        return counts.pop()
 
     @property
     def replicas_identical(self) -> bool:
@@ -159,7 +138,7 @@ class ProcessSlot:
 
     @property
     def triton_model(self) -> str:
-        return STAGE_TRITON_MODELS[self.stage]
+        return stage(self.stage).triton_model
 
     def instance_group_pbtxt(self) -> str:
         # No `gpus:` list: Triton then places `count` instances on every GPU the process sees, and
@@ -187,31 +166,33 @@ class ProcessSlot:
                 "gpu_ids": ", ".join(str(i) for i in range(n_gpus)), "instance_count": str(self.instance_count)}
 
 
-def stage_url_env(stage: str) -> str:
+def stage_url_env(name: str) -> str:
     """Gateway variable naming a stage's replicas: comma list of host:grpc_port; a host may resolve to
     several addresses (compose --scale, Kubernetes headless Service) and the gateway re-resolves it."""
-    if stage not in STAGES:
-        raise PlacementError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    return f"{stage.upper()}_URLS"
+    return _known_stage(name).env("URLS")
+
+
+def _known_stage(name: str):
+    try:
+        return stage(name)
+    except KeyError as e:
+        raise PlacementError(e.args[0]) from None
 
 
 def _default_port_bases() -> dict[str, int]:
-    return dict(STAGE_HTTP_PORT_BASES)
+    return {name: stage(name).http_port_base for name in STAGE_NAMES}
 
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    tokenizer: StagePlacement
-    speaker: StagePlacement
-    llm: StagePlacement
-    token2wav: StagePlacement
-    http_port_bases: dict[str, int] = field(default_factory=_default_port_bases)
-    gateway_replicas: int = 1
+    """Every registry stage's StagePlacement (`stages`, keyed by name) and HTTP port base."""
+    stages: Mapping[str, StagePlacement]
+    http_port_bases: Mapping[str, int] = field(default_factory=_default_port_bases)
 
     def __post_init__(self) -> None:
-        if set(self.http_port_bases) != set(STAGES):
-            raise PlacementError(f"http_port_bases must name exactly {STAGES}, got {sorted(self.http_port_bases)}")
-        _check_count("gateway replicas", self.gateway_replicas)
+        for what, keys in (("stages", self.stages), ("http_port_bases", self.http_port_bases)):
+            if set(keys) != set(STAGE_NAMES):
+                raise PlacementError(f"{what} must name exactly {list(STAGE_NAMES)}, got {sorted(keys)}")
         seen: dict[int, str] = {p: "a public port" for p in PUBLIC_PORTS}
         for slot in self.process_plan():
             for port in (slot.http_port, slot.grpc_port, slot.metrics_port):
@@ -223,12 +204,12 @@ class Placement:
                 seen[port] = f"{slot.stage} replica {slot.replica_index}"
 
     def stage(self, name: str) -> StagePlacement:
-        if name not in STAGES:
-            raise PlacementError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
-        return getattr(self, name)
+        _known_stage(name)
+        return self.stages[name]
 
     def items(self) -> list[tuple[str, StagePlacement]]:
-        return [(s, self.stage(s)) for s in STAGES]
+        """(name, placement) in the registry's pipeline order."""
+        return [(name, self.stages[name]) for name in STAGE_NAMES]
 
     def process_plan(self) -> list[ProcessSlot]:
         plan = []
@@ -283,7 +264,7 @@ def _device_list(value: object, where: str) -> tuple[str, ...]:
     return tuple(parse_device(d, where) for d in items)
 
 
-def _read_file(path: Path, specs: dict[str, _StageSpec]) -> tuple[str | None, int | None]:
+def _read_file(path: Path, specs: dict[str, _StageSpec]) -> str | None:
     import yaml  # only needed when a file is given
 
     try:
@@ -301,19 +282,13 @@ def _read_file(path: Path, specs: dict[str, _StageSpec]) -> tuple[str | None, in
     default_device = None
     if doc.get("default_device") is not None:
         default_device = parse_device(doc["default_device"], f"{path}: default_device")
-    gateway_replicas = None
-    gw = doc.get("gateway") or {}
-    if not isinstance(gw, Mapping) or set(gw) - {"replicas"}:
-        raise PlacementError(f"placement file {path}: gateway takes only {{replicas: N}}, got {gw!r}")
-    if "replicas" in gw:
-        gateway_replicas = _as_int(gw["replicas"], f"{path}: gateway.replicas")
     stages = doc.get("stages") or {}
     if not isinstance(stages, Mapping):
         raise PlacementError(f"placement file {path}: 'stages' must map stage name to settings")
     for name, cfg in stages.items():
         where = f"{path}: stages.{name}"
-        if name not in STAGES:
-            raise PlacementError(f"{where}: unknown stage {name!r}; stages are {', '.join(STAGES)}")
+        if name not in STAGE_NAMES:
+            raise PlacementError(f"{where}: unknown stage {name!r}; stages are {', '.join(STAGE_NAMES)}")
         cfg = cfg or {}
         if not isinstance(cfg, Mapping):
             raise PlacementError(f"{where}: expected a mapping, got {cfg!r}")
@@ -336,7 +311,7 @@ def _read_file(path: Path, specs: dict[str, _StageSpec]) -> tuple[str | None, in
                                          f"{len(spec.explicit)} replicas")
             else:
                 spec.pool = _device_list(devs, f"{where}.devices")
-    return default_device, gateway_replicas
+    return default_device
 
 
 def load_placement(env: Mapping[str, str] | None = None, path: str | os.PathLike | None = None) -> Placement:
@@ -347,27 +322,26 @@ def load_placement(env: Mapping[str, str] | None = None, path: str | os.PathLike
         value = env.get(name)
         return value.strip() if value is not None and value.strip() else None
 
-    specs = {s: _StageSpec() for s in STAGES}
+    specs = {name: _StageSpec() for name in STAGE_NAMES}
     file_path = path if path is not None else var("PLACEMENT_FILE")
-    default_device, gateway_replicas = _read_file(Path(file_path), specs) if file_path else (None, None)
+    default_device = _read_file(Path(file_path), specs) if file_path else None
     if var("PLACEMENT_DEFAULT_DEVICE"):
         default_device = parse_device(var("PLACEMENT_DEFAULT_DEVICE"), "PLACEMENT_DEFAULT_DEVICE")
-    if var("GATEWAY_REPLICAS"):
-        gateway_replicas = _as_int(var("GATEWAY_REPLICAS"), "GATEWAY_REPLICAS")
     default_device = default_device or DEFAULT_DEVICE
 
     stages: dict[str, StagePlacement] = {}
     port_bases = _default_port_bases()
     for name, spec in specs.items():
-        prefix = name.upper()
-        if var(f"{prefix}_REPLICAS"):
-            spec.replicas = _as_int(var(f"{prefix}_REPLICAS"), f"{prefix}_REPLICAS")
-        if var(f"{prefix}_INSTANCES"):
-            spec.instances = _as_int(var(f"{prefix}_INSTANCES"), f"{prefix}_INSTANCES")
-        if var(f"{prefix}_BASE_PORT"):
-            spec.base_port = _as_int(var(f"{prefix}_BASE_PORT"), f"{prefix}_BASE_PORT")
-        if var(f"{prefix}_DEVICES"):
-            spec.pool, spec.explicit = _device_list(var(f"{prefix}_DEVICES"), f"{prefix}_DEVICES"), None
+        replicas_var, instances_var, port_var, devices_var = (
+            stage(name).env(suffix) for suffix in ("REPLICAS", "INSTANCES", "BASE_PORT", "DEVICES"))
+        if var(replicas_var):
+            spec.replicas = _as_int(var(replicas_var), replicas_var)
+        if var(instances_var):
+            spec.instances = _as_int(var(instances_var), instances_var)
+        if var(port_var):
+            spec.base_port = _as_int(var(port_var), port_var)
+        if var(devices_var):
+            spec.pool, spec.explicit = _device_list(var(devices_var), devices_var), None
         if spec.explicit is not None and spec.replicas in (None, len(spec.explicit)):
             per_replica = spec.explicit
         else:
@@ -389,9 +363,7 @@ def load_placement(env: Mapping[str, str] | None = None, path: str | os.PathLike
             raise PlacementError(f"{name}: {e}") from e
         if spec.base_port is not None:
             port_bases[name] = spec.base_port
-    if gateway_replicas == 0:
-        raise PlacementError("gateway replicas must be >= 1, got 0")
-    return Placement(**stages, http_port_bases=port_bases, gateway_replicas=gateway_replicas or 1)
+    return Placement(stages, http_port_bases=port_bases)
 
 
 def default_placement() -> Placement:
@@ -400,25 +372,20 @@ def default_placement() -> Placement:
 
 
 # --------------------------------------------------------------------------------------------------
-# renderers: docker compose, Kubernetes, Helm values. One source for the three, so they cannot drift.
+# docker compose (Kubernetes: the Helm chart, deploy/helm/cosyvoice2)
 
 IMAGE_REGISTRY = "cosyvoice2"
 IMAGE_TAG = "latest"
 REDIS_IMAGE = "redis:7-alpine"
 MODEL_MOUNT_DIR = "/models/cosyvoice2"          # where every container sees MODEL_DIR
-HPA_QUEUE_METRIC = "triton_queue_duration_us_per_request"   # Prometheus adapter rule: deploy/README.md
-HPA_TARGET_QUEUE_US = 10_000      # 10 ms average queue: a quarter of the 40 ms first-chunk budget
-HPA_MAX_REPLICAS_FACTOR = 4       # autoscaler may grow a stage to 4x its placed replicas
 HEALTH_INTERVAL = "5s"
 HEALTH_TIMEOUT = "3s"
 HEALTH_RETRIES = 60
 TRITON_START_PERIOD = "120s"      # full-size weights load and CUDA graphs are captured before ready
-
-
 SEED_START_PERIOD = "60s"         # the front waits up to 60 s for the stages before its model is ready
 # Front settings a deployment may change, with their defaults (names of `make up`; see services/gateway/README.md).
 # SEED_PROMPT_WAV is a path inside the container (e.g. under the model mount): registered as the speaker at start.
-SEED_SPEAKER_ENV = {"SEED_SPEAKER": SEED_DEFAULT_SPEAKER, "SEED_PROMPT_WAV": "", "SEED_PROMPT_TEXT": "",
+SEED_SPEAKER_ENV = {"SEED_SPEAKER": DEFAULT_SPEAKER_ID, "SEED_PROMPT_WAV": "", "SEED_PROMPT_TEXT": "",
                     "SEED_LENGTH_FROM_TEXT": "off", "SEED_LENGTH_K": "7.5"}
 
 
@@ -442,22 +409,28 @@ GATEWAY_HEALTH_CMD = [
 ]
 
 
+# One parametrised image recipe for every stage (build arg STAGE); the gateway has its own Dockerfile.
+STAGE_DOCKERFILE = "deploy/docker/Dockerfile.stage"
+GATEWAY_DOCKERFILE = "services/gateway/Dockerfile"
+
+
 def _image(component: str) -> str:
     return f"${{COSYVOICE_REGISTRY:-{IMAGE_REGISTRY}}}/{component}:${{COSYVOICE_TAG:-{IMAGE_TAG}}}"
 
 
-def compose_service_names(placement: Placement, stage: str) -> list[str]:
+def compose_service_names(placement: Placement, stage_name: str) -> list[str]:
     """One service scaled with `deploy.replicas` when every replica sits on the same devices (then
     `docker compose up --scale STAGE=N` works), else one service per replica, each with its own GPUs."""
-    sp = placement.stage(stage)
-    return [stage] if sp.replicas_identical else [f"{stage}-{r}" for r in range(sp.replicas)]
+    sp = placement.stage(stage_name)
+    return [stage_name] if sp.replicas_identical else [f"{stage_name}-{r}" for r in range(sp.replicas)]
 
 
 # Published ports bind to loopback unless PUBLISH_HOST says otherwise (`PUBLISH_HOST=0.0.0.0 docker compose up`).
 COMPOSE_PUBLISH_HOST = "${PUBLISH_HOST:-127.0.0.1}"
 # Triton's Python backend moves tensors through /dev/shm; Docker's 64 MB default is too small for audio batches.
 COMPOSE_SHM_SIZE = "${TRITON_SHM_SIZE:-1gb}"
-GATEWAY_LIVENESS_PATH = "/livez"     # process up (HTTP answers); readiness = stages ready (gRPC health, /readyz)
+# Gateway settings taken from the host's environment (`COSYVOICE_API_KEY=k1,k2 docker compose up`); empty = open.
+GATEWAY_HOST_ENV = {"COSYVOICE_API_KEY": "${COSYVOICE_API_KEY:-}"}
 
 
 def to_compose(placement: Placement) -> dict:
@@ -474,9 +447,9 @@ def to_compose(placement: Placement) -> dict:
     }
     gateway_depends = {"redis": {"condition": "service_healthy"}}
     plan = placement.process_plan()
-    for stage, sp in placement.items():
-        slot0 = next(s for s in plan if s.stage == stage and s.replica_index == 0)
-        names = compose_service_names(placement, stage)
+    for stage_name, sp in placement.items():
+        slot0 = next(s for s in plan if s.stage == stage_name and s.replica_index == 0)
+        names = compose_service_names(placement, stage_name)
         for i, name in enumerate(names):
             replica = 0 if len(names) == 1 else i
             gpus = sp.gpus_of_replica(replica)
@@ -487,8 +460,8 @@ def to_compose(placement: Placement) -> dict:
             env["TRITON_GPU_COUNT"] = str(len(gpus))
             env["MODEL_DIR"] = MODEL_MOUNT_DIR
             svc: dict = {
-                "image": _image(stage),
-                "build": {"context": ".", "dockerfile": f"services/{stage}/Dockerfile"},
+                "image": _image(stage_name),
+                "build": {"context": ".", "dockerfile": STAGE_DOCKERFILE, "args": {"STAGE": stage_name}},
                 "environment": env,
                 "volumes": [model_volume],
                 "expose": [str(slot0.http_port), str(slot0.grpc_port), str(slot0.metrics_port)],
@@ -508,7 +481,7 @@ def to_compose(placement: Placement) -> dict:
                 svc["deploy"] = deploy
             services[name] = svc
             gateway_depends[name] = {"condition": "service_healthy"}
-        gateway_env[stage_url_env(stage)] = ",".join(f"{n}:{slot0.grpc_port}" for n in names)
+        gateway_env[stage_url_env(stage_name)] = ",".join(f"{n}:{slot0.grpc_port}" for n in names)
 
     services["redis"] = {
         "image": REDIS_IMAGE,
@@ -521,8 +494,8 @@ def to_compose(placement: Placement) -> dict:
     }
     services["gateway"] = {
         "image": _image("gateway"),
-        "build": {"context": ".", "dockerfile": "services/gateway/Dockerfile"},
-        "environment": gateway_env,
+        "build": {"context": ".", "dockerfile": GATEWAY_DOCKERFILE},
+        "environment": {**gateway_env, **GATEWAY_HOST_ENV},
         "volumes": [model_volume],        # the gateway's text tokenizer reads MODEL_DIR/CosyVoice-BlankEN
         "ports": [f"{COMPOSE_PUBLISH_HOST}:${{GATEWAY_GRPC_HOST_PORT:-{GATEWAY_GRPC_PORT}}}:{GATEWAY_GRPC_PORT}",
                   f"{COMPOSE_PUBLISH_HOST}:${{GATEWAY_HTTP_HOST_PORT:-{GATEWAY_HTTP_PORT}}}:{GATEWAY_HTTP_PORT}"],
@@ -534,12 +507,12 @@ def to_compose(placement: Placement) -> dict:
     # The seed-compatible fronts: the gateway image running tritonserver over the rendered `cosyvoice2`
     # repository (deploy/docker/seed_front.py). They call the stages and Redis themselves, not the gateway.
     for name, decoupled, (http_port, grpc_port, metrics_port) in SEED_FRONTS:
-        env = {k: gateway_env[k] for k in ("MODEL_DIR", "REDIS_URL", *map(stage_url_env, STAGES))}
+        env = {k: gateway_env[k] for k in ("MODEL_DIR", "REDIS_URL", *map(stage_url_env, STAGE_NAMES))}
         env.update(seed_front_env(decoupled, http_port, grpc_port, metrics_port))
         env.update({k: f"${{{k}:-{v}}}" for k, v in SEED_SPEAKER_ENV.items()})   # `SEED_SPEAKER=... docker compose up`
         services[name] = {
             "image": _image("gateway"),
-            "build": {"context": ".", "dockerfile": "services/gateway/Dockerfile"},
+            "build": {"context": ".", "dockerfile": GATEWAY_DOCKERFILE},
             "command": ["python", SEED_FRONT_ENTRYPOINT],
             "environment": env,
             "volumes": [model_volume],    # text tokenizer + model revision, as the gateway (same spk2info keys)
@@ -551,254 +524,3 @@ def to_compose(placement: Placement) -> dict:
             "restart": "unless-stopped",
         }
     return {"name": "cosyvoice2", "services": services, "volumes": {"redis-data": {}}}
-
-
-def to_helm_values(placement: Placement) -> dict:
-    """values.yaml of deploy/helm/cosyvoice2 for `placement`. Kubernetes picks GPUs itself: a replica's
-    device ids become a count of `nvidia.com/gpu` (GPU sharing needs the device plugin's time-slicing)."""
-    stages = {}
-    for stage, sp in placement.items():
-        base = placement.http_port_bases[stage]
-        stages[stage] = {
-            "replicas": sp.replicas,
-            "gpus": sp.gpus_per_replica,
-            "instances": sp.instances_per_device,
-            "httpPort": base,
-            "grpcPort": base + GRPC_PORT_DELTA,
-            "metricsPort": base + METRICS_PORT_DELTA,
-            "autoscaling": {"enabled": True, "maxReplicas": sp.replicas * HPA_MAX_REPLICAS_FACTOR,
-                            "targetQueueUs": HPA_TARGET_QUEUE_US},
-        }
-    return {
-        "image": {"registry": IMAGE_REGISTRY, "tag": IMAGE_TAG, "pullPolicy": "IfNotPresent"},
-        "models": {"claimName": "cosyvoice2-models"},
-        "stages": stages,
-        "gateway": {"replicas": placement.gateway_replicas, "grpcPort": GATEWAY_GRPC_PORT,
-                    "httpPort": GATEWAY_HTTP_PORT, "serviceType": "ClusterIP"},
-        "redis": {"image": REDIS_IMAGE, "storage": "1Gi"},
-        "autoscaling": {"queueMetric": HPA_QUEUE_METRIC},
-        # The seed-compatible `cosyvoice2` fronts; `enabled: false` drops both, a variant's own flag drops one.
-        "seedFronts": {
-            "enabled": True,
-            "serviceType": "ClusterIP",
-            "speaker": SEED_SPEAKER_ENV["SEED_SPEAKER"],
-            "promptWav": SEED_SPEAKER_ENV["SEED_PROMPT_WAV"],
-            "promptText": SEED_SPEAKER_ENV["SEED_PROMPT_TEXT"],
-            "lengthFromText": SEED_SPEAKER_ENV["SEED_LENGTH_FROM_TEXT"],
-            "lengthK": SEED_SPEAKER_ENV["SEED_LENGTH_K"],
-            "variants": {name.removeprefix("seed-"): {
-                "enabled": True, "decoupled": decoupled, "replicas": 1,
-                "httpPort": http_port, "grpcPort": grpc_port, "metricsPort": metrics_port}
-                for name, decoupled, (http_port, grpc_port, metrics_port) in SEED_FRONTS},
-        },
-    }
-
-
-def to_k8s(placement: Placement, release: str = "cosyvoice2") -> list[dict]:
-    """Kubernetes objects for `placement`: what `helm template` of deploy/helm/cosyvoice2 gives with
-    `to_helm_values(placement)` (deploy/tests check the two agree)."""
-    return k8s_from_values(to_helm_values(placement), release)
-
-
-def _labels(release: str, component: str) -> dict:
-    return {"app.kubernetes.io/name": "cosyvoice2", "app.kubernetes.io/instance": release,
-            "app.kubernetes.io/component": component}
-
-
-def _model_volume(values: dict) -> dict:
-    return {"name": "models", "persistentVolumeClaim": {"claimName": values["models"]["claimName"], "readOnly": True}}
-
-
-def k8s_from_values(values: dict, release: str = "cosyvoice2") -> list[dict]:
-    img = values["image"]
-    objs: list[dict] = []
-    gateway_env = [{"name": "MODEL_DIR", "value": MODEL_MOUNT_DIR},
-                   {"name": "REDIS_URL", "value": f"redis://{release}-redis:{REDIS_PORT}/0"},
-                   {"name": "GATEWAY_HOST", "value": "0.0.0.0"},
-                   {"name": "GRPC_PORT", "value": str(values["gateway"]["grpcPort"])},
-                   {"name": "HTTP_PORT", "value": str(values["gateway"]["httpPort"])}]
-    for stage in sorted(values["stages"]):
-        s = values["stages"][stage]
-        name = f"{release}-{stage}"
-        labels = _labels(release, stage)
-        resources = ({"requests": {"nvidia.com/gpu": s["gpus"]}, "limits": {"nvidia.com/gpu": s["gpus"]}}
-                     if s["gpus"] > 0 else {})
-        env = [{"name": "STAGE", "value": stage},
-               {"name": "MODEL_DIR", "value": MODEL_MOUNT_DIR},
-               {"name": "TRITON_HTTP_PORT", "value": str(s["httpPort"])},
-               {"name": "TRITON_GRPC_PORT", "value": str(s["grpcPort"])},
-               {"name": "TRITON_METRICS_PORT", "value": str(s["metricsPort"])},
-               {"name": "TRITON_INSTANCE_COUNT", "value": str(s["instances"])},
-               {"name": "TRITON_INSTANCE_KIND", "value": "KIND_GPU" if s["gpus"] > 0 else "KIND_CPU"},
-               {"name": "TRITON_GPU_COUNT", "value": str(s["gpus"])}]
-        ports = [{"name": "http", "containerPort": s["httpPort"]},
-                 {"name": "grpc", "containerPort": s["grpcPort"]},
-                 {"name": "metrics", "containerPort": s["metricsPort"]}]
-        objs.append({
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "labels": labels},
-            "spec": {
-                "replicas": s["replicas"],
-                "selector": {"matchLabels": labels},
-                "template": {
-                    "metadata": {"labels": labels, "annotations": {
-                        "prometheus.io/scrape": "true", "prometheus.io/port": str(s["metricsPort"])}},
-                    "spec": {
-                        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
-                        "containers": [{
-                            "name": stage,
-                            "image": f"{img['registry']}/{stage}:{img['tag']}",
-                            "imagePullPolicy": img["pullPolicy"],
-                            "env": env,
-                            "ports": ports,
-                            "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"},
-                                               "periodSeconds": 5},
-                            "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"},
-                                              "initialDelaySeconds": 120, "periodSeconds": 10},
-                            "resources": resources,
-                            "volumeMounts": [{"name": "models", "mountPath": MODEL_MOUNT_DIR, "readOnly": True}],
-                        }],
-                        "volumes": [_model_volume(values)],
-                    },
-                },
-            },
-        })
-        # Headless: DNS returns every ready pod, and the gateway balances over them itself (gRPC keeps
-        # connections open, so a ClusterIP's per-connection balancing would pin one replica).
-        objs.append({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "labels": labels},
-            "spec": {"clusterIP": "None", "selector": labels,
-                     "ports": [{"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]}
-                               for p in ports]},
-        })
-        if s["autoscaling"]["enabled"]:
-            objs.append({
-                "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
-                "metadata": {"name": name, "labels": labels},
-                "spec": {
-                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
-                    "minReplicas": s["replicas"],
-                    "maxReplicas": s["autoscaling"]["maxReplicas"],
-                    "metrics": [{"type": "Pods", "pods": {
-                        "metric": {"name": values["autoscaling"]["queueMetric"]},
-                        "target": {"type": "AverageValue",
-                                   "averageValue": str(s["autoscaling"]["targetQueueUs"])}}}],
-                },
-            })
-        gateway_env.append({"name": stage_url_env(stage), "value": f"{name}:{s['grpcPort']}"})
-
-    rlabels = _labels(release, "redis")
-    objs.append({
-        "apiVersion": "apps/v1", "kind": "StatefulSet",
-        "metadata": {"name": f"{release}-redis", "labels": rlabels},
-        "spec": {
-            "serviceName": f"{release}-redis", "replicas": 1, "selector": {"matchLabels": rlabels},
-            "template": {"metadata": {"labels": rlabels}, "spec": {"containers": [{
-                "name": "redis", "image": values["redis"]["image"],
-                "args": ["--appendonly", "yes", *REDIS_BOUND_ARGS],
-                "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
-                "readinessProbe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 5},
-                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-            }]}},
-            "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {
-                "accessModes": ["ReadWriteOnce"],
-                "resources": {"requests": {"storage": values["redis"]["storage"]}}}}],
-        },
-    })
-    objs.append({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": f"{release}-redis", "labels": rlabels},
-        "spec": {"selector": rlabels, "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis"}]},
-    })
-
-    g = values["gateway"]
-    glabels = _labels(release, "gateway")
-    gports = [{"name": "grpc", "containerPort": g["grpcPort"]}, {"name": "http", "containerPort": g["httpPort"]}]
-    objs.append({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": f"{release}-gateway", "labels": glabels},
-        "spec": {
-            "replicas": g["replicas"], "selector": {"matchLabels": glabels},
-            "template": {"metadata": {"labels": glabels}, "spec": {
-                "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
-                "containers": [{
-                    "name": "gateway",
-                    "image": f"{img['registry']}/gateway:{img['tag']}",
-                    "imagePullPolicy": img["pullPolicy"],
-                    "env": gateway_env,
-                    "ports": gports,
-                    "readinessProbe": {"grpc": {"port": g["grpcPort"]}, "periodSeconds": 5},
-                    "livenessProbe": {"httpGet": {"path": GATEWAY_LIVENESS_PATH, "port": "http"},
-                                      "initialDelaySeconds": 30, "periodSeconds": 10},
-                    "volumeMounts": [{"name": "models", "mountPath": MODEL_MOUNT_DIR, "readOnly": True}],
-                }],
-                "volumes": [_model_volume(values)],
-            }},
-        },
-    })
-    objs.append({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": f"{release}-gateway", "labels": glabels},
-        "spec": {"type": g["serviceType"], "selector": glabels,
-                 "ports": [{"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]} for p in gports]},
-    })
-    objs.extend(_seed_front_objects(values, release, gateway_env))
-    return objs
-
-
-def _seed_front_objects(values: dict, release: str, gateway_env: list[dict]) -> list[dict]:
-    """A Deployment + Service per enabled seed front (templates/seed-fronts.yaml), in the chart's key order."""
-    fronts = values["seedFronts"]
-    if not fronts["enabled"]:
-        return []
-    img = values["image"]
-    shared_env = [e for e in gateway_env if e["name"] in ("MODEL_DIR", "REDIS_URL")
-                  or e["name"].endswith("_URLS")]
-    speaker_env = [{"name": "SEED_SPEAKER", "value": str(fronts["speaker"])},
-                   {"name": "SEED_PROMPT_WAV", "value": str(fronts["promptWav"])},
-                   {"name": "SEED_PROMPT_TEXT", "value": str(fronts["promptText"])},
-                   {"name": "SEED_LENGTH_FROM_TEXT", "value": str(fronts["lengthFromText"])},
-                   {"name": "SEED_LENGTH_K", "value": str(fronts["lengthK"])}]
-    objs: list[dict] = []
-    for variant in sorted(fronts["variants"]):
-        f = fronts["variants"][variant]
-        if not f["enabled"]:
-            continue
-        name, component = f"{release}-seed-{variant}", f"seed-{variant}"
-        labels = _labels(release, component)
-        env = [*shared_env, *({"name": k, "value": v} for k, v in seed_front_env(
-            f["decoupled"], f["httpPort"], f["grpcPort"], f["metricsPort"]).items()), *speaker_env]
-        ports = [{"name": "http", "containerPort": f["httpPort"]}, {"name": "grpc", "containerPort": f["grpcPort"]},
-                 {"name": "metrics", "containerPort": f["metricsPort"]}]
-        objs.append({
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "labels": labels},
-            "spec": {
-                "replicas": f["replicas"], "selector": {"matchLabels": labels},
-                "template": {"metadata": {"labels": labels}, "spec": {
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
-                    "containers": [{
-                        "name": component,
-                        "image": f"{img['registry']}/gateway:{img['tag']}",
-                        "imagePullPolicy": img["pullPolicy"],
-                        "command": ["python", SEED_FRONT_ENTRYPOINT],
-                        "env": env,
-                        "ports": ports,
-                        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5},
-                        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"},
-                                          "initialDelaySeconds": 90, "periodSeconds": 10},
-                        "volumeMounts": [{"name": "models", "mountPath": MODEL_MOUNT_DIR, "readOnly": True}],
-                    }],
-                    "volumes": [_model_volume(values)],
-                }},
-            },
-        })
-        objs.append({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "labels": labels},
-            "spec": {"type": fronts["serviceType"], "selector": labels,
-                     "ports": [{"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]}
-                               for p in ports]},
-        })
-    return objs
