@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
-from cosyvoice_common.constants import LLM_MAX_SEQ_LEN, REDIS_BOUND_ARGS
+from cosyvoice_common.constants import REDIS_BOUND_ARGS
 from cosyvoice_common.contracts import LLM_MODEL, SPEAKER_MODEL, TOKEN2WAV_MODEL, TOKENIZER_MODEL
 from cosyvoice_common.placement import (
     CPU_DEVICE,
@@ -53,6 +53,17 @@ from cosyvoice_common.placement import (
     load_placement,
     parse_device,
 )
+from cosyvoice_common.settings import from_env, knob, template_values
+from cosyvoice_common.stage_params import STAGE_PARAMS, StageParams, stage_params
+from cosyvoice_common.stage_params import env_prefix as stage_params_env_prefix
+from cosyvoice_common.stages import (
+    GATEWAY_GRPC_PORT,
+    GATEWAY_HTTP_PORT,
+    REDIS_PORT,
+    SEED_OFFLINE_PORTS,
+    SEED_STREAMING_PORTS,
+)
+from cosyvoice_gateway.seed import SeedFrontSettings
 from cosyvoice_tools import mps
 from cosyvoice_tools.mps import MpsDaemon
 from cosyvoice_tools.triton import (
@@ -109,17 +120,22 @@ class StageSettings:
     replicas: int = 1                       # 0 = not started here (its URLs come from stage_urls)
     devices: tuple[str, ...] = (CPU_DEVICE,)
     instance_count: int = 1                 # Triton instances per device (per GPU; in all on CPU)
-    max_batch_size: int = 16
-    max_queue_delay_us: int = 0
     base_port: int = 0                      # 0 = free ports (tests)
-    params: Mapping[str, str] = field(default_factory=dict)   # e.g. tokenizer_backend
+    params: StageParams | None = None       # the stage's settings (cosyvoice_common.stage_params); None = defaults
     replica_devices: tuple[tuple[str, ...], ...] = ()          # explicit per-replica device lists
+    triton_kind: str = ""                   # "" = the placement's; KIND_CPU: see StageLaunchEnv.triton_kind
 
     def __post_init__(self) -> None:
         if self.name not in STAGE_BY_NAME:
             raise ValueError(f"unknown stage {self.name!r}; stages: {list(STAGE_BY_NAME)}")
-        if self.replicas < 0 or self.instance_count < 1 or self.max_batch_size < 1 or not self.devices:
+        if self.replicas < 0 or self.instance_count < 1 or not self.devices:
             raise ValueError(f"bad settings for stage {self.name}: {self}")
+        if self.params is None:
+            object.__setattr__(self, "params", STAGE_PARAMS[self.name]())
+        elif not isinstance(self.params, STAGE_PARAMS[self.name]):
+            raise TypeError(f"stage {self.name}: params must be {STAGE_PARAMS[self.name].__name__}")
+        if self.triton_kind not in ("", *TRITON_KINDS):
+            raise ValueError(f"stage {self.name}: triton_kind must be one of {TRITON_KINDS}, got {self.triton_kind!r}")
         object.__setattr__(self, "devices", tuple(parse_device(d, f"{self.name} devices") for d in self.devices))
         object.__setattr__(self, "replica_devices", tuple(
             tuple(parse_device(d, f"{self.name} replica {r}") for d in devs)
@@ -156,39 +172,67 @@ class StageSettings:
 
     def template_params(self, model_dir: Path, slot: ProcessSlot) -> dict[str, object]:
         """config.pbtxt values for `slot`'s process, which sees only its own GPUs (numbered from 0)."""
-        return {"model_dir": str(model_dir), "max_batch_size": self.max_batch_size,
-                "max_queue_delay_us": self.max_queue_delay_us, **slot.template_params(), **self.params}
+        values: dict[str, object] = {"model_dir": str(model_dir), **slot.template_params(),
+                                     **template_values(self.params)}
+        if self.triton_kind:
+            values["device_kind"] = self.triton_kind
+            if self.triton_kind == "KIND_CPU":
+                values["gpu_ids"] = ""    # Triton refuses a KIND_CPU instance group that lists GPUs
+        return values
 
 
 TRITON_KINDS = ("KIND_GPU", "KIND_CPU")
 
 
-def default_stage_params(name: str, env: Mapping[str, str]) -> dict[str, str]:
-    """Backend-selection template parameters per stage (config.pbtxt `${...}`).
+@dataclass(frozen=True, slots=True)
+class StageLaunchEnv:
+    """Where `make up` runs one stage: `{STAGE}_*` for STAGE in TOKENIZER SPEAKER LLM TOKEN2WAV.
 
-    `{STAGE}_TRITON_KIND=KIND_CPU` keeps a GPU replica's Triton instance KIND_CPU: the model still runs on
-    its `device` (the replica sees only its GPUs), but the Python backend then sets up no CUDA memory pool
-    and no per-instance device switching; a fallback when a GPU-kind instance misbehaves."""
-    params: dict[str, str] = {}
-    if name == "tokenizer":
-        params = {"tokenizer_backend": env.get("TOKENIZER_BACKEND", "onnx")}
-    elif name == "speaker":
-        params = {"speaker_backend": env.get("SPEAKER_BACKEND", "onnx")}
-    elif name == "llm":
-        params = {"llm_dtype": env.get("LLM_DTYPE", "auto"),
-                  "llm_max_seq_len": env.get("LLM_MAX_SEQ_LEN", str(LLM_MAX_SEQ_LEN)),
-                  "llm_batch_slots": env.get("LLM_BATCH_SLOTS", "auto")}
-    elif name == "token2wav":
-        params = {"token2wav_dtype": env.get("TOKEN2WAV_DTYPE", "auto"),
-                  "token2wav_compile": env.get("TOKEN2WAV_COMPILE", "auto")}
-    kind = env.get(f"{name.upper()}_TRITON_KIND", "").strip()
-    if kind:
-        if kind not in TRITON_KINDS:
-            raise PlacementError(f"{name.upper()}_TRITON_KIND={kind!r}: expected one of {', '.join(TRITON_KINDS)}")
-        params["device_kind"] = kind
-        if kind == "KIND_CPU":
-            params["gpu_ids"] = ""    # Triton refuses a KIND_CPU instance group that lists GPUs
-    return params
+    REPLICAS, DEVICES, INSTANCES and BASE_PORT are the placement's (cosyvoice_common.placement.load_placement
+    reads and checks them, as compose and Helm are rendered from the same placement); declared here so the
+    table documents them and the launcher checks their form before placing."""
+    replicas: int = knob("REPLICAS", 1, "tritonserver processes of this stage (0 = not started by `make up`)",
+                         low=0)
+    devices: tuple[str, ...] = knob("DEVICES", (), "devices, e.g. cpu or cuda:0,cuda:1 (replica i uses device "
+                                    "i mod n; empty = PLACEMENT_DEFAULT_DEVICE)")
+    instances: int = knob("INSTANCES", 1, "Triton model instances per device", low=1)
+    base_port: str = knob("BASE_PORT", "", "replica 0's HTTP port (gRPC +1, metrics +2, replica i +10 i); "
+                          "0 = free ports; empty = the stage's registered base (8100, 8200, 8300, 8400)")
+    triton_kind: str = knob("TRITON_KIND", "", "KIND_CPU keeps a GPU replica's Triton instances KIND_CPU (the "
+                            "model still runs on its device; no CUDA pool in the Python backend)",
+                            choices=("", *TRITON_KINDS))
+
+
+@dataclass(frozen=True, slots=True)
+class StackEnv:
+    """What `make up` / `python -m cosyvoice_tools.stack` reads (besides each stage's settings and placement)."""
+    model_dir: str = knob("MODEL_DIR", "", "model directory; generated with random weights if missing "
+                          "(empty = models/cosyvoice2-$MODEL_SIZE)")
+    model_size: str = knob("MODEL_SIZE", "tiny", "size of a generated random-weight model", choices=("tiny", "full"))
+    run_dir: str = knob("STACK_RUN_DIR", "run", "where `up` keeps logs, rendered repositories and stack.json")
+    redis_port: int = knob("REDIS_PORT", REDIS_PORT, "Redis started by the launcher (0 = a free port)",
+                           low=0, high=65535)
+    gateway: bool = knob("STACK_GATEWAY", True, "start the gateway")
+    grpc_port: int = knob("GRPC_PORT", GATEWAY_GRPC_PORT, "gateway gRPC port (0 = a free port)", low=0, high=65535)
+    http_port: int = knob("HTTP_PORT", GATEWAY_HTTP_PORT, "gateway HTTP port (0 = a free port)", low=0, high=65535)
+    ready_timeout_s: float = knob("STACK_READY_TIMEOUT_S", 300.0, "how long `up` waits for each group to be ready",
+                                  low=1)
+    seed_front: bool = knob("SEED_FRONT", True, "start the two seed-compatible `cosyvoice2` tritonservers")
+    seed_stream_base_port: int = knob("SEED_STREAM_BASE_PORT", SEED_STREAMING_PORTS[0],
+                                      "streaming front's HTTP port (gRPC +1, metrics +2; 0 = free ports)",
+                                      low=0, high=65535)
+    seed_offline_base_port: int = knob("SEED_OFFLINE_BASE_PORT", SEED_OFFLINE_PORTS[0],
+                                       "offline front's HTTP port (gRPC +1, metrics +2; 0 = free ports)",
+                                       low=0, high=65535)
+    seed_stub_python_dir: str = knob("SEED_STUB_PYTHON_DIR", "build/seed-stub-python",
+                                     "Python environment built for the seed fronts' Triton stubs (numpy<2)")
+    cuda_mps: str = knob("STACK_CUDA_MPS", "off", "stage servers sharing a GPU run under one CUDA MPS daemon",
+                         choices=("off", "on", "auto"))
+    placement_file: str = knob("PLACEMENT_FILE", "", "placement YAML (deploy/placement.example.yaml); "
+                               "the {STAGE}_* variables override it")
+    placement_default_device: str = knob("PLACEMENT_DEFAULT_DEVICE", "", "device of stages nothing places "
+                                         "(empty: the file's default_device, else cuda:0 if torch sees a GPU, "
+                                         "else cpu)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,16 +257,18 @@ class StackConfig:
     seed_front: bool = True
     seed_stream_base_port: int = 8000
     seed_offline_base_port: int = 8010
-    seed_params: Mapping[str, str] = field(default_factory=dict)   # cosyvoice_gateway.seed.front_env_params
+    seed: SeedFrontSettings = SeedFrontSettings()
+    seed_stub_python_dir: Path = REPO_ROOT / "build/seed-stub-python"
     cuda_mps: str = "off"                   # off | on | auto (cosyvoice_tools.mps)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "StackConfig":
         env = os.environ if env is None else env
+        top = from_env(StackEnv, env)
+        launch = {s.name: from_env(StageLaunchEnv, env, prefix=stage_params_env_prefix(s.name)) for s in STAGES}
         placement, not_here, free_port_stages = placement_from_env(env)
         stages = []
         for spec in STAGES:
-            key = spec.name.upper()
             sp = placement.stage(spec.name)
             here = spec.name not in not_here
             stages.append(StageSettings(
@@ -231,26 +277,25 @@ class StackConfig:
                 devices=tuple(dict.fromkeys(d for devs in sp.devices_per_replica for d in devs)),
                 replica_devices=sp.devices_per_replica if here else (),
                 instance_count=sp.instances_per_device,
-                max_batch_size=int(env.get(f"{key}_MAX_BATCH_SIZE", "16")),
-                max_queue_delay_us=int(env.get(f"{key}_MAX_QUEUE_DELAY_US", "0")),
                 base_port=0 if spec.name in free_port_stages else placement.http_port_bases[spec.name],
-                params=default_stage_params(spec.name, env)))
-        model_size = env.get("MODEL_SIZE", "tiny")
+                params=stage_params(spec.name, env),
+                triton_kind=launch[spec.name].triton_kind))
         return cls(
-            model_dir=_repo_path(env.get("MODEL_DIR", f"models/cosyvoice2-{model_size}")),
-            run_dir=_repo_path(env.get("STACK_RUN_DIR", "run")),
+            model_dir=_repo_path(top.model_dir or f"models/cosyvoice2-{top.model_size}"),
+            run_dir=_repo_path(top.run_dir),
             stages=tuple(stages),
-            redis_port=int(env.get("REDIS_PORT", "6379")),
-            gateway=env.get("STACK_GATEWAY", "1") not in ("0", "false", "no"),
-            gateway_grpc_port=int(env.get("GRPC_PORT", "50051")),
-            gateway_http_port=int(env.get("HTTP_PORT", "8080")),
-            ready_timeout_s=float(env.get("STACK_READY_TIMEOUT_S", "300")),
-            model_size=model_size,
-            seed_front=env.get("SEED_FRONT", "1") not in ("0", "false", "no"),
-            seed_stream_base_port=int(env.get("SEED_STREAM_BASE_PORT", "8000")),
-            seed_offline_base_port=int(env.get("SEED_OFFLINE_BASE_PORT", "8010")),
-            seed_params=_seed_env_params(env),
-            cuda_mps=env.get("STACK_CUDA_MPS", "off"),
+            redis_port=top.redis_port,
+            gateway=top.gateway,
+            gateway_grpc_port=top.grpc_port,
+            gateway_http_port=top.http_port,
+            ready_timeout_s=top.ready_timeout_s,
+            model_size=top.model_size,
+            seed_front=top.seed_front,
+            seed_stream_base_port=top.seed_stream_base_port,
+            seed_offline_base_port=top.seed_offline_base_port,
+            seed=from_env(SeedFrontSettings, env),
+            seed_stub_python_dir=_repo_path(top.seed_stub_python_dir),
+            cuda_mps=top.cuda_mps,
         )
 
     def stage(self, name: str) -> StageSettings:
@@ -349,14 +394,6 @@ def format_plan(config: "StackConfig", plan: list[ProcessSlot]) -> str:
     if external:
         lines.append(f"not started here: {', '.join(external)}")
     return "\n".join(lines)
-
-
-def _seed_env_params(env: Mapping[str, str]) -> dict[str, str]:
-    try:
-        from cosyvoice_gateway.seed import front_env_params
-    except ModuleNotFoundError:
-        return {}
-    return front_env_params(env)
 
 
 def _repo_path(value: str) -> Path:
@@ -603,16 +640,14 @@ class Stack:
         from cosyvoice_gateway import seed
 
         cfg = self.config
-        stub_bin = seed.ensure_stub_python(_repo_path(os.environ.get("SEED_STUB_PYTHON_DIR", "build/seed-stub-python")),
-                                           wheel_dirs=(REPO_ROOT / ".whl",))
+        stub_bin = seed.ensure_stub_python(cfg.seed_stub_python_dir, wheel_dirs=(REPO_ROOT / ".whl",))
         self._install = self._install or TritonInstall.locate()
         urls = {s.urls_env: ",".join(self.stage_grpc_urls(s.name)) for s in STAGES}
-        params = {**seed.front_env_params({}), **cfg.seed_params}
         records = []
         for (name, decoupled), base in zip(self.SEED_VARIANTS, (cfg.seed_stream_base_port, cfg.seed_offline_base_port)):
             http, grpc, metrics = (base, base + 1, base + 2) if base else free_ports(3)
             repo = render_model_repository(REPO_ROOT / "services/gateway/model_repository", cfg.run_dir / "repos" / name,
-                                           seed.template_params(decoupled, cfg.model_dir, urls, self.redis_url, params))
+                                           seed.template_params(decoupled, cfg.model_dir, urls, self.redis_url, cfg.seed))
             log = cfg.run_dir / "logs" / f"{name}.log"
             log.unlink(missing_ok=True)
             env = seed.stub_environment(stub_bin, self._install.env())
