@@ -230,6 +230,8 @@ class StackEnv:
                          choices=("off", "on", "auto"))
     placement_file: str = knob("PLACEMENT_FILE", "", "placement YAML (deploy/placement.example.yaml); "
                                "the {STAGE}_* variables override it")
+    gateway_replicas: int = knob("GATEWAY_REPLICAS", 1, "gateway replicas of the rendered compose/Helm deployment "
+                                 "(placement; `make up` starts one)", low=1)
     placement_default_device: str = knob("PLACEMENT_DEFAULT_DEVICE", "", "device of stages nothing places "
                                          "(empty: the file's default_device, else cuda:0 if torch sees a GPU, "
                                          "else cpu)")
