@@ -149,6 +149,15 @@ def from_env(cls: type[T], env: Mapping[str, str], prefix: str = "", **given: An
         raise ConfigError(f"{cls.__name__}: {exc}") from None
 
 
+def check_knobs(config: object) -> None:
+    """Each knob's bounds and choices on a config built directly (tests, callers); from_env checks them too,
+    naming the prefixed variable. Call from __post_init__."""
+    for f, k, _ in knob_fields(type(config)):
+        value = getattr(config, f.name)
+        if not (k.required and value in ("", None)):
+            _check(value, k.env, k, value)
+
+
 def variables(cls: type, prefix: str = "") -> tuple[str, ...]:
     """Every variable `from_env(cls, env, prefix)` reads."""
     return tuple(prefix + k.env for _, k, _ in knob_fields(cls))

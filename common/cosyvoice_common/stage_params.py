@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cosyvoice_common.constants import LLM_MAX_SEQ_LEN
-from cosyvoice_common.settings import ConfigError, from_env, knob
+from cosyvoice_common.settings import ConfigError, check_knobs, from_env, knob
 from cosyvoice_common.stages import STAGE_NAMES, stage
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -30,6 +30,9 @@ class StageParams:
                                low=1)
     max_queue_delay_us: int = knob("MAX_QUEUE_DELAY_US", 0,
                                    "Triton dynamic batcher: how long a request may wait for others", low=0)
+
+    def __post_init__(self) -> None:
+        check_knobs(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,7 @@ class LLMParams(StageParams):
     repetition: str = knob("REPETITION", "on", "loop stop: on, off, or max_period=20,min_repeats=4,min_span=100")
 
     def __post_init__(self) -> None:
+        StageParams.__post_init__(self)
         if self.max_batch_slots != AUTO and not (self.max_batch_slots.isdigit() and int(self.max_batch_slots) > 0):
             raise ConfigError(f"LLM_BATCH_SLOTS={self.max_batch_slots!r}: expected auto or a positive number")
 

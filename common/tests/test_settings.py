@@ -83,3 +83,10 @@ def test_stage_settings_and_placement_fill_every_name_of_the_stage_template(name
     placement = {"model_dir", "device", "device_kind", "gpu_ids", "instance_count"}
     settings = set(template_values(STAGE_PARAMS[name]()))
     assert names <= placement | settings and settings <= names
+
+
+def test_a_config_built_directly_is_checked_too():
+    with pytest.raises(ConfigError, match=re.escape("MAX_BATCH_SIZE=0: must be >= 1")):
+        STAGE_PARAMS["token2wav"](max_batch_size=0)
+    with pytest.raises(ConfigError, match=re.escape("DTYPE='fp8': expected one of")):
+        LLMParams(dtype="fp8")

@@ -44,7 +44,7 @@ from typing import Protocol
 import numpy as np
 
 from cosyvoice_common.constants import MAX_SPEECH_TOKENS, PROMPT_16K_SAMPLE_RATE_HZ
-from cosyvoice_common.settings import from_env, knob, template_values
+from cosyvoice_common.settings import check_knobs, from_env, knob, template_values
 from cosyvoice_common.stages import DEFAULT_REDIS_URL, DEFAULT_SPEAKER_ID, RELEASED_MODEL_DIR, STAGES
 
 SEED_MODEL_NAME = "cosyvoice2"          # the only name the seed's clients accept for CosyVoice2
@@ -234,6 +234,9 @@ class SeedFrontSettings:
     stage_timeout_s: float = knob("STAGE_TIMEOUT_S", 30.0, "deadline of one tokenizer, speaker or token2wav call",
                                   low=0.001)
     llm_timeout_s: float = knob("LLM_TIMEOUT_S", 300.0, "deadline of a whole LLM stream", low=0.001)
+
+    def __post_init__(self) -> None:
+        check_knobs(self)
 
 
 def template_params(decoupled: bool, model_dir: Path, stage_urls: Mapping[str, str], redis_url: str,

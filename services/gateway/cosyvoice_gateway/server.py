@@ -27,7 +27,7 @@ from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio, wav_header
 from cosyvoice_common.constants import MAX_NAMED_SPEAKERS, OUTPUT_SAMPLE_RATE_HZ
 from cosyvoice_common.seed_speakers import import_model_speakers
-from cosyvoice_common.settings import ConfigError, from_env, knob
+from cosyvoice_common.settings import ConfigError, check_knobs, from_env, knob
 from cosyvoice_common.spk2info import RegistryUnavailableError, Spk2InfoCache, Spk2InfoConfig
 from cosyvoice_common.stages import (
     DEFAULT_REDIS_URL,
@@ -143,6 +143,7 @@ class GatewayConfig:
     log_level: str = knob("LOG_LEVEL", "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self) -> None:
+        check_knobs(self)
         for name in ("tokenizer_urls", "speaker_urls", "llm_urls", "token2wav_urls"):
             if not getattr(self, name):
                 raise ValueError(f"{stage(name.removesuffix('_urls')).env('URLS')} is empty")
