@@ -13,7 +13,7 @@ GOLDEN     ?= data/golden/tiny-seed1
 GOLDEN_SOURCE ?= ../shared/golden/tiny-seed1
 export MODEL_DIR
 
-.PHONY: venv proto model download golden parity test up down logs ps plan bench profile clean help
+.PHONY: venv proto model download golden parity test up down logs ps plan bench profile clean help config-docs
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -80,6 +80,9 @@ plan: $(STAMP) ## the stage processes `make up` would start (devices, CUDA_VISIB
 
 logs: ## tail the stack's logs (make logs FOLLOW=1 to follow)
 	$(PY) -m cosyvoice_tools.stack logs $(if $(FOLLOW),--follow,)
+
+config-docs: $(STAMP) ## regenerate docs/CONFIGURATION.md from the configuration classes (a test checks it)
+	$(PY) -m cosyvoice_tools.config_docs
 
 PYTEST_ARGS ?=
 test: $(STAMP) golden ## the whole test suite (real tritonserver / redis / gateway processes); PYTEST_ARGS adds options

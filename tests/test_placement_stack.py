@@ -8,9 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from cosyvoice_tools.placement import PlacementError, compose_service_names, load_placement, to_compose
+from cosyvoice_common.settings import ConfigError
 from cosyvoice_tools import stack as stack_mod
+from cosyvoice_tools.placement import (
+    PlacementError,
+    compose_service_names,
+    load_placement,
+    to_compose,
+)
 from cosyvoice_tools.stack import StackConfig, StageSettings, process_plan
 from cosyvoice_tools.triton import render_model_repository
 
@@ -72,7 +77,7 @@ def test_a_gpu_replica_can_run_a_cpu_kind_triton_instance_on_its_gpu(no_gpu, tmp
     assert "kind: KIND_CPU gpus: [  ]" in pbtxt and 'string_value: "cuda:0"' in pbtxt
     (t2w,) = [s for s in process_plan(config) if s.stage == "token2wav"]   # other stages keep KIND_GPU
     assert config.stage("token2wav").template_params(config.model_dir, t2w)["device_kind"] == "KIND_GPU"
-    with pytest.raises(PlacementError, match="LLM_TRITON_KIND"):
+    with pytest.raises(ConfigError, match="LLM_TRITON_KIND='KIND_TPU': expected one of"):
         StackConfig.from_env({**env, "LLM_TRITON_KIND": "KIND_TPU"})
 
 

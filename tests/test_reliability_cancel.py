@@ -9,7 +9,6 @@ import urllib.request
 
 import grpc
 import pytest
-
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_gateway.testing import prompt_wav_bytes
 

@@ -21,13 +21,12 @@ from dataclasses import replace
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_gateway.server import Gateway, GatewayConfig
 from cosyvoice_gateway.testing import RedisProcess, free_port, prompt_wav_bytes
 from cosyvoice_tools.stack import Stack
 from cosyvoice_tools.testing import make_stack_config
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 OK, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE

@@ -15,13 +15,12 @@ import grpc
 import numpy as np
 import pytest
 import soundfile as sf
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.audio import PROMPT_MAX_BYTES
-from cosyvoice_gateway.server import GRPC_MESSAGE_OVERHEAD_BYTES
 from cosyvoice_common.constants import SAMPLES_PER_TOKEN
+from cosyvoice_gateway.server import GRPC_MESSAGE_OVERHEAD_BYTES
 from cosyvoice_gateway.testing import prompt_wav_bytes
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 N_TOKENS = 8             # forced length of the good requests: one token2wav call, fast on CPU

@@ -18,12 +18,17 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
-
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
-from cosyvoice_common.constants import FLAT_EOS1_ID, FLAT_SOS_ID, FLAT_TASK_ID, SAMPLES_PER_TOKEN, SPEECH_ID_OFFSET
+from cosyvoice_common.constants import (
+    FLAT_EOS1_ID,
+    FLAT_SOS_ID,
+    FLAT_TASK_ID,
+    SAMPLES_PER_TOKEN,
+    SPEECH_ID_OFFSET,
+)
 from cosyvoice_gateway.pipeline import speech_ids_from_llm
-from cosyvoice_gateway.stage_client import StageClient, stage_config
 from cosyvoice_gateway.server import Gateway, GatewayConfig
+from cosyvoice_gateway.stage_client import StageClient, stage_config
 from cosyvoice_gateway.testing import free_port, prompt_wav_bytes
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

@@ -15,10 +15,9 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_gateway.testing import free_port, prompt_wav_bytes
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 REQUESTS = int(os.environ.get("SOAK_REQUESTS", "24"))

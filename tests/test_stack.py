@@ -6,7 +6,6 @@ import sys
 import time
 
 import pytest
-
 from cosyvoice_tools.triton import pid_alive
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -94,17 +93,6 @@ class Spk2InfoConfig:
             raise ValueError("model_revision is required (cache entries are only valid for one model)")
         if self.ttl_s <= 0 or self.socket_timeout_s <= 0 or self.retry_after_s < 0 or self.max_speakers < 1:
             raise ValueError(f"bad spk2info config: {self}")
-
-    @classmethod
-    def from_env(cls, model_revision: str) -> "Spk2InfoConfig":
-        return cls(
-            url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
-            model_revision=model_revision,
-            ttl_s=int(os.environ.get("CACHE_TTL_S", 24 * 3600)),
-            socket_timeout_s=float(os.environ.get("REDIS_TIMEOUT_S", 0.25)),
-            retry_after_s=float(os.environ.get("REDIS_RETRY_AFTER_S", 5.0)),
-            max_speakers=int(os.environ.get("MAX_SPEAKERS", MAX_NAMED_SPEAKERS)),
-        )
 
 
 def prompt_key_digest(wav_16k: np.ndarray, prompt_text: str) -> str:

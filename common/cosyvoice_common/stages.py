@@ -33,6 +33,9 @@ PUBLIC_PORTS = (GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, *SEED_STREAMING_PORTS, *SE
 
 DEFAULT_REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0"
 DEFAULT_SPEAKER_ID = "001"                   # the key of the seed recipe's spk2info.pt; generated models have it
+# Where `make download` puts the released CosyVoice2-0.5B: the default MODEL_DIR of every server. Generated
+# random-weight models (models/cosyvoice2-tiny, -full) are always named explicitly (`make up`, tests).
+RELEASED_MODEL_DIR = "models/cosyvoice2-0.5b"
 
 
 @dataclass(frozen=True)

@@ -2,75 +2,81 @@
 """Container entrypoint of a seed-compatible front: render the `cosyvoice2` repository, exec tritonserver.
 
 Runs in the gateway image (which holds services/gateway/model_repository and tritonserver). One template,
-two variants, as `make up` renders them (cosyvoice_tools.stack._start_seed_fronts): SEED_DECOUPLED=true is
-the streaming front (compose service `seed-stream`, 8000/8001/8002), false the offline one (`seed-offline`,
-8010/8011/8012). Filled from the environment that compose/Helm set (placement.to_compose / to_k8s):
-MODEL_DIR, REDIS_URL, {TOKENIZER,SPEAKER,LLM,TOKEN2WAV}_URLS, TRITON_{HTTP,GRPC,METRICS}_PORT and the
-front settings of cosyvoice_gateway.seed.front_env_params (SEED_SPEAKER, SEED_PROMPT_WAV, SEED_PROMPT_TEXT,
-SEED_LENGTH_FROM_TEXT, SEED_LENGTH_K, SEED_INSTANCES, ...). A missing variable or an unfilled `${name}`
-stops the container with a message.
+two variants, as `make up` renders them (cosyvoice_tools.stack): SEED_DECOUPLED=true is the streaming front
+(compose service `seed-stream`, 8000/8001/8002), false the offline one (`seed-offline`, 8010/8011/8012).
+Filled with the one filler (cosyvoice_common.stages.fill_template) from SeedContainerEnv below (what
+compose/Helm set: MODEL_DIR, REDIS_URL, {STAGE}_URLS, SEED_DECOUPLED, TRITON_*_PORT) and the front settings
+cosyvoice_gateway.seed.SeedFrontSettings (SEED_SPEAKER, SEED_PROMPT_WAV, SEED_LENGTH_FROM_TEXT, ...);
+docs/CONFIGURATION.md lists them. A bad or missing value stops the container with a message naming it.
 """
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-REQUIRED = ("MODEL_DIR", "REDIS_URL", "TOKENIZER_URLS", "SPEAKER_URLS", "LLM_URLS", "TOKEN2WAV_URLS",
-            "SEED_DECOUPLED", "TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT")
+from cosyvoice_common.settings import ConfigError, from_env, knob
+from cosyvoice_common.stages import DEFAULT_REDIS_URL, fill_template, stage
+from cosyvoice_gateway.seed import SeedFrontSettings, template_params
 
 
-def template_values(env: Mapping[str, str]) -> dict[str, str]:
-    """config.pbtxt values of the variant SEED_DECOUPLED names (cosyvoice_gateway.seed.template_params)."""
-    from cosyvoice_gateway.seed import front_env_params, template_params
-
-    missing = [k for k in REQUIRED if not env.get(k)]
-    if missing:
-        raise SystemExit(f"seed front: set {', '.join(missing)}")
-    decoupled = env["SEED_DECOUPLED"].strip().lower()
-    if decoupled not in ("true", "false"):
-        raise SystemExit(f"seed front: SEED_DECOUPLED must be true (streaming) or false (offline), got {decoupled!r}")
-    urls = {k: env[k] for k in ("TOKENIZER_URLS", "SPEAKER_URLS", "LLM_URLS", "TOKEN2WAV_URLS")}
-    return template_params(decoupled == "true", Path(env["MODEL_DIR"]), urls, env["REDIS_URL"], front_env_params(env))
+def _urls(name: str):
+    return knob(stage(name).env("URLS"), "", f"gRPC host:port of the {name} stage (comma-separated replicas)",
+                required=True)
 
 
-def fill(text: str, values: Mapping[str, str], source: str = "config.pbtxt") -> str:
-    missing: list[str] = []
+@dataclass(frozen=True, slots=True)
+class SeedContainerEnv:
+    decoupled: bool = knob("SEED_DECOUPLED", False, "true: the streaming front; false: the offline one",
+                           required=True)
+    model_dir: str = knob("MODEL_DIR", "", "model directory inside the container", required=True)
+    redis_url: str = knob("REDIS_URL", DEFAULT_REDIS_URL, "spk2info cache and speaker registry")
+    tokenizer_urls: str = _urls("tokenizer")
+    speaker_urls: str = _urls("speaker")
+    llm_urls: str = _urls("llm")
+    token2wav_urls: str = _urls("token2wav")
+    http_port: int = knob("TRITON_HTTP_PORT", 0, "tritonserver HTTP port", low=1, high=65535, required=True)
+    grpc_port: int = knob("TRITON_GRPC_PORT", 0, "tritonserver gRPC port", low=1, high=65535, required=True)
+    metrics_port: int = knob("TRITON_METRICS_PORT", 0, "tritonserver metrics port", low=1, high=65535,
+                             required=True)
+    root: str = knob("COSYVOICE_ROOT", "/opt/cosyvoice", "where the image holds services/gateway/model_repository")
+    model_repository: str = knob("MODEL_REPOSITORY", "/tmp/seed_model_repository",
+                                 "where the filled repository goes")
 
-    def sub(m: re.Match) -> str:
-        if m.group(1) in values:
-            return values[m.group(1)]
-        missing.append(m.group(1))
-        return m.group(0)
+    def stage_urls(self) -> dict[str, str]:
+        return {stage(n).env("URLS"): getattr(self, f"{n}_urls") for n in ("tokenizer", "speaker", "llm", "token2wav")}
 
-    out = _VAR.sub(sub, text)
-    if missing:
-        raise SystemExit(f"{source}: no value for {', '.join(sorted(set(missing)))}")
-    return out
+
+def template_values(env: Mapping[str, str]) -> tuple[SeedContainerEnv, dict[str, str]]:
+    """The container's settings and the config.pbtxt values of the variant SEED_DECOUPLED names."""
+    container = from_env(SeedContainerEnv, env)
+    return container, template_params(container.decoupled, Path(container.model_dir), container.stage_urls(),
+                                      container.redis_url, from_env(SeedFrontSettings, env))
 
 
 def render(src: Path, dst: Path, env: Mapping[str, str]) -> Path:
     """Copy the template repository to `dst` and fill every config.pbtxt; returns `dst`."""
-    values = template_values(env)
+    _, values = template_values(env)
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for cfg in dst.glob("*/config.pbtxt"):
-        cfg.write_text(fill(cfg.read_text(), values, source=str(cfg)))
+        cfg.write_text(fill_template(cfg.read_text(), values, source=str(cfg)))
     return dst
 
 
 def main() -> None:
-    env = dict(os.environ)
-    root = Path(env.get("COSYVOICE_ROOT", "/opt/cosyvoice"))
-    dst = render(root / "services" / "gateway" / "model_repository",
-                 Path(env.get("MODEL_REPOSITORY", "/tmp/seed_model_repository")), env)
-    args = ["tritonserver", f"--model-repository={dst}",
-            f"--http-port={env['TRITON_HTTP_PORT']}", f"--grpc-port={env['TRITON_GRPC_PORT']}",
-            f"--metrics-port={env['TRITON_METRICS_PORT']}", "--allow-metrics=true", *sys.argv[1:]]
+    try:
+        container = from_env(SeedContainerEnv, os.environ)
+        dst = render(Path(container.root) / "services" / "gateway" / "model_repository",
+                     Path(container.model_repository), os.environ)
+    except (ConfigError, ValueError) as exc:   # TemplateError is a ValueError
+        raise SystemExit(f"seed front: {exc}") from None
+    args = ["tritonserver", f"--model-repository={dst}", f"--http-port={container.http_port}",
+            f"--grpc-port={container.grpc_port}", f"--metrics-port={container.metrics_port}",
+            "--allow-metrics=true", *sys.argv[1:]]
     os.execvp(args[0], args)
 
 

@@ -8,14 +8,23 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import render
 import yaml
 from check_jsonschema import builtin_schemas
-
-import render
-from cosyvoice_common.stages import (GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, SEED_OFFLINE_PORTS, SEED_STREAMING_PORTS,
-                                     STAGE_NAMES)
+from cosyvoice_common.stages import (
+    GATEWAY_GRPC_PORT,
+    GATEWAY_HTTP_PORT,
+    SEED_OFFLINE_PORTS,
+    SEED_STREAMING_PORTS,
+    STAGE_NAMES,
+)
 from cosyvoice_tools.placement import (
-    SEED_FRONTS, STAGE_DOCKERFILE, compose_service_names, default_placement, load_placement, to_compose,
+    SEED_FRONTS,
+    STAGE_DOCKERFILE,
+    compose_service_names,
+    default_placement,
+    load_placement,
+    to_compose,
 )
 
 FRONTS = tuple(name for name, _, _ in SEED_FRONTS)      # seed-stream, seed-offline

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 import render
 from cosyvoice_common.stages import STAGE_NAMES
 from cosyvoice_tools.placement import GATEWAY_DOCKERFILE, STAGE_DOCKERFILE
@@ -187,7 +186,7 @@ def test_image_has_healthcheck_and_runs_as_non_root(service):
     users = [r for w, r in final if w == "USER"]
     assert users and users[-1] not in ("root", "0"), f"{service} runs as root"
     user_index = max(i for i, (w, _) in enumerate(final) if w == "USER")
-    assert any(w == "RUN" and f"useradd --uid 10001" in r and "cosyvoice" in r for w, r in final[:user_index])
+    assert any(w == "RUN" and "useradd --uid 10001" in r and "cosyvoice" in r for w, r in final[:user_index])
 
 
 @pytest.mark.parametrize("service", SERVICES)

@@ -4,10 +4,23 @@ import json
 
 import pytest
 import yaml
-
 from cosyvoice_common.constants import REDIS_BOUND_ARGS
-from cosyvoice_common.stages import GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, STAGE_NAMES, stage
-from helm_chart import CHART, EXAMPLES, container, env_of, env_values, helm, template, template_error
+from cosyvoice_common.stages import (
+    GATEWAY_GRPC_PORT,
+    GATEWAY_HTTP_PORT,
+    STAGE_NAMES,
+    stage,
+)
+from helm_chart import (
+    CHART,
+    EXAMPLES,
+    container,
+    env_of,
+    env_values,
+    helm,
+    template,
+    template_error,
+)
 
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 

@@ -24,15 +24,18 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import pathlib
 import statistics
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ
+from cosyvoice_common.stage_params import StageParams, stage_params
 from cosyvoice_common.stages import STAGE_NAMES
 
 STAGES = STAGE_NAMES
@@ -173,12 +176,13 @@ class GrpcDriver:
 class EngineDriver:
     """Runs the gateway pipeline in-process against in-process stages (no servers, no gRPC)."""
 
-    def __init__(self, model_dir: str, device: str):
+    def __init__(self, model_dir: str, device: str, stage_settings: Mapping[str, StageParams] | None = None):
         from cosyvoice_tools.local import (
             LocalPipeline,  # built on the same pipeline code as the gateway
         )
 
-        self._pipeline = LocalPipeline.create(model_dir, device)
+        # The stage servers' settings (TOKENIZER_BACKEND, LLM_DTYPE, TOKEN2WAV_DTYPE, ...), so both lines match.
+        self._pipeline = LocalPipeline.create(model_dir, device, stage_settings=stage_settings)
 
     async def run(self, item: WorkItem, mode: str) -> RequestResult:
         return await self._pipeline.bench_request(item, mode)
@@ -409,7 +413,8 @@ async def main_async(args) -> int:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     if args.engine_only:
-        driver = EngineDriver(args.model_dir, args.device)
+        driver = EngineDriver(args.model_dir, args.device,
+                              {name: stage_params(name, os.environ) for name in STAGE_NAMES})
     elif args.client == "seed":
         driver = SeedDriver(args.seed_stream_addr, args.seed_offline_addr)
     else:

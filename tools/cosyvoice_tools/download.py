@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cosyvoice_common.stages import RELEASED_MODEL_DIR
+
 HF_REPO_ID = "FunAudioLLM/CosyVoice2-0.5B"
 MODELSCOPE_REPO_ID = "iic/CosyVoice2-0.5B"
 SOURCES = ("auto", "hf", "modelscope")
@@ -155,7 +157,6 @@ def compare_shapes(what: str, expected: Mapping[str, tuple[int, ...]], actual: M
 def expected_shapes(cfg: Mapping[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]:
     """Key -> shape of each checkpoint, from the modules our loaders build (on the meta device: no memory)."""
     import torch
-
     from cosyvoice_common.modelconfig import qwen2_config_of
     from cosyvoice_llm.model import Qwen2LM
     from cosyvoice_token2wav.flow.flow import build_flow
@@ -259,7 +260,7 @@ def verify_model_dir(model_dir: str | Path) -> VerifyReport:
 # --- CLI --------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cosyvoice_tools.download", description=__doc__.split("\n")[0])
-    ap.add_argument("--model-dir", type=Path, default=Path(os.environ.get("MODEL_DIR", "models/cosyvoice2-0.5b")))
+    ap.add_argument("--model-dir", type=Path, default=Path(os.environ.get("MODEL_DIR") or RELEASED_MODEL_DIR))
     ap.add_argument("--source", choices=SOURCES, default="auto")
     ap.add_argument("--revision", default=None, help="a Hub revision (branch, tag or commit)")
     ap.add_argument("--verify-only", action="store_true", help="do not download, only verify MODEL_DIR")

@@ -31,7 +31,6 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -53,6 +52,7 @@ from cosyvoice_common.spk2info import (
     Spk2InfoCache,
     Spk2InfoConfig,
 )
+from cosyvoice_common.stage_params import StageParams
 from cosyvoice_gateway.limits import LLM_CAPACITY_PARAMETER
 from cosyvoice_gateway.pipeline import (
     Pipeline,
@@ -536,18 +536,18 @@ class LocalPipeline:
         self.stages = stages
 
     @classmethod
-    def create(cls, model_dir: str | Path, device: str = "cpu", **options) -> "LocalPipeline":
-        """`options`: LocalConfig fields; unset ones follow the stack's TOKENIZER_BACKEND, SPEAKER_BACKEND,
-        LLM_DTYPE, TOKEN2WAV_DTYPE, TOKEN2WAV_MAX_BATCH_SIZE when those are in the environment."""
+    def create(cls, model_dir: str | Path, device: str = "cpu",
+               stage_settings: Mapping[str, StageParams] | None = None, **options) -> "LocalPipeline":
+        """`options`: LocalConfig fields; unset ones follow `stage_settings` (the stage servers' settings,
+        cosyvoice_common.stage_params, which the caller reads once), so both benchmark lines match."""
         from cosyvoice_gateway.model_dir import load_text_encoder, model_revision
 
-        env = {"tokenizer_backend": "TOKENIZER_BACKEND", "speaker_backend": "SPEAKER_BACKEND",
-               "llm_dtype": "LLM_DTYPE", "token2wav_dtype": "TOKEN2WAV_DTYPE"}
-        for option, name in env.items():       # the stack launcher's variables, so both lines match
-            if name in os.environ:
-                options.setdefault(option, os.environ[name])
-        if "TOKEN2WAV_MAX_BATCH_SIZE" in os.environ:
-            options.setdefault("max_batch", int(os.environ["TOKEN2WAV_MAX_BATCH_SIZE"]))
+        if stage_settings is not None:
+            options.setdefault("tokenizer_backend", stage_settings["tokenizer"].backend)
+            options.setdefault("speaker_backend", stage_settings["speaker"].backend)
+            options.setdefault("llm_dtype", stage_settings["llm"].dtype)
+            options.setdefault("token2wav_dtype", stage_settings["token2wav"].dtype)
+            options.setdefault("max_batch", stage_settings["token2wav"].max_batch_size)
         if options.get("token2wav_dtype") == "auto":
             options["token2wav_dtype"] = "float32"      # the token2wav stage's `auto`
         config = LocalConfig(Path(model_dir), str(device), **options)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-
+from cosyvoice_common import modelconfig as mc
 from cosyvoice_common.constants import (
     MEL_BINS,
     OUTPUT_SAMPLE_RATE_HZ,
@@ -47,14 +47,14 @@ from cosyvoice_common.constants import (
     SPEAKER_EMBEDDING_DIM,
     SPEECH_CODEBOOK_SIZE,
     SPEECH_EOS,
-    SPEECH_HEAD_SIZE,
     SPEECH_STOP_IDS,
     TOKEN_FRAME_RATE_HZ,
     TOKEN_HOP_TOKENS,
     TOKEN_MEL_RATIO,
 )
-from cosyvoice_common import modelconfig as mc
-from cosyvoice_common.seed_speakers import SPK2INFO_NAME   # read into the registry at start
+from cosyvoice_common.seed_speakers import (
+    SPK2INFO_NAME,  # read into the registry at start
+)
 
 Shape = tuple[int, ...]
 SIZES = ("tiny", "full")

@@ -34,9 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cosyvoice_common.constants import REDIS_BOUND_ARGS
-from cosyvoice_common.stages import (DEFAULT_SPEAKER_ID, GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, GRPC_PORT_DELTA,
-                                     METRICS_PORT_DELTA, PUBLIC_PORTS, REDIS_PORT, REPLICA_PORT_STRIDE,
-                                     SEED_OFFLINE_PORTS, SEED_STREAMING_PORTS, STAGE_NAMES, stage)
+from cosyvoice_common.stages import (
+    DEFAULT_SPEAKER_ID,
+    GATEWAY_GRPC_PORT,
+    GATEWAY_HTTP_PORT,
+    GRPC_PORT_DELTA,
+    METRICS_PORT_DELTA,
+    PUBLIC_PORTS,
+    REDIS_PORT,
+    REPLICA_PORT_STRIDE,
+    SEED_OFFLINE_PORTS,
+    SEED_STREAMING_PORTS,
+    STAGE_NAMES,
+    stage,
+)
 
 CPU_DEVICE = "cpu"
 DEFAULT_DEVICE = "cuda:0"          # the single-GPU target of the brief: every stage on GPU 0

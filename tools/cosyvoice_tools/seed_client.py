@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ, PROMPT_16K_SAMPLE_RATE_HZ
 
 MODEL_NAME = "cosyvoice2"
@@ -81,7 +80,6 @@ def load_manifest(path: Path) -> list[SeedItem]:
 def load_wav_16k(path: Path) -> np.ndarray:
     """Mono float32 at 16 kHz (the rate the seed's server hard-codes for reference_wav)."""
     import soundfile as sf
-
     from cosyvoice_common.audio import resample
 
     wav, rate = sf.read(str(path), dtype="float32", always_2d=True)

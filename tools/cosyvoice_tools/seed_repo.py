@@ -12,8 +12,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from cosyvoice_common.settings import from_env
 from cosyvoice_common.stages import DEFAULT_REDIS_URL, stage
-from cosyvoice_gateway.seed import SEED_MODEL_NAME, front_env_params, template_params
+from cosyvoice_gateway.seed import SEED_MODEL_NAME, SeedFrontSettings, template_params
 
 from cosyvoice_tools.triton import PACKAGE_ROOTS, REPO_ROOT, render_model_repository
 
@@ -77,11 +78,11 @@ def ensure_stub_python(target: Path, wheel_dirs: Sequence[Path] = ()) -> Path:
 
 
 def render_repositories(out_dir: Path, model_dir: Path, stage_urls: Mapping[str, str], redis_url: str,
-                        params: Mapping[str, str]) -> dict[str, Path]:
+                        settings: SeedFrontSettings) -> dict[str, Path]:
     """run.sh stage 2: the two `cosyvoice2` repositories (streaming, offline) from the one template."""
     template = REPO_ROOT / "services/gateway/model_repository"
     return {name: render_model_repository(template, Path(out_dir) / name,
-                                          template_params(decoupled, model_dir, stage_urls, redis_url, params))
+                                          template_params(decoupled, model_dir, stage_urls, redis_url, settings))
             for name, decoupled in (("seed-stream", True), ("seed-offline", False))}
 
 
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not model_dir:
         raise SystemExit("set MODEL_DIR (the model directory the fronts load the tokenizer and spk2info.pt from)")
     repos = render_repositories(args.out, Path(model_dir).resolve(), urls, env.get("REDIS_URL", DEFAULT_REDIS_URL),
-                                front_env_params(env))
+                                from_env(SeedFrontSettings, env))
     for name, path in repos.items():
         print(f"{name}: {path / SEED_MODEL_NAME / 'config.pbtxt'}")
     return 0

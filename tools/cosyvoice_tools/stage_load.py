@@ -60,8 +60,9 @@ def synthetic_prompt() -> tuple[bytes, str]:
 
 async def record(model_dir: pathlib.Path, device: str, out: pathlib.Path, tokens: int,
                  manifest: pathlib.Path | None, text: str) -> dict[str, int]:
-    from cosyvoice_tools.local import LocalPipeline
     from cosyvoice_gateway.pipeline import SynthesisRequest
+
+    from cosyvoice_tools.local import LocalPipeline
 
     if manifest is not None:
         from cosyvoice_tools.bench import load_manifest

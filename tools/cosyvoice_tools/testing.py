@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cosyvoice_common.stage_params import STAGE_PARAMS
 
 from cosyvoice_tools.stack import (
     STAGES,
     Stack,
     StackConfig,
     StageSettings,
-    default_stage_params,
     redis_server_binary,
     stop_records,
 )
@@ -85,10 +85,9 @@ def redis_server(tmp_path_factory):
 def make_stack_config(model_dir: Path, run_dir: Path, stages: tuple[str, ...] = tuple(s.name for s in STAGES),
                       gateway: bool = False, redis: bool = False, **stage_changes) -> StackConfig:
     """A StackConfig for tests: one CPU replica per listed stage, free ports, small batches, quiet."""
-    env: dict[str, str] = {}
     settings = tuple(
-        StageSettings(s.name, replicas=1 if s.name in stages else 0, devices=("cpu",), max_batch_size=4,
-                      base_port=0, params=default_stage_params(s.name, env), **stage_changes.get(s.name, {}))
+        StageSettings(s.name, replicas=1 if s.name in stages else 0, devices=("cpu",), base_port=0,
+                      params=STAGE_PARAMS[s.name](max_batch_size=4), **stage_changes.get(s.name, {}))
         for s in STAGES)
     return StackConfig(model_dir=model_dir, run_dir=run_dir, stages=settings, redis_port=0, start_redis=redis,
                        gateway=gateway, gateway_grpc_port=0, gateway_http_port=0, ready_timeout_s=180.0,
@@ -155,16 +154,16 @@ def seed_front(stage_servers, tiny_model_dir, tmp_path_factory):
     `seed_front.seed_ports("seed-stream" | "seed-offline")` -> {"http", "grpc", "metrics"}."""
     from dataclasses import replace
 
-    from cosyvoice_gateway.seed import front_env_params
+    from cosyvoice_gateway.seed import SeedFrontSettings
     from cosyvoice_gateway.testing import prompt_wav_bytes
 
     run_dir = tmp_path_factory.mktemp("seed-front")
     prompt = run_dir / "prompt_001.wav"
     prompt.write_bytes(prompt_wav_bytes(seconds=2.0))
-    params = {**front_env_params({}), "prompt_wav": str(prompt), "prompt_text": "a default voice."}
+    settings = SeedFrontSettings(prompt_wav=str(prompt), prompt_text="a default voice.")
     config = replace(make_stack_config(tiny_model_dir, run_dir, stages=(), gateway=False, redis=True),
                      stage_urls=stage_servers.urls_env(), seed_front=True, seed_stream_base_port=0,
-                     seed_offline_base_port=0, seed_params=params)
+                     seed_offline_base_port=0, seed=settings)
     stack = Stack(config)
     stack.start()
     yield stack

@@ -44,7 +44,6 @@ for _sub in ("common", "services/llm"):
         sys.path.insert(0, _p)
 
 import torch  # noqa: E402
-
 from cosyvoice_common.constants import SPEECH_EOS, SPEECH_ID_OFFSET  # noqa: E402
 from cosyvoice_llm import engine as fast_engine  # noqa: E402
 from cosyvoice_llm.model import Qwen2LM, build_prompt_flat_ids  # noqa: E402

@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-
 from cosyvoice_llm.model import build_prompt_flat_ids
 
 

@@ -38,12 +38,21 @@ for _sub in ("common", "services/token2wav", "tools"):
         sys.path.insert(0, _p)
 
 import torch  # noqa: E402
-
-from cosyvoice_common.constants import MEL_BINS, SPEAKER_EMBEDDING_DIM, SPEECH_CODEBOOK_SIZE  # noqa: E402
+from cosyvoice_common.constants import (  # noqa: E402
+    MEL_BINS,
+    SPEAKER_EMBEDDING_DIM,
+    SPEECH_CODEBOOK_SIZE,
+)
 from cosyvoice_common.modelconfig import add_source_defaults  # noqa: E402
 from cosyvoice_token2wav.flow import CausalMaskedDiffWithXvec  # noqa: E402
 from cosyvoice_token2wav.hift import HiFTGenerator, load_hift_state  # noqa: E402
-from cosyvoice_token2wav.quality import BF16_BOUNDS, FLOAT32_BOUNDS, quality_gate, rel_l2, spec_db  # noqa: E402
+from cosyvoice_token2wav.quality import (  # noqa: E402
+    BF16_BOUNDS,
+    FLOAT32_BOUNDS,
+    quality_gate,
+    rel_l2,
+    spec_db,
+)
 from cosyvoice_token2wav.runner import ChunkRequest, Token2WavRunner  # noqa: E402
 from cosyvoice_token2wav.token2wav import Token2Wav  # noqa: E402
 
@@ -324,7 +333,7 @@ def serving_table(results: dict, info: dict) -> None:
         f"{load['final_tokens']}-token streams, {load['prompt_tokens']}-token prompts): ms until its first chunks are on "
         f"the host; offl{n} = {n} offline {load['offline_tokens']}-token calls; 1st-use = the first call of each timed "
         f"load (old: incl. lazy captures)")
-    log(f"  targets (H200): first B=1 <= 10 ms, first@16 <= 30 ms, offline >= 300 audio-s/s")
+    log("  targets (H200): first B=1 <= 10 ms, first@16 <= 30 ms, offline >= 300 audio-s/s")
 
 
 def main() -> int:

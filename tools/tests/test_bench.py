@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from cosyvoice_gateway.testing import prompt_wav_bytes
 from cosyvoice_tools import bench
 

@@ -1,6 +1,5 @@
 """CUDA MPS switch of the launcher (the daemon itself needs a GPU machine: tools/gpu/final_run.sh runs it)."""
 import pytest
-
 from cosyvoice_tools import mps
 from cosyvoice_tools.mps import MpsDaemon, MpsError
 from cosyvoice_tools.stack import StackConfig

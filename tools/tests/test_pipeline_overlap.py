@@ -9,11 +9,14 @@ import asyncio
 
 import numpy as np
 import pytest
-
-from cosyvoice_common.constants import MEL_HOP_SAMPLES, OUTPUT_SAMPLE_RATE_HZ, TOKEN_MEL_RATIO
-from cosyvoice_tools.local import LocalPipeline
+from cosyvoice_common.constants import (
+    MEL_HOP_SAMPLES,
+    OUTPUT_SAMPLE_RATE_HZ,
+    TOKEN_MEL_RATIO,
+)
 from cosyvoice_gateway.pipeline import StageTimings, SynthesisRequest
 from cosyvoice_gateway.testing import prompt_wav_bytes
+from cosyvoice_tools.local import LocalPipeline
 
 
 class _GatedSpeaker:

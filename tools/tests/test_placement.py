@@ -2,11 +2,16 @@
 from pathlib import Path
 
 import pytest
-
 from cosyvoice_common.stages import PUBLIC_PORTS, STAGE_NAMES
 from cosyvoice_tools.placement import (
-    Placement, PlacementError, StagePlacement, deal_round_robin, default_placement,
-    load_placement, parse_device, stage_url_env,
+    Placement,
+    PlacementError,
+    StagePlacement,
+    deal_round_robin,
+    default_placement,
+    load_placement,
+    parse_device,
+    stage_url_env,
 )
 
 REPO = Path(__file__).resolve().parents[2]

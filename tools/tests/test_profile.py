@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-
 from cosyvoice_gateway.testing import prompt_wav_bytes
 from cosyvoice_tools import profile
 from cosyvoice_tools.bench import STAGES, GrpcDriver, WorkItem

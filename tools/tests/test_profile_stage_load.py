@@ -9,7 +9,6 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
-
 from cosyvoice_common.contracts import LLM_MODEL, TOKEN2WAV_MODEL
 from cosyvoice_tools import stage_load
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import grpc
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -16,14 +16,6 @@ API_KEY_ENV = "COSYVOICE_API_KEY"
 PROTECTED_GRPC_PREFIX = "/cosyvoice.v1.TextToSpeech/"
 PROTECTED_HTTP_PREFIX = "/v1/"
 _BEARER = "bearer "
-
-
-def parse_api_keys(value: str) -> tuple[str, ...]:
-    return tuple(k.strip() for k in value.split(",") if k.strip())
-
-
-def keys_from_env(env: Mapping[str, str]) -> tuple[str, ...]:
-    return parse_api_keys(env.get(API_KEY_ENV, ""))
 
 
 def authorized(header: str | None, keys: Sequence[str]) -> bool:

@@ -24,7 +24,6 @@ import base64
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -33,6 +32,7 @@ import grpc
 import numpy as np
 from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio
 from cosyvoice_common.spk2info import RegistryUnavailableError, SpeakerInfo
+from cosyvoice_common.stages import DEFAULT_SPEAKER_ID
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -113,7 +113,7 @@ class HttpConfig:
     default_response_format: str = ""           # "" = OpenAI's mp3 when libsndfile has it, else wav
     formats: tuple[str, ...] = ()               # () = every format libsndfile can write here
     api_keys: tuple[str, ...] = ()              # the gateway's COSYVOICE_API_KEY; empty = open
-    openai_voice: str = "001"                   # the voice OpenAI's names (alloy, ...) speak with
+    openai_voice: str = DEFAULT_SPEAKER_ID      # the voice OpenAI's names (alloy, ...) speak with
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1:
@@ -125,12 +125,6 @@ class HttpConfig:
         if default not in formats:
             raise ValueError(f"default response format {default!r} not in {formats}")
         object.__setattr__(self, "default_response_format", default)
-
-    @classmethod
-    def from_env(cls) -> "HttpConfig":
-        return cls(max_upload_bytes=int(os.environ.get("HTTP_MAX_UPLOAD_BYTES", PROMPT_MAX_BYTES)),
-                   default_response_format=os.environ.get("HTTP_DEFAULT_RESPONSE_FORMAT", ""),
-                   openai_voice=os.environ.get("HTTP_OPENAI_VOICE", "001"))
 
 
 class SpeechRequest(BaseModel):
@@ -493,8 +487,7 @@ async def _encoded_stream(pipeline: Pipeline, prepared, timings: StageTimings, f
 
 def create_app(gateway) -> FastAPI:
     """The HTTP front of a `Gateway` (duck-typed: no import of server): its pipeline, admission and readiness."""
-    return build_app(gateway.pipeline, lambda: gateway.serving,
-                     dataclasses.replace(HttpConfig.from_env(), api_keys=gateway.config.api_keys),
+    return build_app(gateway.pipeline, lambda: gateway.serving, gateway.config.http_config(),
                      gateway.admission, gateway.config.request_timeout_s)
 
 

@@ -40,9 +40,11 @@ from typing import Protocol
 
 import numpy as np
 from cosyvoice_common.constants import MAX_SPEECH_TOKENS, PROMPT_16K_SAMPLE_RATE_HZ
+from cosyvoice_common.settings import check_knobs, knob, template_values
+from cosyvoice_common.stages import DEFAULT_SPEAKER_ID
 
 SEED_MODEL_NAME = "cosyvoice2"          # the only name the seed's clients accept for CosyVoice2
-DEFAULT_SPEAKER = "001"                 # the seed's spk2info.pt key
+DEFAULT_SPEAKER = DEFAULT_SPEAKER_ID      # the seed's spk2info.pt key
 CANCEL_POLL_S = 0.02
 READINESS_INTERVAL_S = 2.0
 LENGTH_MODES = ("off", "ratio")
@@ -207,27 +209,36 @@ class SeedFrontConfig:
                    llm_timeout_s=float(get("llm_timeout_s", "300")))
 
 
-def front_env_params(env: Mapping[str, str]) -> dict[str, str]:
-    """Template parameters of the front from the launcher's environment (all SEED_*; see README)."""
-    return {
-        "default_speaker": env.get("SEED_SPEAKER", DEFAULT_SPEAKER),
-        "length_from_text": env.get("SEED_LENGTH_FROM_TEXT", "off"),
-        "length_k": env.get("SEED_LENGTH_K", str(DEFAULT_LENGTH_K)),
-        "prompt_wav": env.get("SEED_PROMPT_WAV", ""),
-        "prompt_text": env.get("SEED_PROMPT_TEXT", ""),
-        "model_revision": env.get("MODEL_REVISION", ""),
-        "instance_count": env.get("SEED_INSTANCES", "1"),
-        "max_batch_size": env.get("SEED_MAX_BATCH_SIZE", "16"),
-        "max_queue_delay_us": env.get("SEED_MAX_QUEUE_DELAY_US", "0"),
-        "stage_timeout_s": env.get("STAGE_TIMEOUT_S", "30"),
-        "llm_timeout_s": env.get("LLM_TIMEOUT_S", "300"),
-    }
+@dataclass(frozen=True, slots=True)
+class SeedFrontSettings:
+    """What a deployment sets for the two seed-compatible fronts, from the environment of `make up` or of the
+    front's container (deploy/docker/seed_front.py); they become config.pbtxt parameters, which the front's
+    model.py reads into SeedFrontConfig. Field names are the template's `${...}` names."""
+    default_speaker: str = knob("SEED_SPEAKER", DEFAULT_SPEAKER,
+                                "registered voice a request without reference audio speaks with")
+    prompt_wav: str = knob("SEED_PROMPT_WAV", "", "audio file registered as SEED_SPEAKER at start-up (path as the "
+                           "front sees it)")
+    prompt_text: str = knob("SEED_PROMPT_TEXT", "", "transcript of SEED_PROMPT_WAV (empty = cross-lingual)")
+    length_from_text: str = knob("SEED_LENGTH_FROM_TEXT", "off", "off: the model's own length rule; ratio: "
+                                 "min = max = SEED_LENGTH_K x target text tokens", choices=LENGTH_MODES)
+    length_k: float = knob("SEED_LENGTH_K", DEFAULT_LENGTH_K, "speech tokens per text token for ratio", low=0.01)
+    model_revision: str = knob("MODEL_REVISION", "", "spk2info key revision (empty = hashed from the model files)")
+    instance_count: int = knob("SEED_INSTANCES", 1, "Triton instances of each front", low=1)
+    max_batch_size: int = knob("SEED_MAX_BATCH_SIZE", 16, "Triton max_batch_size of each front", low=1)
+    max_queue_delay_us: int = knob("SEED_MAX_QUEUE_DELAY_US", 0, "Triton dynamic batcher delay of each front",
+                                   low=0)
+    stage_timeout_s: float = knob("STAGE_TIMEOUT_S", 30.0, "deadline of one tokenizer, speaker or token2wav call",
+                                  low=0.001)
+    llm_timeout_s: float = knob("LLM_TIMEOUT_S", 300.0, "deadline of a whole LLM stream", low=0.001)
+
+    def __post_init__(self) -> None:
+        check_knobs(self)
 
 
 def template_params(decoupled: bool, model_dir: Path, stage_urls: Mapping[str, str], redis_url: str,
-                    params: Mapping[str, str]) -> dict[str, str]:
+                    settings: SeedFrontSettings) -> dict[str, str]:
     """Everything `model_repository/cosyvoice2/config.pbtxt` needs, for one of the two variants."""
-    pbtxt_text = {k: str(v).replace("\\", "\\\\").replace('"', '\\"') for k, v in params.items()}
+    pbtxt_text = {k: str(v).replace("\\", "\\\\").replace('"', '\\"') for k, v in template_values(settings).items()}
     return {**pbtxt_text, "decoupled": "true" if decoupled else "false", "model_dir": str(model_dir),
             "redis_url": redis_url, "tokenizer_urls": stage_urls["TOKENIZER_URLS"],
             "speaker_urls": stage_urls["SPEAKER_URLS"], "llm_urls": stage_urls["LLM_URLS"],

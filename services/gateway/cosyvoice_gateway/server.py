@@ -2,8 +2,8 @@
 
 Health is NOT_SERVING until every stage has a ready replica (server ready + model ready), re-checked
 every `READINESS_INTERVAL_S`. SIGTERM/SIGINT: health goes NOT_SERVING, in-flight RPCs get `GRACE_S` to
-finish, then stage clients and Redis are closed. Config is read once from the environment
-(`GatewayConfig.from_env`); see the gateway README for every variable.
+finish, then stage clients and Redis are closed. Config is read once, in main(), into GatewayConfig
+(docs/CONFIGURATION.md lists every variable).
 """
 from __future__ import annotations
 
@@ -21,10 +21,19 @@ from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio
 from cosyvoice_common.constants import MAX_NAMED_SPEAKERS
 from cosyvoice_common.seed_speakers import import_model_speakers
+from cosyvoice_common.settings import ConfigError, check_knobs, from_env, knob
 from cosyvoice_common.spk2info import (
     RegistryUnavailableError,
     Spk2InfoCache,
     Spk2InfoConfig,
+)
+from cosyvoice_common.stages import (
+    DEFAULT_REDIS_URL,
+    DEFAULT_SPEAKER_ID,
+    GATEWAY_GRPC_PORT,
+    GATEWAY_HTTP_PORT,
+    RELEASED_MODEL_DIR,
+    stage,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -32,9 +41,9 @@ from prometheus_client import start_http_server
 
 from cosyvoice_gateway import metrics
 from cosyvoice_gateway.admission import Admission, AdmissionInterceptor
-from cosyvoice_gateway.auth import ApiKeyInterceptor, keys_from_env
+from cosyvoice_gateway.auth import API_KEY_ENV, ApiKeyInterceptor
 from cosyvoice_gateway.encoding import StreamEncoder
-from cosyvoice_gateway.http_api import create_app
+from cosyvoice_gateway.http_api import RESPONSE_FORMATS, HttpConfig, create_app
 from cosyvoice_gateway.model_dir import load_text_encoder, model_revision
 from cosyvoice_gateway.pipeline import (
     Pipeline,
@@ -50,8 +59,6 @@ from cosyvoice_gateway.stage_client import StageClient, StageError, Stages, stag
 log = logging.getLogger("cosyvoice_gateway")
 
 SERVICE_NAME = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
-# Files whose content identifies a model for the spk2info key; hashing head and tail of each keeps
-# start-up fast on multi-GB checkpoints while any re-export changes the revision.
 _LOGGED_ID_CHARS = 128                    # a refused request's id may be anything: log its start only
 GRPC_MESSAGE_OVERHEAD_BYTES = 1 << 20     # a request beyond its prompt audio: texts, ids, settings
 _ENCODING_NAMES = {
@@ -62,79 +69,78 @@ _ENCODING_NAMES = {
 }
 
 
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
-
-
-def _env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
+def _stage_urls(name: str):
+    return knob(stage(name).env("URLS"), "", f"gRPC host:port of the {name} stage; several replicas "
+                "comma-separated, or dns:///name:port to spread over what a name resolves to", required=True)
 
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
-    model_dir: Path
-    tokenizer_urls: str
-    speaker_urls: str
-    llm_urls: str
-    token2wav_urls: str
-    redis_url: str
-    model_revision: str
-    host: str = "127.0.0.1"
-    grpc_port: int = 50051
-    http_port: int = 8080             # 0 = no HTTP front end (served when cosyvoice_gateway.http exists)
-    metrics_port: int = 0             # separate Prometheus port; 0 = only /metrics on the HTTP port
-    cache_ttl_s: int = 24 * 3600
-    stage_timeout_s: float = 30.0     # tokenizer, speaker, one token2wav call
-    llm_timeout_s: float = 300.0      # a whole LLM stream
-    max_inflight_per_replica: int = 0
-    max_concurrent_rpcs: int = 256
-    readiness_interval_s: float = 2.0
-    grace_s: float = 5.0
-    api_keys: tuple[str, ...] = ()    # COSYVOICE_API_KEY (comma-separated); empty = no authentication
-    max_speakers: int = MAX_NAMED_SPEAKERS  # named voices in the registry (MAX_SPEAKERS)
-    max_inflight_requests: int = 64   # synthesis/registration requests in flight; more = RESOURCE_EXHAUSTED/429
-    retry_after_s: float = 1.0        # the retry hint sent with a refusal
-    request_timeout_s: float = 0.0    # per-request deadline for every stage call (0 = the client's, if any)
+    """Everything one gateway process is configured with: read once in main() (`from_env(GatewayConfig,
+    os.environ)`), validated here, handed to what needs it (docs/CONFIGURATION.md is generated from these)."""
+    tokenizer_urls: str = _stage_urls("tokenizer")
+    speaker_urls: str = _stage_urls("speaker")
+    llm_urls: str = _stage_urls("llm")
+    token2wav_urls: str = _stage_urls("token2wav")
+    model_dir: Path = knob("MODEL_DIR", Path(RELEASED_MODEL_DIR), "model directory (the text tokenizer under "
+                           "CosyVoice-BlankEN, spk2info.pt voices, the revision hash)")
+    redis_url: str = knob("REDIS_URL", DEFAULT_REDIS_URL, "spk2info cache and speaker registry (empty cache: "
+                          "slower, never wrong)")
+    model_revision: str = knob("MODEL_REVISION", "", "spk2info key revision (empty = hashed from the model files)")
+    host: str = knob("GATEWAY_HOST", "127.0.0.1", "address gRPC, HTTP and metrics listen on (0.0.0.0 in a "
+                     "container)")
+    grpc_port: int = knob("GRPC_PORT", GATEWAY_GRPC_PORT, "gRPC port", low=0, high=65535)
+    http_port: int = knob("HTTP_PORT", GATEWAY_HTTP_PORT, "HTTP port (OpenAI API, /healthz, /metrics; 0 = none)",
+                          low=0, high=65535)
+    metrics_port: int = knob("METRICS_PORT", 0, "separate Prometheus port (0 = only /metrics on HTTP_PORT)",
+                             low=0, high=65535)
+    cache_ttl_s: int = knob("CACHE_TTL_S", 24 * 3600, "lifetime of an ad-hoc prompt's cached features "
+                            "(named voices never expire)", low=1)
+    redis_timeout_s: float = knob("REDIS_TIMEOUT_S", 0.25, "socket timeout of one Redis call", low=0.001)
+    redis_retry_after_s: float = knob("REDIS_RETRY_AFTER_S", 5.0, "after a Redis failure, treat it as down "
+                                      "this long", low=0)
+    max_speakers: int = knob("MAX_SPEAKERS", MAX_NAMED_SPEAKERS, "named voices per model revision", low=1)
+    stage_timeout_s: float = knob("STAGE_TIMEOUT_S", 30.0, "deadline of one tokenizer, speaker or token2wav call",
+                                  low=0.001)
+    llm_timeout_s: float = knob("LLM_TIMEOUT_S", 300.0, "deadline of a whole LLM stream", low=0.001)
+    request_timeout_s: float = knob("REQUEST_TIMEOUT_S", 0.0, "deadline of a whole request (0 = the client's, "
+                                    "if any)", low=0)
+    max_inflight_per_replica: int = knob("MAX_INFLIGHT_PER_REPLICA", 0, "stage calls in flight per replica "
+                                         "(0 = unbounded)", low=0)
+    max_concurrent_rpcs: int = knob("MAX_CONCURRENT_RPCS", 256, "gRPC calls the server takes at once", low=1)
+    max_inflight_requests: int = knob("MAX_INFLIGHT_REQUESTS", 64, "synthesis/registration requests in flight; "
+                                      "more get RESOURCE_EXHAUSTED / 429 (0 = unbounded)", low=0)
+    retry_after_s: float = knob("RETRY_AFTER_S", 1.0, "retry hint sent with a refusal", low=0.001)
+    readiness_interval_s: float = knob("READINESS_INTERVAL_S", 2.0, "how often stage readiness is checked",
+                                       low=0.001)
+    grace_s: float = knob("GRACE_S", 5.0, "on SIGTERM, how long in-flight calls may finish", low=0)
+    api_keys: tuple[str, ...] = knob(API_KEY_ENV, (), "API keys (comma-separated) required as `authorization: "
+                                     "Bearer <key>`; empty = open", secret=True)
+    http_max_upload_bytes: int = knob("HTTP_MAX_UPLOAD_BYTES", PROMPT_MAX_BYTES, "largest prompt upload", low=1)
+    http_default_response_format: str = knob("HTTP_DEFAULT_RESPONSE_FORMAT", "", "response_format when a request "
+                                             "names none (empty: mp3 where libsndfile has it, else wav)",
+                                             choices=("", *RESPONSE_FORMATS))
+    http_openai_voice: str = knob("HTTP_OPENAI_VOICE", DEFAULT_SPEAKER_ID, "registered voice that OpenAI's "
+                                  "voice names (alloy, ...) speak with")
+    log_level: str = knob("LOG_LEVEL", "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self) -> None:
-        for port in (self.grpc_port, self.http_port, self.metrics_port):
-            if not 0 <= port < 65536:
-                raise ValueError(f"bad port {port}")
-        if (self.max_concurrent_rpcs < 1 or self.grace_s < 0 or self.readiness_interval_s <= 0
-                or self.max_inflight_requests < 0 or self.retry_after_s <= 0 or self.request_timeout_s < 0):
-            raise ValueError(f"bad gateway config: {self}")
+        check_knobs(self)
+        for name in ("tokenizer_urls", "speaker_urls", "llm_urls", "token2wav_urls"):
+            if not getattr(self, name):
+                raise ValueError(f"{stage(name.removesuffix('_urls')).env('URLS')} is empty")
+        if not self.model_revision:
+            object.__setattr__(self, "model_revision", model_revision(self.model_dir))
 
-    @classmethod
-    def from_env(cls) -> "GatewayConfig":
-        model_dir = Path(os.environ.get("MODEL_DIR", "models/cosyvoice2-tiny"))
-        missing = [n for n in ("TOKENIZER_URLS", "SPEAKER_URLS", "LLM_URLS", "TOKEN2WAV_URLS") if not os.environ.get(n)]
-        if missing:
-            raise ValueError(f"missing stage URLs: {', '.join(missing)}")
-        return cls(
-            model_dir=model_dir,
-            tokenizer_urls=os.environ["TOKENIZER_URLS"],
-            speaker_urls=os.environ["SPEAKER_URLS"],
-            llm_urls=os.environ["LLM_URLS"],
-            token2wav_urls=os.environ["TOKEN2WAV_URLS"],
-            redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
-            model_revision=os.environ.get("MODEL_REVISION") or model_revision(model_dir),
-            host=os.environ.get("GATEWAY_HOST", "127.0.0.1"),
-            grpc_port=_env_int("GRPC_PORT", 50051),
-            http_port=_env_int("HTTP_PORT", 8080),
-            metrics_port=_env_int("METRICS_PORT", 0),
-            cache_ttl_s=_env_int("CACHE_TTL_S", 24 * 3600),
-            stage_timeout_s=_env_float("STAGE_TIMEOUT_S", 30.0),
-            llm_timeout_s=_env_float("LLM_TIMEOUT_S", 300.0),
-            max_inflight_per_replica=_env_int("MAX_INFLIGHT_PER_REPLICA", 0),
-            max_concurrent_rpcs=_env_int("MAX_CONCURRENT_RPCS", 256),
-            readiness_interval_s=_env_float("READINESS_INTERVAL_S", 2.0),
-            grace_s=_env_float("GRACE_S", 5.0),
-            api_keys=keys_from_env(os.environ),
-            max_inflight_requests=_env_int("MAX_INFLIGHT_REQUESTS", 64),
-            max_speakers=_env_int("MAX_SPEAKERS", MAX_NAMED_SPEAKERS),
-            retry_after_s=_env_float("RETRY_AFTER_S", 1.0),
-            request_timeout_s=_env_float("REQUEST_TIMEOUT_S", 0.0),
-        )
+    def http_config(self) -> HttpConfig:
+        return HttpConfig(max_upload_bytes=self.http_max_upload_bytes,
+                          default_response_format=self.http_default_response_format,
+                          api_keys=self.api_keys, openai_voice=self.http_openai_voice)
+
+    def spk2info_config(self) -> Spk2InfoConfig:
+        return Spk2InfoConfig(url=self.redis_url, model_revision=self.model_revision, ttl_s=self.cache_ttl_s,
+                              socket_timeout_s=self.redis_timeout_s, retry_after_s=self.redis_retry_after_s,
+                              max_speakers=self.max_speakers)
 
 
 # --- proto <-> pipeline -----------------------------------------------------------------------------------
@@ -274,8 +280,7 @@ class Gateway:
                                      config.max_inflight_per_replica))
             for name, urls in (("tokenizer", config.tokenizer_urls), ("speaker", config.speaker_urls),
                                ("llm", config.llm_urls), ("token2wav", config.token2wav_urls))))
-        self.cache = Spk2InfoCache(Spk2InfoConfig(url=config.redis_url, model_revision=config.model_revision,
-                                                  ttl_s=config.cache_ttl_s, max_speakers=config.max_speakers))
+        self.cache = Spk2InfoCache(config.spk2info_config())
         self.pipeline = Pipeline(PipelineConfig(), self.stages, self.cache,
                                  encode_text or load_text_encoder(config.model_dir))
         self.health = health.aio.HealthServicer()
@@ -359,9 +364,12 @@ async def serve(config: GatewayConfig) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(serve(GatewayConfig.from_env()))
+    try:
+        config = from_env(GatewayConfig, os.environ)
+    except ConfigError as exc:
+        raise SystemExit(f"gateway: {exc}") from None
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

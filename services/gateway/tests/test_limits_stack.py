@@ -29,7 +29,7 @@ LONG_TEXT = ("The quick brown fox jumps over the lazy dog while the speaker take
 def small_llm(tiny_model_dir, tmp_path_factory):
     """One llm tritonserver serving max_seq_len = CAPACITY."""
     config = make_stack_config(tiny_model_dir, tmp_path_factory.mktemp("small-llm"), stages=("llm",))
-    stages = tuple(replace(s, params={**s.params, "llm_max_seq_len": str(CAPACITY)}) if s.name == "llm" else s
+    stages = tuple(replace(s, params=replace(s.params, max_seq_len=CAPACITY)) if s.name == "llm" else s
                    for s in config.stages)
     stack = Stack(replace(config, stages=stages))
     stack.start()

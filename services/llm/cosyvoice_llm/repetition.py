@@ -13,8 +13,8 @@ The engine calls `push(token)` once per emitted token and ends the request with
 `FinishReason.REPETITION` when it returns True (only once the request's `min_new_tokens` are out, so
 forced lengths are never cut short).
 
-Configured by a short spec string (`RepetitionConfig.parse`), e.g. from the llm stage's
-`LLM_REPETITION` environment variable: "off", or "max_period=20,min_repeats=4,min_span=100".
+Configured by a short spec string (`RepetitionConfig.parse`), the llm model's `repetition` parameter
+(variable LLM_REPETITION): "on", "off", or "max_period=20,min_repeats=4,min_span=100".
 """
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import queue
 import threading
 import time
@@ -25,6 +24,7 @@ import triton_python_backend_utils as pb_utils
 from cosyvoice_common.constants import SPEECH_ID_OFFSET
 from cosyvoice_common.contracts import LLM_STREAM_BOUNDARIES
 from cosyvoice_common.runtime import install_stack_dumps
+from cosyvoice_common.settings import parse_flag
 from cosyvoice_common.triton_io import error_response, from_triton, get_dtype, get_parameter, send_outputs
 from cosyvoice_llm.capacity import plan_batch_slots
 from cosyvoice_llm.delivery import TokenGrouper
@@ -35,27 +35,14 @@ from cosyvoice_llm.sampling import SamplingParams
 
 CANCEL_POLL_S = 0.02          # how soon a client's cancel frees its slot
 MAX_COALESCED_OUTPUTS = 4096  # engine outputs merged into one round of responses at most
-REPETITION_ENV = "LLM_REPETITION"   # loop detection: "off" or "max_period=20,min_repeats=4,min_span=100"
-CUDA_GRAPHS_ENV = "LLM_CUDA_GRAPHS"           # 0: eager decode and prefill (debugging)
-PREFILL_GRAPHS_ENV = "LLM_PREFILL_GRAPHS"     # 0: eager prefill, graphs for decode only
-OVERLAP_ENV = "LLM_OVERLAP_HOST"              # 0: read each step's ids before launching the next
-COMPILE_ENV = "LLM_COMPILE_DECODE"            # 1: torch.compile the decode step before capturing it
 AUTO = "auto"
 CPU_AUTO_BATCH_SLOTS = 8      # `max_batch_slots: auto` on CPU (no memory to measure; tests, parity)
 BOUNDARIES_INPUT = LLM_STREAM_BOUNDARIES.name
 
 
-def _env_flag(env: dict, name: str, default: bool) -> bool:
-    value = env.get(name, "").strip()
-    if not value:
-        return default
-    if value not in ("0", "1"):
-        raise ValueError(f"{name}={value!r}: expected 0 or 1")
-    return value == "1"
-
-
 @dataclass(frozen=True, slots=True)
 class LLMStageConfig:
+    """config.pbtxt parameters (filled from cosyvoice_common.stage_params.LLMParams: LLM_* variables)."""
     model_dir: Path
     device: str
     dtype: torch.dtype
@@ -78,21 +65,25 @@ class LLMStageConfig:
             raise ValueError(f"max_auto_batch_slots must be positive, got {self.max_auto_batch_slots}")
 
     @classmethod
-    def from_model_config(cls, model_config: dict, env: dict) -> "LLMStageConfig":
+    def from_model_config(cls, model_config: dict) -> "LLMStageConfig":
         device = get_parameter(model_config, "device")
         on_cuda = device.startswith("cuda")
         # auto: bf16 where the hardware has it, fp32 on CPU (tests, parity)
         dtype = get_dtype(model_config, "dtype", auto="bfloat16" if on_cuda else "float32")
         slots = get_parameter(model_config, "max_batch_slots")
-        graphs = on_cuda and _env_flag(env, CUDA_GRAPHS_ENV, True)
+
+        def flag(name: str) -> bool:
+            return get_parameter(model_config, name, lambda text: parse_flag(text, name))
+
+        graphs = on_cuda and flag("cuda_graphs")
         return cls(Path(get_parameter(model_config, "model_dir")), device, dtype,
                    None if slots == AUTO else int(slots),
                    get_parameter(model_config, "max_seq_len", int),
                    get_parameter(model_config, "kv_cache_memory_fraction", float),
                    get_parameter(model_config, "max_auto_batch_slots", int),
-                   cuda_graphs=graphs, prefill_graphs=graphs and _env_flag(env, PREFILL_GRAPHS_ENV, True),
-                   overlap_host=_env_flag(env, OVERLAP_ENV, True), compile_decode=_env_flag(env, COMPILE_ENV, False),
-                   repetition=RepetitionConfig.parse(env.get(REPETITION_ENV)))
+                   cuda_graphs=graphs, prefill_graphs=graphs and flag("prefill_graphs"),
+                   overlap_host=flag("overlap_host"), compile_decode=flag("compile_decode"),
+                   repetition=RepetitionConfig.parse(get_parameter(model_config, "repetition")))
 
     def engine_config(self, batch_slots: int) -> EngineConfig:
         return EngineConfig(max_batch_slots=batch_slots, max_seq_len=self.max_seq_len,
@@ -184,7 +175,7 @@ class TritonPythonModel:
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise ValueError("model `llm` must be decoupled (model_transaction_policy { decoupled: true })")
-        self.config = LLMStageConfig.from_model_config(model_config, dict(os.environ))
+        self.config = LLMStageConfig.from_model_config(model_config)
         self.engine = build_engine(self.config)
         started = time.monotonic()
         self.engine.start()   # captures the CUDA graphs (decode and prefill)

@@ -15,7 +15,6 @@ in initialize(), before the stage reports ready; no request ever captures or com
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import MEL_BINS, SPEECH_ID_OFFSET
 from cosyvoice_common.runtime import install_stack_dumps
+from cosyvoice_common.settings import parse_flag
 from cosyvoice_common.triton_io import error_response, from_triton, get_parameter, send_outputs
 from cosyvoice_token2wav.runner import (CHUNK_KINDS, COMPILE_MODES, ChunkRequest, ChunkResult, GroupTiming,
                                         Token2WavRunner, chunk_seed)
@@ -36,7 +36,7 @@ _OFF = ("off", "0", "false", "no")
 
 @dataclass(frozen=True, slots=True)
 class Token2WavStageConfig:
-    """config.pbtxt parameters. dtype: auto = bfloat16 flow on CUDA (it holds the quality gate against
+    """config.pbtxt parameters (filled from cosyvoice_common.stage_params.Token2WavParams). dtype: auto = bfloat16 flow on CUDA (it holds the quality gate against
     float32, cosyvoice_token2wav.quality), float32 on CPU (the reference's numerics; HiFT is always float32).
     compile: auto = on with CUDA graphs, off otherwise; on = Inductor's default mode; or a mode of
     COMPILE_MODES. padding_budget: Token2WavRunner.schedule's bound on length padding."""
@@ -56,8 +56,7 @@ class Token2WavStageConfig:
             raise ValueError(f"padding_budget must be >= 1, got {self.padding_budget}")
 
     @classmethod
-    def from_model_config(cls, model_config: dict, env: dict | None = None) -> "Token2WavStageConfig":
-        env = os.environ if env is None else env
+    def from_model_config(cls, model_config: dict) -> "Token2WavStageConfig":
         device = get_parameter(model_config, "device")
         cuda = torch.device(device).type == "cuda"
         dtype_name = get_parameter(model_config, "dtype")
@@ -65,7 +64,7 @@ class Token2WavStageConfig:
             dtype_name = "bfloat16" if cuda else "float32"
         if dtype_name not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {list(_DTYPES)}, got {dtype_name!r}")
-        graphs = cuda and env.get("TOKEN2WAV_CUDA_GRAPHS", "1") != "0"
+        graphs = cuda and get_parameter(model_config, "cuda_graphs", lambda text: parse_flag(text, "cuda_graphs"))
         compile_name = get_parameter(model_config, "compile")
         if compile_name == "auto":
             compile_name = "on" if graphs else "off"

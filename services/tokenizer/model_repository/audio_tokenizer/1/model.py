@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 from cosyvoice_common.constants import SPEECH_ID_OFFSET
 from cosyvoice_common.contracts import TOKENIZER_INPUTS, TOKENIZER_OUTPUTS
 from cosyvoice_common.runtime import install_stack_dumps
+from cosyvoice_common.stage_params import BACKENDS
 from cosyvoice_common.triton_io import batch_or_each, error_response, from_triton, get_parameter, to_triton
 from cosyvoice_tokenizer import SpeechTokenizer
 
@@ -25,9 +26,16 @@ WAV, WAV_LEN = (spec.name for spec in TOKENIZER_INPUTS)
 
 @dataclass(frozen=True, slots=True)
 class TokenizerStageConfig:
+    """config.pbtxt parameters, validated once in initialize()."""
     model_dir: Path
     device: str
     backend: str
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
 
     @classmethod
     def from_model_config(cls, model_config: dict) -> "TokenizerStageConfig":

@@ -1,0 +1,96 @@
+"""The settings of each stage server, the one list of what a deployment may set per stage.
+
+Each field is an environment variable `{STAGE}_{NAME}` (prefix from the stage registry) and, under the
+field's own name, a `${name}` of that stage's config.pbtxt template. Both fillers read them from here:
+the launcher (`make up`, cosyvoice_tools.stack) and the container entrypoint (deploy/docker/triton_stage.py).
+The stage's model.py then reads the filled `parameters` into its typed config (no environment reads there).
+
+    params = stage_params("llm", os.environ)       # LLMParams, validated; ConfigError names a bad variable
+    template_values(params)                        # {"max_batch_size": "16", "dtype": "auto", ...}
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cosyvoice_common.constants import LLM_MAX_SEQ_LEN
+from cosyvoice_common.settings import ConfigError, check_knobs, from_env, knob
+from cosyvoice_common.stages import STAGE_NAMES, stage
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BACKENDS = ("onnx", "torch")
+TOKEN2WAV_COMPILE = ("auto", "on", "off", "default", "max-autotune-no-cudagraphs")   # runner.COMPILE_MODES
+AUTO = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class StageParams:
+    """Triton batching, every stage."""
+    max_batch_size: int = knob("MAX_BATCH_SIZE", 16, "Triton max_batch_size: requests one execute() may get",
+                               low=1)
+    max_queue_delay_us: int = knob("MAX_QUEUE_DELAY_US", 0,
+                                   "Triton dynamic batcher: how long a request may wait for others", low=0)
+
+    def __post_init__(self) -> None:
+        check_knobs(self)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerParams(StageParams):
+    backend: str = knob("BACKEND", "onnx", "speech tokenizer runtime: onnx (speech_tokenizer_v2.onnx) or torch",
+                        choices=BACKENDS)
+
+
+@dataclass(frozen=True, slots=True)
+class SpeakerParams(StageParams):
+    backend: str = knob("BACKEND", "onnx", "speaker embedding runtime: onnx (campplus.onnx) or torch",
+                        choices=BACKENDS)
+
+
+@dataclass(frozen=True, slots=True)
+class LLMParams(StageParams):
+    dtype: str = knob("DTYPE", AUTO, "LLM weights and KV cache (auto: bfloat16 on CUDA, float32 on CPU)",
+                      choices=DTYPES)
+    max_seq_len: int = knob("MAX_SEQ_LEN", LLM_MAX_SEQ_LEN, "positions per slot: prompt + generated tokens", low=1)
+    max_batch_slots: str = knob("BATCH_SLOTS", AUTO, "requests decoding at once: auto (sized from GPU memory "
+                                "after warm-up; 8 on CPU) or a number")
+    max_auto_batch_slots: int = knob("MAX_AUTO_BATCH_SLOTS", 128, "auto batch slots: at most this many", low=1)
+    kv_cache_memory_fraction: float = knob("KV_CACHE_MEMORY_FRACTION", 0.2,
+                                           "auto batch slots: share of the GPU's memory the KV cache may take",
+                                           low=0.01, high=1.0)
+    cuda_graphs: bool = knob("CUDA_GRAPHS", True, "CUDA graphs for decode and prefill (0: eager, for debugging)")
+    prefill_graphs: bool = knob("PREFILL_GRAPHS", True, "CUDA graphs for prefill too (0: graphs for decode only)")
+    overlap_host: bool = knob("OVERLAP_HOST", True, "launch the next decode step before reading this one's ids")
+    compile_decode: bool = knob("COMPILE_DECODE", False,
+                                "torch.compile the decode step before capturing it (start-up takes minutes)")
+    repetition: str = knob("REPETITION", "on", "loop stop: on, off, or max_period=20,min_repeats=4,min_span=100")
+
+    def __post_init__(self) -> None:
+        StageParams.__post_init__(self)
+        if self.max_batch_slots != AUTO and not (self.max_batch_slots.isdigit() and int(self.max_batch_slots) > 0):
+            raise ConfigError(f"LLM_BATCH_SLOTS={self.max_batch_slots!r}: expected auto or a positive number")
+
+
+@dataclass(frozen=True, slots=True)
+class Token2WavParams(StageParams):
+    dtype: str = knob("DTYPE", AUTO, "flow dtype (auto: bfloat16 on CUDA, float32 on CPU; HiFT is always float32)",
+                      choices=DTYPES)
+    compile: str = knob("COMPILE", AUTO, "torch.compile of each Euler step (auto: on with CUDA graphs; on = "
+                        "Inductor's default mode)", choices=TOKEN2WAV_COMPILE)
+    cuda_graphs: bool = knob("CUDA_GRAPHS", True, "CUDA graphs per batch bucket on a GPU (0: eager)")
+    padding_budget: float = knob("PADDING_BUDGET", 2.0,
+                                 "batch grouping: padded length may be at most this times the real length", low=1.0)
+
+
+STAGE_PARAMS: dict[str, type[StageParams]] = {
+    "tokenizer": TokenizerParams, "speaker": SpeakerParams, "llm": LLMParams, "token2wav": Token2WavParams}
+assert tuple(STAGE_PARAMS) == STAGE_NAMES, "one settings class per registered stage, in pipeline order"
+
+
+def env_prefix(name: str) -> str:
+    return stage(name).env("")    # "LLM_"
+
+
+def stage_params(name: str, env: Mapping[str, str]) -> StageParams:
+    """The settings of stage `name` from `{STAGE}_*` variables (unset = defaults)."""
+    return from_env(STAGE_PARAMS[name], env, prefix=env_prefix(name))
