@@ -85,6 +85,11 @@ def _env_float(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name, "")
+    return Path(value) if value else None
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     model_dir: Path
@@ -110,6 +115,9 @@ class GatewayConfig:
     max_inflight_requests: int = 64   # synthesis/registration requests in flight; more = RESOURCE_EXHAUSTED/429
     retry_after_s: float = 1.0        # the retry hint sent with a refusal
     request_timeout_s: float = 0.0    # per-request deadline for every stage call (0 = the client's, if any)
+    # TLS_CERT_FILE / TLS_KEY_FILE (PEM; both or neither): TLS on the gRPC and HTTP ports; None = plaintext
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         for port in (self.grpc_port, self.http_port, self.metrics_port):
@@ -118,6 +126,19 @@ class GatewayConfig:
         if (self.max_concurrent_rpcs < 1 or self.grace_s < 0 or self.readiness_interval_s <= 0
                 or self.max_inflight_requests < 0 or self.retry_after_s <= 0 or self.request_timeout_s < 0):
             raise ValueError(f"bad gateway config: {self}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both TLS_CERT_FILE and TLS_KEY_FILE (PEM certificate chain and its private "
+                             "key), or neither for plaintext")
+        for name, path in (("TLS_CERT_FILE", self.tls_cert_file), ("TLS_KEY_FILE", self.tls_key_file)):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {path} is not a readable file")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    def grpc_server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.tls_key_file.read_bytes(), self.tls_cert_file.read_bytes())])
 
     @classmethod
     def from_env(cls) -> "GatewayConfig":
@@ -149,6 +170,8 @@ class GatewayConfig:
             max_speakers=_env_int("MAX_SPEAKERS", MAX_NAMED_SPEAKERS),
             retry_after_s=_env_float("RETRY_AFTER_S", 1.0),
             request_timeout_s=_env_float("REQUEST_TIMEOUT_S", 0.0),
+            tls_cert_file=_env_path("TLS_CERT_FILE"),
+            tls_key_file=_env_path("TLS_KEY_FILE"),
         )
 
 
@@ -377,7 +400,11 @@ class Gateway:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self.server)
         await self._set_serving(False)
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        if self.config.tls:
+            self.port = self.server.add_secure_port(address, self.config.grpc_server_credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
         await self.server.start()
         if self.config.metrics_port:
             start_http_server(self.config.metrics_port, addr=self.config.host)
@@ -385,12 +412,15 @@ class Gateway:
         if app is not None:
             import uvicorn
 
+            tls = ({"ssl_certfile": str(self.config.tls_cert_file), "ssl_keyfile": str(self.config.tls_key_file)}
+                   if self.config.tls else {})
             http = uvicorn.Server(uvicorn.Config(app, host=self.config.host, port=self.config.http_port,
-                                                 log_level="warning"))
+                                                 log_level="warning", **tls))
             self._tasks.append(asyncio.create_task(http.serve()))
         self._tasks.append(asyncio.create_task(self._readiness_loop()))
-        log.info("gateway: gRPC on %s:%d, metrics on %d, model revision %s", self.config.host, self.port,
-                 self.config.metrics_port, self.config.model_revision)
+        log.info("gateway: gRPC on %s:%d, metrics on %d, model revision %s, %s", self.config.host, self.port,
+                 self.config.metrics_port, self.config.model_revision,
+                 "TLS on gRPC and HTTP" if self.config.tls else "plaintext")
 
     async def stop(self) -> None:
         for task in self._tasks:
