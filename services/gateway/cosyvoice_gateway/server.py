@@ -28,6 +28,7 @@ from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio, wav_header
 from cosyvoice_common.constants import MAX_NAMED_SPEAKERS, OUTPUT_SAMPLE_RATE_HZ
 from cosyvoice_common.seed_speakers import import_model_speakers
 from cosyvoice_common.spk2info import RegistryUnavailableError, Spk2InfoCache, Spk2InfoConfig
+from cosyvoice_common.textnorm import load_engines as load_text_engines
 
 from cosyvoice_gateway import metrics
 from cosyvoice_gateway.admission import Admission, AdmissionInterceptor
@@ -372,6 +373,9 @@ class Gateway:
         self._serving = serving
 
     async def _readiness_loop(self) -> None:
+        # Text-frontend engines first (seconds of loading, off the event loop): not serving until they are loaded,
+        # so no request pays for it while holding the loop.
+        await asyncio.to_thread(load_text_engines)
         while True:
             if not self._speakers_imported:
                 self._speakers_imported = await import_model_speakers(self.cache, self.config.model_dir,
