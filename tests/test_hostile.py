@@ -66,7 +66,7 @@ def test_hostile_suite_refuses_bombs_and_overload_and_nothing_falls_over(gateway
     names = {b["name"] for b in report["bombs"]}
     assert {"flac decode bomb (Synthesize)", "flac decode bomb (voice upload)", "upload beyond the bound",
             "1 MiB text", "random bytes as audio"} <= names
-    assert all(b["got"] == b["expected"][0] or b["got"] in b["expected"] for b in report["bombs"])
+    assert all(b["got"] in b["expected"] for b in report["bombs"])
     unauthenticated = [b for b in report["bombs"] if "key" in b["name"]]
     if gateway["api_key"]:
         assert {b["got"] for b in unauthenticated} == {"UNAUTHENTICATED", "401"}
