@@ -10,9 +10,9 @@
    UNAUTHENTICATED / 401); its round trip is reported.
 2. Overload, per protocol: `--concurrency` workers (the sustainable load: the gateway's MAX_INFLIGHT_REQUESTS or the
    measured knee) each send `--requests` offline requests of `--tokens` forced speech tokens with a registered voice
-   (the unloaded baseline, after one warm-up request), then `--overload-factor` times as many workers do the same. Accepted requests' latency is
-   compared with the baseline; refusals must be RESOURCE_EXHAUSTED / 429 with a retry-after hint, and their round trip
-   is reported against the 50 ms target.
+   (the unloaded baseline, after one warm-up request), then `--overload-factor` times as many workers do the same.
+   Accepted requests' latency is compared with the baseline; refusals must be RESOURCE_EXHAUSTED / 429 with a
+   retry-after hint, and their round trip is reported against the 50 ms target.
 3. Aftermath: every process recorded in `--run-dir` (stack.json of `make up`; repeatable) and every `--pid` still
    runs, `/readyz` answers 200 and gRPC health is SERVING.
 
@@ -142,10 +142,10 @@ class Target:
     """One gateway: a gRPC channel and an HTTP client, with the API key when there is one."""
 
     def __init__(self, grpc_addr: str, http_url: str, api_key: str, timeout_s: float, max_connections: int) -> None:
-        self.grpc_addr, self.http_url, self.api_key, self.timeout_s = grpc_addr, http_url.rstrip("/"), api_key, timeout_s
+        self.api_key, self.timeout_s = api_key, timeout_s
         self.channel = grpc.aio.insecure_channel(grpc_addr, options=[("grpc.max_send_message_length", 64 << 20)])
         self.tts = tts_pb2_grpc.TextToSpeechStub(self.channel)
-        self.http = httpx.AsyncClient(base_url=self.http_url, timeout=timeout_s,
+        self.http = httpx.AsyncClient(base_url=http_url.rstrip("/"), timeout=timeout_s,
                                       limits=httpx.Limits(max_connections=max_connections))
 
     @property
@@ -194,7 +194,8 @@ async def run_bombs(target: Target) -> list[Probe]:
 
     grpc_probes: list[tuple[str, tuple[str, ...], Callable[[], Awaitable[object]]]] = [
         ("flac decode bomb (Synthesize)", invalid,
-         lambda: target.tts.Synthesize(synth(prompt_audio=bomb, prompt_text="hi"), metadata=target.metadata, timeout=t)),
+         lambda: target.tts.Synthesize(synth(prompt_audio=bomb, prompt_text="hi"), metadata=target.metadata,
+                                       timeout=t)),
         ("flac decode bomb (SynthesizeStream)", invalid,
          lambda: _drain(target.tts.SynthesizeStream(synth(prompt_audio=bomb), metadata=target.metadata, timeout=t))),
         ("flac decode bomb (RegisterSpeaker)", invalid,
@@ -217,8 +218,8 @@ async def run_bombs(target: Target) -> list[Probe]:
     for name in ("text", "prompt_text", "instruct", "speaker_id", "request_id"):
         fields = {"prompt_audio": good} if name != "speaker_id" else {}
         request = synth(**{**fields, name: long})
-        grpc_probes.append((f"1 MiB {name}", invalid,
-                            lambda request=request: target.tts.Synthesize(request, metadata=target.metadata, timeout=t)))
+        grpc_probes.append((f"1 MiB {name}", invalid, lambda request=request: target.tts.Synthesize(
+            request, metadata=target.metadata, timeout=t)))
     probes = []
     for name, expected, call in grpc_probes:
         outcome = await target.grpc_call(call)
