@@ -127,7 +127,7 @@ STAGE_DURATION_S  ?= 20
 STAGE_DEVICE      ?= cpu
 WATCH             ?=
 
-.PHONY: stage-load
+.PHONY: stage-load hostile
 
 bench: $(STAMP) ## benchmark (BRIEF section 4) -> bench_results/*.json; ENGINE_ONLY=1 for the in-process line; CLIENT=seed: the seed's contract on the cosyvoice2 fronts
 ifdef ENGINE_ONLY
@@ -141,6 +141,18 @@ else
 		--manifest $(BENCH_MANIFEST) --concurrency $(BENCH_CONCURRENCY) --modes $(BENCH_MODES) \
 		--label "$(BENCH_LABEL)" --out $(BENCH_OUT) $(if $(CLIENT),--client $(CLIENT),) $(BENCH_ARGS)
 endif
+
+# make hostile: bombs, then overload at HOSTILE_CONCURRENCY (the sustainable load) and 10x it, against the running
+# stack (`make up` first); every process of STACK_RUN_DIR must survive. COSYVOICE_API_KEY set = auth on.
+HOSTILE_CONCURRENCY ?= 2
+HOSTILE_ARGS        ?=
+HOSTILE_OUT         ?= bench_results/hostile-$(shell date +%Y%m%d-%H%M%S).json
+
+hostile: $(STAMP) ## hostile-load suite against the running stack (bombs, 10x overload, processes up after) -> bench_results/hostile-*.json
+	$(PY) -m cosyvoice_tools.hostile \
+		--grpc $$($(PY) -m cosyvoice_tools.profile --run-dir $(STACK_RUN_DIR) --print-addresses gateway-grpc) \
+		--http http://$$($(PY) -m cosyvoice_tools.profile --run-dir $(STACK_RUN_DIR) --print-addresses gateway-http) \
+		--run-dir $(STACK_RUN_DIR) --concurrency $(HOSTILE_CONCURRENCY) --out $(HOSTILE_OUT) $(HOSTILE_ARGS)
 
 profile: $(STAMP) ## per-stage table of the running stack (gateway histograms + Triton stats); WATCH=2 refreshes
 	$(PY) -m cosyvoice_tools.profile --run-dir $(STACK_RUN_DIR) $(if $(WATCH),--watch $(WATCH),)

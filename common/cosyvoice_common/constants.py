@@ -43,6 +43,12 @@ HIFT_SOURCE_CACHE_SAMPLES = 3840        # = 8 mel frames * 480
 PROMPT_MAX_SECONDS = 30.0
 PROMPT_MIN_SECONDS = 0.5
 
+# --- speed (offline only, as the reference: the final mel is stretched linearly in time before HiFT) ---------
+# The reference web UI's range: past 2x or below 0.5x the linear mel stretch smears or drops phonemes.
+SPEED_NEUTRAL = 1.0
+MIN_SPEED = 0.5
+MAX_SPEED = 2.0
+
 # --- capacity (every stage agrees on these; the llm stage's own value is read from its model config) ----
 MAX_SPEECH_TOKENS = 3000                # the API's bound per segment: 120 s of audio
 PROMPT_MAX_SPEECH_TOKENS = int(PROMPT_MAX_SECONDS * TOKEN_FRAME_RATE_HZ)   # 750: a 30 s prompt's tokens

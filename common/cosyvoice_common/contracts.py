@@ -12,6 +12,9 @@ class TensorSpec:
     datatype: str   # Triton datatype string: FP32, INT32, BOOL, BYTES, UINT64
     dims: tuple[int, ...]
     optional: bool = False
+    # An optional input that changes the result (token2wav's `speed`): the gateway refuses a call that carries it
+    # to a replica whose model does not declare it, rather than leaving it out as it does for hints.
+    honoured_or_refused: bool = False
 
 
 # --- tokenizer stage: 16 kHz prompt -> speech codes (+SPEECH_ID_OFFSET, as the seed's audio_tokenizer) ---
@@ -76,6 +79,10 @@ TOKEN2WAV_INPUTS = (
     # (`cosyvoice_token2wav.runner.chunk_seed`). Absent = the process RNG (not reproducible).
     TensorSpec("seed", "UINT64", (1,), optional=True),
 )
+# Offline calls only (no token_offset): the final mel is stretched linearly in time to int(frames / speed) before
+# the vocoder, as the reference's `speed`. Absent = 1.0. The gateway sends it only when it is not 1.
+TOKEN2WAV_SPEED = TensorSpec("speed", "FP32", (1,), optional=True, honoured_or_refused=True)
+TOKEN2WAV_INPUTS = (*TOKEN2WAV_INPUTS, TOKEN2WAV_SPEED)
 TOKEN2WAV_OUTPUTS = (
     TensorSpec("waveform", "FP32", (-1,)),               # 24 kHz
     TensorSpec("cache_mel", "FP32", (80, -1)),           # empty on finalize

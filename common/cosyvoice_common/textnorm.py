@@ -94,6 +94,14 @@ def _wetext_normalizer(lang: str):
         return None
 
 
+def load_engines() -> None:
+    """Load the optional engines now: wetext's normalisers take seconds to load, which the first request that
+    normalises text would otherwise spend (inside a server's event loop, stalling every other request)."""
+    _inflect_engine()
+    for lang in ("zh", "en"):
+        _wetext_normalizer(lang)
+
+
 def inflect_available() -> bool:
     return _inflect_engine() is not None
 

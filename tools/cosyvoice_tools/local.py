@@ -289,6 +289,7 @@ class _ChunkCall:
     cache: object        # VocoderCache | None
     wants_cache: bool
     seed: int | None     # this chunk's source-noise seed (`chunk_seed`), None = the process RNG
+    speed: float         # offline calls only (as the token2wav Triton model)
 
 
 class LocalToken2Wav(_BatchedStage):
@@ -335,13 +336,14 @@ class LocalToken2Wav(_BatchedStage):
             if values.size != 1:
                 raise InvalidRequestError(f"seed must hold one value, got {values.size}")
             seed = chunk_seed(int(values[0]), offset)    # as the token2wav Triton model does
+        speed = float(np.asarray(t["speed"]).reshape(-1)[0]) if t.get("speed") is not None else 1.0
         return _ChunkCall(
             tokens=torch.from_numpy(codes[None].copy()).to(self.device),
             prompt_tokens=torch.from_numpy(prompt[None].copy()).to(self.device),
             prompt_feat=self._tensor(np.asarray(t["prompt_speech_feat"], np.float32)[None], torch.float32),
             embedding=self._tensor(np.asarray(t["prompt_spk_embedding"], np.float32).reshape(1, -1), torch.float32),
             token_offset=offset, finalize=finalize, streaming=streaming, cache=cache, wants_cache=wants_cache,
-            seed=seed)
+            seed=seed, speed=speed)
 
     def _outputs(self, call: _ChunkCall, wav: torch.Tensor, cache) -> dict[str, object]:
         out: dict[str, object] = {"waveform": wav.detach().float().reshape(-1).cpu().numpy()}
@@ -366,7 +368,7 @@ class LocalToken2Wav(_BatchedStage):
         batch = self.runner.run_chunks(
             [ChunkRequest(tokens=c.tokens, prompt_tokens=c.prompt_tokens, prompt_feat=c.prompt_feat,
                           embedding=c.embedding, token_offset=c.token_offset, finalize=c.finalize,
-                          streaming=c.streaming, cache=c.cache, seed=c.seed) for c in good],
+                          streaming=c.streaming, cache=c.cache, seed=c.seed, speed=c.speed) for c in good],
             output_device=self.device)   # caches stay on the device; the waveform is copied once
         done = {id(c): (r.error if r.error is not None else (r.waveform, r.cache))
                 for c, r in zip(good, batch, strict=True)}

@@ -415,6 +415,11 @@ def _read_state(run_dir: Path) -> list[ProcessRecord]:
     return [ProcessRecord(**p) for p in json.loads(path.read_text())["processes"]]
 
 
+def recorded_processes(run_dir: Path) -> list[ProcessRecord]:
+    """The processes a Stack started and recorded in run_dir (empty when none are)."""
+    return _read_state(run_dir)
+
+
 def _write_state(run_dir: Path, records: list[ProcessRecord], extra: Mapping[str, object]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f".{STATE_FILE}.tmp"

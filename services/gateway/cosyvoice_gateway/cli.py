@@ -5,7 +5,9 @@
     python -m cosyvoice_gateway.cli register --speaker alice --prompt-wav p.wav --prompt-text "..."
     python -m cosyvoice_gateway.cli list | delete --speaker alice
 All take --addr (default 127.0.0.1:50051). synth prints first-chunk latency (client-side) and the
-gateway's per-stage timings.
+gateway's per-stage timings. A gateway with TLS (TLS_CERT_FILE/TLS_KEY_FILE): --tls trusts the system's roots,
+--tls-ca ca.pem a private CA (or the self-signed certificate itself); --tls-server-name when the certificate
+names another host than --addr.
 """
 from __future__ import annotations
 
@@ -66,8 +68,16 @@ async def synth(stub, args) -> None:
         _print_timings(timings)
 
 
+def open_channel(args) -> grpc.aio.Channel:
+    if not (args.tls or args.tls_ca):
+        return grpc.aio.insecure_channel(args.addr)
+    root = Path(args.tls_ca).read_bytes() if args.tls_ca else None     # None: the system's roots
+    options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+    return grpc.aio.secure_channel(args.addr, grpc.ssl_channel_credentials(root_certificates=root), options=options)
+
+
 async def main_async(args) -> int:
-    async with grpc.aio.insecure_channel(args.addr) as channel:
+    async with open_channel(args) as channel:
         stub = tts_pb2_grpc.TextToSpeechStub(channel)
         try:
             if args.command == "synth":
@@ -115,8 +125,16 @@ def parse_args(argv=None):
     sub.add_parser("list")
     d = sub.add_parser("delete")
     d.add_argument("--speaker", required=True)
-    for p in (s, r, d):   # --addr also accepted after the subcommand
+    tls_options = (("--tls", dict(action="store_true", help="TLS, trusting the system's root certificates")),
+                   ("--tls-ca", dict(metavar="PEM", help="TLS, trusting this CA (or self-signed) certificate")),
+                   ("--tls-server-name", dict(help="the host name the gateway's certificate is checked against")))
+    for name, kwargs in tls_options:
+        parser.add_argument(name, **kwargs, default=None if name != "--tls" else False)
+    lst = sub.choices["list"]
+    for p in (s, r, lst, d):   # --addr and the TLS options also accepted after the subcommand
         p.add_argument("--addr", default=argparse.SUPPRESS)
+        for name, kwargs in tls_options:
+            p.add_argument(name, **kwargs, default=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     key = os.environ.get(API_KEY_ENV, "").split(",")[0].strip()     # the gateway's key, when it has one
     args.metadata = (("authorization", f"Bearer {key}"),) if key else ()

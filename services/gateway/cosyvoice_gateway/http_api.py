@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from cosyvoice_common.constants import SPEED_NEUTRAL
 from cosyvoice_gateway import metrics
 from cosyvoice_gateway.admission import Admission, HttpAdmission
 from cosyvoice_gateway.auth import HttpApiKey
@@ -52,6 +53,7 @@ from cosyvoice_gateway.pipeline import (
     StageTimings,
     SynthesisRequest,
     stage_error_to_request_error,
+    validate_speed,
 )
 from cosyvoice_gateway.stage_client import MS_PER_S, StageError
 
@@ -72,7 +74,6 @@ SSE_MEDIA_TYPE = "text/event-stream"
 # OpenAI's built-in voice names; one not registered here speaks with HttpConfig.openai_voice.
 OPENAI_VOICES = frozenset(("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer",
                            "verse"))
-SUPPORTED_SPEED = 1.0
 # OpenAI's default is mp3; libsndfile builds without MP3 (< 1.1) fall back to wav.
 OPENAI_DEFAULT_FORMAT = "mp3"
 FALLBACK_FORMAT = "wav"
@@ -135,7 +136,7 @@ class SpeechRequest(BaseModel):
     input: str
     voice: str = ""                             # a registered voice (POST /v1/audio/voices or gRPC)
     response_format: str | None = None
-    speed: float = SUPPORTED_SPEED
+    speed: float = SPEED_NEUTRAL               # offline only, within [MIN_SPEED, MAX_SPEED] (the reference's speed)
     instructions: str = ""                      # OpenAI's voice instructions -> CosyVoice2 instruct2 mode
     stream: bool = False
     stream_format: str = "audio"                # "audio" = raw bytes; "sse" = OpenAI's speech.audio.delta events
@@ -310,7 +311,7 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
             text=body.input, speaker_id=body.voice, instruct=body.instructions, sample_rate_hz=body.sample_rate,
             request_id=body.request_id, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
             seed=body.seed, min_speech_tokens=body.min_speech_tokens, max_speech_tokens=body.max_speech_tokens,
-            text_frontend=body.text_frontend)
+            text_frontend=body.text_frontend, speed=body.speed)
 
     async def voice_fields(body: SpeechRequest) -> dict[str, Any]:
         """The voice: `ref_audio` (+ `ref_text`) cloned in-request (OpenAI clients always send a `voice` too; the
@@ -339,8 +340,10 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
         if fmt not in config.formats:
             raise ApiError(400, f"response_format {fmt!r} is not supported; use one of {list(config.formats)}",
                            param="response_format")
-        if body.speed != SUPPORTED_SPEED:
-            raise ApiError(400, f"speed {body.speed} is not supported; only {SUPPORTED_SPEED}", param="speed")
+        try:
+            validate_speed(body.speed, streaming=body.stream or body.stream_format == "sse")
+        except RequestError as exc:
+            raise ApiError(400, exc.message, param="speed") from exc
         if body.stream_format not in STREAM_FORMATS:
             raise ApiError(400, f"stream_format {body.stream_format!r} is not supported; use one of "
                            f"{list(STREAM_FORMATS)}", param="stream_format")

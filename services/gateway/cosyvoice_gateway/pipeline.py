@@ -46,10 +46,13 @@ from cosyvoice_common.constants import (
     FLAT_TASK_ID,
     LLM_MAX_SEQ_LEN,
     MAX_SPEECH_TOKENS,
+    MAX_SPEED,
     MEL_HOP_SAMPLES,
+    MIN_SPEED,
     OUTPUT_SAMPLE_RATE_HZ,
     SPEECH_CODEBOOK_SIZE,
     SPEECH_ID_OFFSET,
+    SPEED_NEUTRAL,
     SUPPORTED_OUTPUT_RATES_HZ,
     TOKEN_MEL_RATIO,
 )
@@ -84,6 +87,7 @@ _SEED_MODULUS = 1 << 63                  # the llm stage takes seeds in [0, 2^63
 # levels, and a server without them ignores the value): time to first audio never waits behind long chunks.
 FIRST_CHUNK_PRIORITY = 1
 STREAM_BOUNDARIES_INPUT = "stream_boundaries"   # optional llm input: send tokens only at these counts
+SPEED_INPUT = "speed"                            # optional token2wav input: offline calls only
 
 
 class RequestError(Exception):
@@ -97,6 +101,16 @@ class RequestError(Exception):
 
 def invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def validate_speed(speed: float, streaming: bool) -> None:
+    """Speed is the reference's: offline only (the whole utterance's mel is stretched before the vocoder), within
+    [MIN_SPEED, MAX_SPEED]. A front end calls this before the first byte goes out."""
+    if not MIN_SPEED <= speed <= MAX_SPEED:    # also refuses NaN
+        raise invalid(f"speed {speed} is outside the supported range [{MIN_SPEED}, {MAX_SPEED}]")
+    if streaming and speed != SPEED_NEUTRAL:
+        raise invalid(f"speed {speed} needs offline synthesis: streaming supports only speed {SPEED_NEUTRAL} "
+                      f"(the whole utterance's mel is stretched, as in the reference)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +152,7 @@ class SynthesisRequest:
     max_speech_tokens: int = 0
     skip_cache: bool = False                 # recompute prompt features, neither read nor write the cache
     text_frontend: bool = False              # spec 2.2 normalisation of text and prompt_text (gRPC: off unless set)
+    speed: float = SPEED_NEUTRAL             # offline only: `validate_speed`
 
 
 @dataclass(slots=True)
@@ -191,6 +206,7 @@ class PreparedRequest:
     temperature: float
     top_p: float
     top_k: int
+    speed: float = SPEED_NEUTRAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +339,7 @@ class Pipeline:
         if req.sample_rate_hz and req.sample_rate_hz not in SUPPORTED_OUTPUT_RATES_HZ:
             raise invalid(f"sample_rate {req.sample_rate_hz} is not supported; use 0 or one of "
                           f"{SUPPORTED_OUTPUT_RATES_HZ}")
+        validate_speed(req.speed, streaming=False)
         lo, hi, limit = req.min_speech_tokens, req.max_speech_tokens, self.config.max_speech_tokens
         if lo < 0 or hi < 0:
             raise invalid("min_speech_tokens and max_speech_tokens must be >= 0")
@@ -498,6 +515,7 @@ class Pipeline:
             temperature=req.temperature or self.config.default_temperature,
             top_p=req.top_p or self.config.default_top_p,
             top_k=req.top_k or self.config.default_top_k,
+            speed=req.speed,
         )
 
     # --- stage calls -------------------------------------------------------------------------------
@@ -591,6 +609,7 @@ class Pipeline:
 
     async def stream(self, prepared: PreparedRequest, timings: StageTimings) -> AsyncIterator[np.ndarray]:
         """Yield float32 24 kHz chunks as they are produced, segment after segment."""
+        validate_speed(prepared.speed, streaming=True)
         for segment in prepared.segments:
             async with contextlib.aclosing(self._segment_stream(prepared, segment, timings)) as chunks:
                 async for wav in chunks:
@@ -610,7 +629,9 @@ class Pipeline:
             await self._read_llm(prepared, segment, False, tokens, asyncio.Event(), timings)
             timings.speech_tokens += len(tokens)
             if tokens:
-                out = await self._token2wav(prepared, segment, np.asarray(tokens, np.int32), timings, {})
+                # sent only when not 1: the stage client refuses it to a token2wav replica that cannot apply it
+                speed = {} if prepared.speed == SPEED_NEUTRAL else {SPEED_INPUT: np.array([prepared.speed], np.float32)}
+                out = await self._token2wav(prepared, segment, np.asarray(tokens, np.int32), timings, speed)
                 pieces.append(out["waveform"].astype(np.float32, copy=False))
         wav = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         timings.total_ms = timings.first_chunk_ms = timings.elapsed_ms()

@@ -39,6 +39,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from cosyvoice_common.textnorm import load_engines as load_text_engines
 from cosyvoice_gateway import metrics
 from cosyvoice_gateway.admission import Admission, AdmissionInterceptor
 from cosyvoice_gateway.auth import API_KEY_ENV, ApiKeyInterceptor
@@ -123,14 +124,31 @@ class GatewayConfig:
     http_openai_voice: str = knob("HTTP_OPENAI_VOICE", DEFAULT_SPEAKER_ID, "registered voice that OpenAI's "
                                   "voice names (alloy, ...) speak with")
     log_level: str = knob("LOG_LEVEL", "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    tls_cert_file: str = knob("TLS_CERT_FILE", "", "PEM certificate chain: TLS on the gRPC and HTTP ports (with "
+                              "TLS_KEY_FILE; both empty = plaintext)")
+    tls_key_file: str = knob("TLS_KEY_FILE", "", "PEM private key of TLS_CERT_FILE", secret=True)
 
     def __post_init__(self) -> None:
         check_knobs(self)
         for name in ("tokenizer_urls", "speaker_urls", "llm_urls", "token2wav_urls"):
             if not getattr(self, name):
                 raise ValueError(f"{stage(name.removesuffix('_urls')).env('URLS')} is empty")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("TLS needs both TLS_CERT_FILE and TLS_KEY_FILE (PEM certificate chain and its private "
+                             "key), or neither for plaintext")
+        for name, path in (("TLS_CERT_FILE", self.tls_cert_file), ("TLS_KEY_FILE", self.tls_key_file)):
+            if path and not Path(path).is_file():
+                raise ValueError(f"{name} {path} is not a readable file")
         if not self.model_revision:
             object.__setattr__(self, "model_revision", model_revision(self.model_dir))
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
+    def grpc_server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(Path(self.tls_key_file).read_bytes(),
+                                             Path(self.tls_cert_file).read_bytes())])
 
     def http_config(self) -> HttpConfig:
         return HttpConfig(max_upload_bytes=self.http_max_upload_bytes,
@@ -307,6 +325,9 @@ class Gateway:
         self._serving = serving
 
     async def _readiness_loop(self) -> None:
+        # Text-frontend engines first (seconds of loading, off the event loop): not serving until they are loaded,
+        # so no request pays for it while holding the loop.
+        await asyncio.to_thread(load_text_engines)
         while True:
             if not self._speakers_imported:
                 self._speakers_imported = await import_model_speakers(self.cache, self.config.model_dir,
@@ -324,7 +345,11 @@ class Gateway:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self.server)
         await self._set_serving(False)
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        if self.config.tls:
+            self.port = self.server.add_secure_port(address, self.config.grpc_server_credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
         await self.server.start()
         if self.config.metrics_port:
             start_http_server(self.config.metrics_port, addr=self.config.host)
@@ -332,12 +357,15 @@ class Gateway:
         if app is not None:
             import uvicorn
 
+            tls = ({"ssl_certfile": str(self.config.tls_cert_file), "ssl_keyfile": str(self.config.tls_key_file)}
+                   if self.config.tls else {})
             http = uvicorn.Server(uvicorn.Config(app, host=self.config.host, port=self.config.http_port,
-                                                 log_level="warning"))
+                                                 log_level="warning", **tls))
             self._tasks.append(asyncio.create_task(http.serve()))
         self._tasks.append(asyncio.create_task(self._readiness_loop()))
-        log.info("gateway: gRPC on %s:%d, metrics on %d, model revision %s", self.config.host, self.port,
-                 self.config.metrics_port, self.config.model_revision)
+        log.info("gateway: gRPC on %s:%d, metrics on %d, model revision %s, %s", self.config.host, self.port,
+                 self.config.metrics_port, self.config.model_revision,
+                 "TLS on gRPC and HTTP" if self.config.tls else "plaintext")
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -184,6 +184,7 @@ class StageClient:
         self.config = config
         self._dtypes = {spec.name: spec.datatype for spec in config.inputs}
         self._optional = frozenset(spec.name for spec in config.inputs if spec.optional)
+        self._honoured_or_refused = frozenset(spec.name for spec in config.inputs if spec.honoured_or_refused)
         self._resolver = resolver
         self._replicas = [self._new_replica(url, url) for url in config.urls]
         self._retired: list[_Replica] = []     # dropped from DNS, closed once their calls finish
@@ -330,10 +331,14 @@ class StageClient:
 
     def _inputs(self, tensors: Mapping[str, np.ndarray], batched: bool, replica: _Replica) -> list[InferInput]:
         """Triton inputs; an optional tensor the replica's model does not declare is left out (e.g. our llm
-        stage's `stream_boundaries` going to the real TensorRT-LLM backend)."""
+        stage's `stream_boundaries` going to the real TensorRT-LLM backend), unless leaving it out would change
+        the answer (token2wav's `speed` to an older replica): then the call is refused."""
         inputs = []
         for name, array in tensors.items():
             if name in self._optional and name not in replica.inputs:
+                if name in self._honoured_or_refused:
+                    raise StageError(self.name, f"{replica.url}: the {self.config.model} model there does not "
+                                     f"support {name!r} (an older stage version)", invalid=True)
                 continue
             array = np.ascontiguousarray(array)[None] if batched else np.ascontiguousarray(array)
             infer_input = InferInput(name, list(array.shape), self._dtypes[name])
@@ -390,9 +395,10 @@ class StageClient:
         start = time.perf_counter()
         try:
             batched = await self._batched(replica)
+            inputs = self._inputs(tensors, batched, replica)
             metrics.STAGE_CALLS.labels(stage=self.name).inc()
             result = await replica.client.infer(
-                self.config.model, self._inputs(tensors, batched, replica),
+                self.config.model, inputs,
                 outputs=[InferRequestedOutput(n) for n in outputs], request_id=request_id,
                 client_timeout=self._timeout_s(), priority=priority)
             lease.timing.compute_ms = (time.perf_counter() - start) * MS_PER_S

@@ -51,8 +51,14 @@ def _error(exc: openai.APIStatusError) -> dict:
 
 BAD_SPEECH = [
     (dict(voice="ghost"), openai.NotFoundError, "ghost"),
+    (dict(voice="ghost", speed=1.5), openai.NotFoundError, "ghost"),      # a speed in range passes validation
     (dict(voice="ghost", response_format="aac"), openai.BadRequestError, "response_format"),
-    (dict(voice="ghost", speed=1.5), openai.BadRequestError, "speed"),
+    (dict(voice="ghost", speed=4.0), openai.BadRequestError, "[0.5, 2.0]"),
+    (dict(voice="ghost", speed=0.25), openai.BadRequestError, "speed"),
+    (dict(voice="ghost", speed=1.5, extra_body={"stream": True}, response_format="pcm"), openai.BadRequestError,
+     "streaming supports only speed 1.0"),
+    (dict(voice="ghost", speed=1.5, extra_body={"stream_format": "sse"}, response_format="pcm"),
+     openai.BadRequestError, "streaming"),
     (dict(voice="ghost", extra_body={"stream": True}, response_format="mp3"), openai.BadRequestError, "stream"),
     (dict(voice="ghost", extra_body={"sample_rate": 11025}), openai.BadRequestError, "sample_rate"),
     (dict(voice="ghost", extra_body={"min_speech_tokens": 9, "max_speech_tokens": 3}), openai.BadRequestError,

@@ -68,6 +68,25 @@ def test_each_response_format_decodes_to_the_forced_length(client, voice, fmt):
         assert abs(wav.shape[0] - expected) < 0.1 * expected
 
 
+@pytest.mark.parametrize("speed", [2.0, 0.5])
+def test_offline_speed_scales_the_audio_length(client, voice, speed):
+    """OpenAI `speed` through the real token2wav stage: the whole utterance's mel stretched to int(F / speed)."""
+    audio = client.audio.speech.create(model="cosyvoice2", voice=voice, input="Hello world.", response_format="wav",
+                                       speed=speed, extra_body=_forced()).content
+    wav, rate = sf.read(io.BytesIO(audio), dtype="float32")
+    assert rate == OUTPUT_SAMPLE_RATE_HZ and np.all(np.isfinite(wav))
+    assert wav.shape[0] == int(N_TOKENS * 2 / speed) * SAMPLES_PER_TOKEN // 2
+
+
+def test_speed_is_refused_when_streaming_or_out_of_range(client, voice):
+    with pytest.raises(openai.BadRequestError, match="streaming supports only speed 1.0"):
+        client.audio.speech.create(model="cosyvoice2", voice=voice, input="Hello world.", response_format="pcm",
+                                   speed=1.5, extra_body=_forced(stream=True))
+    with pytest.raises(openai.BadRequestError, match=r"\[0.5, 2.0\]"):
+        client.audio.speech.create(model="cosyvoice2", voice=voice, input="Hello world.", response_format="wav",
+                                   speed=4.0, extra_body=_forced())
+
+
 @pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100, 48000])
 def test_server_side_resampling(client, voice, rate):
     audio = client.audio.speech.create(model="cosyvoice2", voice=voice, input="Hello world.",

@@ -41,12 +41,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cosyvoice_common.constants import MEL_BINS, SPEAKER_EMBEDDING_DIM
+from cosyvoice_common.constants import MAX_SPEED, MEL_BINS, MIN_SPEED, SPEAKER_EMBEDDING_DIM, SPEED_NEUTRAL
 
 from .flow import CausalMaskedDiffWithXvec
 from .graphs import CapturedGraph, GraphCache
 from .hift import POST_LRELU_SLOPE, ISTFT_MAX_MAGNITUDE, HiFTGenerator
-from .token2wav import Token2WavConfig, VocoderCache
+from .token2wav import Token2WavConfig, VocoderCache, stretched_frames
 
 # Length buckets (a length is padded to the first bucket >= it; past the last, to a multiple of the last
 # step). Token buckets are encoder frames (prompt + chunk tokens, 3 look-ahead excluded): 3-10 s prompts are
@@ -102,6 +102,7 @@ class ChunkRequest:
     cache: VocoderCache | None = None
     generator: torch.Generator | None = None   # HiFT source noise; else `seed`; else the global RNG
     seed: int | None = None
+    speed: float = SPEED_NEUTRAL      # offline calls only: the mel is stretched to int(frames / speed) for HiFT
 
     @property
     def kind(self) -> str:
@@ -152,11 +153,12 @@ class _Plan:
     prompt_frames: int
     start_frame: int           # first flow frame of this chunk's new mel (prompt + offset)
     cache_frames: int          # 0 or HIFT_MEL_CACHE_FRAMES
-    mel_frames: int            # HiFT input frames (cache + new)
-    new_frames: int
+    mel_frames: int            # HiFT input frames (cache + new; new stretched by speed)
+    new_frames: int            # flow frames of this chunk (before any speed stretch)
     finalize: bool
     streaming: bool
     first: bool                # a stream's first chunk: scheduled ahead of the rest
+    speed: float = SPEED_NEUTRAL
 
 
 @dataclass(slots=True)
@@ -556,14 +558,22 @@ class Token2WavRunner:
         if r.cache is not None and (tuple(r.cache.mel.shape) != (1, MEL_BINS, cache_frames)
                                     or r.cache.source.numel() != self._n_cache or r.cache.speech.numel() != self._n_cache):
             raise ChunkRequestError("cache shapes do not match this model's vocoder cache")
-        mel_frames = cache_frames + new
+        speed = float(r.speed)
+        if speed != SPEED_NEUTRAL:
+            if not (r.finalize and r.token_offset == 0):
+                raise ChunkRequestError("speed applies to offline calls only (no token_offset, finalize)")
+            if not MIN_SPEED <= speed <= MAX_SPEED:   # also bounds the stretched mel's memory
+                raise ChunkRequestError(f"speed {speed} outside [{MIN_SPEED}, {MAX_SPEED}]")
+            mel_frames = stretched_frames(new, speed)
+        else:
+            mel_frames = cache_frames + new
         if not r.finalize and mel_frames < self.config.mel_cache_frames:
             raise ChunkRequestError(f"a non-final chunk needs at least {self.config.mel_cache_frames} mel frames, "
                                     f"got {mel_frames}")
         if mel_frames < 1:
             raise ChunkRequestError("the chunk has no mel frames to vocode")
         return _Plan(index, ids, t_enc, prompt_frames, start, cache_frames, mel_frames, new, r.finalize, r.streaming,
-                     r.kind == "first")
+                     r.kind == "first", speed)
 
     def _sizes(self, plans: list[_Plan]) -> tuple[int, int, int]:
         n = len(plans)
@@ -637,15 +647,22 @@ class Token2WavRunner:
             noise[row, :p.mel_frames * spf].copy_(draws.noise_randn[0], non_blocking=True)
         return rand_ini, noise
 
-    def _hift_input(self, feat: torch.Tensor, meta: torch.Tensor, cache_mel: torch.Tensor, mk: int) -> torch.Tensor:
-        """[cache mel | flow mel from start] per row, left-aligned and zero-padded to mk frames."""
+    def _hift_input(self, feat: torch.Tensor, meta: torch.Tensor, cache_mel: torch.Tensor, mk: int,
+                    plans: list[_Plan]) -> torch.Tensor:
+        """[cache mel | flow mel from start] per row, left-aligned and zero-padded to mk frames; a row with a
+        speed gets its new mel stretched linearly in time instead (offline rows, no cache)."""
         c = cache_mel.size(2)
         src = torch.cat([cache_mel.to(feat.dtype), feat], dim=2)                    # [B, 80, c + F]
         m = self._arange(mk)[None, :]
         c_len, start, m_len = (meta[:, i:i + 1] for i in (_M_CACHE, _M_START, _M_MEL))
         idx = torch.where(m < c_len, m, c + start + m - c_len).clamp(0, src.size(2) - 1)
         out = src.gather(2, idx.unsqueeze(1).expand(-1, src.size(1), -1))
-        return torch.where((m < m_len).unsqueeze(1), out, 0.0).to(self.hift_dtype)
+        out = torch.where((m < m_len).unsqueeze(1), out, 0.0)
+        for row, p in enumerate(plans):   # rare (offline requests with a speed): one interpolation per such row
+            if p.speed != SPEED_NEUTRAL:
+                new_mel = feat[row:row + 1, :, p.start_frame:p.start_frame + p.new_frames]
+                out[row, :, :p.mel_frames] = F.interpolate(new_mel, size=p.mel_frames, mode="linear")[0]
+        return out.to(self.hift_dtype)
 
     # ------------------------------------------------------------------------------------------------
     # graphs
@@ -727,7 +744,7 @@ class Token2WavRunner:
             meta = st.meta.to(dev)
             (feat,) = self._flow_core(st.ids.to(dev), meta, st.cond.to(dev), st.embedding.to(dev))
         cache_mel = st.cache_mel.to(dev, non_blocking=True)
-        hmel = self._hift_input(feat, meta, cache_mel, mk)
+        hmel = self._hift_input(feat, meta, cache_mel, mk, plans)
         hmeta = torch.stack([meta[:, _M_MEL], meta[:, _M_CACHE] * self.config.samples_per_frame], dim=1)
         hg = self._graph(self._hift_graphs, (bb, mk), self._hift_core, lambda: self._hift_graph_inputs(bb, mk))
         if hg is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cosyvoice_common.constants import (
     HIFT_MEL_CACHE_FRAMES,
@@ -27,6 +28,7 @@ from cosyvoice_common.constants import (
     MEL_BINS,
     MEL_HOP_SAMPLES,
     PRE_LOOKAHEAD_TOKENS,
+    SPEED_NEUTRAL,
     STREAM_SCALE_FACTOR,
     TOKEN_HOP_TOKENS,
     TOKEN_MAX_HOP_TOKENS,
@@ -75,6 +77,20 @@ class ChunkPlan:
     flow_token_len: int
     streaming: bool
     finalize: bool
+
+
+def stretched_frames(frames: int, speed: float) -> int:
+    """Mel frames after the speed stretch: the reference's int(frames / speed)."""
+    if not speed > 0:
+        raise ValueError(f"speed must be positive, got {speed}")
+    return int(frames / speed)
+
+
+def stretch_mel(mel: torch.Tensor, speed: float) -> torch.Tensor:
+    """The reference's speed change: mel [B, 80, F] stretched linearly in time to int(F / speed) frames."""
+    if speed == SPEED_NEUTRAL:
+        return mel
+    return F.interpolate(mel, size=stretched_frames(mel.shape[2], speed), mode="linear")
 
 
 def plan_reference_chunks(n_tokens: int, n_prompt_tokens: int, hop_tokens: int = TOKEN_HOP_TOKENS,
@@ -192,24 +208,28 @@ class Token2Wav:
 
     def chunk(self, tokens: torch.Tensor, prompt_tokens: torch.Tensor, prompt_feat: torch.Tensor,
               embedding: torch.Tensor, token_offset: int, finalize: bool, streaming: bool,
-              cache: VocoderCache | None, generator: torch.Generator | None = None
-              ) -> tuple[torch.Tensor, VocoderCache | None]:
+              cache: VocoderCache | None, generator: torch.Generator | None = None,
+              speed: float = SPEED_NEUTRAL) -> tuple[torch.Tensor, VocoderCache | None]:
         """One token2wav call (spec 7.2). tokens: the whole prefix [1, T] of speech codes.
 
-        Offline synthesis is one call with token_offset=0, finalize=True, streaming=False.
+        Offline synthesis is one call with token_offset=0, finalize=True, streaming=False. ``speed`` (offline
+        only, as the reference) stretches the mel to int(frames / speed) before the vocoder.
         """
         if token_offset < 0 or token_offset > tokens.shape[1]:
             raise ValueError(f"token_offset {token_offset} outside [0, {tokens.shape[1]}]")
         if (cache is None) != (token_offset == 0):
             raise ValueError("a cache is required exactly for chunks after the first (token_offset > 0)")
+        if speed != SPEED_NEUTRAL and (not finalize or token_offset != 0):
+            raise ValueError("speed applies to offline calls only (token_offset 0, finalize)")
         mel = self.flow_mel(tokens, prompt_tokens, prompt_feat, embedding, streaming=streaming, finalize=finalize)
-        mel = mel[:, :, token_offset * self.config.token_mel_ratio:]
+        mel = stretch_mel(mel[:, :, token_offset * self.config.token_mel_ratio:], speed)
         return self.vocode(mel, finalize, cache, generator=generator)
 
     def offline(self, tokens: torch.Tensor, prompt_tokens: torch.Tensor, prompt_feat: torch.Tensor,
-                embedding: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+                embedding: torch.Tensor, generator: torch.Generator | None = None,
+                speed: float = SPEED_NEUTRAL) -> torch.Tensor:
         wav, _ = self.chunk(tokens, prompt_tokens, prompt_feat, embedding, token_offset=0, finalize=True,
-                            streaming=False, cache=None, generator=generator)
+                            streaming=False, cache=None, generator=generator, speed=speed)
         return wav
 
 

@@ -201,3 +201,50 @@ def test_padded_hift_matches_unpadded_hift(models):
         hmeta = torch.tensor([[n, k if c is not None else 0], [mk, 0]])
         speech, _ = runner._hift_core(hmel, hmeta, c_src, c_sp, rand_ini, noise)
         torch.testing.assert_close(speech[:1, :n * spf], want, atol=ATOL, rtol=0)
+
+
+def test_speed_stretches_the_offline_mel_before_the_vocoder(models, mixed):
+    """speed 2 (the reference's offline speed): half the mel frames, half the samples, and the audio is HiFT on the
+    speed-1 flow mel interpolated linearly to int(F / 2) frames, with the same source noise; batched with other
+    calls, the runner gives the same."""
+    import torch.nn.functional as F
+    flow, hift, t2w = models
+    reqs, _ = mixed
+    offline = reqs[2]
+    args = (offline.tokens, offline.prompt_tokens, offline.prompt_feat, offline.embedding)
+    normal = t2w.offline(*args, generator=torch.Generator().manual_seed(offline.seed))
+    fast = t2w.offline(*args, generator=torch.Generator().manual_seed(offline.seed), speed=2.0)
+    frames = 2 * offline.tokens.size(1)
+    assert normal.shape[1] == frames * hift.cfg.samples_per_frame
+    assert fast.shape[1] == (frames // 2) * hift.cfg.samples_per_frame
+    mel = t2w.flow_mel(*args, streaming=False, finalize=True)
+    stretched = F.interpolate(mel, size=frames // 2, mode="linear")
+    want, _ = t2w.vocode(stretched, True, None, generator=torch.Generator().manual_seed(offline.seed))
+    torch.testing.assert_close(fast, want, atol=0, rtol=0)
+
+    runner = Token2WavRunner((flow, hift), "cpu", torch.float32, use_cuda_graphs=False, max_batch=4)
+    slow = ChunkRequest(tokens=offline.tokens, prompt_tokens=offline.prompt_tokens, prompt_feat=offline.prompt_feat,
+                        embedding=offline.embedding, seed=offline.seed, speed=0.5)
+    quick = ChunkRequest(tokens=offline.tokens, prompt_tokens=offline.prompt_tokens, prompt_feat=offline.prompt_feat,
+                         embedding=offline.embedding, seed=offline.seed, speed=2.0)
+    got = runner.run_chunks([reqs[0], quick, slow, reqs[1]])
+    assert all(g.error is None for g in got)
+    torch.testing.assert_close(got[1].waveform, fast, atol=WAVE_ATOL, rtol=0)
+    assert got[2].waveform.shape[1] == 2 * frames * hift.cfg.samples_per_frame
+    want_slow = t2w.offline(*args, generator=torch.Generator().manual_seed(offline.seed), speed=0.5)
+    torch.testing.assert_close(got[2].waveform, want_slow, atol=WAVE_ATOL, rtol=0)
+
+
+def test_speed_is_refused_on_streaming_chunks_and_outside_its_range(models, mixed):
+    flow, hift, _ = models
+    reqs, want = mixed
+    first, _, offline = reqs
+    streamed = ChunkRequest(tokens=first.tokens, prompt_tokens=first.prompt_tokens, prompt_feat=first.prompt_feat,
+                            embedding=first.embedding, finalize=False, streaming=True, speed=1.5)
+    absurd = ChunkRequest(tokens=offline.tokens, prompt_tokens=offline.prompt_tokens, prompt_feat=offline.prompt_feat,
+                          embedding=offline.embedding, speed=0.001)
+    runner = Token2WavRunner((flow, hift), "cpu", torch.float32, use_cuda_graphs=False, max_batch=4)
+    got = runner.run_chunks([streamed, absurd, offline], keep_mel=True)
+    assert "offline" in str(got[0].error)
+    assert "outside [0.5, 2.0]" in str(got[1].error)
+    _check(got[2], want[2])

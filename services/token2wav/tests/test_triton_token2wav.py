@@ -142,6 +142,31 @@ def test_token2wav_chunk_without_cache_fails_only_itself(stage_servers):
                                        _input("token_offset", np.array([[5]], np.int32), "INT32")])
 
 
+def test_served_offline_speed_halves_the_audio_as_the_in_process_runner(stage_servers, in_process):
+    """`speed` 2 on an offline call: half the samples, the runner's audio; on a streaming chunk it is refused."""
+    from cosyvoice_token2wav.runner import ChunkRequest, chunk_seed
+    rng = np.random.default_rng(23)
+    target = rng.integers(0, 6561, (1, 30)).astype(np.int32) + SPEECH_ID_OFFSET
+    prompt = _prompt_arrays(rng)
+    client = grpcclient.InferenceServerClient(stage_servers.grpc_url("token2wav"))
+    common = [_input("target_speech_tokens", target, "INT32"), *_prompt_inputs(prompt),
+              _input("seed", np.array([[SEED]], np.uint64), "UINT64")]
+    served = client.infer(TOKEN2WAV_MODEL, [*common, _input("speed", np.array([[2.0]], np.float32), "FP32")])
+    wav = served.as_numpy("waveform")
+    assert wav.shape == (1, 30 * SAMPLES_PER_TOKEN // 2)
+    tokens, feat, embedding = prompt
+    local = in_process.run_chunks([ChunkRequest(
+        tokens=torch.from_numpy(target.astype(np.int64) - SPEECH_ID_OFFSET),
+        prompt_tokens=torch.from_numpy(tokens.astype(np.int64) - SPEECH_ID_OFFSET),
+        prompt_feat=torch.from_numpy(feat), embedding=torch.from_numpy(embedding), seed=chunk_seed(SEED, 0),
+        speed=2.0)])[0]
+    np.testing.assert_allclose(wav, local.waveform.numpy(), **TOL)
+    with pytest.raises(Exception, match="offline"):
+        client.infer(TOKEN2WAV_MODEL, [*common, _input("speed", np.array([[2.0]], np.float32), "FP32"),
+                                       _input("token_offset", np.array([[0]], np.int32), "INT32"),
+                                       _input("finalize", np.array([[False]]), "BOOL")])
+
+
 def _seeded_stream(client, target, prompt, seed: int | None) -> np.ndarray:
     """Two chunks (offset 0, then 25 final), optionally seeded; the concatenated waveform."""
     seeded = [] if seed is None else [_input("seed", np.array([[seed]], np.uint64), "UINT64")]

@@ -5,6 +5,8 @@ and speech tails) arrives as input tensors and leaves as output tensors, so any 
 and a cancelled stream leaves nothing behind. Without `token_offset` the call is offline (one pass).
 With `seed` the vocoder's source noise is drawn from a generator seeded by `chunk_seed(seed, token_offset)`
 (the same request replayed gives the same audio, on any replica); without it, from the process RNG.
+`speed` (offline calls only) stretches the final mel linearly in time to int(frames / speed) before the
+vocoder, as the reference does.
 The dynamic batch (streaming chunks and offline calls mixed) runs as length-grouped padded batches, groups
 holding a stream's first chunk first (Token2WavRunner.schedule); each group is answered through the
 requests' response senders as soon as it is done, so a first chunk never waits for a long final chunk of
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from cosyvoice_common.constants import MEL_BINS, SPEECH_ID_OFFSET
+from cosyvoice_common.constants import MEL_BINS, SPEECH_ID_OFFSET, SPEED_NEUTRAL
 from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.settings import parse_flag
 from cosyvoice_common.triton_io import error_response, from_triton, get_parameter, send_outputs
@@ -95,6 +97,7 @@ class ChunkCall:
     streaming: bool
     cache: VocoderCache | None
     seed: int | None               # this chunk's source-noise seed; None = the process RNG
+    speed: float                   # offline only; SPEED_NEUTRAL otherwise
 
     @classmethod
     def from_request(cls, request) -> "ChunkCall":
@@ -124,11 +127,21 @@ class ChunkCall:
             if seed.size != 1:
                 raise ValueError(f"seed must hold one value, got {seed.size}")
             seed = chunk_seed(int(seed[0]), token_offset)
+        speed = _input(request, "speed")
+        if speed is None:
+            speed = SPEED_NEUTRAL
+        else:
+            speed = _one(speed, "speed").reshape(-1)
+            if speed.size != 1:
+                raise ValueError(f"speed must hold one value, got {speed.size}")
+            speed = float(speed[0])
+            if speed != SPEED_NEUTRAL and offset is not None:
+                raise ValueError("speed applies to offline calls only (without token_offset), as in the reference")
         feat = _one(_input(request, "prompt_speech_feat"), "prompt_speech_feat")
         embedding = _one(_input(request, "prompt_spk_embedding"), "prompt_spk_embedding")
         return cls(torch.from_numpy(codes[None].copy()), torch.from_numpy(prompt_codes[None].copy()),
                    torch.from_numpy(feat[None].copy()), torch.from_numpy(embedding.reshape(1, -1).copy()),
-                   token_offset, is_final, streaming, cache, seed)
+                   token_offset, is_final, streaming, cache, seed, speed)
 
 
 def chunk_outputs(wav: torch.Tensor, cache: VocoderCache | None) -> dict[str, torch.Tensor]:
@@ -200,7 +213,8 @@ class TritonPythonModel:
                 calls.append((i, ChunkRequest(tokens=call.tokens, prompt_tokens=call.prompt_tokens,
                                               prompt_feat=call.prompt_feat, embedding=call.embedding,
                                               token_offset=call.token_offset, finalize=call.finalize,
-                                              streaming=call.streaming, cache=call.cache, seed=call.seed)))
+                                              streaming=call.streaming, cache=call.cache, seed=call.seed,
+                                              speed=call.speed)))
             except Exception as exc:  # noqa: BLE001 - a malformed request answers only itself
                 answer(i, exc=exc)
 
