@@ -198,8 +198,6 @@ def test_served_stream_is_the_in_process_token2wav_chunk_by_chunk(gateway, stage
     recorded = _recorded_token2wav_inputs(stage_urls["model_dir"], request, tmp_path)
     whole = recorded[-1]                       # the final call holds every token
     assert whole["target_speech_tokens"].size == N_TOKENS
-    assert whole["target_speech_tokens"][: SPEC_SCHEDULE[0][1]].tolist() == \
-        recorded[0]["target_speech_tokens"].tolist()
     reference = _reference_chunks(in_process_token2wav, whole, request.sampling.seed, SPEC_SCHEDULE)
     assert [c.size for c in served] == [c.size for c in reference]
     assert sum(c.size for c in served) == N_TOKENS * SAMPLES_PER_TOKEN
