@@ -1,6 +1,6 @@
 """Root pytest plugin: real-process fixtures (tiny_model_dir, redis_server, stage_servers, stack) for every test,
 and the CI skip gate: with `--strict-skips` the session fails when a test skips for a reason outside
-SKIP_ALLOWLIST, so a new silent skip turns CI red (`.ci/run` passes it, with `-rs` to print every reason)."""
+SKIP_ALLOWLIST, so a new silent skip turns CI red (`.ci/run` passes it, with `-ra` to print every reason)."""
 import re
 
 import pytest

@@ -1,5 +1,6 @@
 """Cancellation and deadlines free the llm stage's slot: its `llm_active_requests` gauge (Triton metrics port)
-returns to 0 within a bounded time after a client cancels a stream or a deadline expires, on both RPCs."""
+returns to 0 after a client cancels a stream or a deadline expires, on both RPCs, and its `llm_generated_tokens`
+counter shows the request stopped short of its length (waits on those metrics, bounded generously)."""
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +14,9 @@ from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_gateway.testing import prompt_wav_bytes
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-FREED_WITHIN_S = 10.0
-LONG = 1500          # tokens: a minute of audio, far longer than any test waits
+EVENT_BOUND_S = 120.0   # overall bound on waiting for an event (a loaded 2-core CI machine)
+DEADLINE_S = 4.0        # the client's deadline: long before LONG tokens are made
+LONG = 3000             # tokens (the API's bound): two minutes of audio, far longer than any test waits
 
 
 def _metric(metrics_url: str, name: str) -> float:
@@ -30,6 +32,13 @@ def _active(metrics_url: str) -> float:
 
 def _generated(metrics_url: str) -> float:
     return _metric(metrics_url, "llm_generated_tokens")
+
+
+def _wait_for(condition, failure: str, timeout_s: float = EVENT_BOUND_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.1)
 
 
 def _wait_active(metrics_url: str, predicate, timeout_s: float) -> float:
@@ -58,11 +67,11 @@ def test_client_cancel_of_a_stream_frees_the_llm_slot(stack, llm_metrics):
     async def run():
         async with grpc.aio.insecure_channel(stack.gateway_grpc_url) as channel:
             call = tts_pb2_grpc.TextToSpeechStub(channel).SynthesizeStream(_long_request(1))
-            # Cancel while the llm decodes (the tiny model may finish 1500 tokens before the first audio chunk).
-            assert await asyncio.to_thread(_wait_active, llm_metrics, lambda v: v >= 1, 60.0) >= 1
+            # Cancel while the llm decodes (the tiny model may finish many tokens before the first audio chunk).
+            assert await asyncio.to_thread(_wait_active, llm_metrics, lambda v: v >= 1, EVENT_BOUND_S) >= 1
             call.cancel()
             cancelled_at = time.monotonic()
-        value = await asyncio.to_thread(_wait_active, llm_metrics, lambda v: v == 0, FREED_WITHIN_S)
+        value = await asyncio.to_thread(_wait_active, llm_metrics, lambda v: v == 0, EVENT_BOUND_S)
         return value, time.monotonic() - cancelled_at
 
     value, waited_s = asyncio.run(run())
@@ -78,12 +87,9 @@ def test_deadline_is_propagated_and_frees_the_llm_slot(stack, llm_metrics, strea
     with grpc.insecure_channel(stack.gateway_grpc_url) as channel:
         stub = tts_pb2_grpc.TextToSpeechStub(channel)
         if streaming:
-            call = stub.SynthesizeStream(_long_request(2), timeout=4.0)
+            call = stub.SynthesizeStream(_long_request(2), timeout=DEADLINE_S)
         else:
-            call = stub.Synthesize.future(_long_request(3), timeout=4.0)
-        started = time.monotonic()
-        # the request reached the llm stage before the deadline: its freeing below is the deadline's doing
-        assert _wait_active(llm_metrics, lambda v: v >= 1, 4.0) >= 1, "the llm stage never saw the request"
+            call = stub.Synthesize.future(_long_request(3), timeout=DEADLINE_S)
         with pytest.raises(grpc.RpcError) as info:
             if streaming:
                 for _ in call:
@@ -91,9 +97,10 @@ def test_deadline_is_propagated_and_frees_the_llm_slot(stack, llm_metrics, strea
             else:
                 call.result()
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
-        assert time.monotonic() - started < 4.0 + 5.0
-    value = _wait_active(llm_metrics, lambda v: v == 0, FREED_WITHIN_S)
-    assert value == 0, "the llm stage kept decoding after the client's deadline"
+    # The llm stage took the request (it counted tokens for it: a counter, so there is no moment to miss), so what
+    # stopped it short of the end below was the deadline.
+    _wait_for(lambda: _generated(llm_metrics) > before, "the llm stage never generated a token for the request")
+    _wait_for(lambda: _active(llm_metrics) == 0, "the llm stage kept the request after the client's deadline")
     generated = _generated(llm_metrics) - before
     print(f"{generated:.0f} of {LONG} tokens made before the deadline stopped the llm")
     assert generated < LONG, "the llm ran to the end: the deadline did not reach it"
@@ -128,4 +135,4 @@ def test_stream_handler_closed_at_its_yield_logs_cancelled_and_frees_the_llm_slo
         asyncio.run(run())
     assert any("status=CANCELLED" in record.getMessage() for record in caplog.records)
     # (The tiny model may have made all its tokens before the first chunk, so no token count is asserted.)
-    assert _wait_active(llm_metrics, lambda v: v == 0, FREED_WITHIN_S) == 0
+    assert _wait_active(llm_metrics, lambda v: v == 0, EVENT_BOUND_S) == 0

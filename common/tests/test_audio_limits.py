@@ -1,6 +1,5 @@
 """Hostile prompt uploads are refused from their size and header, before decoding (cosyvoice_common.audio)."""
 import io
-import time
 import tracemalloc
 
 import numpy as np
@@ -30,14 +29,11 @@ def flac_bomb() -> bytes:
 def test_flac_bomb_is_refused_from_its_header_without_decoding(flac_bomb):
     assert len(flac_bomb) < 1 << 20
     tracemalloc.start()
-    start = time.perf_counter()
     with pytest.raises(AudioValidationError, match="too long"):
         prepare_prompt(flac_bomb)
-    elapsed_s = time.perf_counter() - start
     _, peak_bytes = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak_bytes < 4 << 20, f"decoding happened: peak {peak_bytes} bytes"
-    assert elapsed_s < 0.5
 
 
 def test_decode_reads_at_most_the_bound_even_when_not_refused_by_the_header(monkeypatch, flac_bomb):

@@ -19,11 +19,12 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
-from cosyvoice_common.constants import SAMPLES_PER_TOKEN
+from cosyvoice_common.constants import SAMPLES_PER_TOKEN, SPEECH_ID_OFFSET
 from cosyvoice_gateway.testing import free_port, prompt_wav_bytes
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -131,19 +132,85 @@ def test_streaming_chunks_concatenate_to_960_samples_per_token_with_one_wav_head
     assert timings.speech_tokens == N_TOKENS and timings.token2wav.calls == 2 and 0 < timings.first_chunk_ms <= timings.total_ms
 
 
-def test_streaming_and_offline_agree_with_the_same_seed(gateway):
+# The chunk schedule of spec 7, written out here rather than taken from `cosyvoice_common.schedule`, for
+# N_TOKENS = 20: (token_offset, end, finalize). Chunk 0 emits the first 15 tokens once 15 + 3 lookahead exist;
+# the final chunk emits the rest from the whole sequence.
+SPEC_SCHEDULE = ((0, 18, False), (15, 20, True))
+SAME_AUDIO = dict(rtol=1e-4, atol=1e-4)   # a served call may run padded in a batch bucket
+
+
+@pytest.fixture(scope="module")
+def in_process_token2wav(stage_urls):
+    """The runner the served token2wav wraps, in this process on the same model dir (float32, cpu)."""
+    from cosyvoice_token2wav.runner import Token2WavRunner
+    return Token2WavRunner(Path(stage_urls["model_dir"]), "cpu", torch.float32)
+
+
+def _recorded_token2wav_inputs(model_dir: str, request, record_dir: Path) -> list[dict[str, np.ndarray]]:
+    """The token2wav inputs of the in-process pipeline (same stage code, no Triton, no gRPC, no Redis) for
+    `request`, one dict per call in call order."""
+    from cosyvoice_gateway.local import LocalPipeline
+    from cosyvoice_gateway.server import to_request
+
+    async def run():
+        local = LocalPipeline.create(model_dir, "cpu", record_dir=record_dir)
+        try:
+            await local.synthesize(to_request(request), streaming=True)
+        finally:
+            await local.close()
+    asyncio.run(run())
+    return [dict(np.load(f)) for f in sorted((record_dir / "token2wav").glob("*.npz"))]
+
+
+def _reference_chunks(runner, recorded: dict[str, np.ndarray], seed: int, schedule) -> list[np.ndarray]:
+    """In-process token2wav over `schedule`, the vocoder cache carried from chunk to chunk."""
+    from cosyvoice_token2wav.runner import ChunkRequest, chunk_seed
+
+    codes = lambda name: torch.from_numpy(recorded[name].astype(np.int64).reshape(1, -1) - SPEECH_ID_OFFSET)  # noqa: E731
+    tokens, cache, chunks = codes("target_speech_tokens"), None, []
+    for token_offset, end, finalize in schedule:
+        result = runner.run_chunks([ChunkRequest(
+            tokens=tokens[:, :end], prompt_tokens=codes("prompt_speech_tokens"),
+            prompt_feat=torch.from_numpy(recorded["prompt_speech_feat"].astype(np.float32))[None],
+            embedding=torch.from_numpy(recorded["prompt_spk_embedding"].astype(np.float32)).reshape(1, -1),
+            token_offset=token_offset, finalize=finalize, streaming=not finalize, cache=cache,
+            seed=chunk_seed(seed, token_offset))])[0]
+        assert result.error is None, result.error
+        cache = result.cache
+        chunks.append(result.waveform.numpy().reshape(-1))
+    return chunks
+
+
+def _audio_chunks(chunks: list[tts_pb2.AudioChunk]) -> list[np.ndarray]:
+    """The float32 audio of each chunk; the final chunk may be an empty end-of-stream marker with the timings."""
+    assert chunks and chunks[-1].is_final
+    if not chunks[-1].audio:
+        chunks = chunks[:-1]
+    return [np.frombuffer(c.audio, "<f4") for c in chunks]
+
+
+def test_served_stream_is_the_in_process_token2wav_chunk_by_chunk(gateway, stage_urls, in_process_token2wav,
+                                                                      tmp_path):
+    """Served chunks (gateway -> Redis -> four tritonservers) against token2wav run here over the spec's schedule
+    on the tokens and prompt features the in-process pipeline produces for the same request and seed."""
     request = _request(encoding=tts_pb2.FLOAT32, voice_seed=2)
-    chunks = asyncio.run(_stream(gateway.addr, request))
-    streamed = np.frombuffer(b"".join(c.audio for c in chunks), "<f4")
+    served = _audio_chunks(asyncio.run(_stream(gateway.addr, request)))
+    recorded = _recorded_token2wav_inputs(stage_urls["model_dir"], request, tmp_path)
+    whole = recorded[-1]                       # the final call holds every token
+    assert whole["target_speech_tokens"].size == N_TOKENS
+    reference = _reference_chunks(in_process_token2wav, whole, request.sampling.seed, SPEC_SCHEDULE)
+    assert [c.size for c in served] == [c.size for c in reference]
+    assert sum(c.size for c in served) == N_TOKENS * SAMPLES_PER_TOKEN
+    for index, (got, want) in enumerate(zip(served, reference)):
+        np.testing.assert_allclose(got, want, **SAME_AUDIO, err_msg=f"chunk {index}")
+    again = _audio_chunks(asyncio.run(_stream(gateway.addr, request)))
+    assert all(np.array_equal(a, b) for a, b in zip(again, served, strict=True)), \
+        "a seeded stream did not repeat bit for bit"
+    # Offline: one token2wav call over every token, without offset or cache.
     offline = np.frombuffer(asyncio.run(_unary(gateway.addr, request)).audio, "<f4")
-    assert streamed.shape == offline.shape == (N_TOKENS * SAMPLES_PER_TOKEN,)
-    # Streaming flow attention is chunk-causal, so samples differ near joins; the signal stays alike
-    # (0.79 measured on the tiny model)
-    assert np.corrcoef(streamed, offline)[0, 1] > 0.6
-    again = np.frombuffer(b"".join(c.audio for c in asyncio.run(_stream(gateway.addr, request))), "<f4")
-    assert np.array_equal(again, streamed), "a seeded stream did not repeat bit for bit"
-    rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
-    assert 0.75 < rms(streamed) / rms(offline) < 1.33
+    (offline_reference,) = _reference_chunks(in_process_token2wav, whole, request.sampling.seed,
+                                             ((0, N_TOKENS, True),))
+    np.testing.assert_allclose(offline, offline_reference, **SAME_AUDIO)
 
 
 def test_second_request_with_the_same_prompt_hits_the_cache(gateway):

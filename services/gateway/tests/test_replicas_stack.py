@@ -6,6 +6,7 @@ import json
 import time
 import urllib.request
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
@@ -80,7 +81,13 @@ def test_two_replicas_each_serve_and_a_stopped_one_is_skipped(replicated):
     count0 = _single_count(stack, records[0])
     results = asyncio.run(_synthesize(stack.gateway_grpc_url, [105, 106]))
     assert all(_audio_samples(r) == N_TOKENS * SAMPLES_PER_TOKEN for r in results)
-    time.sleep(1.5)                                      # a readiness round sees it gone
+    # A readiness round marks it gone (the gateway's log line), so later requests never try it first.
+    gone_url = f"127.0.0.1:{gone.ports['grpc']}"
+    log = Path(stack._record("gateway").log)
+    deadline = time.monotonic() + 120                    # generous: a loaded 2-core machine
+    while f"stage token2wav replica {gone_url} NOT ready" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the gateway never marked the stopped replica not ready"
+        time.sleep(0.2)
     results = asyncio.run(_synthesize(stack.gateway_grpc_url, [107, 108, 109]))
     assert all(_audio_samples(r) == N_TOKENS * SAMPLES_PER_TOKEN for r in results)
     assert _single_count(stack, records[0]) - count0 >= 2 * 5   # all five requests' chunks on token2wav-0

@@ -18,10 +18,11 @@ LOGP_ATOL = 1e-4          # README: float32 re-implementation tolerance for hidd
 EMBEDDING_ATOL = 1e-6     # embedding lookup is a copy: only representation noise allowed
 
 
-def load_golden_llm(golden_dir: Path) -> Qwen2LM:
-    """Qwen2LM built from the golden config.json's `llm` section + CosyVoice-BlankEN/config.json, llm.pt strict."""
+def load_golden_llm(golden_dir: Path, dtype: torch.dtype = torch.float32) -> Qwen2LM:
+    """Qwen2LM built from the golden config.json's `llm` section + CosyVoice-BlankEN/config.json, llm.pt strict,
+    cast to `dtype` by `load_llm` (the engine's load path)."""
     llm_cfg = json.loads((golden_dir / "config.json").read_text())["llm"]
-    return load_llm(golden_dir, device="cpu", dtype=torch.float32, llm_cfg=llm_cfg)
+    return load_llm(golden_dir, device="cpu", dtype=dtype, llm_cfg=llm_cfg)
 
 
 @torch.inference_mode()

@@ -1,5 +1,5 @@
 """The engine's speed paths (batched and bucketed prefill, kv-length buckets, fused projections, host/device
-overlap) give the same tokens as the plain engine, with requests joining and leaving mid-run."""
+overlap, the compiled step) give the same tokens as the plain engine, with requests joining and leaving mid-run."""
 
 import pytest
 import torch
@@ -320,3 +320,11 @@ def test_requests_wider_than_the_top_k_cap_get_the_full_sorts_draws(tiny_model: 
         return [h.result(timeout_s=0) for h in hs]
 
     assert run(16) == run(0)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_plain_engines_tokens(tiny_model: Qwen2LM):
+    """`compile_decode` (LLM_COMPILE_DECODE): the Inductor-compiled step gives the same tokens, joins and cancels
+    included. One kv bucket, so one compilation: about 3 minutes on a loaded 2-core CPU, run in CI."""
+    want = _plain_run(tiny_model, GREEDY)
+    assert _scripted_run(tiny_model, GREEDY, compile_decode=True, kv_buckets=(64,)) == want
