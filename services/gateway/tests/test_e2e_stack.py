@@ -149,7 +149,7 @@ def in_process_token2wav(stage_urls):
 def _recorded_token2wav_inputs(model_dir: str, request, record_dir: Path) -> list[dict[str, np.ndarray]]:
     """The token2wav inputs of the in-process pipeline (same stage code, no Triton, no gRPC, no Redis) for
     `request`, one dict per call in call order."""
-    from cosyvoice_gateway.local import LocalPipeline
+    from cosyvoice_tools.local import LocalPipeline
     from cosyvoice_gateway.server import to_request
 
     async def run():

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from cosyvoice_common.constants import MEL_HOP_SAMPLES, TOKEN_MEL_RATIO
-from cosyvoice_gateway.local import LocalPipeline
+from cosyvoice_tools.local import LocalPipeline
 from cosyvoice_gateway.pipeline import RequestError, SynthesisRequest
 from cosyvoice_gateway.testing import prompt_wav_bytes
 
