@@ -7,13 +7,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 
-import httpx
 import pytest
-
-from cosyvoice_gateway.testing import free_port
+from cosyvoice_gateway.testing import free_port, gateway_process
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 ADMISSION_BOUND = 2
@@ -28,24 +25,10 @@ def gateway(request, stage_servers, redis_server, tiny_model_dir, tmp_path):
                METRICS_PORT="0", READINESS_INTERVAL_S="0.5", MAX_INFLIGHT_REQUESTS=str(ADMISSION_BOUND),
                COSYVOICE_API_KEY=API_KEY if request.param == "auth-on" else "")
     log = tmp_path / "gateway.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cosyvoice_gateway.server"], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.3)
-    yield {"grpc": f"127.0.0.1:{grpc_port}", "http": url, "pid": proc.pid, "log": log,
-           "api_key": API_KEY if request.param == "auth-on" else ""}
-    proc.terminate()
-    proc.wait(15)
+    with gateway_process(env, log, f"{url}/readyz") as proc:
+        yield {"grpc": f"127.0.0.1:{grpc_port}", "http": url, "pid": proc.pid, "log": log,
+               "api_key": API_KEY if request.param == "auth-on" else ""}
 
 
 def test_hostile_suite_refuses_bombs_and_overload_and_nothing_falls_over(gateway, stage_servers, redis_server,

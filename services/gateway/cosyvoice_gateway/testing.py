@@ -1,10 +1,14 @@
 """Helpers for gateway tests (importable, since pytest's importlib mode cannot import conftest)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import subprocess
+import sys
 import time
+import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +73,32 @@ class RedisProcess:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+
+@contextlib.contextmanager
+def gateway_process(env: Mapping[str, str], log: Path, ready_url: str, timeout_s: float = 120.0):
+    """A real `python -m cosyvoice_gateway.server` with `env`, its output in `log`. Yields the process once
+    `ready_url` (an HTTP health path of it) answers 200; terminated on exit."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cosyvoice_gateway.server"], stdout=out,
+                                stderr=subprocess.STDOUT, env=dict(env), start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:       # refused, not ready yet (HTTPError 503 is an OSError too)
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -4,17 +4,14 @@ RESOURCE_EXHAUSTED with retry-after, HTTP 429 with Retry-After) on both RPCs and
 runs; the slot comes back when the request ends; the request deadline bounds the stage calls (HTTP 504, gRPC
 DEADLINE_EXCEEDED)."""
 import os
-import subprocess
-import sys
 import time
 import uuid
 
 import grpc
 import httpx
 import pytest
-
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
-from cosyvoice_gateway.testing import free_port, prompt_wav_bytes
+from cosyvoice_gateway.testing import free_port, gateway_process, prompt_wav_bytes
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 REQUEST_TIMEOUT_S = 2.0
@@ -29,23 +26,9 @@ def _gateway(stage_servers, redis_server, tiny_model_dir, tmp_path_factory, **se
                METRICS_PORT="0", READINESS_INTERVAL_S="0.5", **settings)
     env.pop("COSYVOICE_API_KEY", None)
     log = tmp_path_factory.mktemp("admission") / "gateway.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cosyvoice_gateway.server"], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.3)
-    yield f"127.0.0.1:{grpc_port}", url
-    proc.terminate()
-    proc.wait(15)
+    with gateway_process(env, log, f"{url}/healthz"):
+        yield f"127.0.0.1:{grpc_port}", url
 
 
 @pytest.fixture(scope="module")

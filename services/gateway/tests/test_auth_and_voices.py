@@ -3,19 +3,15 @@ session's real stage servers and Redis: gRPC metadata `authorization: Bearer <ke
 OpenAI client's api_key; health stays open; registering an existing voice is ALREADY_EXISTS / 409 unless the
 request asks to replace it."""
 import os
-import subprocess
-import sys
-import time
 import uuid
 
 import grpc
 import httpx
 import openai
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
-from cosyvoice_gateway.testing import free_port, prompt_wav_bytes
+from cosyvoice_gateway.testing import free_port, gateway_process, prompt_wav_bytes
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 KEYS = ("key-one", "key-two")
@@ -30,23 +26,9 @@ def gateway(stage_servers, redis_server, tiny_model_dir, tmp_path_factory):
                MODEL_REVISION=f"auth-{uuid.uuid4().hex[:8]}", GRPC_PORT=str(grpc_port), HTTP_PORT=str(http_port),
                METRICS_PORT="0", READINESS_INTERVAL_S="0.5", COSYVOICE_API_KEY=",".join(KEYS))
     log = tmp_path_factory.mktemp("auth") / "gateway.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cosyvoice_gateway.server"], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:    # open: no key needed
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.3)
-    yield f"127.0.0.1:{grpc_port}", url
-    proc.terminate()
-    proc.wait(15)
+    with gateway_process(env, log, f"{url}/healthz"):
+        yield f"127.0.0.1:{grpc_port}", url
 
 
 @pytest.fixture(scope="module")
