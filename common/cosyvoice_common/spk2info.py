@@ -52,6 +52,10 @@ class SpeakerExistsError(KeyError):
     """A speaker of that name is registered and the registration did not ask to replace it."""
 
 
+# One Redis call (and its connect). Long enough for a loaded host; a Redis that is down costs it once per
+# retry_after_s, not per request.
+REDIS_SOCKET_TIMEOUT_S = 1.0
+
 @dataclass(frozen=True, slots=True)
 class PromptFeatures:
     """Everything the LLM and token2wav need from a prompt, already aligned (spec 3.5)."""
@@ -83,7 +87,7 @@ class Spk2InfoConfig:
     url: str                      # redis://host:port/db; empty = no cache (every lookup misses)
     model_revision: str
     ttl_s: int = 24 * 3600        # ad-hoc prompts
-    socket_timeout_s: float = 0.25
+    socket_timeout_s: float = REDIS_SOCKET_TIMEOUT_S
     retry_after_s: float = 5.0    # after a failure, treat Redis as down this long
     key_prefix: str = "cosyvoice"
     max_speakers: int = MAX_NAMED_SPEAKERS   # named voices per model revision

@@ -23,6 +23,7 @@ from cosyvoice_common.constants import MAX_NAMED_SPEAKERS
 from cosyvoice_common.seed_speakers import import_model_speakers
 from cosyvoice_common.settings import ConfigError, check_knobs, from_env, knob
 from cosyvoice_common.spk2info import (
+    REDIS_SOCKET_TIMEOUT_S,
     RegistryUnavailableError,
     Spk2InfoCache,
     Spk2InfoConfig,
@@ -97,7 +98,8 @@ class GatewayConfig:
                              low=0, high=65535)
     cache_ttl_s: int = knob("CACHE_TTL_S", 24 * 3600, "lifetime of an ad-hoc prompt's cached features "
                             "(named voices never expire)", low=1)
-    redis_timeout_s: float = knob("REDIS_TIMEOUT_S", 0.25, "socket timeout of one Redis call", low=0.001)
+    redis_timeout_s: float = knob("REDIS_TIMEOUT_S", REDIS_SOCKET_TIMEOUT_S, "socket timeout of one Redis call",
+                                  low=0.001)
     redis_retry_after_s: float = knob("REDIS_RETRY_AFTER_S", 5.0, "after a Redis failure, treat it as down "
                                       "this long", low=0)
     max_speakers: int = knob("MAX_SPEAKERS", MAX_NAMED_SPEAKERS, "named voices per model revision", low=1)
