@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import json
 import math
 import os
@@ -39,12 +38,11 @@ from pathlib import Path
 
 import grpc
 import httpx
-import numpy as np
-import soundfile as sf
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.audio import PROMPT_MAX_BYTES
+from cosyvoice_gateway.testing import prompt_wav_bytes, silent_flac
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from cosyvoice_tools.stack import recorded_processes
 from cosyvoice_tools.triton import pid_alive
 
@@ -54,31 +52,11 @@ BOMB_MINUTES = 20                         # of silence: ~0.2 MB as FLAC, 230 MB 
 LONG_STRING_CHARS = 1 << 20               # beyond every string bound, within the gRPC message bound
 GRPC_MESSAGE_BEYOND_BYTES = PROMPT_MAX_BYTES + (4 << 20)
 PROMPT_SECONDS = 2.0
-PROMPT_RATE_HZ = 16000
 OK = "OK"
 CLOSED = "closed"                         # HTTP: the connection was closed without an answer
 
 
 # --- inputs ------------------------------------------------------------------------------------------------------
-def silent_flac(minutes: int, sample_rate_hz: int = 48000) -> bytes:
-    buf = io.BytesIO()
-    block = np.zeros(sample_rate_hz * 60, np.float32)
-    with sf.SoundFile(buf, "w", sample_rate_hz, 1, format="FLAC", subtype="PCM_16") as f:
-        for _ in range(minutes):
-            f.write(block)
-    return buf.getvalue()
-
-
-def prompt_wav(seconds: float = PROMPT_SECONDS, seed: int = 0) -> bytes:
-    """A voiced-sounding prompt (a wobbling tone and a little noise), 16-bit WAV at 16 kHz."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * PROMPT_RATE_HZ)) / PROMPT_RATE_HZ
-    wav = 0.3 * np.sin(2 * np.pi * (140 + 20 * np.sin(2 * np.pi * 3 * t)) * t) + 0.01 * rng.standard_normal(t.size)
-    buf = io.BytesIO()
-    sf.write(buf, wav.astype(np.float32), PROMPT_RATE_HZ, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
-
-
 def lying_wav(claimed_seconds: int = 3600, sample_rate_hz: int = 48000) -> bytes:
     """A RIFF header that claims `claimed_seconds` of 16-bit audio, followed by 100 bytes of it."""
     data_bytes = claimed_seconds * sample_rate_hz * 2
@@ -184,7 +162,7 @@ class Target:
 
 # --- 1. bombs ----------------------------------------------------------------------------------------------------
 async def run_bombs(target: Target) -> list[Probe]:
-    bomb, good = silent_flac(BOMB_MINUTES), prompt_wav()
+    bomb, good = silent_flac(BOMB_MINUTES), prompt_wav_bytes(PROMPT_SECONDS)
     long = "a" * LONG_STRING_CHARS
     invalid = ("INVALID_ARGUMENT",)
     t = target.timeout_s
@@ -275,7 +253,7 @@ async def _drain(stream) -> None:
 async def register_voice(target: Target) -> str:
     name = f"hostile-{uuid.uuid4().hex[:8]}"
     await target.tts.RegisterSpeaker(tts_pb2.RegisterSpeakerRequest(
-        speaker_id=name, prompt_audio=prompt_wav(seed=1), prompt_text="Hello there.", replace=True),
+        speaker_id=name, prompt_audio=prompt_wav_bytes(PROMPT_SECONDS, seed=1), prompt_text="Hello there.", replace=True),
         metadata=target.metadata, timeout=target.timeout_s)
     return name
 

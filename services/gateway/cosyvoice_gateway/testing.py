@@ -33,6 +33,17 @@ def prompt_wav_bytes(seconds: float = 2.0, sample_rate_hz: int = 16000, seed: in
     return buf.getvalue()
 
 
+
+def silent_flac(minutes: int, sample_rate_hz: int = 48000) -> bytes:
+    """A decode bomb: `minutes` of silence compress to ~10 kB a minute of FLAC and decode to 11 MB a minute."""
+    buf = io.BytesIO()
+    block = np.zeros(sample_rate_hz * 60, np.float32)
+    with sf.SoundFile(buf, "w", sample_rate_hz, 1, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(minutes):
+            f.write(block)
+    return buf.getvalue()
+
+
 def char_encoder(text: str) -> list[int]:
     """Stand-in text ids for tests that never reach the LLM (validation): one id per character."""
     return [ord(c) % 1000 for c in text]

@@ -1,34 +1,21 @@
 """Hostile inputs are refused cheaply and alike on both gRPC RPCs and HTTP, over the real stack (gateway
 process, tritonserver stages, Redis): a decompression-bomb prompt, oversized uploads and bodies, and a bound on
 every string field (text, prompt_text, instruct, speaker_id, request_id)."""
-import io
 import socket
 import time
 from pathlib import Path
 
 import grpc
 import httpx
-import numpy as np
 import pytest
-import soundfile as sf
-
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.audio import PROMPT_MAX_BYTES
-from cosyvoice_gateway.testing import prompt_wav_bytes
+from cosyvoice_gateway.testing import prompt_wav_bytes, silent_flac
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 GOOD = prompt_wav_bytes()
 # The bomb decodes to 230 MB of float32: a gateway that decoded it would raise its peak memory by that much.
 DECODED_BOMB_BYTES = 230 << 20
-
-
-def silent_flac(minutes: int, sample_rate_hz: int = 48000) -> bytes:
-    buf = io.BytesIO()
-    block = np.zeros(sample_rate_hz * 60, np.float32)
-    with sf.SoundFile(buf, "w", sample_rate_hz, 1, format="FLAC", subtype="PCM_16") as f:
-        for _ in range(minutes):
-            f.write(block)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
