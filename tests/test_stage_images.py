@@ -28,7 +28,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.stages import STAGE_NAMES, stage
-from cosyvoice_gateway.testing import free_port, prompt_wav_bytes
+from cosyvoice_gateway.testing import TEST_STAGE_TIMEOUT_S, free_port, prompt_wav_bytes
 from cosyvoice_tools.triton import free_ports, http_ready
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -198,7 +198,7 @@ def test_stages_from_their_own_requirements_serve_a_request(image_stage_servers,
     before = {name: _served(url, stage(name).triton_model) for name, url in image_stage_servers.items()}
     port = free_port()
     env = dict(os.environ, REDIS_URL=redis_server.url, MODEL_DIR=str(tiny_model_dir), GRPC_PORT=str(port),
-               HTTP_PORT="0", METRICS_PORT="0", READINESS_INTERVAL_S="0.5", STAGE_TIMEOUT_S="120",
+               HTTP_PORT="0", METRICS_PORT="0", READINESS_INTERVAL_S="0.5", STAGE_TIMEOUT_S=TEST_STAGE_TIMEOUT_S,
                **{stage(name).env("URLS"): url for name, url in image_stage_servers.items()})
     log = tmp_path / "gateway.log"
     with open(log, "wb") as out:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cosyvoice_gateway.testing import TEST_STAGE_TIMEOUT_S
 from cosyvoice_common.stage_params import STAGE_PARAMS
 
 from cosyvoice_tools.stack import (
@@ -93,7 +94,7 @@ def make_stack_config(model_dir: Path, run_dir: Path, stages: tuple[str, ...] = 
                        gateway=gateway, gateway_grpc_port=0, gateway_http_port=0, ready_timeout_s=180.0,
                        generate_model=False, quiet=True, seed_front=False,
                        # a stage call on a loaded 2-core CI machine can take far longer than the 30 s default
-                       gateway_env={"STAGE_TIMEOUT_S": "120"})
+                       gateway_env={"STAGE_TIMEOUT_S": TEST_STAGE_TIMEOUT_S})
 
 
 class StageServers:

@@ -15,6 +15,9 @@ import numpy as np
 import soundfile as sf
 
 HOST = "127.0.0.1"
+# A gateway under test waits this long for one stage call (STAGE_TIMEOUT_S; the service default is 30 s): on a
+# loaded 2-core CI host a tiny-model token2wav call queued behind others has taken longer than 30 s.
+TEST_STAGE_TIMEOUT_S = "120"
 
 
 def free_port() -> int:
@@ -89,10 +92,12 @@ class RedisProcess:
 @contextlib.contextmanager
 def gateway_process(env: Mapping[str, str], log: Path, ready_url: str, timeout_s: float = 120.0):
     """A real `python -m cosyvoice_gateway.server` with `env`, its output in `log`. Yields the process once
-    `ready_url` (an HTTP health path of it) answers 200; terminated on exit."""
+    `ready_url` (an HTTP health path of it) answers 200; terminated on exit. STAGE_TIMEOUT_S defaults to
+    TEST_STAGE_TIMEOUT_S unless `env` sets it."""
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "cosyvoice_gateway.server"], stdout=out,
-                                stderr=subprocess.STDOUT, env=dict(env), start_new_session=True)
+                                stderr=subprocess.STDOUT, env={"STAGE_TIMEOUT_S": TEST_STAGE_TIMEOUT_S, **env},
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + timeout_s
         while True:

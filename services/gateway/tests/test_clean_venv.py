@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
-from cosyvoice_gateway.testing import free_port, prompt_wav_bytes
+from cosyvoice_gateway.testing import TEST_STAGE_TIMEOUT_S, free_port, prompt_wav_bytes
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[3]
@@ -80,7 +80,7 @@ def test_gateway_from_clean_venv_serves_a_request(clean_python, stage_servers, r
     port = free_port()
     env = _clean_env(**stage_servers.urls_env(), REDIS_URL=redis_server.url, MODEL_DIR=str(tiny_model_dir),
                      GRPC_PORT=str(port), HTTP_PORT="0", METRICS_PORT="0", READINESS_INTERVAL_S="0.5",
-                     PYTHONUNBUFFERED="1")
+                     STAGE_TIMEOUT_S=TEST_STAGE_TIMEOUT_S, PYTHONUNBUFFERED="1")
     log = tmp_path / "gateway.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(clean_python), "-m", "cosyvoice_gateway.server"], stdout=out,

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.constants import SAMPLES_PER_TOKEN, SPEECH_ID_OFFSET
-from cosyvoice_gateway.testing import free_port, prompt_wav_bytes
+from cosyvoice_gateway.testing import TEST_STAGE_TIMEOUT_S, free_port, prompt_wav_bytes
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 STAGE_NAMES = ("tokenizer", "speaker", "llm", "token2wav")
@@ -54,7 +54,7 @@ class GatewayProcess:
                         MODEL_REVISION=revision, GRPC_PORT=str(self.port), HTTP_PORT="0",
                         METRICS_PORT=str(self.metrics_port),
                         MODEL_DIR=urls.get("model_dir") or os.environ.get("MODEL_DIR", str(REPO / "models/cosyvoice2-tiny")),
-                        READINESS_INTERVAL_S="0.5", STAGE_TIMEOUT_S="120")   # a loaded 2-core machine
+                        READINESS_INTERVAL_S="0.5", STAGE_TIMEOUT_S=TEST_STAGE_TIMEOUT_S)
         self.log = tmp / f"gateway-{self.port}.log"
         self.proc = None
 

@@ -26,7 +26,8 @@ N_TOKENS = 20      # streaming: first chunk (15 + 3 lookahead) and the final one
 def replicated(tiny_model_dir, tmp_path_factory):
     config = make_stack_config(tiny_model_dir, tmp_path_factory.mktemp("replicas"), gateway=True, redis=True)
     config = config.with_stage("tokenizer", replicas=2).with_stage("token2wav", replicas=2)
-    config = replace(config, gateway_env={"READINESS_INTERVAL_S": "0.5", "METRICS_PORT": "0"})
+    # Keep make_stack_config's long stage timeout (a loaded 2-core CI host): replacing it dropped it once.
+    config = replace(config, gateway_env={**config.gateway_env, "READINESS_INTERVAL_S": "0.5", "METRICS_PORT": "0"})
     stack = Stack(config).start()
     yield stack
     stack.stop()

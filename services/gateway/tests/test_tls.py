@@ -18,7 +18,7 @@ import pytest
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.constants import SAMPLES_PER_TOKEN
 from cosyvoice_gateway.server import GatewayConfig
-from cosyvoice_gateway.testing import free_port, prompt_wav_bytes
+from cosyvoice_gateway.testing import TEST_STAGE_TIMEOUT_S, free_port, prompt_wav_bytes
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 N_TOKENS = 10
@@ -44,7 +44,8 @@ def _trusting(cert: Path) -> ssl.SSLContext:
 
 def _gateway_env(stage_servers, redis_server, tiny_model_dir, **extra) -> dict[str, str]:
     return dict(os.environ, **stage_servers.urls_env(), REDIS_URL=redis_server.url, MODEL_DIR=str(tiny_model_dir),
-                MODEL_REVISION=f"tls-{uuid.uuid4().hex[:8]}", METRICS_PORT="0", READINESS_INTERVAL_S="0.5", **extra)
+                MODEL_REVISION=f"tls-{uuid.uuid4().hex[:8]}", METRICS_PORT="0", READINESS_INTERVAL_S="0.5",
+                STAGE_TIMEOUT_S=TEST_STAGE_TIMEOUT_S, **extra)
 
 
 @pytest.fixture(scope="module")
