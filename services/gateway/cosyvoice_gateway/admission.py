@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import math
 import time
 
@@ -128,8 +129,6 @@ class HttpAdmission:
             await self.app(scope, receive, send)
             return
         if not self.admission.try_enter():
-            import json
-
             body = json.dumps({"error": {"message": self.admission.message(), "type": "rate_limit_error",
                                          "param": None, "code": "resource_exhausted"}}).encode()
             await send({"type": "http.response.start", "status": 429,

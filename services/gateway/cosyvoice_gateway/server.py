@@ -361,8 +361,12 @@ class Gateway:
 
             tls = ({"ssl_certfile": str(self.config.tls_cert_file), "ssl_keyfile": str(self.config.tls_key_file)}
                    if self.config.tls else {})
-            http = uvicorn.Server(uvicorn.Config(app, host=self.config.host, port=self.config.http_port,
-                                                 log_level="warning", **tls))
+            http_config = uvicorn.Config(app, host=self.config.host, port=self.config.http_port,
+                                         log_level="warning", **tls)
+            http_config.load()   # resolves "auto": httptools when installed (the image has it), else pure-Python h11
+            log.info("gateway: HTTP on %s:%d, parser %s", self.config.host, self.config.http_port,
+                     http_config.http_protocol_class.__module__.rsplit(".", 1)[-1])
+            http = uvicorn.Server(http_config)
             self._tasks.append(asyncio.create_task(http.serve()))
         self._tasks.append(asyncio.create_task(self._readiness_loop()))
         log.info("gateway: gRPC on %s:%d, metrics on %d, model revision %s, %s", self.config.host, self.port,
