@@ -7,8 +7,6 @@ The 24 kHz input is optional: without it `prompt_speech_feat` is [1, 0, 80]. A b
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,32 +15,13 @@ import triton_python_backend_utils as pb_utils
 from cosyvoice_common.constants import MEL_BINS
 from cosyvoice_common.contracts import SPEAKER_INPUTS, SPEAKER_OUTPUTS
 from cosyvoice_common.runtime import install_stack_dumps
-from cosyvoice_common.stage_params import BACKENDS
-from cosyvoice_common.triton_io import batch_or_each, error_response, from_triton, get_parameter, to_triton
+from cosyvoice_common.stage_params import PromptStageConfig
+from cosyvoice_common.triton_io import batch_or_each, error_response, from_triton, to_triton
 from cosyvoice_speaker import SpeakerEncoder
 from cosyvoice_speaker.features import prompt_mel
 
 WAV, WAV_LEN, WAV_24K, WAV_24K_LEN = (spec.name for spec in SPEAKER_INPUTS)
 EMBEDDING, SPEECH_FEAT = (spec.name for spec in SPEAKER_OUTPUTS)
-
-
-@dataclass(frozen=True, slots=True)
-class SpeakerStageConfig:
-    """config.pbtxt parameters, validated once in initialize()."""
-    model_dir: Path
-    device: str
-    backend: str
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
-
-    @classmethod
-    def from_model_config(cls, model_config: dict) -> "SpeakerStageConfig":
-        return cls(Path(get_parameter(model_config, "model_dir")), get_parameter(model_config, "device"),
-                   get_parameter(model_config, "backend"))
 
 
 def read_wav(request, name: str, len_name: str) -> np.ndarray | None:
@@ -63,7 +42,7 @@ def read_wav(request, name: str, len_name: str) -> np.ndarray | None:
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         install_stack_dumps()
-        self.config = SpeakerStageConfig.from_model_config(json.loads(args["model_config"]))
+        self.config = PromptStageConfig.from_model_config(json.loads(args["model_config"]))
         self.encoder = SpeakerEncoder(self.config.model_dir, self.config.backend, self.config.device)
 
     def execute(self, requests):

@@ -7,8 +7,6 @@ its own error; the rest of the batch proceeds.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -16,31 +14,12 @@ import triton_python_backend_utils as pb_utils
 from cosyvoice_common.constants import SPEECH_ID_OFFSET
 from cosyvoice_common.contracts import TOKENIZER_INPUTS, TOKENIZER_OUTPUTS
 from cosyvoice_common.runtime import install_stack_dumps
-from cosyvoice_common.stage_params import BACKENDS
-from cosyvoice_common.triton_io import batch_or_each, error_response, from_triton, get_parameter, to_triton
+from cosyvoice_common.stage_params import PromptStageConfig
+from cosyvoice_common.triton_io import batch_or_each, error_response, from_triton, to_triton
 from cosyvoice_tokenizer import SpeechTokenizer
 
 WAV, WAV_LEN = (spec.name for spec in TOKENIZER_INPUTS)
 (CODES,) = (spec.name for spec in TOKENIZER_OUTPUTS)
-
-
-@dataclass(frozen=True, slots=True)
-class TokenizerStageConfig:
-    """config.pbtxt parameters, validated once in initialize()."""
-    model_dir: Path
-    device: str
-    backend: str
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
-
-    @classmethod
-    def from_model_config(cls, model_config: dict) -> "TokenizerStageConfig":
-        return cls(Path(get_parameter(model_config, "model_dir")), get_parameter(model_config, "device"),
-                   get_parameter(model_config, "backend"))
 
 
 def read_prompt(request) -> np.ndarray:
@@ -58,7 +37,7 @@ def read_prompt(request) -> np.ndarray:
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         install_stack_dumps()
-        self.config = TokenizerStageConfig.from_model_config(json.loads(args["model_config"]))
+        self.config = PromptStageConfig.from_model_config(json.loads(args["model_config"]))
         self.tokenizer = SpeechTokenizer(self.config.model_dir, self.config.backend, self.config.device)
 
     def execute(self, requests):
