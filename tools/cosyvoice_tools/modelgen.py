@@ -635,6 +635,23 @@ def build_state_dicts(cfg: Mapping[str, Any], seed: int, device: str = "cpu",
 # Model directory
 # ====================================================================================================================
 
+def random_flow_and_hift(size: str = "tiny", seed: int = 1):
+    """A random `size` flow and HiFT built in memory, no files (tests, the token2wav speed script): eval mode,
+    HiFT's weight norm folded, HiFT's output shaped like `generate`'s."""
+    from cosyvoice_token2wav.flow import CausalMaskedDiffWithXvec   # here: generating files needs no token2wav
+    from cosyvoice_token2wav.hift import HiFTGenerator, load_hift_state
+
+    cfg = mc.add_source_defaults(model_config(size))
+    flow = CausalMaskedDiffWithXvec.from_config(cfg["flow"])
+    flow.load_state_dict(random_state_dict(flow_param_shapes(cfg["flow"]), _generator(seed, "flow")))
+    gen = _generator(seed, "hift")
+    hift_sd = random_state_dict(hift_param_shapes(cfg["hift"]), gen, _hift_strides(cfg["hift"]))
+    _shape_hift(hift_sd, cfg["hift"], gen)
+    hift = HiFTGenerator.from_config(cfg["hift"])
+    load_hift_state(hift, hift_sd)
+    return flow.eval(), hift.fold_weight_norm().eval()
+
+
 def expected_files(model_dir: Path) -> list[Path]:
     return [model_dir / n for n in (mc.YAML_NAME, *mc.CHECKPOINT_NAMES, mc.CAMPPLUS_ONNX_NAME,
                                     mc.SPEECH_TOKENIZER_ONNX_NAME, SPK2INFO_NAME)] + \

@@ -49,6 +49,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return generate_tiny_model(tmp_path_factory.mktemp("model") / "cosyvoice2-tiny")
 
 
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """torch on one intra-op thread for a module (`pytestmark = pytest.mark.usefixtures(...)`): the CI box has 2
+    shared cores, and two intra-op threads under load run tiny matmuls ~10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @dataclass(frozen=True, slots=True)
 class RedisServer:
     port: int

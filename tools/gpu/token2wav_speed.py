@@ -43,9 +43,6 @@ from cosyvoice_common.constants import (  # noqa: E402
     SPEAKER_EMBEDDING_DIM,
     SPEECH_CODEBOOK_SIZE,
 )
-from cosyvoice_common.modelconfig import add_source_defaults  # noqa: E402
-from cosyvoice_token2wav.flow import CausalMaskedDiffWithXvec  # noqa: E402
-from cosyvoice_token2wav.hift import HiFTGenerator, load_hift_state  # noqa: E402
 from cosyvoice_token2wav.quality import (  # noqa: E402
     BF16_BOUNDS,
     FLOAT32_BOUNDS,
@@ -55,6 +52,7 @@ from cosyvoice_token2wav.quality import (  # noqa: E402
 )
 from cosyvoice_token2wav.runner import ChunkRequest, Token2WavRunner  # noqa: E402
 from cosyvoice_token2wav.token2wav import Token2Wav  # noqa: E402
+from cosyvoice_tools.modelgen import random_flow_and_hift  # noqa: E402
 
 PROMPT_TOKENS = 75
 FIRST_TOKENS, LOOKAHEAD, SECOND_HOP = 15, 3, 25
@@ -69,17 +67,6 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def build_models(size: str, seed: int = 1) -> tuple[CausalMaskedDiffWithXvec, HiFTGenerator]:
-    from cosyvoice_tools import modelgen as mg
-    cfg = add_source_defaults(mg.model_config(size))
-    flow = CausalMaskedDiffWithXvec.from_config(cfg["flow"])
-    flow.load_state_dict(mg.random_state_dict(mg.flow_param_shapes(cfg["flow"]), mg._generator(seed, "flow")))
-    gen = mg._generator(seed, "hift")
-    hsd = mg.random_state_dict(mg.hift_param_shapes(cfg["hift"]), gen, mg._hift_strides(cfg["hift"]))
-    mg._shape_hift(hsd, cfg["hift"], gen)
-    hift = HiFTGenerator.from_config(cfg["hift"])
-    load_hift_state(hift, hsd)
-    return flow.eval(), hift.fold_weight_norm().eval()
 
 
 def set_tf32(on: bool) -> None:
@@ -377,7 +364,7 @@ def main() -> int:
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     log(f"== token2wav speed: {info}")
     t0 = time.perf_counter()
-    flow, hift = build_models(args.size)
+    flow, hift = random_flow_and_hift(args.size)
     log(f"built random {args.size} flow ({sum(p.numel() for p in flow.parameters()) / 1e6:.1f} M params) + HiFT "
         f"({sum(p.numel() for p in hift.parameters()) / 1e6:.1f} M) in {time.perf_counter() - t0:.1f} s")
     flow, hift = flow.to(device), hift.to(device)

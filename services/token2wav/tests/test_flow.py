@@ -22,18 +22,13 @@ from cosyvoice_token2wav.flow import (
 )
 from cosyvoice_token2wav.flow.config import NOISE_FRAMES, NOISE_SEED
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")   # 2 shared CI cores
+
 _REPO = Path(__file__).resolve().parents[3]
 # the shared folder sits beside the checkout here and inside it on the device machine
 GOLDEN_DIR = golden_dir()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    """The CI box has 2 shared cores: two intra-op threads under load run these tiny matmuls ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 

@@ -9,19 +9,14 @@ from cosyvoice_common.constants import TOKEN_MEL_RATIO
 from cosyvoice_common.golden import MISSING_HINT, golden_dir
 from cosyvoice_token2wav.flow import build_flow, load_flow_state
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")   # 2 shared CI cores
+
 _REPO = Path(__file__).resolve().parents[3]
 GOLDEN_DIR = golden_dir()
 ATOL = 1e-4
 ENCODER_CHUNK_TOKENS = 25      # tiny-seed1 encoder static_chunk_size (= the full model's)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    """The CI box has 2 shared cores: two intra-op threads under load run these tiny matmuls ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 

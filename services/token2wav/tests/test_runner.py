@@ -2,12 +2,13 @@
 Token2Wav.chunk result (fp32, eager), whatever the order and company; caches stay per request."""
 import pytest
 import torch
+from cosyvoice_tools.modelgen import random_flow_and_hift
 
 from cosyvoice_common.constants import MEL_BINS, SAMPLES_PER_TOKEN, SPEAKER_EMBEDDING_DIM
-from cosyvoice_token2wav.flow import CausalMaskedDiffWithXvec
-from cosyvoice_token2wav.hift import HiFTGenerator, load_hift_state
 from cosyvoice_token2wav.runner import ChunkRequest, Token2WavRunner
 from cosyvoice_token2wav.token2wav import Token2Wav
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")   # 2 shared CI cores
 
 ATOL = 1e-4
 # The waveform matches to ~1e-4..5e-4, not 1e-4: HiFT's phase is a float32 cumsum of F0 reaching ~1e5 rad over a
@@ -18,32 +19,14 @@ WAVE_ATOL = 1e-3
 PROMPT_TOKENS = 20
 
 
-def build_tiny(seed: int = 1) -> tuple[CausalMaskedDiffWithXvec, HiFTGenerator]:
-    from cosyvoice_common.modelconfig import add_source_defaults
-    from cosyvoice_tools import modelgen as mg
-    cfg = add_source_defaults(mg.model_config("tiny"))
-    flow = CausalMaskedDiffWithXvec.from_config(cfg["flow"])
-    flow.load_state_dict(mg.random_state_dict(mg.flow_param_shapes(cfg["flow"]), mg._generator(seed, "flow")))
-    gen = mg._generator(seed, "hift")
-    hsd = mg.random_state_dict(mg.hift_param_shapes(cfg["hift"]), gen, mg._hift_strides(cfg["hift"]))
-    mg._shape_hift(hsd, cfg["hift"], gen)
-    hift = HiFTGenerator.from_config(cfg["hift"])
-    load_hift_state(hift, hsd)
-    return flow.eval(), hift.fold_weight_norm().eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def models():
     torch.backends.cudnn.allow_tf32 = False
-    flow, hift = build_tiny()
+    flow, hift = random_flow_and_hift()
     return flow, hift, Token2Wav(flow, hift)
 
 

@@ -3,14 +3,15 @@ against fp32; length-grouped scheduling runs first chunks first without changing
 step is configured for one dynamic-shape compilation; start-up capture covers a bounded set of buckets."""
 import pytest
 import torch
+from cosyvoice_tools.modelgen import random_flow_and_hift
 
 from cosyvoice_token2wav.quality import BF16_BOUNDS, FLOAT32_BOUNDS, compare, quality_gate
 from cosyvoice_token2wav.runner import (MAX_GRAPH_MEL_ROWS, MAX_GRAPH_TOKEN_ROWS, MEL_FRAME_BUCKETS, TOKEN_BUCKETS,
                                         ChunkRequest, Token2WavRunner, bucket)
 from cosyvoice_common.constants import MEL_BINS, SPEAKER_EMBEDDING_DIM
-from cosyvoice_token2wav.flow import CausalMaskedDiffWithXvec
-from cosyvoice_token2wav.hift import HiFTGenerator, load_hift_state
 from cosyvoice_token2wav.token2wav import Token2Wav
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")   # 2 shared CI cores
 
 ATOL = 1e-4
 # as test_runner.py, and 5e-3 as the parity runner: the 6.4 s offline call's float32 phase cumsum grows the
@@ -18,18 +19,6 @@ ATOL = 1e-4
 WAVE_ATOL = 5e-3
 
 
-def build_tiny(seed: int = 1):
-    from cosyvoice_common.modelconfig import add_source_defaults
-    from cosyvoice_tools import modelgen as mg
-    cfg = add_source_defaults(mg.model_config("tiny"))
-    flow = CausalMaskedDiffWithXvec.from_config(cfg["flow"])
-    flow.load_state_dict(mg.random_state_dict(mg.flow_param_shapes(cfg["flow"]), mg._generator(seed, "flow")))
-    gen = mg._generator(seed, "hift")
-    hsd = mg.random_state_dict(mg.hift_param_shapes(cfg["hift"]), gen, mg._hift_strides(cfg["hift"]))
-    mg._shape_hift(hsd, cfg["hift"], gen)
-    hift = HiFTGenerator.from_config(cfg["hift"])
-    load_hift_state(hift, hsd)
-    return flow.eval(), hift.fold_weight_norm().eval()
 
 
 def _prompt(g: torch.Generator, n_tokens: int):
@@ -38,17 +27,11 @@ def _prompt(g: torch.Generator, n_tokens: int):
                 embedding=torch.randn(1, SPEAKER_EMBEDDING_DIM, generator=g))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def models():
-    flow, hift = build_tiny()
+    flow, hift = random_flow_and_hift()
     return flow, hift
 
 
