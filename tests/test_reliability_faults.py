@@ -26,6 +26,7 @@ from cosyvoice_gateway.server import Gateway, GatewayConfig
 from cosyvoice_gateway.testing import RedisProcess, free_port, prompt_wav_bytes
 from cosyvoice_tools.stack import Stack
 from cosyvoice_tools.testing import make_stack_config
+from cosyvoice_tools.triton import free_port_block
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -70,9 +71,9 @@ async def _health(channel) -> int:
 
 
 def test_slow_start_replica_kill_and_redis_restart(stage_servers, tiny_model_dir, tmp_path):
-    base = free_port()
+    base = free_port_block(213)    # replica r of a stage at base_port + 10 r + (0, 1, 2): llm at +100, token2wav at +200
     config = make_stack_config(tiny_model_dir, tmp_path / "faults", stages=("llm", "token2wav"))
-    # Fixed ports (free right now) so the gateway can point at replicas that are not up yet.
+    # Fixed ports (free right now, below the ephemeral range) so the gateway can point at replicas not up yet.
     config = config.with_stage("llm", replicas=2, base_port=base + 100).with_stage("token2wav", replicas=2,
                                                                                     base_port=base + 200)
     grpc_urls = {s: f"127.0.0.1:{base + off + 1},127.0.0.1:{base + off + 11}" for s, off in (("llm", 100), ("token2wav", 200))}

@@ -311,6 +311,32 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(span: int, host: str = "127.0.0.1", attempts: int = 50) -> int:
+    """A base port with base .. base+span-1 all free, below the kernel's ephemeral range: fixed ports picked
+    inside that range can be taken meanwhile by any outgoing connection's source port (seen in CI: a stage
+    replica's port given out that way) or by a server bound to port 0, which also draws from it."""
+    import random
+    import socket
+
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low, high = 10000, ephemeral_low - span
+    if high <= low:
+        raise RuntimeError(f"no room for {span} ports below the ephemeral range ({ephemeral_low})")
+    for _ in range(attempts):
+        base = random.randrange(low, high)
+        try:
+            for port in range(base, base + span):
+                with socket.socket() as probe:
+                    probe.bind((host, port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {span} consecutive free ports found in {attempts} tries")
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """`count` distinct free ports (all sockets held open together so none repeats)."""
     import socket
