@@ -8,10 +8,13 @@
 #               still on the GPU), then also no CUDA graphs; the tables say which one served.
 #   nomps       the same stack with STACK_CUDA_MPS=off, streaming at $NOMPS_CONC (what MPS buys)
 #   replicas    the same stack with TOKEN2WAV_REPLICAS=2 on this one GPU, streaming at $REPLICA_CONC
+#   hostile     after the stack phase's bench, on the same stack: the hostile-load suite (cosyvoice_tools.hostile)
+#               at MAX_INFLIGHT_REQUESTS workers (set it: the gateway admits that many) and 10x that
 #   engine      the in-process pipeline (--engine-only) as the second line
 #   components  LLM engine old vs new; token2wav old vs new serving configuration (same run)
 #   baseline    the whole stack of another checkout (BASELINE_DIR, e.g. the previous release unpacked there),
-#               streaming at $BASELINE_CONC on the same model: the before/after pair of one call
+#               streaming at $BASELINE_CONC on the same model (BASELINE_MPS=on: under CUDA MPS, like this tree): the
+#               before/after pair of one call
 # STACK_CUDA_MPS (off | on | auto) is passed to the launcher for this tree's stack (cosyvoice_tools.mps).
 # Usage on a GPU machine (repo root): DEADLINE_S=560 RESULTS_DIR=bench_results bash tools/gpu/final_run.sh
 # DEADLINE_S bounds the whole run (each phase gets a share of what is left). Every phase copies its results to
@@ -30,7 +33,8 @@ OUTDIR=/tmp/results; mkdir -p "$OUTDIR"   # scratch; results and a logs archive 
 RESULTS=${RESULTS_DIR:-bench_results}; mkdir -p "$RESULTS"
 publish() {  # copy what exists so far; a call cut short still returns it
   cp "$OUTDIR"/stack_tables.md "$OUTDIR"/replicas_tables.md "$OUTDIR"/engine_tables.md "$OUTDIR"/stack.json \
-     "$OUTDIR"/baseline_tables.md "$OUTDIR"/nomps_tables.md "$RESULTS/" 2>/dev/null
+     "$OUTDIR"/baseline_tables.md "$OUTDIR"/nomps_tables.md \
+     "$OUTDIR"/hostile.json "$OUTDIR"/hostile_tables.md "$RESULTS/" 2>/dev/null
   tar -czf "$RESULTS/logs.tgz" -C "$OUTDIR" . 2>/dev/null
 }
 export MODEL_DIR=${MODEL_DIR:-/tmp/models/cosyvoice2-full}
@@ -94,14 +98,23 @@ stack_bench() {  # $1 = label suffix, $2 = out name, $3 = concurrencies, $4 = mo
   timeout "$(share "$5")" python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" --concurrency "$3" \
     --modes "$4" --limit "$LIMIT" --triton-stats "$STATS" --label "$1, $LABEL" \
     --out "$OUTDIR/$2.json" 2>"$OUTDIR/$2_bench.err" > "$OUTDIR/$2_tables.md"
+}
+stack_down() {  # $1 = tag: take the stack down and keep its logs
   python3 -m cosyvoice_tools.stack down >/dev/null 2>&1
-  mkdir -p "$OUTDIR/logs_$2"; cp /tmp/run/logs/*.log "$OUTDIR/logs_$2/" 2>/dev/null
+  mkdir -p "$OUTDIR/logs_$1"; cp /tmp/run/logs/*.log "$OUTDIR/logs_$1/" 2>/dev/null
+}
+hostile() {  # the hostile-load suite against the running stack (its gateway admits $MAX_INFLIGHT_REQUESTS)
+  timeout "${HOSTILE_S:-150}" python3 -m cosyvoice_tools.hostile --run-dir /tmp/run \
+    --grpc "$(python3 -m cosyvoice_tools.profile --run-dir /tmp/run --print-addresses gateway-grpc)" \
+    --http "http://$(python3 -m cosyvoice_tools.profile --run-dir /tmp/run --print-addresses gateway-http)" \
+    --concurrency "${MAX_INFLIGHT_REQUESTS:?the hostile phase needs MAX_INFLIGHT_REQUESTS}" --out "$OUTDIR/hostile.json" > "$OUTDIR/hostile_tables.md" 2>&1
+  echo "   hostile suite: exit $? ($(grep -c '' "$OUTDIR/hostile_tables.md") lines)"
 }
 
 if has baseline && [ -n "${BASELINE_DIR:-}" ]; then
   echo "== baseline stack: $BASELINE_DIR ($(left) s left)"
   ( cd "$BASELINE_DIR" && source tools/gpu/setup.sh > /dev/null &&
-    STACK_CUDA_MPS=off timeout 300 python3 -m cosyvoice_tools.stack up > "$OUTDIR/baseline_up.txt" 2>&1 &&
+    STACK_CUDA_MPS=${BASELINE_MPS:-off} timeout 300 python3 -m cosyvoice_tools.stack up > "$OUTDIR/baseline_up.txt" 2>&1 &&
     STATS=$(python3 -c "import json; s=json.load(open('/tmp/run/stack.json')); print(','.join(f\"127.0.0.1:{p['ports']['http']}\" for p in s['processes'] if p['kind'] == 'triton'))") &&
     timeout "$(share "${BASELINE_SHARE:-30}")" python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" \
       --concurrency "${BASELINE_CONC:-1,4,16}" --modes "${BASELINE_MODES:-stream}" --limit "$LIMIT" --triton-stats "$STATS" \
@@ -129,13 +142,16 @@ if has stack || has replicas; then
   publish
 fi
 if has stack && [ "$MODE" != none ]; then
-  stack_bench "whole stack ($MODE)" stack "$CONC" stream,stream-cached,offline "${STACK_SHARE:-60}"
+  stack_bench "whole stack ($MODE)" stack "$CONC" "${STACK_MODES:-stream,stream-cached,offline}" "${STACK_SHARE:-60}"
+  has hostile && hostile
+  stack_down stack
   publish
 fi
 if has nomps && [ "$MODE" != none ]; then
   echo "== the same stack without CUDA MPS ($(left) s left)"
   if STACK_CUDA_MPS=off stack_up nomps; then
     stack_bench "whole stack ($MODE), no MPS" nomps "${NOMPS_CONC:-16}" stream "${NOMPS_SHARE:-50}"
+    stack_down nomps
   fi
   publish
 fi
@@ -143,6 +159,7 @@ if has replicas && [ "$MODE" != none ]; then
   echo "== two token2wav replicas on one GPU ($(left) s left)"
   if TOKEN2WAV_REPLICAS=2 stack_up replicas; then
     stack_bench "whole stack ($MODE), token2wav x2" replicas "${REPLICA_CONC:-16,32}" stream "${REPLICA_SHARE:-40}"
+    stack_down replicas
   fi
   publish
 fi
@@ -163,7 +180,7 @@ if has components; then
     > "$OUTDIR/token2wav_speed.txt" 2>&1
 fi
 echo "== done ($(left) s left; stack config: $MODE)"
-for f in baseline_tables.md stack_tables.md nomps_tables.md replicas_tables.md engine_tables.md; do
+for f in baseline_tables.md stack_tables.md hostile_tables.md nomps_tables.md replicas_tables.md engine_tables.md; do
   [ -f "$OUTDIR/$f" ] && { echo "#### $f"; grep -E "^\||^#" "$OUTDIR/$f" | head -60; }
 done
 [ -f "$OUTDIR/llm_speed.txt" ] && tail -15 "$OUTDIR/llm_speed.txt"
