@@ -35,11 +35,12 @@ def test_hostile_suite_refuses_bombs_and_overload_and_nothing_falls_over(gateway
                                                                           tmp_path):
     report_path = tmp_path / "hostile.json"
     env = dict(os.environ, COSYVOICE_API_KEY=gateway["api_key"])
+    client_processes = 2 if gateway["api_key"] else 1    # the keyed run spreads its workers over two processes
     done = subprocess.run(
         [sys.executable, "-m", "cosyvoice_tools.hostile", "--grpc", gateway["grpc"], "--http", gateway["http"],
          "--run-dir", str(stage_servers.stack.config.run_dir), "--pid", str(gateway["pid"]),
          "--pid", str(redis_server.pid), "--concurrency", str(ADMISSION_BOUND), "--overload-factor", "10",
-         "--requests", "2", "--tokens", "10", "--out", str(report_path)],
+         "--requests", "2", "--tokens", "10", "--client-processes", str(client_processes), "--out", str(report_path)],
         env=env, capture_output=True, text=True, timeout=900)
     assert report_path.exists(), done.stdout + done.stderr + gateway["log"].read_text()[-3000:]
     report = json.loads(report_path.read_text())
@@ -56,6 +57,7 @@ def test_hostile_suite_refuses_bombs_and_overload_and_nothing_falls_over(gateway
     else:
         assert unauthenticated == []
 
+    assert report["settings"]["client_processes"] == {"baseline": client_processes, "overload": client_processes}
     for protocol in ("grpc", "http"):
         baseline, overload = report["overload"][protocol]["baseline"], report["overload"][protocol]["overload"]
         assert baseline["accepted"] == baseline["requests"] == ADMISSION_BOUND * 2

@@ -9,7 +9,8 @@
 #   nomps       the same stack with STACK_CUDA_MPS=off, streaming at $NOMPS_CONC (what MPS buys)
 #   replicas    the same stack with TOKEN2WAV_REPLICAS=2 on this one GPU, streaming at $REPLICA_CONC
 #   hostile     after the stack phase's bench, on the same stack: the hostile-load suite (cosyvoice_tools.hostile)
-#               at MAX_INFLIGHT_REQUESTS workers (set it: the gateway admits that many) and 10x that
+#               at MAX_INFLIGHT_REQUESTS workers (set it: the gateway admits that many) and 10x that, once per
+#               client-process count in HOSTILE_CLIENT_PROCESSES (default "0": the suite's own spread)
 #   engine      the in-process pipeline (--engine-only) as the second line
 #   components  LLM engine old vs new; token2wav old vs new serving configuration (same run)
 #   baseline    the whole stack of another checkout (BASELINE_DIR, e.g. the previous release unpacked there),
@@ -34,7 +35,7 @@ RESULTS=${RESULTS_DIR:-bench_results}; mkdir -p "$RESULTS"
 publish() {  # copy what exists so far; a call cut short still returns it
   cp "$OUTDIR"/stack_tables.md "$OUTDIR"/replicas_tables.md "$OUTDIR"/engine_tables.md "$OUTDIR"/stack.json \
      "$OUTDIR"/baseline_tables.md "$OUTDIR"/nomps_tables.md \
-     "$OUTDIR"/hostile.json "$OUTDIR"/hostile_tables.md "$RESULTS/" 2>/dev/null
+     "$OUTDIR"/hostile_p*.json "$OUTDIR"/hostile_tables.md "$RESULTS/" 2>/dev/null
   tar -czf "$RESULTS/logs.tgz" -C "$OUTDIR" . 2>/dev/null
 }
 export MODEL_DIR=${MODEL_DIR:-/tmp/models/cosyvoice2-full}
@@ -103,12 +104,16 @@ stack_down() {  # $1 = tag: take the stack down and keep its logs
   python3 -m cosyvoice_tools.stack down >/dev/null 2>&1
   mkdir -p "$OUTDIR/logs_$1"; cp /tmp/run/logs/*.log "$OUTDIR/logs_$1/" 2>/dev/null
 }
-hostile() {  # the hostile-load suite against the running stack (its gateway admits $MAX_INFLIGHT_REQUESTS)
-  timeout "${HOSTILE_S:-150}" python3 -m cosyvoice_tools.hostile --run-dir /tmp/run \
-    --grpc "$(python3 -m cosyvoice_tools.profile --run-dir /tmp/run --print-addresses gateway-grpc)" \
-    --http "http://$(python3 -m cosyvoice_tools.profile --run-dir /tmp/run --print-addresses gateway-http)" \
-    --concurrency "${MAX_INFLIGHT_REQUESTS:?the hostile phase needs MAX_INFLIGHT_REQUESTS}" --out "$OUTDIR/hostile.json" > "$OUTDIR/hostile_tables.md" 2>&1
-  echo "   hostile suite: exit $? ($(grep -c '' "$OUTDIR/hostile_tables.md") lines)"
+hostile() {  # the hostile-load suite against the running stack (its gateway admits $MAX_INFLIGHT_REQUESTS), once per
+  local procs  # client-process count in HOSTILE_CLIENT_PROCESSES (0 = the suite's default spread)
+  for procs in ${HOSTILE_CLIENT_PROCESSES:-0}; do
+    timeout "${HOSTILE_S:-150}" python3 -m cosyvoice_tools.hostile --run-dir /tmp/run \
+      --grpc "$(python3 -m cosyvoice_tools.profile --run-dir /tmp/run --print-addresses gateway-grpc)" \
+      --http "http://$(python3 -m cosyvoice_tools.profile --run-dir /tmp/run --print-addresses gateway-http)" \
+      --concurrency "${MAX_INFLIGHT_REQUESTS:?the hostile phase needs MAX_INFLIGHT_REQUESTS}" \
+      --client-processes "$procs" --out "$OUTDIR/hostile_p$procs.json" >> "$OUTDIR/hostile_tables.md" 2>&1
+    echo "   hostile suite, client processes $procs: exit $?"
+  done
 }
 
 if has baseline && [ -n "${BASELINE_DIR:-}" ]; then

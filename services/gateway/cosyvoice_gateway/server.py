@@ -1,7 +1,7 @@
 """`python -m cosyvoice_gateway.server`: the gRPC gateway (cosyvoice.v1.TextToSpeech + health + reflection).
 
 Health is NOT_SERVING until every stage has a ready replica (server ready + model ready), re-checked
-every `READINESS_INTERVAL_S`. SIGTERM/SIGINT: health goes NOT_SERVING, in-flight RPCs get `GRACE_S` to
+every `READINESS_INTERVAL_S`. SIGTERM/SIGINT: health goes NOT_SERVING, in-flight RPCs and HTTP requests get `GRACE_S` to
 finish, then stage clients and Redis are closed. Config is read once, in main(), into GatewayConfig
 (docs/CONFIGURATION.md lists every variable).
 """
@@ -14,6 +14,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -57,6 +58,9 @@ from cosyvoice_gateway.pipeline import (
     stage_error_to_request_error,
 )
 from cosyvoice_gateway.stage_client import StageClient, StageError, Stages, stage_config
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("cosyvoice_gateway")
 
@@ -315,6 +319,8 @@ class Gateway:
             ("grpc.max_receive_message_length", PROMPT_MAX_BYTES + GRPC_MESSAGE_OVERHEAD_BYTES)])
         self.port = 0
         self._tasks: list[asyncio.Task] = []
+        self._http: uvicorn.Server | None = None
+        self._http_task: asyncio.Task | None = None
         self._serving = False
         self._speakers_imported = False    # <model_dir>/spk2info.pt (seed drop-in) once Redis answers
 
@@ -362,12 +368,12 @@ class Gateway:
             tls = ({"ssl_certfile": str(self.config.tls_cert_file), "ssl_keyfile": str(self.config.tls_key_file)}
                    if self.config.tls else {})
             http_config = uvicorn.Config(app, host=self.config.host, port=self.config.http_port,
-                                         log_level="warning", **tls)
+                                         log_level="warning", timeout_graceful_shutdown=self.config.grace_s, **tls)
             http_config.load()   # resolves "auto": httptools when installed (the image has it), else pure-Python h11
             log.info("gateway: HTTP on %s:%d, parser %s", self.config.host, self.config.http_port,
                      http_config.http_protocol_class.__module__.rsplit(".", 1)[-1])
-            http = uvicorn.Server(http_config)
-            self._tasks.append(asyncio.create_task(http.serve()))
+            self._http = uvicorn.Server(http_config)
+            self._http_task = asyncio.create_task(self._http.serve())
         self._tasks.append(asyncio.create_task(self._readiness_loop()))
         log.info("gateway: gRPC on %s:%d, metrics on %d, model revision %s, %s", self.config.host, self.port,
                  self.config.metrics_port, self.config.model_revision,
@@ -378,11 +384,22 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._set_serving(False)
-        await self.server.stop(self.config.grace_s)    # in-flight RPCs get the grace period
+        if self._http is not None:     # uvicorn's own shutdown: no new connections, in-flight ones get the grace
+            self._http.should_exit = True
+        await asyncio.gather(self.server.stop(self.config.grace_s), self._stop_http())   # in-flight RPCs: the grace
         await self.pipeline.close()
         await self.stages.close()
         await self.cache.close()
         log.info("gateway: stopped")
+
+
+    async def _stop_http(self) -> None:
+        if self._http_task is None:
+            return
+        try:
+            await asyncio.wait_for(self._http_task, self.config.grace_s + 1.0)
+        except (TimeoutError, asyncio.CancelledError):
+            log.warning("gateway: HTTP did not stop within the grace period; cancelled")
 
 
 async def serve(config: GatewayConfig) -> None:

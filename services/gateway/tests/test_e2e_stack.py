@@ -287,3 +287,40 @@ def test_cancelled_stream_stops_issuing_stage_calls(gateway, stage_urls):
     assert gateway.metric(issued) == at_cancel + barrier.timings.token2wav.calls
     # What the stage served is bounded by what was issued: nothing reached it behind the gateway's back.
     assert _token2wav_count(stage_urls["token2wav"]) - served_before <= gateway.metric(issued) - issued_before
+
+
+def test_sigterm_lets_an_http_request_in_flight_finish_and_stops_without_a_traceback(stage_urls, tmp_path):
+    """SIGTERM while an HTTP synthesis is running: the request still gets its whole audio (uvicorn's own graceful
+    shutdown, bounded by GRACE_S), the process exits 0, and the log ends with the gateway's own line, not a traceback
+    from a cancelled HTTP server."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gw = GatewayProcess(stage_urls, f"test-{uuid.uuid4().hex[:8]}", tmp_path)
+    http_port = free_port()
+    gw.env.update(HTTP_PORT=str(http_port), GRACE_S="60")
+    gw.start()
+
+    async def register(addr):
+        async with grpc.aio.insecure_channel(addr) as channel:
+            await tts_pb2_grpc.TextToSpeechStub(channel).RegisterSpeaker(tts_pb2.RegisterSpeakerRequest(
+                speaker_id="bob", prompt_audio=prompt_wav_bytes(seed=5), prompt_text="bob speaking"))
+
+    asyncio.run(register(gw.addr))
+    tokens = 60
+    llm_calls = 'cosyvoice_gateway_stage_calls_total{stage="llm"}'
+    before = gw.metric(llm_calls)
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(httpx.post, f"http://127.0.0.1:{http_port}/v1/audio/speech", timeout=120, json={
+            "model": "cosyvoice2", "voice": "bob", "input": "Still speaking when told to stop.",
+            "response_format": "pcm", "min_speech_tokens": tokens, "max_speech_tokens": tokens})
+        deadline = time.monotonic() + 60
+        while gw.metric(llm_calls) == before:         # the request is in flight once its llm call is issued
+            assert time.monotonic() < deadline and not reply.done(), "the HTTP request never reached the llm"
+            time.sleep(0.05)
+        exit_code = gw.stop()
+        response = reply.result(timeout=120)
+    assert response.status_code == 200, response.text
+    assert len(response.content) == tokens * SAMPLES_PER_TOKEN * 2
+    assert exit_code == 0
+    log = gw.log.read_text()
+    assert "gateway: stopped" in log and "Traceback" not in log, log[-3000:]
