@@ -15,7 +15,8 @@
 #   components  LLM engine old vs new; token2wav old vs new serving configuration (same run)
 #   baseline    the whole stack of another checkout (BASELINE_DIR, e.g. the previous release unpacked there),
 #               streaming at $BASELINE_CONC on the same model (BASELINE_MPS=on: under CUDA MPS, like this tree): the
-#               before/after pair of one call
+#               before/after pair of one call; BASELINE_AFTER=1 runs it after this tree's stack phase instead of
+#               before (does running first or second matter?)
 # STACK_CUDA_MPS (off | on | auto) is passed to the launcher for this tree's stack (cosyvoice_tools.mps).
 # Usage on a GPU machine (repo root): DEADLINE_S=560 RESULTS_DIR=bench_results bash tools/gpu/final_run.sh
 # DEADLINE_S bounds the whole run (each phase gets a share of what is left). Every phase copies its results to
@@ -116,7 +117,7 @@ hostile() {  # the hostile-load suite against the running stack (its gateway adm
   done
 }
 
-if has baseline && [ -n "${BASELINE_DIR:-}" ]; then
+baseline_phase() {  # the other checkout's whole stack (BASELINE_DIR), streaming at BASELINE_CONC
   echo "== baseline stack: $BASELINE_DIR ($(left) s left)"
   ( cd "$BASELINE_DIR" && source tools/gpu/setup.sh > /dev/null &&
     STACK_CUDA_MPS=${BASELINE_MPS:-off} timeout 300 python3 -m cosyvoice_tools.stack up > "$OUTDIR/baseline_up.txt" 2>&1 &&
@@ -129,7 +130,8 @@ if has baseline && [ -n "${BASELINE_DIR:-}" ]; then
     mkdir -p "$OUTDIR/logs_baseline"; cp /tmp/run/logs/*.log "$OUTDIR/logs_baseline/" 2>/dev/null )
   source tools/gpu/setup.sh > /dev/null   # this tree's import path again (setup.sh rewrites the stub's .pth)
   publish
-fi
+}
+has baseline && [ -n "${BASELINE_DIR:-}" ] && [ "${BASELINE_AFTER:-0}" != 1 ] && baseline_phase
 
 MODE=none
 if has stack || has replicas; then
@@ -152,6 +154,7 @@ if has stack && [ "$MODE" != none ]; then
   stack_down stack
   publish
 fi
+has baseline && [ -n "${BASELINE_DIR:-}" ] && [ "${BASELINE_AFTER:-0}" = 1 ] && baseline_phase   # order check
 if has nomps && [ "$MODE" != none ]; then
   echo "== the same stack without CUDA MPS ($(left) s left)"
   if STACK_CUDA_MPS=off stack_up nomps; then
