@@ -218,6 +218,14 @@ def _kind_count(metrics_url: str, name: str, kind: str) -> float:
     return float(match.group(1))
 
 
+def _wait_kind_count(metrics_url: str, name: str, kind: str, expected: float, timeout_s: float = 30.0) -> None:
+    import time
+    deadline = time.monotonic() + timeout_s
+    while (got := _kind_count(metrics_url, name, kind)) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert got == expected, f"{name}{{kind={kind}}} is {got}, expected {expected}"
+
+
 def test_concurrent_first_chunk_and_offline_call_are_each_answered_and_counted_by_kind(stage_servers):
     """A first chunk (priority 1, as the gateway sends it) and a long offline call in flight together: each
     gets its own answer (through the response sender of its group); chunks and ms are counted per kind."""
@@ -247,6 +255,7 @@ def test_concurrent_first_chunk_and_offline_call_are_each_answered_and_counted_b
         long_wav, *firsts = [f.result(timeout=120).as_numpy("waveform") for f in futures]
     assert long_wav.shape == (1, 200 * SAMPLES_PER_TOKEN)
     assert all(w.shape == (1, 15 * SAMPLES_PER_TOKEN - HIFT_SOURCE_CACHE_SAMPLES) for w in firsts)
-    assert _kind_count(metrics, "token2wav_chunks", "first") == before["first"] + 2
-    assert _kind_count(metrics, "token2wav_chunks", "offline") == before["offline"] + 1
+    # the stage counts a chunk just after sending it: wait for the counts rather than read them once
+    _wait_kind_count(metrics, "token2wav_chunks", "first", before["first"] + 2)
+    _wait_kind_count(metrics, "token2wav_chunks", "offline", before["offline"] + 1)
     assert _kind_count(metrics, "token2wav_chunk_compute_ms", "offline") > 0

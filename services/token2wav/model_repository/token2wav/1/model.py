@@ -224,9 +224,9 @@ class TritonPythonModel:
                 try:
                     if res.error is not None:
                         answer(i, exc=res.error)
-                    else:   # counted before the send: a client that has its answer sees it in the metrics
-                        self.kind_metrics.record(call.kind, timing)
+                    else:   # answered first: the metric IPCs never delay a chunk (a reader may see them late)
                         answer(i, chunk_outputs(res.waveform, res.cache))
+                        self.kind_metrics.record(call.kind, timing)
                 except Exception as exc:  # noqa: BLE001 - a failed send concerns only its own request
                     pb_utils.Logger.log_error(f"token2wav: answering request {i} failed: {exc}")
 
