@@ -171,9 +171,9 @@ class _KindMetrics:
                         for name, family in families.items() for kind in CHUNK_KINDS}
 
     def record(self, kind: str, timing: GroupTiming) -> None:
-        self.metrics[("chunks", kind)].increment(1)
         self.metrics[("wait", kind)].increment(timing.wait_ms)
         self.metrics[("compute", kind)].increment(timing.compute_ms)
+        self.metrics[("chunks", kind)].increment(1)    # last: a reader that sees the count sees its ms too
 
 
 class TritonPythonModel:
