@@ -170,6 +170,7 @@ class _Replica:
                                   # None until the replica's config was read (see _batched)
     inputs: frozenset[str] = frozenset()   # input names its model config declares (optional ones may be absent)
     parameters: dict[str, str] = field(default_factory=dict)   # model config `parameters` (string values)
+    not_ready_why: str = "not checked yet"   # what the last readiness check saw, for logs and errors
 
 
 @dataclass(slots=True)
@@ -259,20 +260,26 @@ class StageClient:
     async def _check_replica(self, replica: _Replica) -> None:
         was_ready = replica.ready
         try:
-            ready = (await replica.client.is_server_ready(client_timeout=self.config.timeout_s)
-                     and await replica.client.is_model_ready(self.config.model, client_timeout=self.config.timeout_s))
-            if ready:
+            ready = False
+            if not await replica.client.is_server_ready(client_timeout=self.config.timeout_s):
+                replica.not_ready_why = "server not ready"
+            elif not await replica.client.is_model_ready(self.config.model, client_timeout=self.config.timeout_s):
+                replica.not_ready_why = f"model {self.config.model} not ready"
+            else:
+                ready = True
                 config = await replica.client.get_model_config(self.config.model, as_json=True,
                                                                client_timeout=self.config.timeout_s)
                 replica.batched = int(config["config"].get("max_batch_size", 0)) > 0
                 replica.inputs = frozenset(spec["name"] for spec in config["config"].get("input", []))
                 replica.parameters = {k: str(v.get("string_value", "")) for k, v in
                                       config["config"].get("parameters", {}).items()}
-        except InferenceServerException:
+        except InferenceServerException as exc:
             ready = False
+            replica.not_ready_why = f"{exc.status() or 'error'}: {exc.message()}"
         replica.ready = bool(ready)
         if replica.ready != was_ready:
-            log.info("stage %s replica %s %s", self.name, replica.url, "ready" if replica.ready else "NOT ready")
+            log.info("stage %s replica %s %s", self.name, replica.url,
+                     "ready" if replica.ready else f"NOT ready ({replica.not_ready_why})")
 
     def int_parameter(self, name: str) -> int | None:
         """A model config parameter as an int, the smallest over the replicas that have read it (what every
@@ -325,8 +332,8 @@ class StageClient:
         if replica.batched is None:
             await self._check_replica(replica)
         if replica.batched is None:
-            raise StageError(self.name, f"{replica.url}: model config not readable (replica not ready)",
-                             unavailable=True)
+            raise StageError(self.name, f"{replica.url}: model config not readable (replica not ready: "
+                                        f"{replica.not_ready_why})", unavailable=True)
         return replica.batched
 
     def _inputs(self, tensors: Mapping[str, np.ndarray], batched: bool, replica: _Replica) -> list[InferInput]:
@@ -393,20 +400,39 @@ class StageClient:
         replica = lease.replica
         tried.append(replica)
         start = time.perf_counter()
+        call: asyncio.Future | None = None
         try:
             batched = await self._batched(replica)
             inputs = self._inputs(tensors, batched, replica)
+            wait_s = None if time_left_s() is None else self._timeout_s()
             metrics.STAGE_CALLS.labels(stage=self.name).inc()
-            result = await replica.client.infer(
+            # The RPC runs under the stage's own timeout and is never cancelled by its request: a request that is
+            # cancelled or runs out of time stops waiting and leaves the call to finish (one call's compute).
+            # Triton 2.51 can crash or wedge its gRPC server when a unary call is cancelled in flight
+            # (triton-inference-server/server#7368, #8034); a call left to finish costs only its compute.
+            call = asyncio.ensure_future(replica.client.infer(
                 self.config.model, inputs,
                 outputs=[InferRequestedOutput(n) for n in outputs], request_id=request_id,
-                client_timeout=self._timeout_s(), priority=priority)
+                client_timeout=self.config.timeout_s, priority=priority))
+            try:
+                result = await asyncio.wait_for(asyncio.shield(call), wait_s)
+            except TimeoutError:
+                raise StageError(self.name, f"{replica.url}: the request's deadline passed during the call",
+                                 timed_out=True) from None
             lease.timing.compute_ms = (time.perf_counter() - start) * MS_PER_S
             return self._outputs(result, outputs, batched), lease.timing
         except InferenceServerException as exc:
             raise self._error(replica, exc) from exc
         finally:
-            self._release(lease)
+            if call is None or call.done():
+                self._release(lease)
+            else:       # left to finish: its replica counts it as outstanding until it does
+                call.add_done_callback(lambda done, lease=lease: self._release_detached(done, lease))
+
+    def _release_detached(self, call: asyncio.Future, lease: _Lease) -> None:
+        if not call.cancelled() and call.exception() is not None:   # retrieved: nobody waits for it any more
+            log.debug("stage %s: a call left to finish failed: %s", self.name, call.exception())
+        self._release(lease)
 
     async def stream(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = "",
                      timing: CallTiming | None = None) -> AsyncIterator[dict[str, np.ndarray]]:
