@@ -20,6 +20,18 @@ HOST = "127.0.0.1"
 TEST_STAGE_TIMEOUT_S = "120"
 
 
+# A stand-in Python model under the tokenizer stage's name and tensors, for tests that need a real tritonserver
+# whose model they control (write it as <repo>/audio_tokenizer/config.pbtxt, plus any `parameters` block).
+STANDIN_TOKENIZER_CONFIG = """name: "audio_tokenizer"
+backend: "python"
+max_batch_size: 0
+input [ { name: "reference_wav" data_type: TYPE_FP32 dims: [ -1 ] },
+        { name: "reference_wav_len" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [ { name: "n" data_type: TYPE_INT32 dims: [ 1 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))

@@ -16,6 +16,7 @@ import tritonclient.grpc
 from cosyvoice_gateway.stage_client import (
     StageClient, expand_url, resolve_addresses, split_host_port, stage_config,
 )
+from cosyvoice_gateway.testing import STANDIN_TOKENIZER_CONFIG
 from cosyvoice_tools.triton import TritonServer, TritonServerConfig, free_ports
 
 
@@ -88,15 +89,6 @@ def test_replicas_follow_dns_as_containers_come_and_go():
 
 # --- real tritonservers on two loopback addresses ----------------------------------------------------------
 
-CONFIG = """name: "audio_tokenizer"
-backend: "python"
-max_batch_size: 0
-input [ { name: "reference_wav" data_type: TYPE_FP32 dims: [ -1 ] },
-        { name: "reference_wav_len" data_type: TYPE_INT32 dims: [ 1 ] } ]
-output [ { name: "n" data_type: TYPE_INT32 dims: [ 1 ] } ]
-instance_group [ { count: 1 kind: KIND_CPU } ]
-"""
-
 MODEL = """import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -125,7 +117,7 @@ def server_pair(tmp_path):
     name with two A records reaches)."""
     repo = tmp_path / "models"
     (repo / "audio_tokenizer" / "1").mkdir(parents=True)
-    (repo / "audio_tokenizer" / "config.pbtxt").write_text(CONFIG)
+    (repo / "audio_tokenizer" / "config.pbtxt").write_text(STANDIN_TOKENIZER_CONFIG)
     (repo / "audio_tokenizer" / "1" / "model.py").write_text(MODEL)
     for _ in range(20):
         ports = free_ports(3)

@@ -12,20 +12,13 @@ import pytest
 
 from cosyvoice_gateway.admission import DEADLINE_S
 from cosyvoice_gateway.stage_client import StageClient, StageError, stage_config
+from cosyvoice_gateway.testing import STANDIN_TOKENIZER_CONFIG
 from cosyvoice_tools.triton import TritonServer, TritonServerConfig, free_ports
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 SLOW_S = 2.0
 
-CONFIG = """name: "audio_tokenizer"
-backend: "python"
-max_batch_size: 0
-input [ { name: "reference_wav" data_type: TYPE_FP32 dims: [ -1 ] },
-        { name: "reference_wav_len" data_type: TYPE_INT32 dims: [ 1 ] } ]
-output [ { name: "n" data_type: TYPE_INT32 dims: [ 1 ] } ]
-instance_group [ { count: 1 kind: KIND_CPU } ]
-parameters { key: "outcome_file" value: { string_value: "%s" } }
-"""
+OUTCOME_PARAMETER = 'parameters { key: "outcome_file" value: { string_value: "%s" } }\n'
 
 MODEL = """import json
 import time
@@ -55,7 +48,7 @@ def slow_server(tmp_path):
     outcomes = tmp_path / "outcomes.txt"
     repo = tmp_path / "models"
     (repo / "audio_tokenizer" / "1").mkdir(parents=True)
-    (repo / "audio_tokenizer" / "config.pbtxt").write_text(CONFIG % outcomes)
+    (repo / "audio_tokenizer" / "config.pbtxt").write_text(STANDIN_TOKENIZER_CONFIG + OUTCOME_PARAMETER % outcomes)
     (repo / "audio_tokenizer" / "1" / "model.py").write_text(MODEL)
     server = TritonServer(TritonServerConfig(repo, *free_ports(3), tmp_path / "triton.log")).start()
     try:
