@@ -1,8 +1,8 @@
 """`python -m cosyvoice_gateway.server`: the gRPC gateway (cosyvoice.v1.TextToSpeech + health + reflection).
 
 Health is NOT_SERVING until every stage has a ready replica (server ready + model ready), re-checked
-every `READINESS_INTERVAL_S`. SIGTERM/SIGINT: health goes NOT_SERVING, in-flight RPCs and HTTP requests get `GRACE_S` to
-finish, then stage clients and Redis are closed. Config is read once, in main(), into GatewayConfig
+every `READINESS_INTERVAL_S`. SIGTERM/SIGINT: health goes NOT_SERVING, in-flight RPCs and HTTP requests get
+`GRACE_S` to finish, then stage clients and Redis are closed. Config is read once, in main(), into GatewayConfig
 (docs/CONFIGURATION.md lists every variable).
 """
 from __future__ import annotations
@@ -391,7 +391,6 @@ class Gateway:
         await self.stages.close()
         await self.cache.close()
         log.info("gateway: stopped")
-
 
     async def _stop_http(self) -> None:
         if self._http_task is None:
