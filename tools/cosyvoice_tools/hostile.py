@@ -348,6 +348,8 @@ REFUSALS = {"grpc": ("RESOURCE_EXHAUSTED",), "http": ("429",)}
 
 async def run(args) -> dict[str, object]:
     workers_max = args.concurrency * args.overload_factor
+    spread = {"baseline": client_processes(args.concurrency, args.client_processes),
+              "overload": client_processes(workers_max, args.client_processes)}
     target = Target(args.grpc, args.http, args.api_key, args.timeout_s, max_connections=workers_max + 8)
     try:
         bombs = await run_bombs(target)
@@ -358,9 +360,9 @@ async def run(args) -> dict[str, object]:
             if warmup.outcomes[0].code != OK:
                 raise RuntimeError(f"{protocol}: a plain request failed before any load: {warmup.outcomes[0]}")
             baseline = await load_phase_spread(target, protocol, voice, args.concurrency, args.requests, args.tokens,
-                                               client_processes(args.concurrency, args.client_processes))
+                                               spread["baseline"])
             loaded = await load_phase_spread(target, protocol, voice, workers_max, args.requests, args.tokens,
-                                             client_processes(workers_max, args.client_processes))
+                                             spread["overload"])
             overload[protocol] = {"baseline": baseline.summary(REFUSALS[protocol]),
                                   "overload": loaded.summary(REFUSALS[protocol])}
         await target.tts.DeleteSpeaker(tts_pb2.DeleteSpeakerRequest(speaker_id=voice), metadata=target.metadata,
@@ -373,8 +375,7 @@ async def run(args) -> dict[str, object]:
               "command": " ".join(["python -m cosyvoice_tools.hostile", *sys.argv[1:]]),
               "settings": {"concurrency": args.concurrency, "overload_factor": args.overload_factor,
                            "requests_per_worker": args.requests, "tokens": args.tokens,
-                           "client_processes": {"baseline": client_processes(args.concurrency, args.client_processes),
-                                                "overload": client_processes(workers_max, args.client_processes)}},
+                           "client_processes": spread},
               "bombs": [{**asdict(p), "ok": p.ok} for p in bombs], "overload": overload, "aftermath": after}
     report["failures"] = failures(report)
     return report

@@ -430,8 +430,9 @@ class StageClient:
                 call.add_done_callback(lambda done, lease=lease: self._release_detached(done, lease))
 
     def _release_detached(self, call: asyncio.Future, lease: _Lease) -> None:
-        if not call.cancelled() and call.exception() is not None:   # retrieved: nobody waits for it any more
-            log.debug("stage %s: a call left to finish failed: %s", self.name, call.exception())
+        error = None if call.cancelled() else call.exception()   # retrieved: nobody waits for it any more
+        if error is not None:
+            log.debug("stage %s: a call left to finish failed: %s", self.name, error)
         self._release(lease)
 
     async def stream(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = "",
