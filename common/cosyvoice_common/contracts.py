@@ -76,13 +76,17 @@ TOKEN2WAV_INPUTS = (
     TensorSpec("cache_source", "FP32", (-1,), optional=True),     # previous chunk's last 3840 source samples
     TensorSpec("cache_speech", "FP32", (-1,), optional=True),     # previous chunk's withheld 3840 samples
     # The request's seed for the vocoder's source noise; the stage mixes it with token_offset per chunk
-    # (`cosyvoice_token2wav.runner.chunk_seed`). Absent = the process RNG (not reproducible).
+    # (`cosyvoice_token2wav.sequence.chunk_seed`). Absent = the process RNG (not reproducible).
     TensorSpec("seed", "UINT64", (1,), optional=True),
 )
 # Offline calls only (no token_offset): the final mel is stretched linearly in time to int(frames / speed) before
 # the vocoder, as the reference's `speed`. Absent = 1.0. The gateway sends it only when it is not 1.
 TOKEN2WAV_SPEED = TensorSpec("speed", "FP32", (1,), optional=True, honoured_or_refused=True)
-TOKEN2WAV_INPUTS = (*TOKEN2WAV_INPUTS, TOKEN2WAV_SPEED)
+# A prompt only (target_speech_tokens empty): the stage computes the prompt's complete blocks into its state cache
+# and answers an empty waveform, so the stream's first chunk computes little more than its own frames. The gateway
+# sends it while the LLM decodes, to the replica that will serve the stream.
+TOKEN2WAV_PREFILL = TensorSpec("prefill", "BOOL", (1,), optional=True, honoured_or_refused=True)
+TOKEN2WAV_INPUTS = (*TOKEN2WAV_INPUTS, TOKEN2WAV_SPEED, TOKEN2WAV_PREFILL)
 TOKEN2WAV_OUTPUTS = (
     TensorSpec("waveform", "FP32", (-1,)),               # 24 kHz
     TensorSpec("cache_mel", "FP32", (80, -1)),           # empty on finalize

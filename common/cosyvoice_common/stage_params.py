@@ -20,8 +20,36 @@ from cosyvoice_common.stages import STAGE_NAMES, stage
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("onnx", "torch")
-TOKEN2WAV_COMPILE = ("auto", "on", "off", "default", "max-autotune-no-cudagraphs")   # runner.COMPILE_MODES
 AUTO = "auto"
+# token2wav's state cache when TOKEN2WAV_STREAM_CACHE_GIB is auto: on a GPU this much, at most this share of the
+# device's free memory at start-up (the LLM stage may share the device); on the CPU a small fixed budget.
+STREAM_CACHE_AUTO_CUDA_GIB = 16.0
+STREAM_CACHE_AUTO_CUDA_FREE_FRACTION = 0.4
+STREAM_CACHE_AUTO_CPU_GIB = 0.5
+_GIB = 1 << 30
+
+
+def _check_stream_cache(text: str) -> None:
+    if text != AUTO:
+        try:
+            ok = float(text) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"TOKEN2WAV_STREAM_CACHE_GIB={text!r}: expected auto, 0 (off) or a number of GiB")
+
+
+def stream_cache_bytes(text: str, device: str) -> int:
+    """The token2wav state cache's budget in bytes for the knob's value on `device` (see Token2WavParams)."""
+    _check_stream_cache(text)
+    if text != AUTO:
+        return int(float(text) * _GIB)
+    if not device.startswith("cuda"):
+        return int(STREAM_CACHE_AUTO_CPU_GIB * _GIB)
+    import torch   # here: the launcher reads this module without torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return int(min(STREAM_CACHE_AUTO_CUDA_GIB * _GIB, STREAM_CACHE_AUTO_CUDA_FREE_FRACTION * free))
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +126,19 @@ class LLMParams(StageParams):
 class Token2WavParams(StageParams):
     dtype: str = knob("DTYPE", AUTO, "flow dtype (auto: bfloat16 on CUDA, float32 on CPU; HiFT is always float32)",
                       choices=DTYPES)
-    compile: str = knob("COMPILE", AUTO, "torch.compile of each Euler step (auto: on with CUDA graphs; on = "
-                        "Inductor's default mode)", choices=TOKEN2WAV_COMPILE)
     cuda_graphs: bool = knob("CUDA_GRAPHS", True, "CUDA graphs per batch bucket on a GPU (0: eager)")
     padding_budget: float = knob("PADDING_BUDGET", 2.0,
                                  "batch grouping: padded length may be at most this times the real length", low=1.0)
+    stream_cache_gib: str = knob("STREAM_CACHE_GIB", AUTO,
+                                 "state cache of streaming calls (keys/values of completed blocks, so a chunk "
+                                 f"computes only its new frames): GiB, 0 = off (every call recomputes its whole "
+                                 f"prefix), auto = {STREAM_CACHE_AUTO_CUDA_GIB:g} GiB on a GPU (at most "
+                                 f"{STREAM_CACHE_AUTO_CUDA_FREE_FRACTION:.0%} of its free memory), "
+                                 f"{STREAM_CACHE_AUTO_CPU_GIB:g} GiB on the CPU")
+
+    def __post_init__(self) -> None:
+        StageParams.__post_init__(self)
+        _check_stream_cache(self.stream_cache_gib)
 
 
 STAGE_PARAMS: dict[str, type[StageParams]] = {

@@ -11,12 +11,11 @@ Each local stage answers the two calls `Pipeline` makes on a `StageClient` with 
 `infer(tensors, outputs, request_id) -> (outputs, CallTiming)` and, for the LLM,
 `stream(tensors, outputs, request_id, timing)` (an async generator of `output_ids`).
 
-- tokenizer, speaker, token2wav: a `_Batcher` per stage, like Triton's dynamic batcher: calls
-  that arrive while a batch runs wait and form the next batch, run on the stage's own thread.
-  queue_ms = waiting for the batch to start, compute_ms = the batch's run time.
-  token2wav batches through `cosyvoice_token2wav.runner.Token2WavRunner` (padded batch, CUDA graphs on
-  cuda) when that module exists, else `Token2Wav.chunk` call by call. The vocoder overlap cache
-  stays a device tensor between chunks (no copies).
+- tokenizer, speaker: a `_Batcher` per stage, like Triton's dynamic batcher: calls that arrive while a
+  batch runs wait and form the next batch, run on the stage's own thread. queue_ms = waiting for the batch
+  to start, compute_ms = the batch's run time.
+- token2wav: the stage's own `Token2WavEngine` (its loop thread admits calls between Euler steps), requests
+  parsed by the stage's own parser. queue_ms = waiting for admission, compute_ms = admission to answer.
 - llm: one `LLMEngine` thread (in-flight batching); its callbacks are bridged into one asyncio
   queue per request. Closing the stream early cancels the request in the engine.
 - prompt cache: an in-memory dict (`MemorySpk2Info`, honours `skip_cache` through the pipeline), or
@@ -276,107 +275,64 @@ class LocalSpeaker(_BatchedStage):
                 for i in range(len(items))]
 
 
-@dataclass(frozen=True, slots=True)
-class _ChunkCall:
-    """One token2wav call in model terms (codes, not flat ids), tensors on the stage's device."""
-    tokens: torch.Tensor
-    prompt_tokens: torch.Tensor
-    prompt_feat: torch.Tensor
-    embedding: torch.Tensor
-    token_offset: int
-    finalize: bool
-    streaming: bool
-    cache: object        # VocoderCache | None
-    wants_cache: bool
-    seed: int | None     # this chunk's source-noise seed (`chunk_seed`), None = the process RNG
-    speed: float         # offline calls only (as the token2wav Triton model)
+class LocalToken2Wav(LocalStage):
+    """`Token2WavEngine` in this process, its loop on its own thread, requests parsed by the stage's own parser
+    (`cosyvoice_token2wav.request`), exactly as the Triton model does. The vocoder overlap cache stays a tensor
+    between chunks (no copies); affinity keys are moot (one engine)."""
 
-
-class LocalToken2Wav(_BatchedStage):
     name = "token2wav"
 
     def __init__(self, model_dir: Path, device: str, flow_dtype: torch.dtype, max_batch: int,
-                 recorder: _Recorder | None = None) -> None:
+                 recorder: _Recorder | None = None, stream_cache_gib: str = "auto") -> None:
+        from cosyvoice_common.stage_params import stream_cache_bytes
+        from cosyvoice_token2wav.engine import Token2WavEngine
+
         super().__init__(recorder)
         self.device = torch.device(device)
-        from cosyvoice_token2wav.runner import Token2WavRunner
-
-        self.runner = Token2WavRunner(model_dir, device, flow_dtype, max_batch=max_batch,
+        self.engine = Token2WavEngine(model_dir, device, flow_dtype, max_batch=max_batch,
+                                      cache_bytes=stream_cache_bytes(stream_cache_gib, str(device)),
                                       use_cuda_graphs=self.device.type == "cuda")
-        self.batcher = _Batcher(self.name, self._run, max_batch)
+        self.engine.capture_graphs()
+        self.engine.start()
 
-    def _tensor(self, value, dtype: torch.dtype) -> torch.Tensor:
-        tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
-        return tensor.to(self.device, dtype, non_blocking=True)
-
-    def _parse(self, t: Mapping[str, object]) -> _ChunkCall:
-        from cosyvoice_token2wav.runner import chunk_seed
-        from cosyvoice_token2wav.token2wav import VocoderCache
-
-        codes = np.asarray(t["target_speech_tokens"], np.int64).reshape(-1) - SPEECH_ID_OFFSET
-        prompt = np.asarray(t["prompt_speech_tokens"], np.int64).reshape(-1) - SPEECH_ID_OFFSET
-        if codes.size == 0 or codes.min() < 0 or (prompt.size and prompt.min() < 0):
-            raise InvalidRequestError(f"speech token ids must be flat ids >= {SPEECH_ID_OFFSET} (code + offset)")
-        if "token_offset" not in t:
-            offset, finalize, streaming, wants_cache = 0, True, False, False
+    @staticmethod
+    def _outputs(request, result, outputs: Sequence[str]) -> dict[str, object]:
+        out: dict[str, object] = {"waveform": result.waveform.detach().float().reshape(-1).numpy()}
+        cache = result.cache
+        if cache is None:
+            out.update(cache_mel=np.zeros((MEL_BINS, 0), np.float32), cache_source=np.zeros(0, np.float32),
+                       cache_speech=np.zeros(0, np.float32))
         else:
-            offset = int(np.asarray(t["token_offset"]).reshape(-1)[0])
-            finalize = bool(np.asarray(t["finalize"]).reshape(-1)[0]) if "finalize" in t else False
-            streaming, wants_cache = not finalize, True
-        cache = None
-        if offset > 0:
-            if any(t.get(n) is None for n in ("cache_mel", "cache_source", "cache_speech")):
-                raise InvalidRequestError("a chunk after the first (token_offset > 0) needs the vocoder cache")
-            cache = VocoderCache(mel=self._tensor(t["cache_mel"], torch.float32).reshape(1, MEL_BINS, -1),
-                                 source=self._tensor(t["cache_source"], torch.float32).reshape(1, 1, -1),
-                                 speech=self._tensor(t["cache_speech"], torch.float32).reshape(1, -1))
-        seed = None
-        if t.get("seed") is not None:
-            values = np.asarray(t["seed"]).reshape(-1)
-            if values.size != 1:
-                raise InvalidRequestError(f"seed must hold one value, got {values.size}")
-            seed = chunk_seed(int(values[0]), offset)    # as the token2wav Triton model does
-        speed = float(np.asarray(t["speed"]).reshape(-1)[0]) if t.get("speed") is not None else 1.0
-        return _ChunkCall(
-            tokens=torch.from_numpy(codes[None].copy()).to(self.device),
-            prompt_tokens=torch.from_numpy(prompt[None].copy()).to(self.device),
-            prompt_feat=self._tensor(np.asarray(t["prompt_speech_feat"], np.float32)[None], torch.float32),
-            embedding=self._tensor(np.asarray(t["prompt_spk_embedding"], np.float32).reshape(1, -1), torch.float32),
-            token_offset=offset, finalize=finalize, streaming=streaming, cache=cache, wants_cache=wants_cache,
-            seed=seed, speed=speed)
+            out.update(cache_mel=cache.mel[0], cache_source=cache.source.reshape(-1), cache_speech=cache.speech.reshape(-1))
+        return {name: out[name] for name in outputs}
 
-    def _outputs(self, call: _ChunkCall, wav: torch.Tensor, cache) -> dict[str, object]:
-        out: dict[str, object] = {"waveform": wav.detach().float().reshape(-1).cpu().numpy()}
-        if call.wants_cache:    # device tensors: the next chunk of this stream reads them in place
-            if cache is None:
-                out.update(cache_mel=np.zeros((MEL_BINS, 0), np.float32), cache_source=np.zeros(0, np.float32),
-                           cache_speech=np.zeros(0, np.float32))
-            else:
-                out.update(cache_mel=cache.mel, cache_source=cache.source, cache_speech=cache.speech)
-        return out
+    async def infer(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = "",
+                    priority: int = 0, affinity: str | None = None) -> tuple[dict[str, np.ndarray], CallTiming]:
+        from cosyvoice_token2wav.request import parse_chunk_request
 
-    def _run(self, items: list[dict]) -> list:
-        calls: list[_ChunkCall | Exception] = []
-        for t in items:
-            try:
-                calls.append(self._parse(t))
-            except Exception as exc:  # noqa: BLE001 - a bad call answers only itself
-                calls.append(exc)
-        good = [c for c in calls if not isinstance(c, Exception)]
-        from cosyvoice_token2wav.runner import ChunkRequest
+        self._record(tensors)
+        try:
+            request = parse_chunk_request(tensors)
+        except InvalidRequestError as exc:
+            raise StageError(self.name, f"InvalidRequestError: {exc}", invalid=True) from exc
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
 
-        batch = self.runner.run_chunks(
-            [ChunkRequest(tokens=c.tokens, prompt_tokens=c.prompt_tokens, prompt_feat=c.prompt_feat,
-                          embedding=c.embedding, token_offset=c.token_offset, finalize=c.finalize,
-                          streaming=c.streaming, cache=c.cache, seed=c.seed, speed=c.speed) for c in good],
-            output_device=self.device)   # caches stay on the device; the waveform is copied once
-        done = {id(c): (r.error if r.error is not None else (r.waveform, r.cache))
-                for c, r in zip(good, batch, strict=True)}
-        out = []
-        for c in calls:
-            result = c if isinstance(c, Exception) else done[id(c)]
-            out.append(result if isinstance(result, Exception) else self._outputs(c, *result))
-        return out
+        def on_done(result, stats) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result((result, stats)))
+
+        self.engine.submit(request, on_done)
+        result, stats = await done
+        if result.error is not None:
+            invalid = isinstance(result.error, InvalidRequestError)
+            raise StageError(self.name, f"{'InvalidRequestError: ' if invalid else ''}{result.error}", invalid=invalid)
+        return self._outputs(request, result, outputs), CallTiming(stats.wait_ms, stats.compute_ms)
+
+    def forget(self, affinity: str) -> None:
+        return None
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.engine.stop)
 
 
 class LocalLLM(LocalStage):
@@ -513,6 +469,7 @@ class LocalConfig:
     max_batch: int = DEFAULT_MAX_BATCH          # token2wav / tokenizer / speaker batch, LLM slots (>= 32 on cuda)
     llm_dtype: str = "auto"                     # auto: bfloat16 on cuda, float32 on cpu (the stack's rule)
     token2wav_dtype: str = "float32"
+    token2wav_stream_cache_gib: str = "auto"    # the token2wav stage's TOKEN2WAV_STREAM_CACHE_GIB
     tokenizer_backend: str = "onnx"
     speaker_backend: str = "onnx"
     redis_url: str = ""                         # "" = in-memory prompt cache
@@ -549,6 +506,7 @@ class LocalPipeline:
             options.setdefault("speaker_backend", stage_settings["speaker"].backend)
             options.setdefault("llm_dtype", stage_settings["llm"].dtype)
             options.setdefault("token2wav_dtype", stage_settings["token2wav"].dtype)
+            options.setdefault("token2wav_stream_cache_gib", stage_settings["token2wav"].stream_cache_gib)
             options.setdefault("max_batch", stage_settings["token2wav"].max_batch_size)
         if options.get("token2wav_dtype") == "auto":
             options["token2wav_dtype"] = "float32"      # the token2wav stage's `auto`
@@ -561,7 +519,7 @@ class LocalPipeline:
             speaker=LocalSpeaker(config.model_dir, d, config.speaker_backend, config.max_batch, recorder),
             llm=LocalLLM(config.model_dir, d, config.dtype(config.llm_dtype), max_slots, recorder=recorder),
             token2wav=LocalToken2Wav(config.model_dir, d, config.dtype(config.token2wav_dtype),
-                                     config.max_batch, recorder))
+                                     config.max_batch, recorder, config.token2wav_stream_cache_gib))
         revision = model_revision(config.model_dir)
         cache = (Spk2InfoCache(Spk2InfoConfig(url=config.redis_url, model_revision=revision))
                  if config.redis_url else MemorySpk2Info(revision))

@@ -15,9 +15,11 @@ speech-token cap. Explicit min/max speech-token bounds keep the (normalised) tex
 
 Streaming per segment: an LLM reader task appends speech tokens as the llm stage streams them; the
 chunk schedule (`cosyvoice_common.schedule`) decides when token2wav runs on the whole prefix with the
-token offset, and each chunk's audio is yielded as soon as it exists. token2wav is stateless: the
-vocoder overlap cache it returns travels with the next chunk. Closing the generator (client cancel,
-deadline) cancels the LLM stream and issues no further token2wav call.
+token offset, and each chunk's audio is yielded as soon as it exists. token2wav calls are self-contained: the
+vocoder overlap cache it returns travels with the next chunk. A stream's token2wav calls share an affinity key,
+so they reach the replica whose state cache holds the stream's earlier blocks; as soon as the prompt's features
+exist, a `prefill` call computes the prompt's blocks there while the LLM decodes the first chunk's tokens.
+Closing the generator (client cancel, deadline) cancels the LLM stream and issues no further token2wav call.
 """
 from __future__ import annotations
 
@@ -88,6 +90,7 @@ _SEED_MODULUS = 1 << 63                  # the llm stage takes seeds in [0, 2^63
 FIRST_CHUNK_PRIORITY = 1
 STREAM_BOUNDARIES_INPUT = "stream_boundaries"   # optional llm input: send tokens only at these counts
 SPEED_INPUT = "speed"                            # optional token2wav input: offline calls only
+PREFILL_INPUT = "prefill"                        # optional token2wav input: the prompt into the state cache
 
 
 class RequestError(Exception):
@@ -207,6 +210,9 @@ class PreparedRequest:
     top_p: float
     top_k: int
     speed: float = SPEED_NEUTRAL
+    # token2wav affinity of this request's streams (all segments share the prompt): random, so two requests that
+    # reuse a client's request_id never share one
+    stream_key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass(frozen=True, slots=True)
@@ -554,15 +560,27 @@ class Pipeline:
                          ) -> dict[str, np.ndarray]:
         """One token2wav call; `seed` = the segment's seed (the stage mixes in each chunk's token_offset), so
         a seeded request's audio repeats exactly. A stream's first chunk goes ahead of queued later chunks
-        (Triton priority levels of the token2wav model)."""
-        outputs = ["waveform", "cache_mel", "cache_source", "cache_speech"] if "token_offset" in extra \
-            else ["waveform"]
+        (Triton priority levels of the token2wav model). Streaming calls carry the request's affinity key."""
+        streaming = "token_offset" in extra
+        outputs = ["waveform", "cache_mel", "cache_source", "cache_speech"] if streaming else ["waveform"]
         out, call = await self.stages.token2wav.infer(
             {"target_speech_tokens": tokens, **await self._prompt_tensors(prepared),
              "seed": np.array([segment.seed], np.uint64), **extra}, outputs, prepared.request_id,
-            priority=FIRST_CHUNK_PRIORITY if first else 0)
+            priority=FIRST_CHUNK_PRIORITY if first else 0, affinity=prepared.stream_key if streaming else None)
         timings.record("token2wav", call)
         return out
+
+    async def _prefill(self, prepared: PreparedRequest, timings: StageTimings) -> None:
+        """The prompt's blocks into the state cache of the replica that will serve the stream, while the LLM
+        decodes. Only saves work: a failure (an older token2wav, a replica going down) is logged and ignored."""
+        try:
+            _, call = await self.stages.token2wav.infer(
+                {"target_speech_tokens": np.zeros(0, np.int32), **await self._prompt_tensors(prepared),
+                 PREFILL_INPUT: np.array([True])}, ["waveform"], prepared.request_id, priority=FIRST_CHUNK_PRIORITY,
+                affinity=prepared.stream_key)
+            timings.record("token2wav", call)
+        except Exception as exc:  # noqa: BLE001 - only saves work; the stream's own calls report real failures
+            log.debug("request %s: token2wav prefill skipped: %s", prepared.request_id, exc)
 
     async def _read_llm(self, prepared: PreparedRequest, segment: Segment, streaming: bool,
                         tokens: list[int], arrived: asyncio.Event, timings: StageTimings) -> None:
@@ -610,15 +628,22 @@ class Pipeline:
     async def stream(self, prepared: PreparedRequest, timings: StageTimings) -> AsyncIterator[np.ndarray]:
         """Yield float32 24 kHz chunks as they are produced, segment after segment."""
         validate_speed(prepared.speed, streaming=True)
-        for segment in prepared.segments:
-            async with contextlib.aclosing(self._segment_stream(prepared, segment, timings)) as chunks:
-                async for wav in chunks:
-                    if wav.size == 0:
-                        continue
-                    if not timings.first_chunk_ms:
-                        timings.first_chunk_ms = timings.elapsed_ms()
-                    timings.audio_seconds += wav.shape[0] / OUTPUT_SAMPLE_RATE_HZ
-                    yield wav
+        prefill = asyncio.create_task(self._prefill(prepared, timings))
+        try:
+            for segment in prepared.segments:
+                async with contextlib.aclosing(self._segment_stream(prepared, segment, timings)) as chunks:
+                    async for wav in chunks:
+                        if wav.size == 0:
+                            continue
+                        if not timings.first_chunk_ms:
+                            timings.first_chunk_ms = timings.elapsed_ms()
+                        timings.audio_seconds += wav.shape[0] / OUTPUT_SAMPLE_RATE_HZ
+                        yield wav
+        finally:
+            if not prefill.done():      # its stage call is left to finish (stage_client); stop waiting for it
+                prefill.cancel()
+            await asyncio.gather(prefill, return_exceptions=True)
+            self.stages.token2wav.forget(prepared.stream_key)
         timings.total_ms = timings.elapsed_ms()
 
     async def synthesize(self, prepared: PreparedRequest, timings: StageTimings) -> np.ndarray:

@@ -12,6 +12,11 @@ resolves to two or more distinct addresses each address becomes a replica of its
 a dual-stack host's A and AAAA records are one server, so `localhost` stays one replica). Replicas
 that drop out of DNS finish their in-flight calls and are closed.
 
+Affinity: a call may name a key (a stream); the first call with that key picks a replica as above, and later
+calls with the same key go to the same replica while it is ready, so a stage that keeps per-stream state (token2wav's
+state cache) finds it. Calls never depend on it: if that replica is gone, the call goes elsewhere and the key
+follows it. Keys are forgotten with `forget` (the stream ended) or, past `AFFINITY_KEYS`, oldest first.
+
 Timing per call, measured by the gateway: `queue_ms` = waiting for a replica slot (only when
 `max_inflight_per_replica` bounds it), `compute_ms` = the call's round trip. Triton's own queue and
 compute split is in its statistics/metrics endpoint, which the benchmark reads.
@@ -25,6 +30,7 @@ import itertools
 import logging
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -57,6 +63,8 @@ _EMPTY_FINAL_PARAM = "triton_enable_empty_final_response"
 _FINAL_PARAM = "triton_final_response"
 # Stage models answer bad request values with this exception name (cosyvoice_common.errors).
 _STAGE_INVALID_REQUEST = "InvalidRequestError"
+# Affinity keys remembered per stage client (streams in flight; a key costs a dict entry).
+AFFINITY_KEYS = 65536
 
 
 class StageError(RuntimeError):
@@ -190,6 +198,7 @@ class StageClient:
         self._replicas = [self._new_replica(url, url) for url in config.urls]
         self._retired: list[_Replica] = []     # dropped from DNS, closed once their calls finish
         self._rr = itertools.count()
+        self._affinity: OrderedDict[str, _Replica] = OrderedDict()
 
     def _new_replica(self, url: str, source: str) -> _Replica:
         slots = asyncio.Semaphore(self.config.max_inflight_per_replica) if self.config.max_inflight_per_replica else None
@@ -308,8 +317,25 @@ class StageClient:
         log.warning("stage %s: %s; retrying on another replica", self.name, exc)
         return True
 
-    async def _acquire(self, exclude: Sequence[_Replica] = ()) -> _Lease:
-        replica = self._pick(exclude)
+    def _pick_for(self, affinity: str | None, exclude: Sequence[_Replica]) -> _Replica:
+        """The key's replica while it is ready and not excluded; else a fresh pick, which the key then follows."""
+        if affinity is None:
+            return self._pick(exclude)
+        replica = self._affinity.get(affinity)
+        if (replica is None or not replica.ready or any(replica is e for e in exclude)
+                or all(replica is not r for r in self._replicas)):
+            replica = self._pick(exclude)
+            self._affinity[affinity] = replica
+            if len(self._affinity) > AFFINITY_KEYS:
+                self._affinity.popitem(last=False)
+        return replica
+
+    def forget(self, affinity: str) -> None:
+        """The key's stream ended: its calls may go anywhere again."""
+        self._affinity.pop(affinity, None)
+
+    async def _acquire(self, exclude: Sequence[_Replica] = (), affinity: str | None = None) -> _Lease:
+        replica = self._pick_for(affinity, exclude)
         replica.outstanding += 1
         lease = _Lease(replica)
         if replica.slots is not None:
@@ -383,20 +409,22 @@ class StageClient:
 
     # --- calls --------------------------------------------------------------------------------------
     async def infer(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = "",
-                    priority: int = 0) -> tuple[dict[str, np.ndarray], CallTiming]:
-        """One call; an unreachable replica's call is retried on the other replicas (the call is stateless).
-        `priority`: Triton's request priority (1 = highest level; 0 = the model's default level)."""
+                    priority: int = 0, affinity: str | None = None) -> tuple[dict[str, np.ndarray], CallTiming]:
+        """One call; an unreachable replica's call is retried on the other replicas (the call is self-contained).
+        `priority`: Triton's request priority (1 = highest level; 0 = the model's default level). `affinity`: a
+        stream's key; its calls go to one replica while that replica is ready (see the module docstring)."""
         tried: list[_Replica] = []
         while True:
             try:
-                return await self._infer_once(tensors, outputs, request_id, tried, priority)
+                return await self._infer_once(tensors, outputs, request_id, tried, priority, affinity)
             except StageError as exc:
                 if not self._can_retry(exc, tried):
                     raise
 
     async def _infer_once(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str,
-                          tried: list[_Replica], priority: int = 0) -> tuple[dict[str, np.ndarray], CallTiming]:
-        lease = await self._acquire(tried)
+                          tried: list[_Replica], priority: int = 0, affinity: str | None = None
+                          ) -> tuple[dict[str, np.ndarray], CallTiming]:
+        lease = await self._acquire(tried, affinity)
         replica = lease.replica
         tried.append(replica)
         start = time.perf_counter()

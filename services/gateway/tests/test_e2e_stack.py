@@ -141,9 +141,9 @@ SAME_AUDIO = dict(rtol=1e-4, atol=1e-4)   # a served call may run padded in a ba
 
 @pytest.fixture(scope="module")
 def in_process_token2wav(stage_urls):
-    """The runner the served token2wav wraps, in this process on the same model dir (float32, cpu)."""
-    from cosyvoice_token2wav.runner import Token2WavRunner
-    return Token2WavRunner(Path(stage_urls["model_dir"]), "cpu", torch.float32)
+    """The engine the served token2wav wraps, in this process on the same model dir (float32, cpu)."""
+    from cosyvoice_token2wav.engine import Token2WavEngine
+    return Token2WavEngine(Path(stage_urls["model_dir"]), "cpu", torch.float32)
 
 
 def _recorded_token2wav_inputs(model_dir: str, request, record_dir: Path) -> list[dict[str, np.ndarray]]:
@@ -164,7 +164,7 @@ def _recorded_token2wav_inputs(model_dir: str, request, record_dir: Path) -> lis
 
 def _reference_chunks(runner, recorded: dict[str, np.ndarray], seed: int, schedule) -> list[np.ndarray]:
     """In-process token2wav over `schedule`, the vocoder cache carried from chunk to chunk."""
-    from cosyvoice_token2wav.runner import ChunkRequest, chunk_seed
+    from cosyvoice_token2wav.sequence import ChunkRequest, chunk_seed
 
     codes = lambda name: torch.from_numpy(recorded[name].astype(np.int64).reshape(1, -1) - SPEECH_ID_OFFSET)  # noqa: E731
     tokens, cache, chunks = codes("target_speech_tokens"), None, []

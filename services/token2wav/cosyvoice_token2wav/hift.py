@@ -30,6 +30,7 @@ SNAKE_EPS = 1e-9
 POST_LRELU_SLOPE = 0.01
 # iSTFT magnitudes are clipped here before synthesis (reference value).
 ISTFT_MAX_MAGNITUDE = 1e2
+ISTFT_MIN_ENVELOPE = 1e-11   # torch.istft's own validity bound on the window envelope
 # SineGen2 is the reference's source for every rate except this one (which uses the older SineGen).
 SINEGEN1_SAMPLE_RATE_HZ = 22050
 # Unvoiced noise std is sine_amp / 3 so that its peak is about the sine amplitude.
@@ -371,6 +372,103 @@ class HiFTGenerator(nn.Module):
         if cache_source is not None and cache_source.shape[-1] > 0:
             s[:, :, :cache_source.shape[-1]] = cache_source.to(s.dtype)
         return self.decode(speech_feat, s), s
+
+    # --- a padded batch of calls --------------------------------------------------------------------
+    @staticmethod
+    def _length_mask(n: int, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (torch.arange(n, device=valid.device)[None, :] < valid).unsqueeze(1).to(dtype)     # [B, 1, n]
+
+    @staticmethod
+    def _resblock_masked(rb: ResBlock, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for conv1, conv2, act1, act2 in zip(rb.convs1, rb.convs2, rb.activations1, rb.activations2):
+            x = x + conv2(act2(conv1(act1(x) * mask)) * mask)
+        return x
+
+    def forward_padded(self, mel: torch.Tensor, frames: torch.Tensor, cache_source: torch.Tensor,
+                       cache_samples: torch.Tensor, rand_ini: torch.Tensor,
+                       noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`inference` for rows of different lengths in one batch, each row as if alone (weight norm folded).
+
+        mel [B, 80, M] zero past each row's `frames` [B, 1]; cache_source [B, K] overwrites a row's first
+        `cache_samples` [B, 1] (0 or K) excitation samples; rand_ini [B, H], noise [B, M * spf, H]: the
+        source's draws. Returns (speech [B, M * spf], excitation [B, M * spf]), float32.
+
+        Every conv input is zeroed past the row's valid length (what the unpadded call's zero padding gives),
+        the STFT reflects each row at its own end, the phase is held at the row's last frame before the
+        linear up-sampling, and the iSTFT overlap-adds only the row's frames and divides by its own envelope.
+        """
+        cfg = self.cfg
+        dt = mel.dtype
+        spf = cfg.samples_per_frame
+        fmask = self._length_mask(mel.size(2), frames, dt)
+        # F0 predictor: five convs, each input zeroed past the row's frames.
+        h = mel
+        condnet = self.f0_predictor.condnet
+        for i in range(0, len(condnet), 2):
+            h = condnet[i + 1](condnet[i](h * fmask))
+        f0 = self.f0_predictor.classifier(h.transpose(1, 2)).squeeze(-1).abs()      # [B, M]
+        # Source (SineGen2), as SourceModuleHnNSF.forward, holding the phase past each row's last frame.
+        ms = self.m_source
+        f0_up = torch.repeat_interleave(f0, spf, dim=1).unsqueeze(-1)                # [B, L, 1]
+        fn = f0_up * ms.harmonic_multipliers.to(dt)
+        rad = torch.remainder(fn / ms.sampling_rate_hz, 1.0)
+        rad[:, 0, :] = rad[:, 0, :] + rand_ini
+        rad_frames = F.interpolate(rad.transpose(1, 2), scale_factor=1.0 / spf, mode="linear").transpose(1, 2)
+        phase = torch.cumsum(rad_frames, dim=1) * 2 * math.pi
+        n_fr = phase.size(1)
+        hold = torch.minimum(torch.arange(n_fr, device=mel.device)[None, :], frames.clamp(max=n_fr) - 1)
+        phase = phase.gather(1, hold.unsqueeze(-1).expand(-1, -1, phase.size(2)))
+        phase = F.interpolate(phase.transpose(1, 2) * spf, scale_factor=float(spf), mode="linear").transpose(1, 2)
+        sines = torch.sin(phase) * ms.sine_amp
+        uv = (f0_up > ms.voiced_threshold_hz).to(dt)
+        noise_amp = uv * ms.voiced_noise_std + (1 - uv) * ms.unvoiced_noise_std
+        sine_waves = sines * uv + noise_amp * noise
+        s = torch.tanh(ms.l_linear(sine_waves)).squeeze(-1)                          # [B, L]
+        n_len = s.size(1)
+        k = cache_source.size(1)
+        head = torch.where(torch.arange(k, device=mel.device)[None, :] < cache_samples, cache_source.to(dt), s[:, :k])
+        s = torch.cat([head, s[:, k:]], 1)
+        # STFT, centred, each row reflected at its own end.
+        n_fft, hop = cfg.istft_n_fft, cfg.istft_hop_len_samples
+        half = n_fft // 2
+        l_len = frames * spf
+        q = (torch.arange(n_len + n_fft, device=mel.device) - half).abs()[None, :]
+        q = torch.where(q >= l_len, 2 * (l_len - 1) - q, q).clamp(0, n_len - 1)
+        window = self.stft_window.to(dt)
+        spec = torch.stft(s.gather(1, q), n_fft, hop, n_fft, window=window, center=False, return_complex=True)
+        smask = self._length_mask(spec.size(-1), l_len // hop + 1, dt)
+        s_stft = torch.cat([spec.real, spec.imag], dim=1) * smask
+        # Generator.
+        x = self.conv_pre(mel)
+        valid = frames
+        n_up = len(self.ups)
+        nk = self.num_kernels
+        for i in range(n_up):
+            x = F.leaky_relu(x, cfg.lrelu_slope)
+            x = self.ups[i](x * self._length_mask(x.size(2), valid, dt))
+            valid = valid * cfg.upsample_rates[i]
+            if i == n_up - 1:
+                x = F.pad(x, (1, 0), mode="reflect")
+                valid = valid + 1
+            xmask = self._length_mask(x.size(2), valid, dt)
+            x = x + self._resblock_masked(self.source_resblocks[i], self.source_downs[i](s_stft), xmask)
+            xs = self._resblock_masked(self.resblocks[i * nk], x, xmask)
+            for j in range(1, nk):
+                xs = xs + self._resblock_masked(self.resblocks[i * nk + j], x, xmask)
+            x = xs / nk
+        x = self.conv_post(F.leaky_relu(x, POST_LRELU_SLOPE) * xmask)
+        n_bins = n_fft // 2 + 1
+        magnitude = torch.clamp(torch.exp(x[:, :n_bins, :]), max=ISTFT_MAX_MAGNITUDE)
+        ph = torch.sin(x[:, n_bins:, :])
+        stft_frames = torch.fft.irfft(torch.complex(magnitude * torch.cos(ph), magnitude * torch.sin(ph))
+                                      .transpose(1, 2), n=n_fft, dim=-1)               # [B, N, n_fft]
+        fr_mask = xmask.transpose(1, 2)                                              # [B, N, 1]
+        n_out = n_fft + hop * (stft_frames.size(1) - 1)
+        y = F.fold((stft_frames * window * fr_mask).transpose(1, 2), (1, n_out), (1, n_fft), stride=(1, hop))
+        env = F.fold((window * window * fr_mask).transpose(1, 2), (1, n_out), (1, n_fft), stride=(1, hop))
+        y, env = y.flatten(1)[:, half:n_out - half], env.flatten(1)[:, half:n_out - half]
+        speech = torch.where(env > ISTFT_MIN_ENVELOPE, y / torch.where(env > ISTFT_MIN_ENVELOPE, env, 1.0), 0.0)
+        return torch.clamp(speech, -cfg.audio_limit, cfg.audio_limit).float(), s.float()
 
 
 # --- checkpoint loading --------------------------------------------------------------------------------

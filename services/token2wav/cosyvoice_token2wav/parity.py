@@ -24,6 +24,7 @@ INJECTED_SOURCE_ATOL = 2e-3
 INJECTED_SPEECH_ATOL = 5e-3
 FLOW_MEL_ATOL = 1e-4
 MODES = ("offline", "stream")
+ENGINE_CACHE_BYTES = 1 << 30      # the tiny golden model's pages are a few MB
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -150,6 +151,38 @@ def flow_cases(golden_dir: Path, t2w: Token2Wav) -> list[ParityResult]:
     return out
 
 
+def engine_cases(golden_dir: Path, flow: torch.nn.Module, hift: HiFTGenerator) -> list[ParityResult]:
+    """Every recorded chunk through the serving engine with its state cache on (a prompt prefill first, then each
+    chunk computing only its new frames): each chunk's new mel against the reference's flow mel, and its audio
+    with a seeded source, at the same tolerances as `flow_cases`."""
+    from .engine import Token2WavEngine
+    from .sequence import ChunkRequest
+
+    z = np.load(golden_dir / "token2wav.npz")
+    tokens, prompt = _t(z["token"]), _t(z["prompt_token"])
+    voice = dict(prompt_tokens=prompt, prompt_feat=_t(z["prompt_feat"]), embedding=_t(z["embedding"]))
+    engine = Token2WavEngine((flow, hift), "cpu", torch.float32, cache_bytes=ENGINE_CACHE_BYTES)
+    engine.run_chunks([ChunkRequest(tokens=tokens[:, :0], prefill=True, finalize=False, streaming=True, **voice)])
+    out: list[ParityResult] = []
+    for mode in MODES:
+        cache: VocoderCache | None = None
+        gen = torch.Generator().manual_seed(int(z["torch_seed"]))
+        for c, plan in enumerate(_stored_plan(z, mode)):
+            p = f"{mode}__chunk{c}__"
+            (result,) = engine.run_chunks([ChunkRequest(
+                tokens=tokens[:, :plan.flow_token_len], token_offset=plan.token_offset, finalize=plan.finalize,
+                streaming=plan.streaming, cache=cache, generator=gen, **voice)], keep_mel=True)
+            if result.error is not None:
+                return out + [_failed(f"token2wav.engine.{mode}.chunk{c}[{result.error}]", FLOW_MEL_ATOL)]
+            cache = result.cache
+            ratio = engine.config.token_mel_ratio
+            out.append(compare(f"token2wav.engine.{mode}.chunk{c}.flow_mel", result.mel,
+                               z[p + "flow_mel"][:, :, plan.token_offset * ratio:], FLOW_MEL_ATOL))
+            out.append(compare(f"token2wav.engine.{mode}.chunk{c}.out_speech[seeded]", result.waveform,
+                               z[p + "out_speech"], INJECTED_SPEECH_ATOL))
+    return out
+
+
 def cases(golden_dir: Path) -> list[ParityResult]:
     golden_dir = Path(golden_dir)
     cfg = _load_config(golden_dir)
@@ -162,4 +195,4 @@ def cases(golden_dir: Path) -> list[ParityResult]:
         # The flow package lands separately; report it as failed cases with a clear name.
         reason = type(exc).__name__
         return results + [_failed(f"token2wav.flow_mel[flow unavailable: {reason}: {exc}]", FLOW_MEL_ATOL)]
-    return results + flow_cases(golden_dir, Token2Wav(flow, hift))
+    return results + flow_cases(golden_dir, Token2Wav(flow, hift)) + engine_cases(golden_dir, flow, hift)

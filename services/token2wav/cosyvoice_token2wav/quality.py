@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .runner import ChunkRequest, ChunkResult, Token2WavRunner
+from .engine import Token2WavEngine
+from .sequence import ChunkRequest, ChunkResult
 
 _LSD_N_FFT = 512
 _LSD_HOP = 128
@@ -86,10 +87,10 @@ def compare(got: list[ChunkResult], want: list[ChunkResult], bounds: QualityBoun
     return QualityReport(*worst, finite=all(r[5] for r in rows), bounds=bounds)
 
 
-def quality_gate(fast: Token2WavRunner, reference: Token2WavRunner | list[ChunkResult],
+def quality_gate(fast: Token2WavEngine, reference: Token2WavEngine | list[ChunkResult],
                  requests: list[ChunkRequest], bounds: QualityBounds = BF16_BOUNDS) -> QualityReport:
     """Runs `requests` (seeded: both sides draw the same source noise) on `fast` and compares with the
-    float32 `reference` runner (or its results, computed once with keep_mel=True)."""
+    float32 `reference` engine (or its results, computed once with keep_mel=True)."""
     if any(r.seed is None or r.generator is not None for r in requests):
         raise ValueError("quality requests need a seed and no generator: both runners must draw the same noise")
     want = reference if isinstance(reference, list) else reference.run_chunks(requests, keep_mel=True)

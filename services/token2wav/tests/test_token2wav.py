@@ -107,6 +107,19 @@ def test_flow_and_full_chunk_calls_match_golden(hift):
     assert all(r.passed for r in results), [r for r in results if not r.passed]
 
 
+@needs_golden
+def test_the_engine_with_its_state_cache_matches_golden(hift):
+    """The reference's streaming schedule through the serving engine: a prompt prefill, then chunks that compute
+    only their new frames and read the rest from the state cache."""
+    from cosyvoice_token2wav import parity
+    flow = parity.build_golden_flow(GOLDEN_DIR, _cfg())
+    results = parity.engine_cases(GOLDEN_DIR, flow, hift)
+    assert len(results) == 2 * (1 + 3)           # offline: 1 chunk; stream: 3 chunks; mel and audio each
+    for r in results:
+        print(f"{r.case}: max_abs_err={r.max_abs_err:.3g} tol={r.tolerance}")
+    assert all(r.passed for r in results), [r for r in results if not r.passed]
+
+
 # --- schedule ---------------------------------------------------------------------------------------------
 def test_reference_schedule_of_the_golden_set():
     assert plan_reference_chunks(120, 30) == [ChunkPlan(0, 48, True, False), ChunkPlan(45, 98, True, False),

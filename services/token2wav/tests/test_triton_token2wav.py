@@ -29,13 +29,13 @@ def _prompt(rng):
 
 @pytest.fixture(scope="module")
 def in_process(tiny_model_dir):
-    """The runner the served model wraps, loaded in this process from the same model dir (float32, cpu)."""
-    from cosyvoice_token2wav.runner import Token2WavRunner
-    return Token2WavRunner(tiny_model_dir, "cpu", torch.float32)
+    """The engine the served model wraps, loaded in this process from the same model dir (float32, cpu)."""
+    from cosyvoice_token2wav.engine import Token2WavEngine
+    return Token2WavEngine(tiny_model_dir, "cpu", torch.float32)
 
 
 def _local_chunk(runner, target, prompt_arrays, seed, offset=None, finalize=True, cache=None):
-    from cosyvoice_token2wav.runner import ChunkRequest, chunk_seed
+    from cosyvoice_token2wav.sequence import ChunkRequest, chunk_seed
     tokens, feat, embedding = prompt_arrays
     request = ChunkRequest(
         tokens=torch.from_numpy(target.astype(np.int64) - SPEECH_ID_OFFSET),
@@ -144,7 +144,7 @@ def test_token2wav_chunk_without_cache_fails_only_itself(stage_servers):
 
 def test_served_offline_speed_halves_the_audio_as_the_in_process_runner(stage_servers, in_process):
     """`speed` 2 on an offline call: half the samples, the runner's audio; on a streaming chunk it is refused."""
-    from cosyvoice_token2wav.runner import ChunkRequest, chunk_seed
+    from cosyvoice_token2wav.sequence import ChunkRequest, chunk_seed
     rng = np.random.default_rng(23)
     target = rng.integers(0, 6561, (1, 30)).astype(np.int32) + SPEECH_ID_OFFSET
     prompt = _prompt_arrays(rng)
@@ -200,7 +200,7 @@ def test_seeded_calls_repeat_bit_for_bit_and_seeds_differ(stage_servers):
 
 
 def test_chunk_seeds_differ_per_chunk_and_repeat_per_request():
-    from cosyvoice_token2wav.runner import chunk_seed
+    from cosyvoice_token2wav.sequence import chunk_seed
 
     seeds = [chunk_seed(7, offset) for offset in (0, 15, 40, 90)]
     assert len(set(seeds)) == len(seeds) and all(0 <= s < 1 << 63 for s in seeds)

@@ -7,6 +7,7 @@ masks of streaming mode, built once per length and cached.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from torch import nn
 
 from .config import EncoderConfig
 from .masks import ChunkMaskCache
+from .window import FlowCache
 
 _EMBED_LN_EPS = 1e-5          # LinearNoSubsampling's LayerNorm and the encoder's after_norm
 _LAYER_LN_EPS = 1e-12         # ConformerEncoderLayer's norm_mha / norm_ff
@@ -79,29 +81,37 @@ class RelPositionMultiHeadedAttention(nn.Module):
         self.linear_pos = nn.Linear(d_model, d_model, bias=False)
         self.pos_bias_u = nn.Parameter(torch.zeros(n_heads, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.d_k))
+        self.cache_index = -1          # set by the owning encoder
 
     @staticmethod
-    def _rel_shift(bd: torch.Tensor) -> torch.Tensor:
-        """[B, H, T, 2T-1] scores over distances T-1..-(T-1) -> [B, H, T, T] with entry (i, j) for r = i - j.
+    def _rel_shift(bd: torch.Tensor, n_queries: int) -> torch.Tensor:
+        """[B, H, Q, 2L-1] scores over distances L-1..-(L-1) -> [B, H, Q, L] with entry (i, j) for r = (L-Q+i) - j.
 
-        Column for distance i - j is (T-1) - i + j, so the result is a strided view: row stride 2T-2, offset T-1.
+        The Q queries are the last Q of the L key positions (all of them without a cache). The column for distance
+        r is (L-1) - r = (Q-1) - i + j, so the result is a strided view: row stride 2L-2, offset Q-1.
         """
         bd = bd.contiguous()
-        b, h, t, _ = bd.shape
+        b, h, q, width = bd.shape
+        keys = (width + 1) // 2
         s0, s1 = bd.stride(0), bd.stride(1)
-        return bd.as_strided((b, h, t, t), (s0, s1, 2 * t - 2, 1), bd.storage_offset() + t - 1)
+        return bd.as_strided((b, h, q, keys), (s0, s1, 2 * keys - 2, 1), bd.storage_offset() + n_queries - 1)
 
-    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor, mask: torch.Tensor | None,
+                cache: FlowCache | None = None) -> torch.Tensor:
+        """pos_emb: the table for as many positions as there are keys (the window's own plus, with a cache, the
+        earlier blocks'); mask: boolean [B, 1, queries, keys] or None."""
         b, t, d = x.shape
         q = self.linear_q(x).view(b, t, self.h, self.d_k)
         k = self.linear_k(x).view(b, t, self.h, self.d_k).transpose(1, 2)
         v = self.linear_v(x).view(b, t, self.h, self.d_k).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.attend(self.cache_index, k, v)
         p = self.linear_pos(pos_emb).view(pos_emb.size(0), -1, self.h, self.d_k).transpose(1, 2)
         q_u = (q + self.pos_bias_u).transpose(1, 2)
         q_v = (q + self.pos_bias_v).transpose(1, 2)
         scale = 1.0 / math.sqrt(self.d_k)
         # (q+u)k^T/sqrt(dk) is SDPA's own product; the positional term rides in as an additive bias.
-        bias = self._rel_shift(torch.matmul(q_v, p.transpose(-2, -1))) * scale
+        bias = self._rel_shift(torch.matmul(q_v, p.transpose(-2, -1)), t) * scale
         if mask is not None:
             bias = bias.masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(q_u, k, v, attn_mask=bias)
@@ -128,8 +138,9 @@ class ConformerEncoderLayer(nn.Module):
         self.norm_ff = nn.LayerNorm(d_model, eps=_LAYER_LN_EPS)
         self.norm_mha = nn.LayerNorm(d_model, eps=_LAYER_LN_EPS)
 
-    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.norm_mha(x), pos_emb, mask)
+    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor, mask: torch.Tensor | None,
+                cache: FlowCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.norm_mha(x), pos_emb, mask, cache)
         return x + self.feed_forward(self.norm_ff(x))
 
 
@@ -143,8 +154,18 @@ class PreLookaheadLayer(nn.Module):
         self.conv1 = nn.Conv1d(in_channels, channels, kernel_size=pre_lookahead_len + 1)
         self.conv2 = nn.Conv1d(channels, in_channels, kernel_size=3)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, C]; context [B, L, C] (the look-ahead tokens' embeddings) or None (zeros)."""
+    @property
+    def halo_tokens(self) -> int:
+        """Tokens before a window whose conv1 outputs conv2 reads (its causal left context)."""
+        return self.conv2.kernel_size[0] - 1
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                halo: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, C]; context [B, L, C] (the look-ahead tokens' embeddings) or None (zeros).
+
+        halo [B, 1, 1] (0/1) or None: with it, x starts with `halo_tokens` tokens before a window, recomputed so
+        that conv2 reads their conv1 outputs (scaled by halo: 0 where the window starts at the first token, which
+        is the causal zero padding); the result covers the window only, [B, T - halo_tokens, C]."""
         h = x.transpose(1, 2)
         if context is None:
             h = F.pad(h, (0, self.pre_lookahead_len))
@@ -153,8 +174,12 @@ class PreLookaheadLayer(nn.Module):
                 raise ValueError(f"look-ahead context must be {self.pre_lookahead_len} frames, got {context.size(1)}")
             h = torch.cat([h, context.transpose(1, 2)], dim=2)
         h = F.leaky_relu(self.conv1(h))
-        h = self.conv2(F.pad(h, (self.conv2.kernel_size[0] - 1, 0)))
-        return h.transpose(1, 2) + x
+        if halo is None:
+            h = self.conv2(F.pad(h, (self.halo_tokens, 0)))
+            return h.transpose(1, 2) + x
+        n = self.halo_tokens
+        h = self.conv2(torch.cat([h[:, :, :n] * halo, h[:, :, n:]], dim=2))
+        return h.transpose(1, 2) + x[:, n:]
 
 
 class Upsample1D(nn.Module):
@@ -165,10 +190,31 @@ class Upsample1D(nn.Module):
         self.stride = stride
         self.conv = nn.Conv1d(channels, out_channels, kernel_size=stride * 2 + 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, C, T] -> [B, C_out, stride*T]."""
+    # The left padding is 2 * stride up-sampled frames: 2 input frames before a window are read by its first outputs.
+    context_tokens = 2
+
+    def forward(self, x: torch.Tensor, with_context: bool = False) -> torch.Tensor:
+        """x [B, C, T] -> [B, C_out, stride*T]. with_context: x starts with `context_tokens` frames before a
+        window (real frames, or zeros before the first), and the result covers the window only."""
         h = torch.repeat_interleave(x, self.stride, dim=2)
-        return self.conv(F.pad(h, (self.stride * 2, 0)))
+        if with_context:
+            return self.conv(h)
+        return self.conv(F.pad(h, (self.stride * self.context_tokens, 0)))
+
+
+@dataclass(slots=True)
+class EncoderWindow:
+    """A serving batch's window layout (see `window.py`): each row's tokens start `halo_tokens` before its window
+    and end with its look-ahead (real tokens, or zeros for a final call), zero-padded to a common length.
+
+    Attention masks are boolean [B, 1, window, keys], keys = the earlier blocks' (left-padded) then the window's;
+    the cache numbers the first-stack layers 0.., the up-stack layers after them, and the up-sampler's left
+    context as convolution 0."""
+    cache: FlowCache
+    embed_valid: torch.Tensor     # [B, halo + window + look-ahead, 1]: 1 where a row has a real token
+    halo: torch.Tensor            # [B, 1, 1]: 0 where the window starts at the first token
+    token_mask: torch.Tensor      # first stack (tokens)
+    frame_mask: torch.Tensor      # up stack (frames)
 
 
 class UpsampleConformerEncoder(nn.Module):
@@ -189,17 +235,26 @@ class UpsampleConformerEncoder(nn.Module):
             [ConformerEncoderLayer(d, cfg.attention_heads, cfg.linear_units_dims) for _ in range(cfg.num_up_blocks)])
         self._pos_table = RelPositionTable(d, cfg.pos_enc_max_len)
         self._chunk_masks = ChunkMaskCache()
+        for i, layer in enumerate([*self.encoders, *self.up_encoders]):
+            layer.self_attn.cache_index = i
 
     def output_size(self) -> int:
         return self.cfg.output_size_dims
 
+    UP_CONTEXT_CONV = 0      # the up-sampler's left context, as a FlowCache convolution number
+
     def forward(self, xs: torch.Tensor, context: torch.Tensor | None = None,
-                streaming: bool = False) -> torch.Tensor:
+                streaming: bool = False, window: EncoderWindow | None = None) -> torch.Tensor:
         """xs [B, T, D] token embeddings; context [B, L, D] look-ahead embeddings (non-final calls) or None.
 
         Returns [B, stride*T, D] after `after_norm`. streaming=True applies block-causal chunk attention
         (static_chunk_size tokens before the up-sampler, stride times that after).
+
+        window: xs holds a serving batch laid out as `EncoderWindow` says (context must be None); the result
+        covers each row's window, [B, stride * window tokens, D].
         """
+        if window is not None:
+            return self._forward_window(xs, window)
         t = xs.size(1)
         xs = self.embed(xs)
         if context is not None and context.size(1) > 0:
@@ -219,4 +274,21 @@ class UpsampleConformerEncoder(nn.Module):
         mask = self._chunk_masks.get(t2, self.cfg.up_static_chunk_size_frames, xs.device) if streaming else None
         for layer in self.up_encoders:
             xs = layer(xs, pos, mask)
+        return self.after_norm(xs)
+
+    def _forward_window(self, xs: torch.Tensor, window: EncoderWindow) -> torch.Tensor:
+        lookahead = self.pre_lookahead_layer.pre_lookahead_len
+        cache = window.cache
+        xs = self.embed(xs) * window.embed_valid
+        xs = self.pre_lookahead_layer(xs[:, :-lookahead], context=xs[:, -lookahead:], halo=window.halo)
+        pos = self._pos_table.get(window.token_mask.size(-1), xs.device, xs.dtype)
+        for layer in self.encoders:
+            xs = layer(xs, pos, window.token_mask, cache)
+        width = self.up_layer.context_tokens
+        xs = cache.left_context(self.UP_CONTEXT_CONV, xs.transpose(1, 2), width)
+        xs = self.up_layer(xs, with_context=True).transpose(1, 2)
+        xs = self.up_embed(xs)
+        pos = self._pos_table.get(window.frame_mask.size(-1), xs.device, xs.dtype)
+        for layer in self.up_encoders:
+            xs = layer(xs, pos, window.frame_mask, cache)
         return self.after_norm(xs)

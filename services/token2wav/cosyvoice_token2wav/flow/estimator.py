@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import EstimatorConfig
 from .masks import ChunkMaskCache
+from .window import FlowCache
 
 _TIME_EMB_MAX_PERIOD = 10000.0
 _TIME_EMB_SCALE = 1000.0      # t in [0, 1] is scaled to [0, 1000] before the sinusoid
@@ -55,14 +56,18 @@ class TimestepEmbedding(nn.Module):
 
 
 class CausalConv1d(nn.Conv1d):
-    """Conv1d with kernel_size-1 zeros on the left only: output frame t sees inputs <= t."""
+    """Conv1d with kernel_size-1 zeros on the left only: output frame t sees inputs <= t. With a cache, the
+    left context is the inputs of the frames before the window (`FlowCache.left_context`)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
         super().__init__(in_channels, out_channels, kernel_size)
         self.causal_padding = kernel_size - 1
+        self.cache_index = -1          # set by the owning estimator
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, (self.causal_padding, 0)))
+    def forward(self, x: torch.Tensor, cache: FlowCache | None = None) -> torch.Tensor:
+        if cache is None:
+            return super().forward(F.pad(x, (self.causal_padding, 0)))
+        return super().forward(cache.left_context(self.cache_index, x, self.causal_padding))
 
 
 class CausalBlock1D(nn.Module):
@@ -73,9 +78,9 @@ class CausalBlock1D(nn.Module):
         super().__init__()
         self.block = nn.ModuleList([CausalConv1d(dim, dim_out, _CAUSAL_KERNEL), nn.Identity(), nn.LayerNorm(dim_out)])
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: FlowCache | None = None) -> torch.Tensor:
         conv, _, norm = self.block
-        h = norm(conv(x * mask).transpose(1, 2)).transpose(1, 2)
+        h = norm(conv(x * mask, cache).transpose(1, 2)).transpose(1, 2)
         return F.mish(h) * mask
 
 
@@ -87,14 +92,16 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.block1(x, mask) + self.mlp(temb).unsqueeze(-1)
-        h = self.block2(h, mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, temb: torch.Tensor,
+                cache: FlowCache | None = None) -> torch.Tensor:
+        h = self.block1(x, mask, cache) + self.mlp(temb).unsqueeze(-1)
+        h = self.block2(h, mask, cache)
         return h + self.res_conv(x * mask)
 
 
 class Attention(nn.Module):
-    """Bias-free q/k/v, scaled dot product (1/sqrt(head_dim)), output Linear with bias."""
+    """Bias-free q/k/v, scaled dot product (1/sqrt(head_dim)), output Linear with bias. With a cache, the keys
+    and values of earlier blocks come before the window's own (`FlowCache.attend`)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int) -> None:
         super().__init__()
@@ -105,12 +112,23 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self.cache_index = -1          # set by the owning estimator
+        self._qkv_weight: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def fuse_qkv(self) -> None:
+        """One [3 inner, dim] product instead of three (same weights); call after the last move/cast."""
+        self._qkv_weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight], dim=0).contiguous()
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, cache: FlowCache | None = None) -> torch.Tensor:
         n, f, _ = x.shape
-        q = self.to_q(x).view(n, f, self.heads, self.head_dim).transpose(1, 2)
-        k = self.to_k(x).view(n, f, self.heads, self.head_dim).transpose(1, 2)
-        v = self.to_v(x).view(n, f, self.heads, self.head_dim).transpose(1, 2)
+        if self._qkv_weight is not None:
+            q, k, v = F.linear(x, self._qkv_weight).view(n, f, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        else:
+            q = self.to_q(x).view(n, f, self.heads, self.head_dim).transpose(1, 2)
+            k = self.to_k(x).view(n, f, self.heads, self.head_dim).transpose(1, 2)
+            v = self.to_v(x).view(n, f, self.heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.attend(self.cache_index, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.to_out[0](out.transpose(1, 2).reshape(n, f, self.heads * self.head_dim))
 
@@ -144,8 +162,8 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, cache: FlowCache | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), attn_mask, cache)
         return x + self.ff(self.norm3(x))
 
 
@@ -171,6 +189,13 @@ class CausalConditionalDecoder(nn.Module):
         self.final_block = CausalBlock1D(c, c)
         self.final_proj = nn.Conv1d(c, cfg.out_channels, 1)
         self._chunk_masks = ChunkMaskCache()
+        # FlowCache numbering, in registration order: one per attention layer, one per causal convolution.
+        self.attention_layers = [m for m in self.modules() if isinstance(m, Attention)]
+        self.causal_convs = [m for m in self.modules() if isinstance(m, CausalConv1d)]
+        for i, m in enumerate(self.attention_layers):
+            m.cache_index = i
+        for i, m in enumerate(self.causal_convs):
+            m.cache_index = i
 
     def attention_mask(self, mask: torch.Tensor, streaming: bool) -> torch.Tensor:
         """[N, 1, F] frame mask -> boolean [N, 1, F|1, F] attention mask (keys must be valid; chunk-causal when
@@ -181,28 +206,39 @@ class CausalConditionalDecoder(nn.Module):
         chunk = self._chunk_masks.get(mask.size(-1), self.cfg.static_chunk_size_frames, mask.device)
         return key_valid & chunk                                               # [N, 1, F, F]
 
-    def _transformers(self, blocks: nn.ModuleList, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def fuse_qkv(self) -> None:
+        for attn in self.attention_layers:
+            attn.fuse_qkv()
+
+    def _transformers(self, blocks: nn.ModuleList, x: torch.Tensor, attn_mask: torch.Tensor,
+                      cache: FlowCache | None) -> torch.Tensor:
         h = x.transpose(1, 2)
         for block in blocks:
-            h = block(h, attn_mask)
+            h = block(h, attn_mask, cache)
         return h.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
-                spks: torch.Tensor, cond: torch.Tensor, streaming: bool = False) -> torch.Tensor:
-        """x, mu, cond [N, 80, F]; mask [N, 1, F]; t [N]; spks [N, 80] -> velocity [N, 80, F]."""
-        temb = self.time_mlp(self.time_embeddings(t))
+                spks: torch.Tensor, cond: torch.Tensor, streaming: bool = False,
+                attn_mask: torch.Tensor | None = None, cache: FlowCache | None = None) -> torch.Tensor:
+        """x, mu, cond [N, 80, F]; mask [N, 1, F]; t [N] (any float dtype); spks [N, 80] -> velocity [N, 80, F].
+
+        attn_mask (boolean or additive, [N, 1, F, keys]) replaces the one built from `mask` and `streaming`: a
+        serving batch brings its own (per-row padding, per-row streaming, and with a cache the earlier blocks'
+        keys first). cache: the window's frames read earlier blocks from it (`FlowCache`)."""
+        temb = self.time_mlp(self.time_embeddings(t).to(x.dtype))
         h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.size(-1)), cond], dim=1)
-        attn_mask = self.attention_mask(mask, streaming)
+        if attn_mask is None:
+            attn_mask = self.attention_mask(mask, streaming)
 
         resnet, blocks, down = self.down_blocks[0]
-        h = self._transformers(blocks, resnet(h, mask, temb), attn_mask)
+        h = self._transformers(blocks, resnet(h, mask, temb, cache), attn_mask, cache)
         skip = h
-        h = down(h * mask)
+        h = down(h * mask, cache)
         for resnet, blocks in self.mid_blocks:
-            h = self._transformers(blocks, resnet(h, mask, temb), attn_mask)
+            h = self._transformers(blocks, resnet(h, mask, temb, cache), attn_mask, cache)
         resnet, blocks, up = self.up_blocks[0]
         h = torch.cat([h[:, :, :skip.size(-1)], skip], dim=1)
-        h = self._transformers(blocks, resnet(h, mask, temb), attn_mask)
-        h = up(h * mask)
-        h = self.final_block(h, mask)
+        h = self._transformers(blocks, resnet(h, mask, temb, cache), attn_mask, cache)
+        h = up(h * mask, cache)
+        h = self.final_block(h, mask, cache)
         return self.final_proj(h * mask) * mask

@@ -1,18 +1,17 @@
-"""Triton model `token2wav`: flat speech ids + prompt -> 24 kHz audio chunk, stateless.
+"""Triton model `token2wav`: flat speech ids + prompt -> 24 kHz audio chunk.
 
-Thin adapter over cosyvoice_token2wav.runner.Token2WavRunner: the vocoder overlap cache (mel frames, source
-and speech tails) arrives as input tensors and leaves as output tensors, so any replica serves any chunk
-and a cancelled stream leaves nothing behind. Without `token_offset` the call is offline (one pass).
-With `seed` the vocoder's source noise is drawn from a generator seeded by `chunk_seed(seed, token_offset)`
-(the same request replayed gives the same audio, on any replica); without it, from the process RNG.
-`speed` (offline calls only) stretches the final mel linearly in time to int(frames / speed) before the
-vocoder, as the reference does.
-The dynamic batch (streaming chunks and offline calls mixed) runs as length-grouped padded batches, groups
-holding a stream's first chunk first (Token2WavRunner.schedule); each group is answered through the
-requests' response senders as soon as it is done, so a first chunk never waits for a long final chunk of
-the same batch. Each request's failure answers only that request. On a GPU the flow runs in bfloat16
-(`dtype` auto), each Euler step compiled (`compile` auto), and every graph bucket is compiled and captured
-in initialize(), before the stage reports ready; no request ever captures or compiles.
+Thin adapter over cosyvoice_token2wav.engine.Token2WavEngine. `execute` parses each request
+(cosyvoice_token2wav.request, the stage's one parser), submits it to the engine and returns at once; the
+engine's loop answers each request through its response sender when its audio is ready (one final response per
+request: the model is not decoupled, so a client makes a plain unary call). New chunks join the running ones
+between Euler steps, and a stream's first chunk never waits for more than one step of other work.
+
+Calls stay self-contained: the vocoder overlap cache travels in and out with each chunk, and every streaming call
+carries the whole token prefix, so any replica can serve any call. The state cache (`stream_cache_gib`) only
+saves work: a streaming call whose earlier blocks a previous call of the same stream (or a `prefill` of the same
+prompt) left on this instance computes only its new frames; anywhere else it computes them all, with the same
+output. On a GPU the flow runs in bfloat16 (`dtype` auto) and HiFT's graphs are captured in initialize(), before
+the stage reports ready.
 """
 from __future__ import annotations
 
@@ -20,40 +19,37 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from cosyvoice_common.constants import MEL_BINS, SPEECH_ID_OFFSET, SPEED_NEUTRAL
+from cosyvoice_common.constants import MEL_BINS
 from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.settings import parse_flag
+from cosyvoice_common.stage_params import stream_cache_bytes
 from cosyvoice_common.triton_io import error_response, from_triton, get_parameter, send_outputs
-from cosyvoice_token2wav.runner import (CHUNK_KINDS, COMPILE_MODES, ChunkRequest, ChunkResult, GroupTiming,
-                                        Token2WavRunner, chunk_seed)
+from cosyvoice_token2wav.engine import CallStats, Token2WavEngine
+from cosyvoice_token2wav.request import parse_chunk_request
+from cosyvoice_token2wav.sequence import CHUNK_KINDS, ChunkResult
 from cosyvoice_token2wav.token2wav import VocoderCache
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_OFF = ("off", "0", "false", "no")
 
 
 @dataclass(frozen=True, slots=True)
 class Token2WavStageConfig:
-    """config.pbtxt parameters (filled from cosyvoice_common.stage_params.Token2WavParams). dtype: auto = bfloat16 flow on CUDA (it holds the quality gate against
-    float32, cosyvoice_token2wav.quality), float32 on CPU (the reference's numerics; HiFT is always float32).
-    compile: auto = on with CUDA graphs, off otherwise; on = Inductor's default mode; or a mode of
-    COMPILE_MODES. padding_budget: Token2WavRunner.schedule's bound on length padding."""
+    """config.pbtxt parameters (filled from cosyvoice_common.stage_params.Token2WavParams). dtype: auto = bfloat16
+    flow on CUDA (it holds the quality gate against float32, cosyvoice_token2wav.quality), float32 on CPU (the
+    reference's numerics; HiFT is always float32). stream_cache_bytes: the state cache's budget (0 = off)."""
     model_dir: Path
     device: str
     flow_dtype: torch.dtype
     cuda_graphs: bool
-    compile_mode: str | None
     padding_budget: float
+    stream_cache_bytes: int
 
     def __post_init__(self) -> None:
         if self.cuda_graphs and torch.device(self.device).type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
-        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile must be auto, on, off or one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.padding_budget < 1.0:
             raise ValueError(f"padding_budget must be >= 1, got {self.padding_budget}")
 
@@ -67,85 +63,24 @@ class Token2WavStageConfig:
         if dtype_name not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {list(_DTYPES)}, got {dtype_name!r}")
         graphs = cuda and get_parameter(model_config, "cuda_graphs", lambda text: parse_flag(text, "cuda_graphs"))
-        compile_name = get_parameter(model_config, "compile")
-        if compile_name == "auto":
-            compile_name = "on" if graphs else "off"
-        compile_mode = None if compile_name in _OFF else ("default" if compile_name == "on" else compile_name)
-        return cls(Path(get_parameter(model_config, "model_dir")), device, _DTYPES[dtype_name], graphs, compile_mode,
-                   get_parameter(model_config, "padding_budget", float))
+        cache_bytes = stream_cache_bytes(get_parameter(model_config, "stream_cache_gib"), device)
+        return cls(Path(get_parameter(model_config, "model_dir")), device, _DTYPES[dtype_name], graphs,
+                   get_parameter(model_config, "padding_budget", float), cache_bytes)
 
 
-def _input(request, name: str) -> np.ndarray | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else from_triton(tensor)
-
-
-def _one(array: np.ndarray, name: str) -> np.ndarray:
-    if array.shape[0] != 1:
-        raise ValueError(f"{name}: send one utterance per request (batch {array.shape[0]})")
-    return array[0]
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkCall:
-    tokens: torch.Tensor           # [1, T] speech codes
-    prompt_tokens: torch.Tensor    # [1, Tp]
-    prompt_feat: torch.Tensor      # [1, 2 Tp, 80]
-    embedding: torch.Tensor        # [1, 192]
-    token_offset: int
-    finalize: bool
-    streaming: bool
-    cache: VocoderCache | None
-    seed: int | None               # this chunk's source-noise seed; None = the process RNG
-    speed: float                   # offline only; SPEED_NEUTRAL otherwise
-
-    @classmethod
-    def from_request(cls, request) -> "ChunkCall":
-        codes = _one(_input(request, "target_speech_tokens"), "target_speech_tokens").astype(np.int64) - SPEECH_ID_OFFSET
-        prompt_codes = _one(_input(request, "prompt_speech_tokens"), "prompt_speech_tokens").astype(np.int64) - SPEECH_ID_OFFSET
-        if codes.size == 0 or codes.min() < 0 or (prompt_codes.size and prompt_codes.min() < 0):
-            raise ValueError(f"speech token ids must be flat ids >= {SPEECH_ID_OFFSET} (code + offset)")
-        offset = _input(request, "token_offset")
-        finalize = _input(request, "finalize")
-        if offset is None:   # offline: one flow pass, one vocoder pass
-            token_offset, is_final, streaming = 0, True, False
-        else:
-            token_offset = int(offset.reshape(-1)[0])
-            is_final = bool(finalize.reshape(-1)[0]) if finalize is not None else False
-            streaming = not is_final
-        cache = None
-        if token_offset > 0:
-            mel, source, speech = (_input(request, n) for n in ("cache_mel", "cache_source", "cache_speech"))
-            if mel is None or source is None or speech is None:
-                raise ValueError("a chunk after the first (token_offset > 0) needs cache_mel, cache_source, cache_speech")
-            cache = VocoderCache(mel=torch.from_numpy(_one(mel, "cache_mel")[None].copy()),
-                                 source=torch.from_numpy(_one(source, "cache_source")[None, None].copy()),
-                                 speech=torch.from_numpy(_one(speech, "cache_speech")[None].copy()))
-        seed = _input(request, "seed")
-        if seed is not None:
-            seed = _one(seed, "seed").reshape(-1)
-            if seed.size != 1:
-                raise ValueError(f"seed must hold one value, got {seed.size}")
-            seed = chunk_seed(int(seed[0]), token_offset)
-        speed = _input(request, "speed")
-        if speed is None:
-            speed = SPEED_NEUTRAL
-        else:
-            speed = _one(speed, "speed").reshape(-1)
-            if speed.size != 1:
-                raise ValueError(f"speed must hold one value, got {speed.size}")
-            speed = float(speed[0])
-            if speed != SPEED_NEUTRAL and offset is not None:
-                raise ValueError("speed applies to offline calls only (without token_offset), as in the reference")
-        feat = _one(_input(request, "prompt_speech_feat"), "prompt_speech_feat")
-        embedding = _one(_input(request, "prompt_spk_embedding"), "prompt_spk_embedding")
-        return cls(torch.from_numpy(codes[None].copy()), torch.from_numpy(prompt_codes[None].copy()),
-                   torch.from_numpy(feat[None].copy()), torch.from_numpy(embedding.reshape(1, -1).copy()),
-                   token_offset, is_final, streaming, cache, seed, speed)
+def _tensors(request) -> dict:
+    """The request's inputs as numpy arrays (copies: they outlive the request), Triton's batch dim of 1 removed."""
+    tensors = {}
+    for tensor in request.inputs():
+        array = from_triton(tensor)
+        if array.shape[0] != 1:
+            raise ValueError(f"{tensor.name()}: send one utterance per request (batch {array.shape[0]})")
+        tensors[tensor.name()] = array[0]
+    return tensors
 
 
 def chunk_outputs(wav: torch.Tensor, cache: VocoderCache | None) -> dict[str, torch.Tensor]:
-    if cache is None:   # after the final chunk: empty caches, same ranks
+    if cache is None:   # after the final chunk (and for a prefill): empty caches, same ranks
         mel, source, speech = torch.zeros(1, MEL_BINS, 0), torch.zeros(1, 0), torch.zeros(1, 0)
     else:
         mel, source, speech = cache.mel, cache.source.reshape(1, -1), cache.speech.reshape(1, -1)
@@ -153,27 +88,42 @@ def chunk_outputs(wav: torch.Tensor, cache: VocoderCache | None) -> dict[str, to
     return {name: t.float() for name, t in outputs.items()}   # all float32
 
 
-class _KindMetrics:
-    """Per chunk kind (first/middle/final/offline): chunks answered, in-stage wait (from execute() to the
-    start of the chunk's group; Triton's own queue is nv_inference_queue_duration_us) and compute ms."""
+class _Metrics:
+    """Per chunk kind (prefill/first/middle/final/offline): calls answered, wait in the engine (submitted ->
+    admitted; Triton's own queue is nv_inference_queue_duration_us) and compute ms (admitted -> answered);
+    flow frames computed and read from the state cache; the bytes the state cache holds."""
 
     def __init__(self, labels: dict[str, str]) -> None:
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         self.families = families = {   # held: a family that is garbage collected takes its metrics along
-            "chunks": pb_utils.MetricFamily(name="token2wav_chunks", description="token2wav chunks answered",
-                                            kind=pb_utils.MetricFamily.COUNTER),
+            "chunks": pb_utils.MetricFamily(name="token2wav_chunks", description="token2wav calls answered",
+                                            kind=counter),
             "wait": pb_utils.MetricFamily(name="token2wav_chunk_wait_ms",
-                                          description="ms a chunk waited inside execute() for its group to start",
-                                          kind=pb_utils.MetricFamily.COUNTER),
+                                          description="ms a call waited in the engine before its encoder ran",
+                                          kind=counter),
             "compute": pb_utils.MetricFamily(name="token2wav_chunk_compute_ms",
-                                             description="ms of compute of the group that answered a chunk",
-                                             kind=pb_utils.MetricFamily.COUNTER)}
-        self.metrics = {(name, kind): family.Metric(labels={**labels, "kind": kind})
-                        for name, family in families.items() for kind in CHUNK_KINDS}
+                                             description="ms from a call's admission to its answer", kind=counter),
+            "computed": pb_utils.MetricFamily(name="token2wav_flow_frames_computed",
+                                              description="mel frames the flow computed (each through every "
+                                                          "Euler step)", kind=counter),
+            "reused": pb_utils.MetricFamily(name="token2wav_flow_frames_reused",
+                                            description="mel frames read from the state cache instead of computed",
+                                            kind=counter),
+            "held": pb_utils.MetricFamily(name="token2wav_stream_state_bytes",
+                                          description="device bytes held by the state cache's blocks", kind=gauge)}
+        self.kinds = {(name, kind): families[name].Metric(labels={**labels, "kind": kind})
+                      for name in ("chunks", "wait", "compute") for kind in CHUNK_KINDS}
+        self.computed = families["computed"].Metric(labels=labels)
+        self.reused = families["reused"].Metric(labels=labels)
+        self.held = families["held"].Metric(labels=labels)
 
-    def record(self, kind: str, timing: GroupTiming) -> None:
-        self.metrics[("wait", kind)].increment(timing.wait_ms)
-        self.metrics[("compute", kind)].increment(timing.compute_ms)
-        self.metrics[("chunks", kind)].increment(1)    # last: a reader that sees the count sees its ms too
+    def record(self, stats: CallStats, bytes_held: int) -> None:
+        self.kinds[("wait", stats.kind)].increment(stats.wait_ms)
+        self.kinds[("compute", stats.kind)].increment(stats.compute_ms)
+        self.computed.increment(stats.frames_computed)
+        self.reused.increment(stats.frames_reused)
+        self.held.set(bytes_held)
+        self.kinds[("chunks", stats.kind)].increment(1)   # last: a reader that sees the count sees its ms too
 
 
 class TritonPythonModel:
@@ -181,59 +131,40 @@ class TritonPythonModel:
         install_stack_dumps()
         model_config = json.loads(args["model_config"])
         self.config = cfg = Token2WavStageConfig.from_model_config(model_config)
-        self.runner = Token2WavRunner(cfg.model_dir, torch.device(cfg.device), cfg.flow_dtype,
-                                      use_cuda_graphs=cfg.cuda_graphs,
+        self.engine = Token2WavEngine(cfg.model_dir, torch.device(cfg.device), cfg.flow_dtype,
+                                      cache_bytes=cfg.stream_cache_bytes,
                                       max_batch=max(1, int(model_config.get("max_batch_size", 0) or 1)),
-                                      compile_estimator=cfg.compile_mode is not None,
-                                      compile_mode=cfg.compile_mode or "default", capture_on_demand=False,
-                                      padding_budget=cfg.padding_budget)
-        # every graph bucket compiled and captured now: the stage is ready only after this
-        self.runner.capture_all(log=lambda msg: pb_utils.Logger.log_info(f"{msg}; flow {cfg.flow_dtype}"))
-        self.kind_metrics = _KindMetrics({"model": args["model_name"], "version": args["model_version"]})
+                                      padding_budget=cfg.padding_budget, use_cuda_graphs=cfg.cuda_graphs)
+        # every graph bucket captured now: the stage is ready only after this
+        self.engine.capture_graphs(log_line=lambda msg: pb_utils.Logger.log_info(f"{msg}; flow {cfg.flow_dtype}"))
+        self.metrics = _Metrics({"model": args["model_name"], "version": args["model_version"]})
+        self.engine.start()
 
     def execute(self, requests):
-        """Answers every request through its response sender (one final response each) and returns None."""
+        """Submits every request to the engine and returns None; each is answered through its response sender."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        senders = [request.get_response_sender() for request in requests]
-        answered = [False] * len(requests)
-
-        def answer(i: int, outputs: dict | None = None, exc: BaseException | None = None) -> None:
-            if answered[i]:
-                return
-            answered[i] = True
-            if exc is not None:
-                senders[i].send(error_response(exc), flags=final)
-            else:   # only the outputs the client asked for, held past send(): see triton_io.send_outputs
-                send_outputs(senders[i], outputs, frozenset(requests[i].requested_output_names()), flags=final)
-
-        calls: list[tuple[int, ChunkRequest]] = []
-        for i, request in enumerate(requests):
+        for request in requests:
+            sender = request.get_response_sender()
             try:
-                call = ChunkCall.from_request(request)
-                calls.append((i, ChunkRequest(tokens=call.tokens, prompt_tokens=call.prompt_tokens,
-                                              prompt_feat=call.prompt_feat, embedding=call.embedding,
-                                              token_offset=call.token_offset, finalize=call.finalize,
-                                              streaming=call.streaming, cache=call.cache, seed=call.seed,
-                                              speed=call.speed)))
+                wanted = frozenset(request.requested_output_names())
+                call = parse_chunk_request(_tensors(request))
             except Exception as exc:  # noqa: BLE001 - a malformed request answers only itself
-                answer(i, exc=exc)
+                sender.send(error_response(exc), flags=final)
+                continue
 
-        def on_group(indices: list[int], results: list[ChunkResult], timing: GroupTiming) -> None:
-            for j, res in zip(indices, results):
-                i, call = calls[j]
+            def on_done(result: ChunkResult, stats: CallStats, sender=sender, wanted=wanted) -> None:
                 try:
-                    if res.error is not None:
-                        answer(i, exc=res.error)
-                    else:   # answered first: the metric IPCs never delay a chunk (a reader may see them late)
-                        answer(i, chunk_outputs(res.waveform, res.cache))
-                        self.kind_metrics.record(call.kind, timing)
+                    if result.error is not None:
+                        sender.send(error_response(result.error), flags=final)
+                        return
+                    # answered first: the metric IPCs never delay a chunk (a reader may see them late)
+                    send_outputs(sender, chunk_outputs(result.waveform, result.cache), wanted, flags=final)
+                    self.metrics.record(stats, self.engine.cache.bytes_held)
                 except Exception as exc:  # noqa: BLE001 - a failed send concerns only its own request
-                    pb_utils.Logger.log_error(f"token2wav: answering request {i} failed: {exc}")
+                    pb_utils.Logger.log_error(f"token2wav: answering a {stats.kind} call failed: {exc}")
 
-        if calls:
-            try:
-                self.runner.run_chunks([c for _, c in calls], on_group=on_group)
-            except Exception as exc:  # noqa: BLE001 - a failed group answers each request not yet answered
-                for i, _ in calls:
-                    answer(i, exc=exc)
+            self.engine.submit(call, on_done)
         return None
+
+    def finalize(self) -> None:
+        self.engine.stop()

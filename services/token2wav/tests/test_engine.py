@@ -1,11 +1,12 @@
-"""Token2WavRunner on the tiny random model: a padded mixed batch gives each request exactly its own
+"""Token2WavEngine on the tiny random model: a padded mixed batch gives each request exactly its own
 Token2Wav.chunk result (fp32, eager), whatever the order and company; caches stay per request."""
 import pytest
 import torch
 from cosyvoice_tools.modelgen import random_flow_and_hift
 
 from cosyvoice_common.constants import MEL_BINS, SAMPLES_PER_TOKEN, SPEAKER_EMBEDDING_DIM
-from cosyvoice_token2wav.runner import ChunkRequest, Token2WavRunner
+from cosyvoice_token2wav.engine import Token2WavEngine
+from cosyvoice_token2wav.sequence import ChunkRequest
 from cosyvoice_token2wav.token2wav import Token2Wav
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")   # 2 shared CI cores
@@ -90,21 +91,22 @@ def _check(got, want, request=None, t2w=None):
 def test_mixed_batch_matches_each_unbatched_chunk_call(models, mixed):
     flow, hift, t2w = models
     reqs, want = mixed
-    runner = Token2WavRunner((flow, hift), "cpu", torch.float32, use_cuda_graphs=False, max_batch=4)
-    got = runner.run_chunks(reqs, keep_mel=True)
+    engine = Token2WavEngine((flow, hift), "cpu", torch.float32, max_batch=4)
+    got = engine.run_chunks(reqs, keep_mel=True)
     for g, w, r in zip(got, want, reqs):
         _check(g, w, r, t2w)
     # first chunk of 15 + 3 tokens on a 20-token prompt: 15 tokens of audio less the withheld tail
-    assert got[0].waveform.shape[1] == 15 * SAMPLES_PER_TOKEN - runner.config.source_cache_samples
+    assert got[0].waveform.shape[1] == 15 * SAMPLES_PER_TOKEN - engine.config.source_cache_samples
 
 
-def test_graph_bucket_padding_does_not_change_results(models, mixed):
-    """What the CUDA-graph path adds: rows padded to the batch bucket (dummy rows) and lengths to the bucket."""
+def test_hift_bucket_padding_does_not_change_results(models, mixed):
+    """What the CUDA-graph path adds to HiFT: rows padded to the batch bucket (dummy rows) and mel frames to the
+    bucket."""
     flow, hift, _ = models
     reqs, want = mixed
-    runner = Token2WavRunner((flow, hift), "cpu", torch.float32, use_cuda_graphs=False, max_batch=8)
-    runner.pad_to_buckets = True
-    got = runner.run_chunks(reqs, keep_mel=True)     # 3 rows -> 4; tokens and mel frames -> bucket multiples
+    engine = Token2WavEngine((flow, hift), "cpu", torch.float32, max_batch=8)
+    engine.runner.pad_to_buckets = True
+    got = engine.run_chunks(reqs, keep_mel=True)     # 3 rows -> 4; mel frames -> bucket multiples
     for g, w in zip(got, want):
         _check(g, w)
 
@@ -112,9 +114,9 @@ def test_graph_bucket_padding_does_not_change_results(models, mixed):
 def test_request_order_and_batch_split_do_not_change_results(models, mixed):
     flow, hift, _ = models
     reqs, want = mixed
-    runner = Token2WavRunner((flow, hift), "cpu", torch.float32, use_cuda_graphs=False, max_batch=2)
+    engine = Token2WavEngine((flow, hift), "cpu", torch.float32, max_batch=2)
     order = [2, 0, 1]
-    got = runner.run_chunks([reqs[i] for i in order], keep_mel=True)
+    got = engine.run_chunks([reqs[i] for i in order], keep_mel=True)
     for g, i in zip(got, order):
         _check(g, want[i])
 
@@ -123,8 +125,8 @@ def test_caches_are_per_request_and_inputs_untouched(models, mixed):
     flow, hift, _ = models
     reqs, want = mixed
     before = reqs[1].cache.speech.clone()
-    runner = Token2WavRunner((flow, hift), "cpu", torch.float32, use_cuda_graphs=False, max_batch=4)
-    got = runner.run_chunks(reqs)
+    engine = Token2WavEngine((flow, hift), "cpu", torch.float32, max_batch=4)
+    got = engine.run_chunks(reqs)
     assert torch.equal(reqs[1].cache.speech, before)
     assert got[0].cache is not None and got[1].cache is not None and got[2].cache is None
     assert got[0].cache.speech.data_ptr() != got[1].cache.speech.data_ptr()
@@ -136,8 +138,8 @@ def test_invalid_request_fails_only_itself(models, mixed):
     reqs, want = mixed
     bad = ChunkRequest(tokens=reqs[0].tokens, prompt_tokens=reqs[0].prompt_tokens, prompt_feat=reqs[0].prompt_feat,
                        embedding=reqs[0].embedding, token_offset=5, finalize=False, streaming=True, cache=None)
-    runner = Token2WavRunner((flow, hift), "cpu", torch.float32, use_cuda_graphs=False, max_batch=4)
-    got = runner.run_chunks([bad, reqs[2]], keep_mel=True)
+    engine = Token2WavEngine((flow, hift), "cpu", torch.float32, max_batch=4)
+    got = engine.run_chunks([bad, reqs[2]], keep_mel=True)
     assert got[0].error is not None and "cache" in str(got[0].error)
     _check(got[1], want[2])
 
@@ -154,7 +156,7 @@ def test_padded_hift_matches_unpadded_hift(models):
         hift.f0_predictor.classifier.weight.zero_()
         hift.f0_predictor.classifier.bias.fill_(150.0)
     t2w = Token2Wav(flow, hift)
-    runner = Token2WavRunner((flow, hift), "cpu", torch.float32)
+    engine = Token2WavEngine((flow, hift), "cpu", torch.float32)
     g = torch.Generator().manual_seed(0)
     frames, pad = 22, 40
     mel = torch.randn(1, MEL_BINS, frames, generator=g) - 4.0
@@ -177,19 +179,20 @@ def test_padded_hift_matches_unpadded_hift(models):
         rand_ini = torch.rand(2, hift.cfg.n_harmonic_channels, generator=g)
         rand_ini[0] = d.rand_ini[0]
         rand_ini[:, 0] = 0
-        k = runner.config.source_cache_samples
+        k = engine.config.source_cache_samples
         c_src, c_sp = torch.zeros(2, k), torch.zeros(2, k)
         if c is not None:
             c_src[0], c_sp[0] = c.source.reshape(-1), c.speech.reshape(-1)
-        hmeta = torch.tensor([[n, k if c is not None else 0], [mk, 0]])
-        speech, _ = runner._hift_core(hmel, hmeta, c_src, c_sp, rand_ini, noise)
+        frames_in = torch.tensor([[n], [mk]])
+        cached = torch.tensor([[k if c is not None else 0], [0]])
+        speech, _ = engine.runner._hift_joined(hmel, frames_in, c_src, cached, c_sp, rand_ini, noise)
         torch.testing.assert_close(speech[:1, :n * spf], want, atol=ATOL, rtol=0)
 
 
 def test_speed_stretches_the_offline_mel_before_the_vocoder(models, mixed):
     """speed 2 (the reference's offline speed): half the mel frames, half the samples, and the audio is HiFT on the
     speed-1 flow mel interpolated linearly to int(F / 2) frames, with the same source noise; batched with other
-    calls, the runner gives the same."""
+    calls, the engine gives the same."""
     import torch.nn.functional as F
     flow, hift, t2w = models
     reqs, _ = mixed
@@ -205,12 +208,12 @@ def test_speed_stretches_the_offline_mel_before_the_vocoder(models, mixed):
     want, _ = t2w.vocode(stretched, True, None, generator=torch.Generator().manual_seed(offline.seed))
     torch.testing.assert_close(fast, want, atol=0, rtol=0)
 
-    runner = Token2WavRunner((flow, hift), "cpu", torch.float32, use_cuda_graphs=False, max_batch=4)
+    engine = Token2WavEngine((flow, hift), "cpu", torch.float32, max_batch=4)
     slow = ChunkRequest(tokens=offline.tokens, prompt_tokens=offline.prompt_tokens, prompt_feat=offline.prompt_feat,
                         embedding=offline.embedding, seed=offline.seed, speed=0.5)
     quick = ChunkRequest(tokens=offline.tokens, prompt_tokens=offline.prompt_tokens, prompt_feat=offline.prompt_feat,
                          embedding=offline.embedding, seed=offline.seed, speed=2.0)
-    got = runner.run_chunks([reqs[0], quick, slow, reqs[1]])
+    got = engine.run_chunks([reqs[0], quick, slow, reqs[1]])
     assert all(g.error is None for g in got)
     torch.testing.assert_close(got[1].waveform, fast, atol=WAVE_ATOL, rtol=0)
     assert got[2].waveform.shape[1] == 2 * frames * hift.cfg.samples_per_frame
@@ -226,8 +229,8 @@ def test_speed_is_refused_on_streaming_chunks_and_outside_its_range(models, mixe
                             embedding=first.embedding, finalize=False, streaming=True, speed=1.5)
     absurd = ChunkRequest(tokens=offline.tokens, prompt_tokens=offline.prompt_tokens, prompt_feat=offline.prompt_feat,
                           embedding=offline.embedding, speed=0.001)
-    runner = Token2WavRunner((flow, hift), "cpu", torch.float32, use_cuda_graphs=False, max_batch=4)
-    got = runner.run_chunks([streamed, absurd, offline], keep_mel=True)
+    engine = Token2WavEngine((flow, hift), "cpu", torch.float32, max_batch=4)
+    got = engine.run_chunks([streamed, absurd, offline], keep_mel=True)
     assert "offline" in str(got[0].error)
     assert "outside [0.5, 2.0]" in str(got[1].error)
     _check(got[2], want[2])
