@@ -570,15 +570,17 @@ class Pipeline:
         timings.record("token2wav", call)
         return out
 
-    async def _prefill(self, prepared: PreparedRequest, timings: StageTimings) -> None:
+    async def _prefill(self, prepared: PreparedRequest) -> None:
         """The prompt's blocks into the state cache of the replica that will serve the stream, while the LLM
-        decodes. Only saves work: a failure (an older token2wav, a replica going down) is logged and ignored."""
+        decodes. Only saves work: a failure (an older token2wav, a replica going down) is logged and ignored. Off
+        the path to audio, so it is in the stage metrics but not in the request's timings (which add up the
+        calls its audio waited for)."""
         try:
             _, call = await self.stages.token2wav.infer(
                 {"target_speech_tokens": np.zeros(0, np.int32), **await self._prompt_tensors(prepared),
                  PREFILL_INPUT: np.array([True])}, ["waveform"], prepared.request_id, priority=FIRST_CHUNK_PRIORITY,
                 affinity=prepared.stream_key)
-            timings.record("token2wav", call)
+            metrics.observe_stage("token2wav", call.queue_ms, call.compute_ms)
         except Exception as exc:  # noqa: BLE001 - only saves work; the stream's own calls report real failures
             log.debug("request %s: token2wav prefill skipped: %s", prepared.request_id, exc)
 
@@ -628,7 +630,7 @@ class Pipeline:
     async def stream(self, prepared: PreparedRequest, timings: StageTimings) -> AsyncIterator[np.ndarray]:
         """Yield float32 24 kHz chunks as they are produced, segment after segment."""
         validate_speed(prepared.speed, streaming=True)
-        prefill = asyncio.create_task(self._prefill(prepared, timings))
+        prefill = asyncio.create_task(self._prefill(prepared))
         try:
             for segment in prepared.segments:
                 async with contextlib.aclosing(self._segment_stream(prepared, segment, timings)) as chunks:
