@@ -90,7 +90,9 @@ class PagePool:
 
     def __init__(self, layout: PageLayout, n_pages: int, device: torch.device) -> None:
         lo, total = layout, n_pages + 2
-        z = lambda *shape, dtype=lo.dtype: torch.zeros(total, *shape, dtype=dtype, device=device)  # noqa: E731
+        # Uninitialised but for the zero page: a page is written whole (every layer, step and branch of its block)
+        # before it becomes valid, and nothing reads the trash page; zero-filling the budget would cost seconds.
+        z = lambda *shape, dtype=lo.dtype: torch.empty(total, *shape, dtype=dtype, device=device)  # noqa: E731
         # [page, layer, step, k|v, cfg branch, head, frame, dim]
         self.est_kv = z(lo.est_layers, lo.n_steps, 2, 2, lo.est_heads, lo.block_frames, lo.est_head_dim)
         # [page, conv, step, cfg branch, channel, frame]: the block's last input frames of each causal conv
@@ -102,6 +104,8 @@ class PagePool:
         self.enc_tail = z(lo.enc_dims, lo.enc_context_tokens)
         self.mel = z(lo.mel_bins, lo.block_frames, dtype=torch.float32)
         self.trash_page = total - 1
+        for store in (self.est_kv, self.est_tail, self.enc_token_kv, self.enc_frame_kv, self.enc_tail, self.mel):
+            store[NULL_PAGE].zero_()
 
 
 def block_hashes(ids: torch.Tensor, n_blocks: int, embedding: torch.Tensor, prompt_feat: torch.Tensor,
