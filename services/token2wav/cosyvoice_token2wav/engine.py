@@ -101,11 +101,12 @@ class Token2WavEngine:
     def capture_graphs(self, log_line: Callable[[str], None] | None = None) -> float:
         """Capture every CUDA graph bucket now (nothing is captured inside a call); returns the seconds."""
         t0 = time.perf_counter()
-        count = self.runner.capture_hift_graphs()
+        steps = self.runner.capture_step_graphs()
+        hift = self.runner.capture_hift_graphs()
         self.startup_s = time.perf_counter() - t0
         if log_line is not None:
-            log_line(f"token2wav: {count} HiFT graphs ready in {self.startup_s:.1f} s; state cache "
-                     f"{self.cache.n_pages} pages of {self.cache.page_bytes / 2**20:.1f} MiB")
+            log_line(f"token2wav: {steps} Euler-step and {hift} HiFT graphs ready in {self.startup_s:.1f} s; state "
+                     f"cache {self.cache.n_pages} pages of {self.cache.page_bytes / 2**20:.1f} MiB")
         return self.startup_s
 
     def start(self) -> "Token2WavEngine":

@@ -41,6 +41,12 @@ from .token2wav import Token2WavConfig, VocoderCache
 MEL_FRAME_BUCKETS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 _BUCKET_TAIL_STEP = 128
 MAX_GRAPH_MEL_ROWS = 16 * 512        # rows x frames: larger HiFT calls are compute-bound and run eagerly
+# Euler-step graphs: per batch bucket x window blocks x cached blocks (padded up to the bucket: the padding rows
+# and blocks are masked). First and middle chunks have windows of 2-4 blocks over 3-30 s prompts (4-30 blocks);
+# a longer window (final chunks, offline calls) is compute-bound and runs eagerly.
+WINDOW_BLOCK_BUCKETS = (1, 2, 3, 4, 6, 8)
+PAST_BLOCK_BUCKETS = (2, 4, 8, 12, 16, 24, 32)
+MAX_GRAPH_STEP_ROW_FRAMES = 16 * 1600   # rows x (window + cached) frames
 
 
 def bucket(n: int, table: tuple[int, ...]) -> int:
@@ -85,14 +91,27 @@ class _Pages:
     writes: bool             # any page but trash in `write`
 
     @classmethod
-    def of(cls, seqs: list[Sequence], window_blocks: int, trash: int, device: torch.device) -> "_Pages":
-        past_blocks = max(s.cached_blocks for s in seqs)
+    def of(cls, seqs: list[Sequence], window_blocks: int, trash: int, device: torch.device,
+           past_blocks: int | None = None) -> "_Pages":
+        """past_blocks: pad the cached pages to this many (default: the most any row has)."""
+        past_blocks = max(s.cached_blocks for s in seqs) if past_blocks is None else past_blocks
         read = [[NULL_PAGE] * (past_blocks - s.cached_blocks) + s.cached_pages for s in seqs]
         last = [s.cached_pages[-1] if s.cached_pages else NULL_PAGE for s in seqs]
         write = [(s.write_pages + [trash] * window_blocks)[:window_blocks] for s in seqs]
         as_tensor = lambda rows: torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
         return cls(as_tensor(read).view(len(seqs), past_blocks), as_tensor(last), as_tensor(write),
                    any(s.write_pages for s in seqs))
+
+
+def _zero_step_inputs(inputs: tuple[torch.Tensor, ...], trash: int) -> None:
+    """Back to `_step_inputs`' state (a graph's static inputs keep the last call's values)."""
+    x_state, mu, cond, spks, frames, cached, streaming, steps, read, last, write = inputs
+    for t in (x_state, mu, cond, spks, cached, streaming, steps):
+        t.zero_()
+    frames.fill_(1)
+    read.fill_(NULL_PAGE)
+    last.fill_(NULL_PAGE)
+    write.fill_(trash)
 
 
 class _EncoderCache:
@@ -184,7 +203,8 @@ class ModelRunner:
         self.cache = cache
         self.config = config
         self.use_cuda_graphs = use_cuda_graphs
-        # pad HiFT batches to the graph buckets (rows and frames) even when eager: lets CPU tests cover that padding
+        # pad batches to the graph buckets (HiFT rows and frames; Euler-step rows, window and cached blocks) even
+        # when eager: lets CPU tests cover that padding
         self.pad_to_buckets = use_cuda_graphs
         self.max_batch = max_batch
         self.flow = self._prepare_flow(flow, owned)
@@ -202,6 +222,7 @@ class ModelRunner:
         self._fade_in = window[:n].to(device)
         self._fade_out = window[n:].to(device)
         self._hift_graphs = GraphCache()
+        self._step_graphs = GraphCache()
 
     # --- load-time conversion ---------------------------------------------------------------------------
     def _prepare_flow(self, flow: CausalMaskedDiffWithXvec, owned: bool) -> CausalMaskedDiffWithXvec:
@@ -281,43 +302,97 @@ class ModelRunner:
             s.step = 0
 
     # --- one Euler step -------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def step(self, seqs: list[Sequence]) -> None:
-        """One Euler step with CFG for every row, each at its own step: x += dt ((1 + r) v_cond - r v_uncond)."""
-        dev, bf = self.device, self.block_frames
-        b = len(seqs)
-        n_frames = [s.window_frames(bf) for s in seqs]
-        window_blocks = _blocks(max(n_frames), bf)
-        n = window_blocks * bf
-        x = torch.zeros(2 * b, MEL_BINS, n, dtype=self.dtype, device=dev)
-        mu = torch.zeros_like(x)
-        cond = torch.zeros_like(x)
-        spks = torch.zeros(2 * b, MEL_BINS, dtype=self.dtype, device=dev)
-        for row, (s, nf) in enumerate(zip(seqs, n_frames)):
-            x[row, :, :nf] = s.x
-            x[b + row, :, :nf] = s.x
-            mu[row, :, :nf] = s.mu
-            cond[row, :, :nf] = s.cond
-            spks[row] = s.spks
-        steps = torch.tensor([s.step for s in seqs]).to(dev, non_blocking=True)
-        frames = torch.tensor(n_frames).to(dev, non_blocking=True)
-        cached = torch.tensor([s.cached_blocks for s in seqs]).to(dev, non_blocking=True)
-        streaming = torch.tensor([s.plan.streaming for s in seqs]).to(dev, non_blocking=True)
-        pages = _Pages.of(seqs, window_blocks, self.cache.pool.trash_page if self.cache.enabled else 0, dev)
-        cache = _EstimatorCache(self.cache.pool, self.cache.layout, pages, steps) if self._uses_cache(seqs) \
-            else _NoCache()
+    def _step_core(self, x_state: torch.Tensor, mu: torch.Tensor, cond: torch.Tensor, spks: torch.Tensor,
+                   frames: torch.Tensor, cached: torch.Tensor, streaming: torch.Tensor, steps: torch.Tensor,
+                   read: torch.Tensor, last: torch.Tensor, write: torch.Tensor) -> tuple[torch.Tensor]:
+        """One Euler step with CFG on [B] rows padded to a window of whole blocks, all on the device (static shapes:
+        what a CUDA graph captures). x_state [B, 80, N] float32; mu, cond [B, 80, N]; spks [B, 80]; frames, cached,
+        steps [B] (long), streaming [B] (bool); read [B, past blocks], last [B], write [B, window blocks] pages.
+        Returns x_state + dt ((1 + r) v_cond - r v_uncond), each row at its own step."""
+        dev, bf = x_state.device, self.block_frames
+        b, _, n = x_state.shape
+        x = x_state.to(self.dtype).repeat(2, 1, 1)
+        zeros = torch.zeros_like(mu)
+        if self.cache.enabled:
+            cache = _EstimatorCache(self.cache.pool, self.cache.layout, _Pages(read, last, write, True), steps)
+        else:
+            cache = _NoCache()
         frame_mask = (torch.arange(n, device=dev)[None, :] < frames[:, None]).to(self.dtype).unsqueeze(1)
-        allowed = key_mask(cached, pages.read.size(1), frames, n, bf, streaming)
+        allowed = key_mask(cached, read.size(1), frames, n, bf, streaming)
         # additive (0 / -inf) in the compute dtype, built once per step: SDPA would otherwise convert a boolean
         # mask in each attention layer
         bias = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
-        t = self._t[steps].repeat(2)
-        v = self.flow.decoder.estimator(x, frame_mask.repeat(2, 1, 1), mu, t, spks, cond,
+        v = self.flow.decoder.estimator(x, frame_mask.repeat(2, 1, 1), torch.cat([mu, zeros]), self._t[steps].repeat(2),
+                                        torch.cat([spks, torch.zeros_like(spks)]), torch.cat([cond, zeros]),
                                         attn_mask=bias.repeat(2, 1, 1, 1), cache=cache).float()
-        dt = self._dt[steps].view(b, 1, 1)
+        return (x_state + self._dt[steps].view(b, 1, 1) * (self._guided * v[:b] - self._unguided * v[b:]),)
+
+    def _step_inputs(self, bb: int, window_blocks: int, past_blocks: int) -> tuple[torch.Tensor, ...]:
+        """Zeroed inputs of `_step_core` for bb rows; a padding row is one valid frame reading and keeping nothing."""
+        dev, n = self.device, window_blocks * self.block_frames
+        trash = self.cache.pool.trash_page if self.cache.enabled else NULL_PAGE
+        long = dict(dtype=torch.long, device=dev)
+        return (torch.zeros(bb, MEL_BINS, n, dtype=torch.float32, device=dev),
+                torch.zeros(bb, MEL_BINS, n, dtype=self.dtype, device=dev),
+                torch.zeros(bb, MEL_BINS, n, dtype=self.dtype, device=dev),
+                torch.zeros(bb, MEL_BINS, dtype=self.dtype, device=dev),
+                torch.ones(bb, **long), torch.zeros(bb, **long), torch.zeros(bb, dtype=torch.bool, device=dev),
+                torch.zeros(bb, **long), torch.full((bb, past_blocks), NULL_PAGE, **long),
+                torch.full((bb,), NULL_PAGE, **long), torch.full((bb, window_blocks), trash, **long))
+
+    def step_graph_key(self, b: int, window_blocks: int, past_blocks: int) -> tuple[int, int, int] | None:
+        """The graph bucket a step of this size runs in, or None (eager: past the buckets)."""
+        if window_blocks > WINDOW_BLOCK_BUCKETS[-1] or past_blocks > PAST_BLOCK_BUCKETS[-1] or b > self.max_batch:
+            return None
+        return (batch_bucket(b, self.max_batch), bucket(window_blocks, WINDOW_BLOCK_BUCKETS),
+                bucket(past_blocks, PAST_BLOCK_BUCKETS) if past_blocks else 0)
+
+    def step_graph_keys(self) -> list[tuple[int, int, int]]:
+        batches = sorted({batch_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
+        pasts = PAST_BLOCK_BUCKETS if self.cache.enabled else (0,)
+        return [(b, w, p) for b in batches for w in WINDOW_BLOCK_BUCKETS for p in (0, *pasts)
+                if b * (w + p) * self.block_frames <= MAX_GRAPH_STEP_ROW_FRAMES and (p == 0 or p in pasts)]
+
+    def capture_step_graphs(self) -> int:
+        """Capture every Euler-step graph bucket now, largest first (the pool is sized by the first capture)."""
+        if not self.use_cuda_graphs:
+            return 0
+        for key in sorted(set(self.step_graph_keys()), key=lambda k: -k[0] * (k[1] + k[2])):
+            self._step_graphs.get(key, self._step_core, lambda key=key: self._step_inputs(*key))
+        torch.cuda.synchronize(self.device)
+        return len(self._step_graphs)
+
+    @torch.inference_mode()
+    def step(self, seqs: list[Sequence]) -> None:
+        """One Euler step with CFG for every row, each at its own step (`_step_core`); through the step's CUDA
+        graph when one was captured for its bucket."""
+        bf = self.block_frames
+        b = len(seqs)
+        n_frames = [s.window_frames(bf) for s in seqs]
+        window_blocks = _blocks(max(n_frames), bf)
+        past_blocks = max(s.cached_blocks for s in seqs)
+        key = self.step_graph_key(b, window_blocks, past_blocks) if self.pad_to_buckets else None
+        graph = self._step_graphs.lookup(key) if key is not None and self.use_cuda_graphs else None
+        if graph is not None:
+            inputs = graph.inputs
+            _zero_step_inputs(inputs, self.cache.pool.trash_page if self.cache.enabled else NULL_PAGE)
+        else:   # eager, padded to the bucket when bucketing (what the graph would get) or to this batch
+            inputs = self._step_inputs(*(key or (b, window_blocks, past_blocks)))
+        x_state, mu, cond, spks, frames, cached, streaming, steps, read, last, write = inputs
+        host = torch.tensor([[nf, s.cached_blocks, s.plan.streaming, s.step] for s, nf in zip(seqs, n_frames)])
+        for t, col in zip((frames, cached, streaming, steps), host.t().to(self.device, non_blocking=True)):
+            t[:b] = col
+        pages = _Pages.of(seqs, write.size(1), self.cache.pool.trash_page if self.cache.enabled else NULL_PAGE,
+                          self.device, past_blocks=read.size(1))
+        read[:b], last[:b], write[:b] = pages.read, pages.last, pages.write
         for row, (s, nf) in enumerate(zip(seqs, n_frames)):
-            update = self._guided * v[row, :, :nf] - self._unguided * v[b + row, :, :nf]
-            s.x = s.x + dt[row] * update
+            x_state[row, :, :nf] = s.x
+            mu[row, :, :nf] = s.mu
+            cond[row, :, :nf] = s.cond
+            spks[row] = s.spks
+        (x_new,) = graph.replay() if graph is not None else self._step_core(*inputs)
+        for row, (s, nf) in enumerate(zip(seqs, n_frames)):
+            s.x = x_new[row, :, :nf].clone() if graph is not None else x_new[row, :, :nf]
             s.step += 1
 
     # --- HiFT and chunk joining ---------------------------------------------------------------------

@@ -99,9 +99,9 @@ def test_mixed_batch_matches_each_unbatched_chunk_call(models, mixed):
     assert got[0].waveform.shape[1] == 15 * SAMPLES_PER_TOKEN - engine.config.source_cache_samples
 
 
-def test_hift_bucket_padding_does_not_change_results(models, mixed):
-    """What the CUDA-graph path adds to HiFT: rows padded to the batch bucket (dummy rows) and mel frames to the
-    bucket."""
+def test_graph_bucket_padding_does_not_change_results(models, mixed):
+    """What the CUDA-graph path adds: rows padded to the batch bucket (dummy rows); Euler-step windows padded to
+    their block bucket; HiFT mel frames to theirs."""
     flow, hift, _ = models
     reqs, want = mixed
     engine = Token2WavEngine((flow, hift), "cpu", torch.float32, max_batch=8)

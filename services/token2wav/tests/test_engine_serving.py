@@ -205,3 +205,38 @@ def test_hift_graph_buckets_cover_serving_lengths_within_the_pool_bound(models):
     assert len(keys) <= 60
     # HiFT: first chunk (30 new frames), a 25-token hop (8 + 50), a 6 s offline call (300), at B=16
     assert all((16, bucket(m, MEL_FRAME_BUCKETS)) in keys for m in (30, 58, 300))
+
+
+def test_euler_step_graph_buckets_cover_streaming_chunks_within_the_pool_bound(models):
+    from cosyvoice_token2wav.model_runner import MAX_GRAPH_STEP_ROW_FRAMES
+
+    flow, hift = models
+    runner = Token2WavEngine((flow, hift), "cpu", max_batch=16, cache_bytes=1 << 30).runner
+    keys = set(runner.step_graph_keys())
+    assert {b for b, _, _ in keys} == {1, 2, 4, 8, 16}
+    assert all(b * (w + p) * runner.block_frames <= MAX_GRAPH_STEP_ROW_FRAMES for b, w, p in keys)
+    assert len(keys) <= 240
+    # first chunks (window 2-3 blocks) over a 3-10 s prompt (4-15 blocks cached) at B=1..16, and a 30 s prompt at B=1
+    for b in (1, 5, 16):
+        for window, cached in ((2, 4), (3, 15), (4, 6)):
+            assert runner.step_graph_key(b, window, cached) in keys
+    assert runner.step_graph_key(1, 3, 30) in keys
+    assert runner.step_graph_key(1, 14, 0) is None          # a final chunk's full window: eager
+    no_cache = Token2WavEngine((flow, hift), "cpu", max_batch=16).runner
+    assert {p for _, _, p in no_cache.step_graph_keys()} == {0}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_of_steps_and_hift_give_the_eager_results(models, load):
+    """On a GPU: every Euler-step and HiFT graph captured at start-up, then the mixed load and a stream with the
+    state cache through the graphs equal the same engine run eagerly (fp32, TF32 off)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    flow, hift = models
+    graphed = Token2WavEngine((flow, hift), "cuda", torch.float32, max_batch=8, cache_bytes=1 << 30,
+                              use_cuda_graphs=True)
+    graphed.capture_graphs()
+    eager = Token2WavEngine((flow, hift), "cuda", torch.float32, max_batch=8, cache_bytes=1 << 30)
+    assert len(graphed.runner._step_graphs) > 0 and len(graphed.runner._hift_graphs) > 0
+    for got, want in zip(graphed.run_chunks(load, keep_mel=True), eager.run_chunks(load, keep_mel=True)):
+        torch.testing.assert_close(got.mel, want.mel, atol=ATOL, rtol=0)
+        torch.testing.assert_close(got.waveform, want.waveform, atol=WAVE_ATOL, rtol=0)

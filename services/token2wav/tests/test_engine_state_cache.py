@@ -143,11 +143,15 @@ def test_a_voice_s_prompt_blocks_serve_every_stream_with_that_voice_and_no_other
     assert engine.frames_reused == reused
 
 
-def test_streams_of_different_lengths_batched_together_equal_each_alone(models):
-    specs = [(11, 40, 90), (12, 61, 150), (13, 75, 60), (14, 61, 120)]
+@pytest.mark.parametrize("buckets", [False, True], ids=["exact-sizes", "graph-buckets"])
+def test_streams_of_different_lengths_batched_together_equal_each_alone(models, buckets):
+    """graph-buckets: padded as the CUDA graphs are (rows to a power of two, window and cached blocks to their
+    buckets: padding rows, masked blocks, writes of blocks not kept to the trash page)."""
+    specs = [(11, 40, 90), (12, 61, 150), (13, 75, 60)]
     voices = {seed: _voice(seed, n) for seed, n, _ in specs}
     wants = [recomputed(models, voices[seed], _tokens(seed, n_tok)) for seed, _, n_tok in specs]
     engine = Token2WavEngine(models, "cpu", torch.float32, cache_bytes=CACHE_BYTES, max_batch=4)
+    engine.runner.pad_to_buckets = buckets
     streams = [Stream(voices[seed], _tokens(seed, n_tok)) for seed, _, n_tok in specs]
     run_streams(engine, streams, [prefill(voices[seed]) for seed, _, _ in specs[:2]])
     for got, want in zip(streams, wants):
