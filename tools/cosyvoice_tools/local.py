@@ -212,14 +212,6 @@ class _BatchedStage(LocalStage):
         self.batcher.close()
 
 
-def _trimmed(tensors: Mapping[str, np.ndarray], wav: str, length: str) -> np.ndarray:
-    samples = np.asarray(tensors[wav], np.float32).reshape(-1)
-    n = int(np.asarray(tensors[length]).reshape(-1)[0]) if length in tensors else samples.shape[0]
-    if not 0 < n <= samples.shape[0]:
-        raise InvalidRequestError(f"{length}={n} outside [1, {samples.shape[0]}]")
-    return samples[:n]
-
-
 class LocalTokenizer(_BatchedStage):
     name = "tokenizer"
 
@@ -232,9 +224,10 @@ class LocalTokenizer(_BatchedStage):
         self.batcher = _Batcher(self.name, self._run, max_batch)
 
     def _run(self, items: list[dict]) -> list:
+        from cosyvoice_tokenizer.request import parse_prompt
+
         try:
-            wavs = [_trimmed(t, "reference_wav", "reference_wav_len") for t in items]
-            codes = self.tokenizer.tokenize(wavs)
+            codes = self.tokenizer.tokenize([parse_prompt(t) for t in items])
         except Exception:  # noqa: BLE001 - isolate the culprit, as the Triton model does
             if len(items) == 1:
                 raise
@@ -254,19 +247,20 @@ class LocalSpeaker(_BatchedStage):
         self.encoder = SpeakerEncoder(model_dir, backend, device)
         self.batcher = _Batcher(self.name, self._run, max_batch)
 
-    def _mel(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+    def _mel(self, wav_24k: np.ndarray | None) -> np.ndarray:
         from cosyvoice_speaker.features import prompt_mel
 
-        if "reference_wav_24k" not in tensors:
+        if wav_24k is None:
             return np.zeros((0, MEL_BINS), np.float32)
-        wav = _trimmed(tensors, "reference_wav_24k", "reference_wav_24k_len")
-        return prompt_mel(torch.from_numpy(wav.copy()).to(self.device)).float().cpu().numpy()
+        return prompt_mel(torch.from_numpy(wav_24k.copy()).to(self.device)).float().cpu().numpy()
 
     def _run(self, items: list[dict]) -> list:
+        from cosyvoice_speaker.request import parse_speaker_request
+
         try:
-            wavs = [_trimmed(t, "reference_wav", "reference_wav_len") for t in items]
-            mels = [self._mel(t) for t in items]
-            embeddings = np.asarray(self.encoder.embed(wavs), np.float32)
+            parsed = [parse_speaker_request(t) for t in items]
+            mels = [self._mel(p.wav_24k) for p in parsed]
+            embeddings = np.asarray(self.encoder.embed([p.wav_16k for p in parsed]), np.float32)
         except Exception:  # noqa: BLE001
             if len(items) == 1:
                 raise

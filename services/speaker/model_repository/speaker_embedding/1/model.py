@@ -13,30 +13,15 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import MEL_BINS
-from cosyvoice_common.contracts import SPEAKER_INPUTS, SPEAKER_OUTPUTS
+from cosyvoice_common.contracts import SPEAKER_OUTPUTS
 from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.stage_params import PromptStageConfig
-from cosyvoice_common.triton_io import batch_or_each, error_response, from_triton, to_triton
+from cosyvoice_common.triton_io import batch_or_each, error_response, named_inputs, to_triton
 from cosyvoice_speaker import SpeakerEncoder
 from cosyvoice_speaker.features import prompt_mel
+from cosyvoice_speaker.request import parse_speaker_request
 
-WAV, WAV_LEN, WAV_24K, WAV_24K_LEN = (spec.name for spec in SPEAKER_INPUTS)
 EMBEDDING, SPEECH_FEAT = (spec.name for spec in SPEAKER_OUTPUTS)
-
-
-def read_wav(request, name: str, len_name: str) -> np.ndarray | None:
-    """One trimmed prompt per request ([1, L] + [1, 1]); None if the (optional) input is absent."""
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    wav = from_triton(tensor)
-    length = pb_utils.get_input_tensor_by_name(request, len_name)
-    if wav.shape[0] != 1:
-        raise ValueError(f"{name}: send one prompt per request (batch {wav.shape[0]})")
-    n = int(from_triton(length).reshape(-1)[0]) if length is not None else wav.shape[1]
-    if not 0 < n <= wav.shape[1]:
-        raise ValueError(f"{len_name}={n} outside [1, {wav.shape[1]}]")
-    return wav[0, :n]
 
 
 class TritonPythonModel:
@@ -51,10 +36,10 @@ class TritonPythonModel:
         mels: dict[int, np.ndarray] = {}
         for i, request in enumerate(requests):
             try:
-                prompts[i] = read_wav(request, WAV, WAV_LEN)
-                wav_24k = read_wav(request, WAV_24K, WAV_24K_LEN)
-                mels[i] = (np.zeros((0, MEL_BINS), np.float32) if wav_24k is None else
-                           prompt_mel(torch.from_numpy(wav_24k.copy()).to(self.config.device)).float().cpu().numpy())
+                parsed = parse_speaker_request(named_inputs(request))
+                prompts[i] = parsed.wav_16k
+                mels[i] = (np.zeros((0, MEL_BINS), np.float32) if parsed.wav_24k is None else prompt_mel(
+                    torch.from_numpy(parsed.wav_24k.copy()).to(self.config.device)).float().cpu().numpy())
             except Exception as exc:  # noqa: BLE001 - a bad request answers only itself
                 responses[i] = error_response(exc)
                 prompts.pop(i, None)

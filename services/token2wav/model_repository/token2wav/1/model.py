@@ -26,7 +26,7 @@ from cosyvoice_common.constants import MEL_BINS
 from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.settings import parse_flag
 from cosyvoice_common.stage_params import stream_cache_bytes
-from cosyvoice_common.triton_io import error_response, from_triton, get_parameter, send_outputs
+from cosyvoice_common.triton_io import error_response, get_parameter, named_inputs, send_outputs
 from cosyvoice_token2wav.engine import CallStats, Token2WavEngine
 from cosyvoice_token2wav.request import parse_chunk_request
 from cosyvoice_token2wav.sequence import CHUNK_KINDS, ChunkResult
@@ -66,17 +66,6 @@ class Token2WavStageConfig:
         cache_bytes = stream_cache_bytes(get_parameter(model_config, "stream_cache_gib"), device)
         return cls(Path(get_parameter(model_config, "model_dir")), device, _DTYPES[dtype_name], graphs,
                    get_parameter(model_config, "padding_budget", float), cache_bytes)
-
-
-def _tensors(request) -> dict:
-    """The request's inputs as numpy arrays (copies: they outlive the request), Triton's batch dim of 1 removed."""
-    tensors = {}
-    for tensor in request.inputs():
-        array = from_triton(tensor)
-        if array.shape[0] != 1:
-            raise ValueError(f"{tensor.name()}: send one utterance per request (batch {array.shape[0]})")
-        tensors[tensor.name()] = array[0]
-    return tensors
 
 
 def chunk_outputs(wav: torch.Tensor, cache: VocoderCache | None) -> dict[str, torch.Tensor]:
@@ -147,7 +136,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 wanted = frozenset(request.requested_output_names())
-                call = parse_chunk_request(_tensors(request))
+                call = parse_chunk_request(named_inputs(request))
             except Exception as exc:  # noqa: BLE001 - a malformed request answers only itself
                 sender.send(error_response(exc), flags=final)
                 continue

@@ -12,26 +12,14 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import SPEECH_ID_OFFSET
-from cosyvoice_common.contracts import TOKENIZER_INPUTS, TOKENIZER_OUTPUTS
+from cosyvoice_common.contracts import TOKENIZER_OUTPUTS
 from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.stage_params import PromptStageConfig
-from cosyvoice_common.triton_io import batch_or_each, error_response, from_triton, to_triton
+from cosyvoice_common.triton_io import batch_or_each, error_response, named_inputs, to_triton
 from cosyvoice_tokenizer import SpeechTokenizer
+from cosyvoice_tokenizer.request import parse_prompt
 
-WAV, WAV_LEN = (spec.name for spec in TOKENIZER_INPUTS)
 (CODES,) = (spec.name for spec in TOKENIZER_OUTPUTS)
-
-
-def read_prompt(request) -> np.ndarray:
-    """One trimmed 16 kHz prompt per request ([1, L] + [1, 1]); the length trims client zero-padding."""
-    wav = from_triton(pb_utils.get_input_tensor_by_name(request, WAV))
-    wav_len = from_triton(pb_utils.get_input_tensor_by_name(request, WAV_LEN)).reshape(-1)
-    if wav.shape[0] != 1 or wav_len.shape[0] != 1:
-        raise ValueError(f"send one prompt per request (batch {wav.shape[0]})")
-    n = int(wav_len[0])
-    if not 0 < n <= wav.shape[1]:
-        raise ValueError(f"{WAV_LEN}={n} outside [1, {wav.shape[1]}]")
-    return wav[0, :n]
 
 
 class TritonPythonModel:
@@ -45,7 +33,7 @@ class TritonPythonModel:
         prompts: dict[int, np.ndarray] = {}
         for i, request in enumerate(requests):
             try:
-                prompts[i] = read_prompt(request)
+                prompts[i] = parse_prompt(named_inputs(request))
             except Exception as exc:  # noqa: BLE001 - a bad request answers only itself
                 responses[i] = error_response(exc)
         # One batched call; if it fails, each prompt alone, so one bad prompt fails only its request.

@@ -1,0 +1,33 @@
+"""Reading request tensors (pure numpy, no Triton): what the stages' request parsers share.
+
+A stage's parser (`cosyvoice_<stage>.request`) takes its inputs as named arrays without Triton's batch dimension
+(`triton_io.named_inputs` in a Triton model, the gateway's tensors in the in-process line) and refuses a bad one
+with InvalidRequestError, which the gateway maps to INVALID_ARGUMENT.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from cosyvoice_common.errors import InvalidRequestError
+
+
+def trimmed_wav(tensors: Mapping[str, np.ndarray], wav_name: str, len_name: str) -> np.ndarray | None:
+    """A mono prompt cut to its length input (the client may zero-pad); None when `wav_name` is absent. Without
+    the length input the whole array is the prompt."""
+    wav = tensors.get(wav_name)
+    if wav is None:
+        return None
+    samples = np.asarray(wav, np.float32).reshape(-1)
+    length = tensors.get(len_name)
+    if length is None:
+        n = samples.shape[0]
+    else:
+        flat = np.asarray(length).reshape(-1)
+        if flat.size != 1:
+            raise InvalidRequestError(f"{len_name} must hold one value, got {flat.size}")
+        n = int(flat[0])
+    if not 0 < n <= samples.shape[0]:
+        raise InvalidRequestError(f"{len_name}={n} outside [1, {samples.shape[0]}]")
+    return samples[:n]

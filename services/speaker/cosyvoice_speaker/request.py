@@ -1,0 +1,27 @@
+"""The speaker stage's one request parser (Triton model and in-process line)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from cosyvoice_common.contracts import SPEAKER_INPUTS
+from cosyvoice_common.errors import InvalidRequestError
+from cosyvoice_common.inputs import trimmed_wav
+
+WAV, WAV_LEN, WAV_24K, WAV_24K_LEN = (spec.name for spec in SPEAKER_INPUTS)
+
+
+@dataclass(frozen=True, slots=True)
+class SpeakerRequest:
+    wav_16k: np.ndarray              # for the x-vector
+    wav_24k: np.ndarray | None       # for the prompt mel (absent: an empty mel)
+
+
+def parse_speaker_request(tensors: Mapping[str, np.ndarray]) -> SpeakerRequest:
+    """InvalidRequestError names what is wrong."""
+    wav = trimmed_wav(tensors, WAV, WAV_LEN)
+    if wav is None:
+        raise InvalidRequestError(f"{WAV} is required")
+    return SpeakerRequest(wav, trimmed_wav(tensors, WAV_24K, WAV_24K_LEN))
