@@ -20,7 +20,7 @@ help:
 
 venv: $(STAMP) ## create .venv with every dependency (CPU torch)
 
-$(STAMP): requirements.txt requirements-nodeps.txt protos/cosyvoice/v1/tts.proto
+$(STAMP): requirements.txt requirements-nodeps.txt protos/cosyvoice/v1/tts.proto pyproject.toml
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
@@ -28,6 +28,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt protos/cosyvoice/v1/tts.proto
 	$(PY) tools/cosyvoice_tools/fix_torchaudio.py
 	printf '%s\n' $(addprefix $(CURDIR)/,$(PKG_DIRS)) > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/cosyvoice-stack.pth
 	$(MAKE) proto
+	$(PY) -m pip install -q --no-deps .     # the `cosyvoice` console command (pyproject.toml)
 	touch $@
 
 proto: ## generate gRPC code from protos/ into protos/gen (ignored)
@@ -64,9 +65,12 @@ download: $(STAMP) ## fetch + verify the released model into MODEL_DIR (default 
 # to PLACEMENT_DEFAULT_DEVICE, else cuda:0 when torch sees a GPU, else cpu.
 PLACEMENT_VARS = PLACEMENT_FILE PLACEMENT_DEFAULT_DEVICE \
 	$(foreach s,TOKENIZER SPEAKER LLM TOKEN2WAV,$(s)_REPLICAS $(s)_DEVICES $(s)_INSTANCES $(s)_BASE_PORT)
-STACK_ENV = MODEL_SIZE=$(MODEL_SIZE) $(foreach v,$(PLACEMENT_VARS),$(v)="$($(v))")
+# The launcher generates random weights only into the default MODEL_DIR (or with MODEL_GENERATE=1): a MODEL_DIR
+# given on the command line or in the environment that does not exist is an error, not a silent random model.
+USER_MODEL_DIR = $(if $(filter command line environment,$(origin MODEL_DIR)),$(MODEL_DIR),)
+STACK_ENV = MODEL_SIZE=$(MODEL_SIZE) MODEL_DIR="$(USER_MODEL_DIR)" $(foreach v,$(PLACEMENT_VARS),$(v)="$($(v))")
 
-up: $(STAMP) ## start redis + stage servers + gateway (generates MODEL_DIR if missing); e.g. make up TOKEN2WAV_REPLICAS=2
+up: $(STAMP) ## start redis + stage servers + gateway (generates the default tiny model if missing; MODEL_DIR=... must exist unless MODEL_GENERATE=1)
 	$(STACK_ENV) $(PY) -m cosyvoice_tools.stack up
 
 down: ## stop everything `make up` started
