@@ -13,7 +13,7 @@ GOLDEN     ?= data/golden/tiny-seed1
 GOLDEN_SOURCE ?= ../shared/golden/tiny-seed1
 export MODEL_DIR
 
-.PHONY: venv proto model download golden parity test up down logs ps plan bench profile clean help config-docs
+.PHONY: venv proto model download golden parity test up down logs ps plan bench profile clean help config-docs screenshot
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -87,6 +87,10 @@ logs: ## tail the stack's logs (make logs FOLLOW=1 to follow)
 
 config-docs: $(STAMP) ## regenerate docs/CONFIGURATION.md from the configuration classes (a test checks it)
 	$(PY) -m cosyvoice_tools.config_docs
+
+screenshot: $(STAMP) ## docs/images/playground.png: the playground after a synthesis, from its headless-Chromium test
+	PLAYGROUND_SCREENSHOT=docs/images/playground.png $(PY) -m pytest -q -p no:cacheprovider \
+		services/gateway/tests/test_playground_browser.py -k streams_and_plays
 
 PYTEST_ARGS ?=
 test: $(STAMP) golden ## the whole test suite (real tritonserver / redis / gateway processes); PYTEST_ARGS adds options
@@ -213,7 +217,7 @@ seed-bench: $(STAMP) ## run.sh stage 5: gRPC benchmark like client_grpc.py (SEED
 		--manifest-path $(SEED_MANIFEST) --log-dir $(SEED_LOG_DIR)
 
 seed-spk2info: $(STAMP) ## register the fronts' default speaker (SEED_SPEAKER, default 001) through the gateway: PROMPT_WAV=... PROMPT_TEXT=...
-	$(PY) -m cosyvoice_gateway.cli --addr 127.0.0.1:$${GRPC_PORT:-50051} register --speaker $${SEED_SPEAKER:-001} \
+	$(VENV)/bin/cosyvoice voices add $${SEED_SPEAKER:-001} --server 127.0.0.1:$${GRPC_PORT:-50051} \
 		--prompt-wav $(PROMPT_WAV) --prompt-text "$(PROMPT_TEXT)"
 
 # The seed's stage numbers (run.sh 0..5) as aliases of the targets above.

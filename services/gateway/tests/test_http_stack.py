@@ -16,7 +16,7 @@ import tritonclient.grpc as triton_grpc
 
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ, SAMPLES_PER_TOKEN
-from cosyvoice_gateway.testing import prompt_wav_bytes
+from cosyvoice_gateway.testing import prompt_wav_bytes, register_http_voice
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 N_TOKENS = 20           # forced length: first chunk (15 + 3 lookahead) then the final one; fast on CPU
@@ -24,13 +24,8 @@ PCM16_BYTES = 2
 
 
 @pytest.fixture(scope="module")
-def http_url(stack) -> str:
-    url = stack.gateway_http_url
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{url}/healthz").status_code != 200:      # stages ready as seen by the gateway
-        assert time.monotonic() < deadline, "gateway /healthz never became 200"
-        time.sleep(0.2)
-    return url
+def http_url(stack_http_url) -> str:
+    return stack_http_url
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +36,8 @@ def client(http_url) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def voice(http_url) -> str:
     name = f"http-{uuid.uuid4().hex[:8]}"
-    response = httpx.post(f"{http_url}/v1/audio/voices", data={"name": name, "prompt_text": "Hello there."},
-                          files={"audio": ("prompt.wav", prompt_wav_bytes(seed=3), "audio/wav")}, timeout=120)
-    assert response.status_code == 201, response.text
-    assert response.json()["id"] == name and response.json()["prompt_speech_tokens"] > 0
+    registered = register_http_voice(http_url, name, seed=3)
+    assert registered["id"] == name and registered["prompt_speech_tokens"] > 0
     return name
 
 

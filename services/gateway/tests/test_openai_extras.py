@@ -3,7 +3,6 @@ speak with the default voice, in-request cloning (ref_audio/ref_text), SSE strea
 import base64
 import io
 import json
-import time
 
 import av
 import httpx
@@ -21,13 +20,8 @@ FORCED = {"min_speech_tokens": N_TOKENS, "max_speech_tokens": N_TOKENS, "seed": 
 
 
 @pytest.fixture(scope="module")
-def http_url(stack) -> str:
-    url = stack.gateway_http_url
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{url}/readyz").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    return url
+def http_url(stack_http_url) -> str:
+    return stack_http_url
 
 
 @pytest.fixture(scope="module")

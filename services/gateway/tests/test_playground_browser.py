@@ -17,7 +17,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from cosyvoice_common.constants import SAMPLES_PER_TOKEN, TOKEN_FRAME_RATE_HZ
-from cosyvoice_gateway.testing import HOST, free_port, gateway_process, prompt_wav_bytes
+from cosyvoice_gateway.testing import HOST, free_port, gateway_process, prompt_wav_bytes, register_http_voice
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 CHROMIUM = "/usr/bin/chromium"
@@ -44,22 +44,13 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def http_url(stack) -> str:
-    url = stack.gateway_http_url
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{url}/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "gateway never ready"
-        time.sleep(0.2)
-    return url
+def http_url(stack_http_url) -> str:
+    return stack_http_url
 
 
 @pytest.fixture(scope="module")
 def voice(http_url) -> str:
-    name = f"page-{uuid.uuid4().hex[:8]}"
-    reply = httpx.post(f"{http_url}/v1/audio/voices", data={"name": name, "prompt_text": "Hello there."},
-                       files={"audio": ("prompt.wav", prompt_wav_bytes(seed=21), "audio/wav")}, timeout=120)
-    assert reply.status_code == 201, reply.text
-    return name
+    return register_http_voice(http_url, f"page-{uuid.uuid4().hex[:8]}", seed=21)["id"]
 
 
 def _state(driver) -> dict:
