@@ -526,6 +526,6 @@ def random_weights_notice(model_dir: Path) -> str:
     marker = read_generated_marker(model_dir)
     if marker is None:
         return ""
-    return (f"RANDOM WEIGHTS: {model_dir} is a generated {marker.get('size', '')} model, not the released "
-            "CosyVoice2-0.5B, so every voice sounds like noise or babble, not speech. For real speech: "
+    return (f"RANDOM WEIGHTS: the model {Path(model_dir).name} is a generated {marker.get('size', '')} model, not "
+            "the released CosyVoice2-0.5B, so every voice sounds like noise or babble, not speech. For real speech: "
             "`make download`, then `make up MODEL_DIR=models/cosyvoice2-0.5b`.")

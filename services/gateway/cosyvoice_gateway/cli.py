@@ -30,7 +30,7 @@ from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ, SPEED_NEUTRAL
 from cosyvoice_common.stages import GATEWAY_GRPC_PORT, STAGE_NAMES
 
 from cosyvoice_gateway.auth import API_KEY_ENV
-from cosyvoice_gateway.encoding import StreamEncoder, encode_whole
+from cosyvoice_gateway.encoding import StreamEncoder, check_rate, encode_whole
 
 PROG = "cosyvoice"
 SERVER_ENV = "COSYVOICE_SERVER"
@@ -150,6 +150,7 @@ def say(stub, args) -> None:
         raise CliError(f"{fmt} is written whole: drop --stream or use one of {', '.join(STREAMABLE)}")
     if args.output == STDOUT and fmt == "flac":
         raise CliError("flac needs a file (-o FILE.flac); standard output takes wav, pcm, mp3, opus or aac")
+    check_rate(FORMATS[fmt], sample_rate_hz)         # before any synthesis: a pair the encoder cannot write
     out = Output(args.output)
     start = time.perf_counter()
     try:

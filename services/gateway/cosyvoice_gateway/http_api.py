@@ -412,7 +412,7 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
             raise error from exc
         headers = {"X-Sample-Rate": str(prepared.sample_rate_hz), "X-Request-Id": prepared.request_id}
         sse = body.stream_format == "sse"
-        usage = _Usage(pipeline.count_tokens(body.input), timings)
+        usage = _Usage(pipeline.count_tokens(body.input), timings) if sse else None
         if streamed:
             chunks = _encoded_stream(pipeline, prepared, timings, fmt)
             return AudioStreamResponse(_sse_events(chunks, usage) if sse else chunks,

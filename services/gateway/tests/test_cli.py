@@ -139,6 +139,8 @@ def test_errors_are_one_clear_line(server, prompt, tmp_path):
                               server=server), "flac is written whole")
     _one_error_line(cosyvoice("say", SHORT, "-o", out, "--prompt-wav", str(prompt), "--speed", "3", server=server),
                     "speed 3", "[0.5, 2.0]")
+    _one_error_line(cosyvoice("say", SHORT, "-o", str(tmp_path / "x.opus"), "--sample-rate", "44100", "--prompt-wav",
+                              str(prompt), server=server), "opus cannot be encoded at 44100 Hz")
     assert not Path(out).exists()                # a failed request leaves no file behind
 
 

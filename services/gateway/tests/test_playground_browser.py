@@ -22,7 +22,7 @@ from cosyvoice_gateway.testing import HOST, free_port, gateway_process, prompt_w
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROMIUM_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000",
+CHROMIUM_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1180",
                  "--autoplay-policy=no-user-gesture-required",                  # AudioContext runs without a click
                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream")   # a beeping microphone
 TOKENS = 60                  # forced length: 2.4 s of audio in 3 chunks (first chunk, one hop, final)
