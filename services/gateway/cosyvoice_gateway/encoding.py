@@ -69,14 +69,13 @@ class _CodecStream:
         self._container = av.open(self._sink, mode="w", format=container_format, options=options)
         self._stream = self._container.add_stream(encoder, rate=sample_rate_hz, layout="mono")
         self._stream.bit_rate = bit_rate_bps
+        self._frame = av.AudioFrame
         self._sample_rate_hz = sample_rate_hz
         self._samples = 0
 
     def encode(self, wav: np.ndarray) -> bytes:
-        import av
-
         if wav.size:
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wav, np.float32)[None, :], format="flt",
+            frame = self._frame.from_ndarray(np.ascontiguousarray(wav, np.float32)[None, :], format="flt",
                                                layout="mono")
             frame.sample_rate = self._sample_rate_hz
             frame.pts = self._samples

@@ -83,6 +83,7 @@ MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp
 STREAMABLE_FORMATS = ("pcm", "wav", "mp3", "opus", "aac")
 STREAM_FORMATS = ("audio", "sse")
 SSE_MEDIA_TYPE = "text/event-stream"
+PLAYGROUND_FILE = "static/playground.html"      # package data of cosyvoice_gateway, served at /
 # OpenAI's built-in voice names; one not registered here speaks with HttpConfig.openai_voice.
 OPENAI_VOICES = frozenset(("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer",
                            "verse"))
@@ -116,16 +117,17 @@ def _soundfile_formats() -> frozenset[str]:
 def _available_formats() -> tuple[str, ...]:
     """response_format values this process can produce (flac needs libsndfile's FLAC, mp3/opus/aac PyAV's
     encoders)."""
-    codecs = codec_formats_available()
-    flac = "FLAC" in _soundfile_formats()
-    return tuple(f for f in RESPONSE_FORMATS if (f in codecs if f in CODECS else f != "flac" or flac))
+    missing = {f for f in CODECS if f not in codec_formats_available()}
+    if "FLAC" not in _soundfile_formats():
+        missing.add("flac")
+    return tuple(f for f in RESPONSE_FORMATS if f not in missing)
 
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
     max_upload_bytes: int = PROMPT_MAX_BYTES    # a 30 s prompt is ~3 MB as 48 kHz 16-bit WAV
     default_response_format: str = ""           # "" = OpenAI's mp3 when libsndfile has it, else wav
-    formats: tuple[str, ...] = ()               # () = every format libsndfile can write here
+    formats: tuple[str, ...] = ()               # () = every format libsndfile and PyAV can write here
     api_keys: tuple[str, ...] = ()              # the gateway's COSYVOICE_API_KEY; empty = open
     openai_voice: str = DEFAULT_SPEAKER_ID      # the voice OpenAI's names (alloy, ...) speak with
     cors_allow_origins: tuple[str, ...] = ()    # browser origins allowed to call the API; () = CORS off
@@ -572,8 +574,6 @@ async def _encoded_stream(pipeline: Pipeline, prepared, timings: StageTimings, f
     finally:
         await chunks.aclose()                   # on cancel: stops the LLM stream, no further token2wav call
 
-
-PLAYGROUND_FILE = "static/playground.html"
 
 
 def create_app(gateway) -> FastAPI:
