@@ -13,14 +13,14 @@ GOLDEN     ?= data/golden/tiny-seed1
 GOLDEN_SOURCE ?= ../shared/golden/tiny-seed1
 export MODEL_DIR
 
-.PHONY: venv proto model download golden parity test up down logs ps plan bench profile clean help config-docs
+.PHONY: venv proto model download golden parity test up down logs ps plan bench profile clean help config-docs screenshot
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 venv: $(STAMP) ## create .venv with every dependency (CPU torch)
 
-$(STAMP): requirements.txt requirements-nodeps.txt protos/cosyvoice/v1/tts.proto
+$(STAMP): requirements.txt requirements-nodeps.txt protos/cosyvoice/v1/tts.proto pyproject.toml
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
@@ -28,6 +28,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt protos/cosyvoice/v1/tts.proto
 	$(PY) tools/cosyvoice_tools/fix_torchaudio.py
 	printf '%s\n' $(addprefix $(CURDIR)/,$(PKG_DIRS)) > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/cosyvoice-stack.pth
 	$(MAKE) proto
+	$(PY) -m pip install -q --no-deps .     # the `cosyvoice` console command (pyproject.toml)
 	touch $@
 
 proto: ## generate gRPC code from protos/ into protos/gen (ignored)
@@ -64,9 +65,12 @@ download: $(STAMP) ## fetch + verify the released model into MODEL_DIR (default 
 # to PLACEMENT_DEFAULT_DEVICE, else cuda:0 when torch sees a GPU, else cpu.
 PLACEMENT_VARS = PLACEMENT_FILE PLACEMENT_DEFAULT_DEVICE \
 	$(foreach s,TOKENIZER SPEAKER LLM TOKEN2WAV,$(s)_REPLICAS $(s)_DEVICES $(s)_INSTANCES $(s)_BASE_PORT)
-STACK_ENV = MODEL_SIZE=$(MODEL_SIZE) $(foreach v,$(PLACEMENT_VARS),$(v)="$($(v))")
+# The launcher generates random weights only into the default MODEL_DIR (or with MODEL_GENERATE=1): a MODEL_DIR
+# given on the command line or in the environment that does not exist is an error, not a silent random model.
+USER_MODEL_DIR = $(if $(filter command line environment,$(origin MODEL_DIR)),$(MODEL_DIR),)
+STACK_ENV = MODEL_SIZE=$(MODEL_SIZE) MODEL_DIR="$(USER_MODEL_DIR)" $(foreach v,$(PLACEMENT_VARS),$(v)="$($(v))")
 
-up: $(STAMP) ## start redis + stage servers + gateway (generates MODEL_DIR if missing); e.g. make up TOKEN2WAV_REPLICAS=2
+up: $(STAMP) ## start redis + stage servers + gateway (generates the default tiny model if missing; MODEL_DIR=... must exist unless MODEL_GENERATE=1)
 	$(STACK_ENV) $(PY) -m cosyvoice_tools.stack up
 
 down: ## stop everything `make up` started
@@ -83,6 +87,10 @@ logs: ## tail the stack's logs (make logs FOLLOW=1 to follow)
 
 config-docs: $(STAMP) ## regenerate docs/CONFIGURATION.md from the configuration classes (a test checks it)
 	$(PY) -m cosyvoice_tools.config_docs
+
+screenshot: $(STAMP) ## docs/images/playground.png: the playground after a synthesis, from its headless-Chromium test
+	PLAYGROUND_SCREENSHOT=docs/images/playground.png $(PY) -m pytest -q -p no:cacheprovider \
+		services/gateway/tests/test_playground_browser.py -k streams_and_plays
 
 PYTEST_ARGS ?=
 test: $(STAMP) golden ## the whole test suite (real tritonserver / redis / gateway processes); PYTEST_ARGS adds options
@@ -209,7 +217,7 @@ seed-bench: $(STAMP) ## run.sh stage 5: gRPC benchmark like client_grpc.py (SEED
 		--manifest-path $(SEED_MANIFEST) --log-dir $(SEED_LOG_DIR)
 
 seed-spk2info: $(STAMP) ## register the fronts' default speaker (SEED_SPEAKER, default 001) through the gateway: PROMPT_WAV=... PROMPT_TEXT=...
-	$(PY) -m cosyvoice_gateway.cli --addr 127.0.0.1:$${GRPC_PORT:-50051} register --speaker $${SEED_SPEAKER:-001} \
+	$(VENV)/bin/cosyvoice voices add $${SEED_SPEAKER:-001} --server 127.0.0.1:$${GRPC_PORT:-50051} \
 		--prompt-wav $(PROMPT_WAV) --prompt-text "$(PROMPT_TEXT)"
 
 # The seed's stage numbers (run.sh 0..5) as aliases of the targets above.

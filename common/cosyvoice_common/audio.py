@@ -49,8 +49,8 @@ _WAV_HEADER_BYTES = 44
 
 ENCODINGS = ("pcm_s16le", "float32", "wav", "flac", "mp3", "opus")
 # Container formats soundfile/libsndfile writes, and the rates each codec accepts.
-_OPUS_RATES_HZ = (8000, 12000, 16000, 24000, 48000)
-_MP3_RATES_HZ = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+OPUS_RATES_HZ = (8000, 12000, 16000, 24000, 48000)
+MP3_RATES_HZ = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 
 
 class AudioDecodeError(ValueError):
@@ -229,10 +229,10 @@ def encode_audio(wav_24k: np.ndarray, sample_rate_hz: int = OUTPUT_SAMPLE_RATE_H
         raise ValueError(f"unsupported encoding {encoding!r}; expected one of {ENCODINGS}")
     if sample_rate_hz not in SUPPORTED_OUTPUT_RATES_HZ:
         raise ValueError(f"unsupported sample rate {sample_rate_hz} Hz; expected one of {SUPPORTED_OUTPUT_RATES_HZ}")
-    if encoding == "opus" and sample_rate_hz not in _OPUS_RATES_HZ:
-        raise ValueError(f"opus does not support {sample_rate_hz} Hz; use one of {_OPUS_RATES_HZ}")
-    if encoding == "mp3" and sample_rate_hz not in _MP3_RATES_HZ:
-        raise ValueError(f"mp3 does not support {sample_rate_hz} Hz; use one of {_MP3_RATES_HZ}")
+    if encoding == "opus" and sample_rate_hz not in OPUS_RATES_HZ:
+        raise ValueError(f"opus does not support {sample_rate_hz} Hz; use one of {OPUS_RATES_HZ}")
+    if encoding == "mp3" and sample_rate_hz not in MP3_RATES_HZ:
+        raise ValueError(f"mp3 does not support {sample_rate_hz} Hz; use one of {MP3_RATES_HZ}")
     if streaming_header and encoding != "wav":
         raise ValueError("streaming_header applies only to encoding='wav'")
     wav = _resample_output(np.asarray(wav_24k, dtype=np.float32).reshape(-1), sample_rate_hz)

@@ -45,6 +45,8 @@ QWEN2_DIR_NAME = "CosyVoice-BlankEN"
 QWEN2_CONFIG_NAME = "config.json"
 GOLDEN_CONFIG_NAME = "config.json"
 CHECKPOINT_NAMES = (LLM_CHECKPOINT_NAME, FLOW_CHECKPOINT_NAME, HIFT_CHECKPOINT_NAME)
+# Written last by the random-weight generator (cosyvoice_tools.modelgen): its presence = a generated model.
+GENERATED_MARKER_NAME = "GENERATED.json"
 
 # The reference's override for the yaml's empty `qwen_pretrain_path` (CosyVoice2.__init__ does the same).
 QWEN_PRETRAIN_PATH_KEY = "qwen_pretrain_path"
@@ -510,3 +512,20 @@ __all__ = [
     "qwen2_config_of", "model_revision", "model_yaml_text", "write_model_yaml", "strip_to_yaml",
     "add_source_defaults", "find_model_yaml",
 ]
+
+
+def read_generated_marker(model_dir: Path) -> dict[str, Any] | None:
+    """What the generator recorded (size, seed, ...) when `model_dir` holds random weights, else None."""
+    path = Path(model_dir) / GENERATED_MARKER_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def random_weights_notice(model_dir: Path) -> str:
+    """One plain sentence for users when `model_dir` holds generated random weights (empty otherwise): the
+    stack, its log, /v1/models and the playground all show this text."""
+    marker = read_generated_marker(model_dir)
+    if marker is None:
+        return ""
+    return (f"RANDOM WEIGHTS: the model {Path(model_dir).name} is a generated {marker.get('size', '')} model, not "
+            "the released CosyVoice2-0.5B, so every voice sounds like noise or babble, not speech. For real speech: "
+            "`make download`, then `make up MODEL_DIR=models/cosyvoice2-0.5b`.")

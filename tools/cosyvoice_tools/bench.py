@@ -17,6 +17,10 @@ RTF = wall time of the whole level / seconds of audio returned (the seed's defin
 First-chunk latency = first streamed chunk received - request sent (client side).
 `--engine-only` runs the same workload against the in-process pipeline (no servers): a second line
 that shows what the servers and gRPC cost.
+
+Beside the JSON report (`--out run.json`) go the tables (`run.md`) and two plots, one line per mode:
+`run.first-chunk.png` (first-chunk latency p50 and p90 vs concurrency) and `run.throughput.png` (seconds of
+audio per second vs concurrency). `--plot run.json` redraws them from a report, e.g. one a run cut short left.
 """
 from __future__ import annotations
 
@@ -391,14 +395,65 @@ def format_tables(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
+PLOT_DPI = 120
+
+
+def plot_paths(report_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    return report_path.with_suffix(".first-chunk.png"), report_path.with_suffix(".throughput.png")
+
+
+def write_plots(rows: list[dict], title: str, report_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """First-chunk latency (p50 solid, p90 dashed) and audio seconds per second against concurrency, one
+    colour per mode; concurrency on a log2 axis (the sweep doubles it)."""
+    import matplotlib
+    matplotlib.use("Agg")                 # files only, no display
+    import matplotlib.pyplot as plt
+
+    latency_png, throughput_png = plot_paths(report_path)
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    colors = dict(zip(MODES, ("tab:blue", "tab:orange", "tab:green")))
+    concurrencies = sorted({r["concurrency"] for r in rows})
+    for path, ylabel, series in (
+            (latency_png, "first chunk latency (ms)", (("p50", "-"), ("p90", "--"))),
+            (throughput_png, "audio seconds per second", ((None, "-"),))):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for mode in modes:
+            mode_rows = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["concurrency"])
+            xs = [r["concurrency"] for r in mode_rows]
+            for quantile, style in series:
+                ys = [r["first_chunk_ms"][quantile] if quantile else r["audio_s_per_s"] for r in mode_rows]
+                label = f"{mode} {quantile}" if quantile else mode
+                if mode == "offline" and quantile:
+                    label += " (whole utterance)"
+                ax.plot(xs, ys, style, marker="o", color=colors[mode], label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=PLOT_DPI)
+        plt.close(fig)
+    return latency_png, throughput_png
+
+
+def bench_title(args) -> str:
+    kind = "engine-only" if args.engine_only else ("seed client" if args.client == "seed" else "whole stack")
+    return f"{kind}: {args.label}"
+
+
 def write_report(args, rows: list[dict]) -> None:
     if not args.out:
         return
-    report = {"label": args.label, "engine_only": args.engine_only, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "argv": sys.argv, "rows": rows}
+    report = {"label": args.label, "title": bench_title(args), "engine_only": args.engine_only,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "rows": rows}
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(format_tables(rows, report["title"]) + "\n")
 
 
 async def main_async(args) -> int:
@@ -450,17 +505,20 @@ async def main_async(args) -> int:
                     write_report(args, rows)   # after every level: a run cut short keeps what it measured
     finally:
         await driver.close()
-    kind = "engine-only" if args.engine_only else ("seed client" if args.client == "seed" else "whole stack")
-    title = f"{kind}: {args.label}"
+    title = bench_title(args)
     write_report(args, rows)
     print(format_tables(rows, title))
+    if args.out and rows:
+        for path in write_plots(rows, title, pathlib.Path(args.out)):
+            print(f"plot: {path}", file=sys.stderr)
     return 1 if any(r["errors"] for r in rows) else 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--addr", default="127.0.0.1:50051")
-    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--manifest", help="the workload (JSON lines); required unless --plot")
+    parser.add_argument("--plot", metavar="REPORT", help="only redraw the PNGs and tables of a JSON report")
     parser.add_argument("--concurrency", default="1,2,4,8,16,32")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--limit", type=int, default=0, help="use only the first N manifest items")
@@ -480,6 +538,16 @@ def main(argv=None) -> int:
     parser.add_argument("--label", default="")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    if args.plot:
+        report_path = pathlib.Path(args.plot)
+        report = json.loads(report_path.read_text())
+        title = report.get("title") or report.get("label", "")
+        report_path.with_suffix(".md").write_text(format_tables(report["rows"], title) + "\n")
+        for path in write_plots(report["rows"], title, report_path):
+            print(f"plot: {path}")
+        return 0
+    if not args.manifest:
+        parser.error("--manifest is required")
     return asyncio.run(main_async(args))
 
 

@@ -58,7 +58,7 @@ from cosyvoice_common.seed_speakers import (
 
 Shape = tuple[int, ...]
 SIZES = ("tiny", "full")
-MARKER_NAME = "GENERATED.json"
+MARKER_NAME = mc.GENERATED_MARKER_NAME
 SEED_SPEAKER_ID = "001"                    # the seed's default speaker key
 SEED_SPEAKER_TEXT = "Hello, this is a tiny text to speech model."
 SEED_SPEAKER_SECONDS = 3
@@ -658,9 +658,7 @@ def expected_files(model_dir: Path) -> list[Path]:
         [model_dir / mc.QWEN2_DIR_NAME / mc.QWEN2_CONFIG_NAME, model_dir / MARKER_NAME]
 
 
-def read_marker(model_dir: Path) -> dict[str, Any] | None:
-    path = Path(model_dir) / MARKER_NAME
-    return json.loads(path.read_text()) if path.is_file() else None
+read_marker = mc.read_generated_marker
 
 
 def is_complete(model_dir: Path, size: str, seed: int) -> bool:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Mapping
 
 from cosyvoice_common.constants import REDIS_BOUND_ARGS
+from cosyvoice_common.modelconfig import random_weights_notice
 from cosyvoice_common.settings import ConfigError, from_env, knob, template_values
 from cosyvoice_common.stage_params import STAGE_PARAMS, StageParams, stage_params
 from cosyvoice_common.stage_params import env_prefix as stage_params_env_prefix
@@ -195,8 +196,10 @@ class StageLaunchEnv:
 @dataclass(frozen=True, slots=True)
 class StackEnv:
     """What `make up` / `python -m cosyvoice_tools.stack` reads (besides each stage's settings and placement)."""
-    model_dir: str = knob("MODEL_DIR", "", "model directory; generated with random weights if missing "
-                          "(empty = models/cosyvoice2-$MODEL_SIZE)")
+    model_dir: str = knob("MODEL_DIR", "", "model directory (empty = models/cosyvoice2-$MODEL_SIZE, generated with "
+                          "random weights when missing); one that does not exist is an error unless MODEL_GENERATE")
+    model_generate: bool = knob("MODEL_GENERATE", False, "generate random weights into a MODEL_DIR that does not "
+                                "exist (the default directory is generated without it)")
     model_size: str = knob("MODEL_SIZE", "tiny", "size of a generated random-weight model", choices=("tiny", "full"))
     run_dir: str = knob("STACK_RUN_DIR", "run", "where `up` keeps logs, rendered repositories and stack.json")
     redis_port: int = knob("REDIS_PORT", REDIS_PORT, "Redis started by the launcher (0 = a free port)",
@@ -280,6 +283,8 @@ class StackConfig:
             gateway_grpc_port=top.grpc_port,
             gateway_http_port=top.http_port,
             ready_timeout_s=top.ready_timeout_s,
+            # A MODEL_DIR the user named is theirs: a typo there must not quietly become a random model.
+            generate_model=top.model_generate or not top.model_dir,
             model_size=top.model_size,
             seed_front=top.seed_front,
             seed_stream_base_port=top.seed_stream_base_port,
@@ -708,6 +713,7 @@ class Stack:
         lines = ["stack up:"]
         if self._record("gateway"):
             lines.append(f"  gateway   grpc {self.gateway_grpc_url}   http {self.gateway_http_url}")
+            lines.append(f"  playground {self.gateway_http_url}/   (open it in a browser)")
         for spec in STAGES:
             urls = self.stage_grpc_urls(spec.name)
             if urls:
@@ -721,6 +727,9 @@ class Stack:
         if self.redis_url:
             lines.append(f"  redis     {self.redis_url}")
         lines.append(f"  logs      {self.config.run_dir / 'logs'}")
+        notice = random_weights_notice(self.config.model_dir)
+        if notice:     # last, where a user looks: the audio will not be speech
+            lines += ["", notice]
         return "\n".join(lines)
 
     def __enter__(self) -> "Stack":
@@ -771,7 +780,10 @@ def ensure_model_dir(model_dir: Path, size: str, generate: bool, say=print) -> P
     if (model_dir / "cosyvoice2.yaml").exists():
         return model_dir
     if not generate:
-        raise FileNotFoundError(f"model dir {model_dir} is missing (cosyvoice2.yaml)")
+        what = "does not exist" if not model_dir.exists() else "has no cosyvoice2.yaml"
+        raise FileNotFoundError(f"MODEL_DIR {model_dir} {what}: point it at the released model (`make download "
+                                f"MODEL_DIR={model_dir}` fetches it), or set MODEL_GENERATE=1 to generate random "
+                                "weights there")
     say(f"generating a {size} random model into {model_dir} ...")
     # Generate beside and rename: a half-written model dir never looks complete to a parallel run.
     tmp = model_dir.with_name(f".{model_dir.name}.tmp{os.getpid()}")

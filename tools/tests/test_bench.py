@@ -33,7 +33,18 @@ def run_bench(tmp_path: Path, capsys, *extra: str) -> tuple[dict, str]:
                        "--warmup", "1", "--timeout-s", "120", "--out", str(out), *extra])
     printed = capsys.readouterr().out
     assert code == 0, printed
+    check_plots(out)
+    assert out.with_suffix(".md").read_text().startswith("## ")          # the tables beside the JSON
     return json.loads(out.read_text()), printed
+
+
+def check_plots(report: Path) -> None:
+    """Both PNGs beside the report are real images (matplotlib reads them back)."""
+    from matplotlib import image
+
+    for png in bench.plot_paths(report):
+        pixels = image.imread(png)
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0, png
 
 
 def check_report(report: dict, printed: str) -> None:
@@ -70,6 +81,11 @@ def test_engine_only_bench_prints_tables_and_json(tiny_model_dir, tmp_path, caps
     check_report(report, printed)
     assert "## engine-only: tiny-engine" in printed
     assert all(r["triton"] == {} for r in report["rows"])
+    out = tmp_path / "bench.json"                   # --plot redraws the PNGs of a report (e.g. a run cut short)
+    for png in bench.plot_paths(out):
+        png.unlink()
+    assert bench.main(["--plot", str(out)]) == 0
+    check_plots(out)
 
 
 @pytest.mark.stack

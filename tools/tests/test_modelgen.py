@@ -100,6 +100,8 @@ def test_tiny_dir_has_the_real_layout(tiny_dir):
     assert mc.strip_to_yaml(cfg)["flow"] == mc.strip_to_yaml(mg.model_config("tiny"))["flow"]
     assert mc.qwen2_config_of(cfg)["vocab_size"] == mg.SIZE_SPECS["tiny"].qwen_vocab_size
     assert len(mc.model_revision(tiny_dir)) == mc.REVISION_HEX_CHARS
+    assert "RANDOM WEIGHTS" in mc.random_weights_notice(tiny_dir)             # said by make up, gateway, playground
+    assert mc.random_weights_notice(tiny_dir / mc.QWEN2_DIR_NAME) == ""       # no marker: not announced
 
 
 def test_checkpoints_are_float32_with_a_tied_lm_head(tiny_dir):

@@ -4,18 +4,27 @@ Served by the gateway process on HTTP_PORT, in the same asyncio loop as gRPC and
 `Pipeline` (stage clients, spk2info cache, named-voice registry in Redis), so a voice registered
 through gRPC `RegisterSpeaker` is usable here and the other way round.
 
+    GET    /                         the playground page (static; talks to the API below from the browser)
     POST   /v1/audio/speech          OpenAI `audio.speech.create` (+ our extras, see SpeechRequest)
     GET    /v1/audio/voices          registered voices
     POST   /v1/audio/voices          multipart: name, audio (file), prompt_text
     DELETE /v1/audio/voices/{name}
-    GET    /v1/models                the one model, for clients that list models first
+    GET    /v1/models                the one model (and whether its weights are random), for clients that list
+                                     models first
     GET    /healthz                  200 once every stage has a ready replica, else 503
     GET    /metrics                  Prometheus text of the gateway's registry
 
 Errors are JSON in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx
-status mapped from the pipeline's gRPC status; never a traceback. `stream: true` sends each chunk the
-pipeline produces as soon as it exists (raw 16-bit PCM, or WAV = a header of unknown length then PCM);
-a client that disconnects (streaming or not) cancels the request's stage work.
+status mapped from the pipeline's gRPC status; never a traceback.
+
+Streaming follows OpenAI's endpoint: the body streams by default for every format whose encoder can stream
+(pcm, wav = a header of unknown length then PCM, mp3, opus, aac: encoded incrementally, `encoding.StreamEncoder`),
+each chunk sent as soon as the pipeline produces it; `stream_format: "sse"` sends OpenAI's `speech.audio.delta`
+events and a final `speech.audio.done` (with our per-stage timings beside OpenAI's usage). What cannot stream is
+served whole, not refused: flac, a `speed` other than 1 (CosyVoice2 stretches the whole utterance's mel), or our
+`stream: false` extra. Headers go out with the first chunk, so a request that fails before any audio still gets
+its 4xx/5xx; a failure after that cuts the stream. A client that disconnects (streaming or not) cancels the
+request's stage work.
 """
 from __future__ import annotations
 
@@ -26,16 +35,19 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio
+from cosyvoice_common.audio import PROMPT_MAX_BYTES
+from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ, SUPPORTED_OUTPUT_RATES_HZ
 from cosyvoice_common.spk2info import RegistryUnavailableError, SpeakerInfo
-from cosyvoice_common.stages import DEFAULT_SPEAKER_ID
+from cosyvoice_common.stages import DEFAULT_SPEAKER_ID, STAGE_NAMES
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -45,7 +57,7 @@ from cosyvoice_common.constants import SPEED_NEUTRAL
 from cosyvoice_gateway import metrics
 from cosyvoice_gateway.admission import Admission, HttpAdmission
 from cosyvoice_gateway.auth import HttpApiKey
-from cosyvoice_gateway.encoding import StreamEncoder
+from cosyvoice_gateway.encoding import CODECS, StreamEncoder, check_rate, codec_formats_available, encode_whole
 from cosyvoice_gateway.guards import BodyLimit
 from cosyvoice_gateway.pipeline import (
     Pipeline,
@@ -63,18 +75,19 @@ T = TypeVar("T")
 
 MODEL_ID = "cosyvoice2"
 MODEL_OWNER = "FunAudioLLM"
-# OpenAI's response_format names -> cosyvoice_common.audio encodings, and the Content-Type of each.
-RESPONSE_FORMATS = {"wav": "wav", "pcm": "pcm_s16le", "flac": "flac", "mp3": "mp3", "opus": "opus"}
+# OpenAI's response_format names -> encodings (cosyvoice_common.audio, encoding.CODECS), and the Content-Type of each.
+RESPONSE_FORMATS = {"wav": "wav", "pcm": "pcm_s16le", "flac": "flac", "mp3": "mp3", "opus": "opus", "aac": "aac"}
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg",
-               "opus": "audio/ogg; codecs=opus"}
-# Formats whose bytes can be sent chunk by chunk as produced (a WAV header of unknown length, then PCM).
-STREAMABLE_FORMATS = ("pcm", "wav")
+               "opus": "audio/ogg; codecs=opus", "aac": "audio/aac"}
+# Formats whose bytes can be sent chunk by chunk as produced; flac (libsndfile) is written whole.
+STREAMABLE_FORMATS = ("pcm", "wav", "mp3", "opus", "aac")
 STREAM_FORMATS = ("audio", "sse")
 SSE_MEDIA_TYPE = "text/event-stream"
+PLAYGROUND_FILE = "static/playground.html"      # package data of cosyvoice_gateway, served at /
 # OpenAI's built-in voice names; one not registered here speaks with HttpConfig.openai_voice.
 OPENAI_VOICES = frozenset(("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer",
                            "verse"))
-# OpenAI's default is mp3; libsndfile builds without MP3 (< 1.1) fall back to wav.
+# OpenAI's default is mp3; a process without PyAV's MP3 encoder falls back to wav.
 OPENAI_DEFAULT_FORMAT = "mp3"
 FALLBACK_FORMAT = "wav"
 _DISCONNECT = "http.disconnect"
@@ -102,19 +115,23 @@ def _soundfile_formats() -> frozenset[str]:
 
 
 def _available_formats() -> tuple[str, ...]:
-    """response_format values this process can produce (flac/mp3/opus need libsndfile's codecs)."""
-    containers = _soundfile_formats()
-    needs = {"flac": "FLAC", "mp3": "MP3", "opus": "OGG"}
-    return tuple(f for f in RESPONSE_FORMATS if f not in needs or needs[f] in containers)
+    """response_format values this process can produce (flac needs libsndfile's FLAC, mp3/opus/aac PyAV's
+    encoders)."""
+    missing = {f for f in CODECS if f not in codec_formats_available()}
+    if "FLAC" not in _soundfile_formats():
+        missing.add("flac")
+    return tuple(f for f in RESPONSE_FORMATS if f not in missing)
 
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
     max_upload_bytes: int = PROMPT_MAX_BYTES    # a 30 s prompt is ~3 MB as 48 kHz 16-bit WAV
     default_response_format: str = ""           # "" = OpenAI's mp3 when libsndfile has it, else wav
-    formats: tuple[str, ...] = ()               # () = every format libsndfile can write here
+    formats: tuple[str, ...] = ()               # () = every format libsndfile and PyAV can write here
     api_keys: tuple[str, ...] = ()              # the gateway's COSYVOICE_API_KEY; empty = open
     openai_voice: str = DEFAULT_SPEAKER_ID      # the voice OpenAI's names (alloy, ...) speak with
+    cors_allow_origins: tuple[str, ...] = ()    # browser origins allowed to call the API; () = CORS off
+    model_notice: str = ""                      # said on /v1/models and the playground (random weights)
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1:
@@ -136,10 +153,10 @@ class SpeechRequest(BaseModel):
     input: str
     voice: str = ""                             # a registered voice (POST /v1/audio/voices or gRPC)
     response_format: str | None = None
-    speed: float = SPEED_NEUTRAL               # offline only, within [MIN_SPEED, MAX_SPEED] (the reference's speed)
+    speed: float = SPEED_NEUTRAL               # [MIN_SPEED, MAX_SPEED]; not 1 = served whole (the reference's speed)
     instructions: str = ""                      # OpenAI's voice instructions -> CosyVoice2 instruct2 mode
-    stream: bool = False
     stream_format: str = "audio"                # "audio" = raw bytes; "sse" = OpenAI's speech.audio.delta events
+    stream: bool | None = None                  # extra: unset/true = stream when the format can; false = whole
     ref_audio: str = ""                         # in-request cloning: base64 (or a data: URL) of a prompt file
     ref_text: str = ""                          # its transcript (empty = cross-lingual)
     # --- extras ---
@@ -221,7 +238,8 @@ async def run_unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
 
 class AudioStreamResponse(StreamingResponse):
     """Streams `chunks` as they come; a client disconnect closes the generator (stopping stage work) even
-    while it waits for the next chunk, instead of only noticing at the next write."""
+    while it waits for the next chunk, instead of only noticing at the next write. The status line waits for the
+    first chunk (no byte could go out earlier anyway), so a failure before it is still an HTTP error."""
 
     def __init__(self, chunks: AsyncIterator[bytes], media_type: str, headers: dict[str, str],
                  on_done: Callable[[str], None]) -> None:
@@ -232,8 +250,8 @@ class AudioStreamResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         disconnected = asyncio.ensure_future(_wait_disconnect(receive))
         outcome = "OK"
+        started = False
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             iterator = aiter(self.chunks)
             while True:
                 step = asyncio.ensure_future(anext(iterator))
@@ -247,11 +265,23 @@ class AudioStreamResponse(StreamingResponse):
                     chunk = step.result()
                 except StopAsyncIteration:
                     break
-                except Exception as exc:        # headers are out: the only honest signal left is a cut stream
-                    outcome = _metric_code(_api_error(exc))
+                except Exception as exc:
+                    error = _api_error(exc)
+                    outcome = _metric_code(error)
+                    if not started:
+                        await _error_response(error.status, error.message, error.error_type, error.param,
+                                              error.code)(scope, receive, send)
+                        return
+                    # headers are out: the only honest signal left is a cut stream
                     log.warning("http stream failed after the first byte: %s", exc)
                     return
+                if not started:
+                    await send({"type": "http.response.start", "status": self.status_code,
+                                "headers": self.raw_headers})
+                    started = True
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not started:
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:                         # the socket went away mid-write
             outcome = "CANCELLED"
@@ -271,12 +301,17 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
               admission: Admission | None = None, request_timeout_s: float = 0.0) -> FastAPI:
     """The HTTP app over a shared pipeline; `is_ready()` gates /healthz (the gateway's stage readiness)."""
     config = config or HttpConfig()
+    playground_html = resources.files("cosyvoice_gateway").joinpath(PLAYGROUND_FILE).read_text(encoding="utf-8")
     app = FastAPI(title="CosyVoice2 gateway", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     # A body is the upload plus a little form/JSON around it; anything beyond is refused unparsed.
     app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes + BODY_OVERHEAD_BYTES)
     if admission is not None:      # the gateway's, shared with gRPC
         app.add_middleware(HttpAdmission, admission=admission, request_timeout_s=request_timeout_s)
-    app.add_middleware(HttpApiKey, keys=config.api_keys)     # added last = runs first: no key, no body read
+    app.add_middleware(HttpApiKey, keys=config.api_keys)     # no key, no body read
+    if config.cors_allow_origins:     # outermost: a preflight (no Authorization header) is answered here
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_allow_origins),
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["authorization", "content-type"],
+                           expose_headers=["x-sample-rate", "x-request-id"])
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
@@ -335,35 +370,42 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
                 return {"speaker_id": config.openai_voice}
         return {}
 
-    def check_speech(body: SpeechRequest) -> str:
+    def check_speech(body: SpeechRequest) -> tuple[str, bool]:
+        """The format and whether the audio streams (else: the whole utterance, then sent), or a 400."""
         fmt = body.response_format or config.default_response_format
         if fmt not in config.formats:
             raise ApiError(400, f"response_format {fmt!r} is not supported; use one of {list(config.formats)}",
                            param="response_format")
         try:
-            validate_speed(body.speed, streaming=body.stream or body.stream_format == "sse")
+            validate_speed(body.speed, streaming=False)
         except RequestError as exc:
             raise ApiError(400, exc.message, param="speed") from exc
         if body.stream_format not in STREAM_FORMATS:
             raise ApiError(400, f"stream_format {body.stream_format!r} is not supported; use one of "
                            f"{list(STREAM_FORMATS)}", param="stream_format")
-        if body.stream_format == "sse" and fmt not in STREAMABLE_FORMATS:
-            raise ApiError(400, f"stream_format 'sse' carries {list(STREAMABLE_FORMATS)}, not {fmt!r}",
-                           param="response_format")
-        if body.stream and fmt not in STREAMABLE_FORMATS:
-            raise ApiError(400, f"stream: true supports response_format {list(STREAMABLE_FORMATS)}, not {fmt!r}",
-                           param="response_format")
+        if body.stream_format == "sse" and body.stream is False:
+            raise ApiError(400, "stream_format 'sse' is a stream of events; drop stream: false or use "
+                           "stream_format 'audio'", param="stream")
+        rate_hz = body.sample_rate or OUTPUT_SAMPLE_RATE_HZ
+        if rate_hz in SUPPORTED_OUTPUT_RATES_HZ:       # other rates: the pipeline's own message
+            try:
+                check_rate(fmt, rate_hz)
+            except ValueError as exc:
+                raise ApiError(400, str(exc), param="sample_rate") from exc
         if not body.voice and not body.ref_audio:
             raise ApiError(400, "voice is empty: give a registered voice (GET /v1/audio/voices) or ref_audio",
                            param="voice")
-        return fmt
+        # speed != 1 stretches the whole utterance's mel (the reference's offline-only speed): served whole.
+        streamed = fmt in STREAMABLE_FORMATS and body.stream is not False and body.speed == SPEED_NEUTRAL
+        return fmt, streamed
 
     @app.post("/v1/audio/speech")
     async def speech(body: SpeechRequest, request: Request) -> Response:
-        route = "http.speech.stream" if body.stream else "http.speech"
         timings = StageTimings()
+        route = "http.speech"
         try:
-            fmt = check_speech(body)
+            fmt, streamed = check_speech(body)
+            route = "http.speech.stream" if streamed else route
             synthesis = dataclasses.replace(to_request(body), **await voice_fields(body))
             prepared = await run_unless_disconnected(request.receive, pipeline.prepare(synthesis, timings))
         except Exception as exc:
@@ -371,17 +413,17 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
             finish(route, body.request_id, _metric_code(error), timings)
             raise error from exc
         headers = {"X-Sample-Rate": str(prepared.sample_rate_hz), "X-Request-Id": prepared.request_id}
-        if body.stream_format == "sse":
-            return AudioStreamResponse(_sse_events(_encoded_stream(pipeline, prepared, timings, fmt), timings),
-                                       SSE_MEDIA_TYPE, headers, lambda code: finish(route, prepared.request_id, code,
-                                                                                   timings))
-        if body.stream:
-            return AudioStreamResponse(_encoded_stream(pipeline, prepared, timings, fmt), MEDIA_TYPES[fmt],
-                                       headers, lambda code: finish(route, prepared.request_id, code, timings))
+        sse = body.stream_format == "sse"
+        usage = _Usage(pipeline.count_tokens(body.input), timings) if sse else None
+        if streamed:
+            chunks = _encoded_stream(pipeline, prepared, timings, fmt)
+            return AudioStreamResponse(_sse_events(chunks, usage) if sse else chunks,
+                                       SSE_MEDIA_TYPE if sse else MEDIA_TYPES[fmt], headers,
+                                       lambda code: finish(route, prepared.request_id, code, timings))
         try:
             wav = await run_unless_disconnected(request.receive, pipeline.synthesize(prepared, timings))
-            audio = await asyncio.to_thread(encode_audio, wav, prepared.sample_rate_hz, RESPONSE_FORMATS[fmt])
-        except ValueError as exc:               # a codec/rate pair libsndfile refuses (e.g. opus at 44.1 kHz)
+            audio = await asyncio.to_thread(encode_whole, wav, prepared.sample_rate_hz, RESPONSE_FORMATS[fmt])
+        except ValueError as exc:               # a codec/rate pair the encoder refuses
             finish(route, prepared.request_id, "INVALID_ARGUMENT", timings)
             raise ApiError(400, str(exc), param="sample_rate") from exc
         except Exception as exc:
@@ -389,6 +431,8 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
             finish(route, prepared.request_id, _metric_code(error), timings)
             raise error from exc
         finish(route, prepared.request_id, "OK", timings)
+        if sse:
+            return Response(_sse_delta(audio) + _sse_done(usage), media_type=SSE_MEDIA_TYPE, headers=headers)
         return Response(audio, media_type=MEDIA_TYPES[fmt], headers=headers)
 
     @app.get("/v1/audio/voices")
@@ -432,8 +476,15 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0,
-                                            "owned_by": MODEL_OWNER}]}
+        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": MODEL_OWNER,
+                                            "random_weights": bool(config.model_notice),
+                                            "notice": config.model_notice}]}
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        """The playground: one self-contained page (no asset from the internet), open like /healthz; its API
+        calls carry the key the user types when auth is on."""
+        return HTMLResponse(playground_html)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -458,34 +509,71 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
     return app
 
 
-async def _sse_events(chunks: AsyncIterator[bytes], timings: StageTimings) -> AsyncIterator[bytes]:
+@dataclass(frozen=True, slots=True)
+class _Usage:
+    """What `speech.audio.done` reports: OpenAI's token usage, and our timings (read when the stream ends)."""
+    input_tokens: int
+    timings: StageTimings
+
+
+def timings_json(t: StageTimings) -> dict[str, Any]:
+    """The request's StageTimings (the gRPC message's fields) as JSON."""
+    stages = {name: {"queue_ms": getattr(t, name).queue_ms, "compute_ms": getattr(t, name).compute_ms,
+                     "calls": getattr(t, name).calls} for name in STAGE_NAMES}
+    return {**stages, "cache_hit": t.cache_hit, "first_chunk_ms": t.first_chunk_ms, "total_ms": t.total_ms,
+            "speech_tokens": t.speech_tokens, "audio_seconds": t.audio_seconds}
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def _sse_delta(audio: bytes) -> bytes:
+    return _sse({"type": "speech.audio.delta", "audio": base64.b64encode(audio).decode()})
+
+
+def _sse_done(usage: _Usage) -> bytes:
+    output_tokens = usage.timings.speech_tokens
+    return _sse({"type": "speech.audio.done",
+                 "usage": {"input_tokens": usage.input_tokens, "output_tokens": output_tokens,
+                           "total_tokens": usage.input_tokens + output_tokens},
+                 "timings": timings_json(usage.timings)})
+
+
+async def _sse_events(chunks: AsyncIterator[bytes], usage: _Usage) -> AsyncIterator[bytes]:
     """OpenAI's speech SSE: one `speech.audio.delta` event (base64 audio) per chunk, then `speech.audio.done`."""
-    def event(payload: dict[str, Any]) -> bytes:
-        return b"data: " + json.dumps(payload).encode() + b"\n\n"
     try:
         async for data in chunks:
-            yield event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-        yield event({"type": "speech.audio.done",
-                     "usage": {"input_tokens": 0, "output_tokens": timings.speech_tokens,
-                               "total_tokens": timings.speech_tokens}})
+            yield _sse_delta(data)
+        yield _sse_done(usage)
     finally:
         await chunks.aclose()      # type: ignore[attr-defined]
 
 
 async def _encoded_stream(pipeline: Pipeline, prepared, timings: StageTimings, fmt: str) -> AsyncIterator[bytes]:
-    """Encode each pipeline chunk as it arrives: one soxr stream per request (no clicks at chunk joins)."""
-    encoder = StreamEncoder(prepared.sample_rate_hz, RESPONSE_FORMATS[fmt] if fmt == "wav" else "pcm_s16le")
+    """Encode each pipeline chunk as it arrives: one soxr stream per request (no clicks at chunk joins) and, for
+    mp3/opus/aac, one encoder whose output is sent as soon as the muxer writes it (off the event loop: a codec
+    spends milliseconds per chunk)."""
+    encoding = RESPONSE_FORMATS[fmt]
+    encoder = StreamEncoder(prepared.sample_rate_hz, encoding)
+
+    async def encode(wav: np.ndarray, last: bool = False) -> bytes:
+        if encoding in CODECS:
+            return await asyncio.to_thread(encoder.encode, wav, last)
+        return encoder.encode(wav, last)
+
     chunks = pipeline.stream(prepared, timings)
     try:
         async for wav in chunks:
-            data = encoder.encode(wav)
+            data = await encode(wav)
             if data:
                 yield data
-        tail = encoder.encode(np.zeros(0, np.float32), last=True)
+        tail = await encode(np.zeros(0, np.float32), True)
         if tail:
             yield tail
     finally:
         await chunks.aclose()                   # on cancel: stops the LLM stream, no further token2wav call
+
 
 
 def create_app(gateway) -> FastAPI:
@@ -495,4 +583,4 @@ def create_app(gateway) -> FastAPI:
 
 
 __all__ = ["AudioStreamResponse", "HttpConfig", "SpeechRequest", "build_app", "create_app",
-           "run_unless_disconnected"]
+           "run_unless_disconnected", "timings_json"]

@@ -182,6 +182,7 @@ class StageTimings:
     total_ms: float = 0.0
     speech_tokens: int = 0
     audio_seconds: float = 0.0
+    segments_done: int = 0           # streaming: text segments fully spoken (progress for clients)
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.start_s) * MS_PER_S
@@ -641,6 +642,7 @@ class Pipeline:
                             timings.first_chunk_ms = timings.elapsed_ms()
                         timings.audio_seconds += wav.shape[0] / OUTPUT_SAMPLE_RATE_HZ
                         yield wav
+                timings.segments_done += 1
         finally:
             if not prefill.done():      # its stage call is left to finish (stage_client); stop waiting for it
                 prefill.cancel()

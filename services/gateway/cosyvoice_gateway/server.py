@@ -20,7 +20,8 @@ import grpc
 import numpy as np
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio
-from cosyvoice_common.constants import MAX_NAMED_SPEAKERS
+from cosyvoice_common.constants import MAX_NAMED_SPEAKERS, SPEED_NEUTRAL
+from cosyvoice_common.modelconfig import random_weights_notice
 from cosyvoice_common.seed_speakers import import_model_speakers
 from cosyvoice_common.settings import ConfigError, check_knobs, from_env, knob
 from cosyvoice_common.spk2info import (
@@ -129,6 +130,9 @@ class GatewayConfig:
                                              choices=("", *RESPONSE_FORMATS))
     http_openai_voice: str = knob("HTTP_OPENAI_VOICE", DEFAULT_SPEAKER_ID, "registered voice that OpenAI's "
                                   "voice names (alloy, ...) speak with")
+    cors_allow_origins: tuple[str, ...] = knob("CORS_ALLOW_ORIGINS", (), "browser origins (comma-separated, e.g. "
+                                               "https://app.example.com; * = any) whose pages may call the HTTP "
+                                               "API; empty = CORS off (the playground at / is same-origin)")
     log_level: str = knob("LOG_LEVEL", "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     tls_cert_file: str = knob("TLS_CERT_FILE", "", "PEM certificate chain: TLS on the gRPC and HTTP ports (with "
                               "TLS_KEY_FILE; both empty = plaintext)")
@@ -159,7 +163,12 @@ class GatewayConfig:
     def http_config(self) -> HttpConfig:
         return HttpConfig(max_upload_bytes=self.http_max_upload_bytes,
                           default_response_format=self.http_default_response_format,
-                          api_keys=self.api_keys, openai_voice=self.http_openai_voice)
+                          api_keys=self.api_keys, openai_voice=self.http_openai_voice,
+                          cors_allow_origins=self.cors_allow_origins, model_notice=self.model_notice)
+
+    @property
+    def model_notice(self) -> str:
+        return random_weights_notice(self.model_dir)
 
     def spk2info_config(self) -> Spk2InfoConfig:
         return Spk2InfoConfig(url=self.redis_url, model_revision=self.model_revision, ttl_s=self.cache_ttl_s,
@@ -174,7 +183,7 @@ def to_request(msg: tts_pb2.SynthesizeRequest) -> SynthesisRequest:
         instruct=msg.instruct, sample_rate_hz=msg.sample_rate, request_id=msg.request_id,
         temperature=msg.sampling.temperature, top_p=msg.sampling.top_p, top_k=msg.sampling.top_k,
         seed=msg.sampling.seed, min_speech_tokens=msg.min_speech_tokens, max_speech_tokens=msg.max_speech_tokens,
-        skip_cache=msg.skip_cache, text_frontend=msg.text_frontend)
+        skip_cache=msg.skip_cache, text_frontend=msg.text_frontend, speed=msg.speed or SPEED_NEUTRAL)
 
 
 def encoding_name(encoding: int) -> str:
@@ -244,7 +253,8 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServicer):
             async with contextlib.aclosing(self.pipeline.stream(prepared, timings)) as chunks:
                 async for wav in chunks:
                     yield tts_pb2.AudioChunk(audio=encoder.encode(wav), sample_rate=prepared.sample_rate_hz,
-                                             encoding=proto_encoding, index=index)
+                                             encoding=proto_encoding, index=index, segment=timings.segments_done,
+                                             segments=len(prepared.segments))
                     index += 1
             # The final chunk carries the timings and whatever the resampler still held.
             tail = encoder.encode(np.zeros(0, np.float32), last=True)
@@ -260,7 +270,8 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServicer):
             raise
         self._done("SynthesizeStream", request_id, timings)
         yield tts_pb2.AudioChunk(audio=tail, sample_rate=prepared.sample_rate_hz, encoding=proto_encoding,
-                                 index=index, is_final=True, timings=timings_proto(timings))
+                                 index=index, is_final=True, timings=timings_proto(timings),
+                                 segment=len(prepared.segments) - 1, segments=len(prepared.segments))
 
     @staticmethod
     def _speaker_proto(info) -> tts_pb2.Speaker:
@@ -378,6 +389,8 @@ class Gateway:
         log.info("gateway: gRPC on %s:%d, metrics on %d, model revision %s, %s", self.config.host, self.port,
                  self.config.metrics_port, self.config.model_revision,
                  "TLS on gRPC and HTTP" if self.config.tls else "plaintext")
+        if notice := self.config.model_notice:
+            log.warning("gateway: %s", notice)
 
     async def stop(self) -> None:
         for task in self._tasks:

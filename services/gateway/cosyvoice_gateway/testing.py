@@ -49,6 +49,16 @@ def prompt_wav_bytes(seconds: float = 2.0, sample_rate_hz: int = 16000, seed: in
 
 
 
+def register_http_voice(http_url: str, name: str, seed: int, prompt_text: str = "Hello there.") -> dict:
+    """POST /v1/audio/voices with a synthetic prompt; the registered voice's JSON (asserts 201)."""
+    import httpx
+
+    response = httpx.post(f"{http_url}/v1/audio/voices", data={"name": name, "prompt_text": prompt_text},
+                          files={"audio": ("prompt.wav", prompt_wav_bytes(seed=seed), "audio/wav")}, timeout=120)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
 def silent_flac(minutes: int, sample_rate_hz: int = 48000) -> bytes:
     """A decode bomb: `minutes` of silence compress to ~10 kB a minute of FLAC and decode to 11 MB a minute."""
     buf = io.BytesIO()

@@ -104,7 +104,7 @@ def test_the_request_deadline_bounds_the_stage_calls(timed_gateway):
     addr, url = timed_gateway
     response = httpx.post(f"{url}/v1/audio/speech", timeout=None, json={
         "model": "cosyvoice2", "input": "Hello there.", "voice": "001", "response_format": "wav",
-        "min_speech_tokens": HELD_TOKENS, "max_speech_tokens": HELD_TOKENS})
+        "stream": False, "min_speech_tokens": HELD_TOKENS, "max_speech_tokens": HELD_TOKENS})
     assert response.status_code == 504, response.text
     with grpc.insecure_channel(addr) as channel:
         stub = tts_pb2_grpc.TextToSpeechStub(channel)

@@ -24,7 +24,7 @@ import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
-from cosyvoice_common.constants import SAMPLES_PER_TOKEN, SPEECH_ID_OFFSET
+from cosyvoice_common.constants import MEL_HOP_SAMPLES, SAMPLES_PER_TOKEN, SPEECH_ID_OFFSET, TOKEN_MEL_RATIO
 from cosyvoice_gateway.testing import TEST_STAGE_TIMEOUT_S, free_port, prompt_wav_bytes
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -232,6 +232,32 @@ def test_seeded_streams_repeat_within_the_proto_bound_alone_or_together(gateway)
             assert got.shape == want.shape == (120 * SAMPLES_PER_TOKEN,), f"run {run}"
             np.testing.assert_allclose(got, want, **SEEDED_REPEAT, err_msg=f"run {run}")
             assert np.linalg.norm(got - want) <= 2e-3 * np.linalg.norm(want)
+
+
+def test_speed_stretches_an_offline_utterance_and_a_stream_refuses_it(gateway):
+    """gRPC `speed` (0 = 1.0) is the reference's: the whole utterance's mel stretched to int(2 T / speed) frames."""
+    for speed in (2.0, 0.5):
+        reply = asyncio.run(_unary(gateway.addr, _request(speed=speed, voice_seed=4)))
+        assert len(reply.audio) == int(N_TOKENS * TOKEN_MEL_RATIO / speed) * MEL_HOP_SAMPLES * 2   # 16-bit PCM
+    default = asyncio.run(_unary(gateway.addr, _request(voice_seed=4)))
+    assert len(default.audio) == N_TOKENS * SAMPLES_PER_TOKEN * 2
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(_stream(gateway.addr, _request(speed=2.0, voice_seed=4)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs offline synthesis" in info.value.details()
+
+
+def test_stream_chunks_say_which_text_segment_they_speak(gateway):
+    """A long text under the text frontend is split into sentences; each chunk names its segment (progress)."""
+    sentence = "This sentence is here to make the input long enough to be split into segments."
+    request = tts_pb2.SynthesizeRequest(text=" ".join([sentence] * 6), prompt_audio=prompt_wav_bytes(seed=5),
+                                        prompt_text="a short prompt", text_frontend=True,
+                                        sampling=tts_pb2.SamplingParams(seed=3))
+    chunks = asyncio.run(_stream(gateway.addr, request))
+    total = chunks[0].segments
+    assert total >= 2 and all(c.segments == total for c in chunks)
+    indices = [c.segment for c in chunks]
+    assert indices == sorted(indices) and indices[0] == 0 and indices[-1] == total - 1
+    assert set(indices) == set(range(total))        # every segment spoke (the final chunk names the last one)
 
 
 def test_second_request_with_the_same_prompt_hits_the_cache(gateway):

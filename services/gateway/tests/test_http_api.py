@@ -52,14 +52,18 @@ def _error(exc: openai.APIStatusError) -> dict:
 BAD_SPEECH = [
     (dict(voice="ghost"), openai.NotFoundError, "ghost"),
     (dict(voice="ghost", speed=1.5), openai.NotFoundError, "ghost"),      # a speed in range passes validation
-    (dict(voice="ghost", response_format="aac"), openai.BadRequestError, "response_format"),
+    (dict(voice="ghost", response_format="wma"), openai.BadRequestError, "response_format"),
     (dict(voice="ghost", speed=4.0), openai.BadRequestError, "[0.5, 2.0]"),
     (dict(voice="ghost", speed=0.25), openai.BadRequestError, "speed"),
-    (dict(voice="ghost", speed=1.5, extra_body={"stream": True}, response_format="pcm"), openai.BadRequestError,
-     "streaming supports only speed 1.0"),
-    (dict(voice="ghost", speed=1.5, extra_body={"stream_format": "sse"}, response_format="pcm"),
-     openai.BadRequestError, "streaming"),
-    (dict(voice="ghost", extra_body={"stream": True}, response_format="mp3"), openai.BadRequestError, "stream"),
+    # a streamed request with a speed is served whole, not refused: it gets as far as the voice
+    (dict(voice="ghost", speed=1.5, extra_body={"stream": True}, response_format="pcm"), openai.NotFoundError,
+     "ghost"),
+    (dict(voice="ghost", speed=1.5, extra_body={"stream_format": "sse"}, response_format="mp3"),
+     openai.NotFoundError, "ghost"),
+    (dict(voice="ghost", extra_body={"stream": False, "stream_format": "sse"}), openai.BadRequestError,
+     "stream_format 'sse'"),
+    (dict(voice="ghost", response_format="opus", extra_body={"sample_rate": 44100}), openai.BadRequestError,
+     "opus cannot be encoded at 44100 Hz"),
     (dict(voice="ghost", extra_body={"sample_rate": 11025}), openai.BadRequestError, "sample_rate"),
     (dict(voice="ghost", extra_body={"min_speech_tokens": 9, "max_speech_tokens": 3}), openai.BadRequestError,
      "min_speech_tokens"),
@@ -142,7 +146,7 @@ def test_registry_outage_is_503(gateway_redis):
 def test_http_config_is_validated():
     assert HttpConfig(max_upload_bytes=10).max_upload_bytes == 10
     with pytest.raises(ValueError):
-        HttpConfig(default_response_format="aac")
+        HttpConfig(default_response_format="wma")
 
 
 def test_speech_hands_text_frontend_to_the_pipeline_unnormalised(gateway_redis, monkeypatch):

@@ -1,9 +1,11 @@
 """The HTTP API over the real stack (tiny model, tritonserver stage processes, Redis, gateway process),
-driven by the official `openai` client: voices, every response format, resampling, real streaming, cancel."""
+driven by the official `openai` client: voices, every response format, resampling, OpenAI's streaming
+semantics (every streamable format streams by default, from the first chunk), speed, cancel, the model list."""
 import io
 import time
 import uuid
 
+import av
 import grpc
 import httpx
 import numpy as np
@@ -14,7 +16,7 @@ import tritonclient.grpc as triton_grpc
 
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ, SAMPLES_PER_TOKEN
-from cosyvoice_gateway.testing import prompt_wav_bytes
+from cosyvoice_gateway.testing import prompt_wav_bytes, register_http_voice
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 N_TOKENS = 20           # forced length: first chunk (15 + 3 lookahead) then the final one; fast on CPU
@@ -22,13 +24,8 @@ PCM16_BYTES = 2
 
 
 @pytest.fixture(scope="module")
-def http_url(stack) -> str:
-    url = stack.gateway_http_url
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{url}/healthz").status_code != 200:      # stages ready as seen by the gateway
-        assert time.monotonic() < deadline, "gateway /healthz never became 200"
-        time.sleep(0.2)
-    return url
+def http_url(stack_http_url) -> str:
+    return stack_http_url
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +36,8 @@ def client(http_url) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def voice(http_url) -> str:
     name = f"http-{uuid.uuid4().hex[:8]}"
-    response = httpx.post(f"{http_url}/v1/audio/voices", data={"name": name, "prompt_text": "Hello there."},
-                          files={"audio": ("prompt.wav", prompt_wav_bytes(seed=3), "audio/wav")}, timeout=120)
-    assert response.status_code == 201, response.text
-    assert response.json()["id"] == name and response.json()["prompt_speech_tokens"] > 0
+    registered = register_http_voice(http_url, name, seed=3)
+    assert registered["id"] == name and registered["prompt_speech_tokens"] > 0
     return name
 
 
@@ -50,22 +45,79 @@ def _forced(tokens: int = N_TOKENS, **extra) -> dict:
     return {"min_speech_tokens": tokens, "max_speech_tokens": tokens, "seed": 7, **extra}
 
 
+def _decoded_samples(audio: bytes) -> tuple[int, int]:
+    """(samples, sample rate) of a compressed stream, decoded by FFmpeg (soundfile cannot read aac)."""
+    with av.open(io.BytesIO(audio)) as container:
+        rate = container.streams.audio[0].rate
+        return sum(frame.samples for frame in container.decode(audio=0)), rate
+
+
 def test_registered_voice_is_listed(http_url, voice):
     listed = httpx.get(f"{http_url}/v1/audio/voices").json()["data"]
     assert voice in [v["id"] for v in listed]
 
 
-@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus"])
-def test_each_response_format_decodes_to_the_forced_length(client, voice, fmt):
+@pytest.mark.parametrize("fmt", ["wav", "flac"])
+def test_lossless_formats_decode_to_the_forced_length(client, voice, fmt):
     audio = client.audio.speech.create(model="cosyvoice2", voice=voice, input="Hello world.",
                                        response_format=fmt, extra_body=_forced()).content
     wav, rate = sf.read(io.BytesIO(audio), dtype="float32")
-    expected = N_TOKENS * SAMPLES_PER_TOKEN * rate // OUTPUT_SAMPLE_RATE_HZ
     assert np.all(np.isfinite(wav)) and np.abs(wav).max() > 0
-    if fmt in ("wav", "flac"):
-        assert rate == OUTPUT_SAMPLE_RATE_HZ and wav.shape[0] == expected
-    else:                                                       # lossy codecs pad by a frame or so
-        assert abs(wav.shape[0] - expected) < 0.1 * expected
+    assert rate == OUTPUT_SAMPLE_RATE_HZ and wav.shape[0] == N_TOKENS * SAMPLES_PER_TOKEN
+
+
+@pytest.mark.parametrize("fmt, media_type, rate", [("mp3", "audio/mpeg", 24000), ("opus", "audio/ogg; codecs=opus", 48000),
+                                                   ("aac", "audio/aac", 24000)])
+def test_compressed_formats_stream_in_pieces_and_decode_to_the_forced_length(client, voice, fmt, media_type, rate):
+    """Encoded chunk by chunk (PyAV): several body pieces, together one valid stream (opus decodes at 48 kHz)."""
+    tokens = 70                      # several schedule hops -> several chunks
+    pieces = []
+    with client.audio.speech.with_streaming_response.create(
+            model="cosyvoice2", voice=voice, input="Hello world.", response_format=fmt,
+            extra_body=_forced(tokens)) as response:
+        assert response.headers["content-type"] == media_type and "content-length" not in response.headers
+        pieces = list(response.iter_bytes())
+    samples, decoded_rate = _decoded_samples(b"".join(pieces))
+    expected = tokens * SAMPLES_PER_TOKEN * decoded_rate // OUTPUT_SAMPLE_RATE_HZ
+    assert len(pieces) >= 2 and decoded_rate == rate
+    assert abs(samples - expected) < 0.05 * expected          # encoder delay and padding: a frame or two
+
+
+def test_openai_client_with_no_extras_gets_mp3_bytes_at_the_first_chunk(client, voice, http_url, capsys):
+    """The official client, nothing but model/voice/input: mp3 (OpenAI's default), streamed. The first bytes
+    reach the client before the gateway has finished the request (a buffered body would arrive only after),
+    about when the gateway reports its first chunk."""
+    first_sum = "cosyvoice_gateway_first_chunk_seconds_sum"
+    total_sum = 'cosyvoice_gateway_request_seconds_sum{rpc="http.speech.stream"}'
+    before_first, before_total = _metric(http_url, first_sum), _metric(http_url, total_sum)
+    text = ("The quick brown fox jumps over the lazy dog, and then it runs across the wide green field "
+            "towards the river, where it stops to drink and rest for a while.")     # the model's rule: >= 2x its tokens
+    arrivals = []
+    start = time.perf_counter()
+    with client.audio.speech.with_streaming_response.create(model="cosyvoice2", voice=voice, input=text) as response:
+        assert response.headers["content-type"] == "audio/mpeg"
+        for piece in response.iter_bytes():
+            arrivals.append((time.perf_counter() - start, piece))
+    _wait_counted(http_url, total_sum, before_total)
+    server_first_s = _metric(http_url, first_sum) - before_first
+    server_total_s = _metric(http_url, total_sum) - before_total
+    client_first_s = arrivals[0][0]
+    samples, rate = _decoded_samples(b"".join(p for _, p in arrivals))
+    assert rate == OUTPUT_SAMPLE_RATE_HZ and samples > 0
+    assert len(arrivals) >= 2
+    assert client_first_s < server_total_s, (client_first_s, server_first_s, server_total_s)
+    with capsys.disabled():
+        print(f"\nopenai client, no extras: first bytes {client_first_s * 1000:.0f} ms, gateway first chunk "
+              f"{server_first_s * 1000:.0f} ms, gateway total {server_total_s * 1000:.0f} ms, "
+              f"{samples / rate:.2f} s of audio in {len(arrivals)} pieces")
+
+
+def test_models_list_says_the_weights_are_random(http_url, stack):
+    model = httpx.get(f"{http_url}/v1/models").json()["data"][0]
+    assert model["id"] == "cosyvoice2" and model["random_weights"] is True
+    assert "RANDOM WEIGHTS" in model["notice"] and "not speech" in model["notice"]
+    log = next(r.log for r in stack.records if r.name == "gateway")
+    assert model["notice"] in open(log).read()
 
 
 @pytest.mark.parametrize("speed", [2.0, 0.5])
@@ -78,10 +130,16 @@ def test_offline_speed_scales_the_audio_length(client, voice, speed):
     assert wav.shape[0] == int(N_TOKENS * 2 / speed) * SAMPLES_PER_TOKEN // 2
 
 
-def test_speed_is_refused_when_streaming_or_out_of_range(client, voice):
-    with pytest.raises(openai.BadRequestError, match="streaming supports only speed 1.0"):
-        client.audio.speech.create(model="cosyvoice2", voice=voice, input="Hello world.", response_format="pcm",
-                                   speed=1.5, extra_body=_forced(stream=True))
+def test_a_stream_asked_with_a_speed_is_served_whole_and_out_of_range_is_a_400(client, voice):
+    """speed != 1 needs the whole utterance (CosyVoice2 stretches its mel): the body comes whole (Content-Length),
+    not refused, whether streaming was the default or asked for."""
+    for extra in ({}, {"stream": True}):
+        with client.audio.speech.with_streaming_response.create(
+                model="cosyvoice2", voice=voice, input="Hello world.", response_format="pcm", speed=2.0,
+                extra_body=_forced(**extra)) as response:
+            data = response.read()
+            assert int(response.headers["content-length"]) == len(data)
+        assert len(data) == int(N_TOKENS * 2 / 2.0) * SAMPLES_PER_TOKEN // 2 * PCM16_BYTES
     with pytest.raises(openai.BadRequestError, match=r"\[0.5, 2.0\]"):
         client.audio.speech.create(model="cosyvoice2", voice=voice, input="Hello world.", response_format="wav",
                                    speed=4.0, extra_body=_forced())
@@ -100,7 +158,18 @@ def test_opus_at_an_unsupported_rate_is_a_400(client, voice):
     with pytest.raises(openai.BadRequestError) as info:
         client.audio.speech.create(model="cosyvoice2", voice=voice, input="Hello world.", response_format="opus",
                                    extra_body=_forced(sample_rate=44100))
-    assert "opus" in info.value.response.json()["error"]["message"]
+    error = info.value.response.json()["error"]
+    assert "opus" in error["message"] and "48000" in error["message"] and error["param"] == "sample_rate"
+
+
+def test_stream_false_gets_the_whole_body_with_a_length(client, voice):
+    with client.audio.speech.with_streaming_response.create(
+            model="cosyvoice2", voice=voice, input="Hello world.", response_format="mp3",
+            extra_body=_forced(stream=False)) as response:
+        data = response.read()
+        assert int(response.headers["content-length"]) == len(data)
+    samples, _ = _decoded_samples(data)
+    assert abs(samples - N_TOKENS * SAMPLES_PER_TOKEN) < 0.1 * N_TOKENS * SAMPLES_PER_TOKEN
 
 
 def test_stream_sends_pcm_chunks_as_they_are_produced(client, voice):
@@ -228,6 +297,7 @@ def test_client_timeout_cancels_an_offline_request(voice, stack, http_url):
     issued_before, served_before = _metric(http_url, _ISSUED), _token2wav_count(stack)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{http_url}/v1/audio/speech", timeout=1.0,
-                   json={"model": "cosyvoice2", "voice": voice, "input": "A very long one.", **_forced(1500)})
+                   json={"model": "cosyvoice2", "voice": voice, "input": "A very long one.",
+                         **_forced(1500, stream=False)})
     _wait_counted(http_url, cancelled, before_cancels)
     _assert_no_stage_call_after_the_cancel(stack, http_url, issued_before, served_before)

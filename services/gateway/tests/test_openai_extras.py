@@ -3,8 +3,8 @@ speak with the default voice, in-request cloning (ref_audio/ref_text), SSE strea
 import base64
 import io
 import json
-import time
 
+import av
 import httpx
 import numpy as np
 import openai
@@ -20,13 +20,8 @@ FORCED = {"min_speech_tokens": N_TOKENS, "max_speech_tokens": N_TOKENS, "seed": 
 
 
 @pytest.fixture(scope="module")
-def http_url(stack) -> str:
-    url = stack.gateway_http_url
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{url}/readyz").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    return url
+def http_url(stack_http_url) -> str:
+    return stack_http_url
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +49,45 @@ def test_ref_audio_clones_in_request(client):
                                    extra_body={"ref_audio": "not base64!"})
 
 
-def test_sse_stream_carries_base64_audio_deltas_then_done(http_url):
-    body = {"model": "cosyvoice2", "voice": "001", "input": "Hello.", "response_format": "pcm",
-            "stream_format": "sse", **FORCED}
+def _sse_events(http_url: str, body: dict) -> list[dict]:
     with httpx.stream("POST", f"{http_url}/v1/audio/speech", json=body, timeout=120) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
-        events = [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
-    assert events[-1]["type"] == "speech.audio.done" and events[-1]["usage"]["output_tokens"] == N_TOKENS
+        return [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_sse_stream_carries_base64_audio_deltas_then_done_with_usage_and_timings(http_url):
+    tokens = 40                      # first chunk + one hop + final: several deltas
+    events = _sse_events(http_url, {"model": "cosyvoice2", "voice": "001", "input": "Hello.", "response_format": "pcm",
+                                    "stream_format": "sse", **FORCED, "min_speech_tokens": tokens,
+                                    "max_speech_tokens": tokens})
+    done = events[-1]
+    assert done["type"] == "speech.audio.done" and done["usage"]["output_tokens"] == tokens
+    assert done["usage"]["input_tokens"] > 0
+    assert done["usage"]["total_tokens"] == done["usage"]["input_tokens"] + tokens
+    assert len(events) >= 3 and all(e["type"] == "speech.audio.delta" for e in events[:-1])
     pcm = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
-    assert all(e["type"] == "speech.audio.delta" for e in events[:-1])
-    assert np.frombuffer(pcm, "<i2").shape[0] == N_TOKENS * SAMPLES_PER_TOKEN
+    assert np.frombuffer(pcm, "<i2").shape[0] == tokens * SAMPLES_PER_TOKEN
+    timings = done["timings"]                 # ours, beside OpenAI's usage: what the playground shows
+    assert 0 < timings["first_chunk_ms"] <= timings["total_ms"]
+    assert timings["audio_seconds"] == pytest.approx(tokens / 25) and timings["speech_tokens"] == tokens
+    assert timings["llm"]["calls"] == 1 and timings["token2wav"]["calls"] >= 2
+    assert timings["token2wav"]["compute_ms"] > 0
+
+
+def test_sse_carries_mp3_and_a_speed_as_one_whole_delta(http_url):
+    events = _sse_events(http_url, {"model": "cosyvoice2", "voice": "001", "input": "Hello.", "response_format": "mp3",
+                                    "stream_format": "sse", "speed": 0.5, **FORCED})
+    assert [e["type"] for e in events] == ["speech.audio.delta", "speech.audio.done"]
+    with av.open(io.BytesIO(base64.b64decode(events[0]["audio"]))) as mp3:
+        samples = sum(frame.samples for frame in mp3.decode(audio=0))
+    expected = int(N_TOKENS * 2 / 0.5) * SAMPLES_PER_TOKEN // 2
+    assert abs(samples - expected) < 0.1 * expected
+
+
+def test_sse_with_stream_false_is_a_400_naming_the_conflict(client):
+    with pytest.raises(openai.BadRequestError, match="stream_format 'sse'"):
+        client.audio.speech.create(model="cosyvoice2", voice="001", input="Hello.", extra_body={
+            **FORCED, "stream": False, "stream_format": "sse"})
 
 
 def test_docs_and_openapi_are_served(http_url):

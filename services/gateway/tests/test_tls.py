@@ -86,12 +86,17 @@ def test_grpc_over_tls_serves_and_the_cli_trusts_a_given_ca(gateway, certificate
     with grpc.secure_channel(addr, credentials) as channel:
         response = tts_pb2_grpc.TextToSpeechStub(channel).Synthesize(_request(), timeout=120)
     assert len(response.audio) == N_TOKENS * SAMPLES_PER_TOKEN * 2          # 16-bit PCM at 24 kHz
-    listed = subprocess.run([sys.executable, "-m", "cosyvoice_gateway.cli", "list", "--addr", addr,
-                             "--tls-ca", str(cert)], capture_output=True, text=True, timeout=60)
+    cli = [sys.executable, "-m", "cosyvoice_gateway.cli", "voices", "list", "--server", addr]
+    clean_env = {k: v for k, v in os.environ.items() if k != "TLS_CERT_FILE"}
+    listed = subprocess.run([*cli, "--tls-ca", str(cert)], capture_output=True, text=True, timeout=60, env=clean_env)
     assert listed.returncode == 0, listed.stderr
-    untrusted = subprocess.run([sys.executable, "-m", "cosyvoice_gateway.cli", "list", "--addr", addr, "--tls"],
-                               capture_output=True, text=True, timeout=60)   # system roots: a self-signed cert fails
-    assert untrusted.returncode != 0 and "UNAVAILABLE" in untrusted.stderr
+    # the variable the gateway reads its certificate from: the client trusts it too
+    from_env = subprocess.run(cli, capture_output=True, text=True, timeout=60,
+                              env={**clean_env, "TLS_CERT_FILE": str(cert)})
+    assert from_env.returncode == 0, from_env.stderr
+    untrusted = subprocess.run([*cli, "--tls"], capture_output=True, text=True, timeout=60,
+                               env=clean_env)   # system roots: a self-signed cert fails
+    assert untrusted.returncode != 0 and "cannot reach the gateway" in untrusted.stderr
 
 
 def test_http_over_tls_serves_openai_speech(gateway, certificate):
