@@ -12,7 +12,8 @@
 #               at MAX_INFLIGHT_REQUESTS workers (set it: the gateway admits that many) and 10x that, once per
 #               client-process count in HOSTILE_CLIENT_PROCESSES (default "0": the suite's own spread)
 #   engine      the in-process pipeline (--engine-only) as the second line
-#   components  LLM engine old vs new; token2wav old vs new serving configuration (same run)
+#   components  LLM engine old vs new; token2wav alone: streams (state cache off / new voice / cached voice) and a
+#               16-call mix, this tree beside BASELINE_DIR's when set (tools/gpu/token2wav_speed.py)
 #   baseline    the whole stack of another checkout (BASELINE_DIR, e.g. the previous release unpacked there),
 #               streaming at $BASELINE_CONC on the same model (BASELINE_MPS=on: under CUDA MPS, like this tree): the
 #               before/after pair of one call; BASELINE_AFTER=1 runs it after this tree's stack phase instead of
@@ -48,7 +49,7 @@ for s in TOKENIZER SPEAKER LLM TOKEN2WAV; do export ${s}_DEVICES=$DEVICE; done
 export TOKENIZER_BACKEND=torch SPEAKER_BACKEND=torch LLM_DTYPE=${LLM_DTYPE:-bfloat16} TOKEN2WAV_DTYPE=${TOKEN2WAV_DTYPE:-bfloat16}
 export STACK_RUN_DIR=/tmp/run REDIS_PORT=6390 PLACEMENT_DEFAULT_DEVICE=$DEVICE
 export SEED_FRONT=0   # the seed-compatible fronts are measured by their own client, not in this run
-# token2wav compiles its Euler step and captures every graph before it reports ready (minutes on a fresh machine)
+# token2wav captures every Euler-step and HiFT graph before it reports ready (a minute or more on a fresh machine)
 export STACK_READY_TIMEOUT_S=${STACK_READY_TIMEOUT_S:-570}
 LABEL="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo cpu), $(date -u +%F)"
 
@@ -184,7 +185,8 @@ if has components; then
   echo "== components ($(left) s left)"
   timeout "$(share "${LLM_SPEED_SHARE:-40}")" python3 tools/gpu/llm_speed.py ${LLM_SPEED_ARGS:-} > "$OUTDIR/llm_speed.txt" 2>&1
   publish
-  timeout $(( $(left) - 10 )) python3 tools/gpu/token2wav_speed.py --device cuda --size full --out "$RESULTS" ${T2W_SPEED_ARGS:-} \
+  timeout $(( $(left) - 10 )) python3 tools/gpu/token2wav_speed.py --device cuda --size full --graphs \
+    --json-out "$RESULTS/token2wav_speed.json" ${BASELINE_DIR:+--baseline-dir "$BASELINE_DIR"} ${T2W_SPEED_ARGS:-} \
     > "$OUTDIR/token2wav_speed.txt" 2>&1
 fi
 echo "== done ($(left) s left; stack config: $MODE)"
