@@ -311,7 +311,8 @@ class ModelRunner:
         the scratch slot, so capture leaves the slots' state unchanged. Call only while no request is running."""
         if self._decode_graphs:
             return   # already captured (start() after stop())
-        shapes = [(n, kv) for n in sorted(self.decode_buckets, reverse=True) for kv in sorted(self.kv_lens, reverse=True)]
+        shapes = [(n, kv) for n in sorted(self.decode_buckets, reverse=True)
+                  for kv in sorted(self.kv_lens, reverse=True)]
         prefill_shapes = [(r, ln) for r in sorted(self.prefill_rows, reverse=True)
                           for ln in sorted(self.prefill_lens, reverse=True)] if self.capture_prefill else []
         self._pf_ids.fill_(FLAT_SOS_ID)
