@@ -67,9 +67,9 @@ class Scheduler:
 
     # --- the loop thread ----------------------------------------------------------------------------------------
     def running(self) -> list[Sequence]:
-        """The running sequences, by slot."""
+        """The running sequences, in the order they were admitted."""
         with self.wake:
-            return [self.slots.running[slot] for slot in sorted(self.slots.running)]
+            return list(self.slots.running.values())
 
     def apply_cancellations(self) -> None:
         with self.wake:
