@@ -16,7 +16,7 @@ sees the same storage:
   lands in their own, unused cache row. Captured per (batch bucket, kv bucket), optionally after torch.compile.
 
 Sampling: `sampling.sample_batched` (counter-based, per-request seed), so a request's ids do not depend on the
-batch it shares. The nucleus is looked for among the `sampling_top_k_cap` likeliest ids (one top-k, the same
+batch it shares; it is not torch.multinomial's stream (`Qwen2LM.inference` draws as the reference). The nucleus is looked for among the `sampling_top_k_cap` likeliest ids (one top-k, the same
 draws as the full sort); a step or prefill with a request whose top_k exceeds the cap sorts fully, eagerly.
 """
 from __future__ import annotations
