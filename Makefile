@@ -9,8 +9,9 @@ PKG_DIRS := common services/tokenizer services/speaker services/llm services/tok
 MODEL_SIZE ?= tiny
 MODEL_DIR  ?= models/cosyvoice2-$(MODEL_SIZE)
 GOLDEN     ?= data/golden/tiny-seed1
-# Where `make golden` takes the golden set from: a directory or an http(s) URL of a .tar.gz of one.
-GOLDEN_SOURCE ?= ../shared/golden/tiny-seed1
+# Where `make golden` takes the golden set from: a directory (the one in this repository by default) or an
+# http(s) URL of a .tar.gz of one.
+GOLDEN_SOURCE ?= golden/tiny-seed1
 export MODEL_DIR
 
 .PHONY: venv proto model download golden parity test up down logs ps plan bench profile clean help config-docs screenshot
@@ -42,8 +43,8 @@ MODEL_SEED ?= 1
 model: $(STAMP) ## random-weight model dir: MODEL_SIZE=tiny|full, MODEL_DIR (default models/cosyvoice2-$(MODEL_SIZE))
 	$(PY) -m cosyvoice_tools.modelgen --size $(MODEL_SIZE) --out $(MODEL_DIR) --seed $(MODEL_SEED)
 
-golden: ## copy the golden set (reference outputs on a tiny checkpoint) from GOLDEN_SOURCE into GOLDEN, checked against its SHA256SUMS
-	@bash tools/fetch_golden.sh "$(GOLDEN_SOURCE)" "$(GOLDEN)"
+golden: $(STAMP) ## the golden set (reference outputs on a tiny checkpoint) from GOLDEN_SOURCE into GOLDEN: rand_noise.npy regenerated, every file checked against its SHA256SUMS
+	@PYTHON=$(PY) bash tools/fetch_golden.sh "$(GOLDEN_SOURCE)" "$(GOLDEN)"
 
 parity: $(STAMP) golden ## every golden-parity case against GOLDEN (default data/golden/tiny-seed1)
 	$(PY) -m cosyvoice_tools.parity --golden $(GOLDEN)

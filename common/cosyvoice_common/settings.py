@@ -141,6 +141,25 @@ def from_env(cls: type[T], env: Mapping[str, str], prefix: str = "", **given: An
             raise ConfigError(f"{name} is not set; it is required ({k.help})")
         elif f.default is not MISSING:
             _check(f.default, name, k, f.default)
+    return _build(cls, values, given)
+
+
+def from_template_values(cls: type[T], values: Mapping[str, str | None], **given: Any) -> T:
+    """`cls` read back from what `template_values` wrote, keyed by field name (a stage's config.pbtxt
+    parameters): every knob must be there and filled, parsed and checked as `from_env` does. Raises ConfigError
+    naming the parameter."""
+    parsed: dict[str, Any] = {}
+    for f, k, tp in knob_fields(cls):
+        if f.name in given:
+            continue
+        raw = values.get(f.name)
+        if raw is None or raw.startswith("${"):
+            raise ConfigError(f"config.pbtxt parameter {f.name!r} is not set (got {raw!r})")
+        parsed[f.name] = _parse(raw, tp, f.name, k)
+    return _build(cls, parsed, given)
+
+
+def _build(cls: type[T], values: dict[str, Any], given: Mapping[str, Any]) -> T:
     try:
         return cls(**values, **given)
     except ConfigError:
@@ -183,7 +202,8 @@ def document(cls: type, prefix: str = "") -> list[KnobDoc]:
 
 
 def template_values(config: object) -> dict[str, str]:
-    """config.pbtxt `${field}` values of a settings object (bools as 1/0, as model configs read them)."""
+    """config.pbtxt `${field}` values of a settings object (bools as 1/0, as model configs read them); the
+    stage reads them back with `from_template_values`."""
     out = {}
     for f, _, _ in knob_fields(type(config)):
         value = getattr(config, f.name)

@@ -3,19 +3,22 @@
 Each field is an environment variable `{STAGE}_{NAME}` (prefix from the stage registry) and, under the
 field's own name, a `${name}` of that stage's config.pbtxt template. Both fillers read them from here:
 the launcher (`make up`, cosyvoice_tools.stack) and the container entrypoint (deploy/docker/triton_stage.py).
-The stage's model.py then reads the filled `parameters` into its typed config (no environment reads there).
+The stage's model.py then reads the filled config.pbtxt back into the same class (`from_model_config`; no
+environment reads there).
 
     params = stage_params("llm", os.environ)       # LLMParams, validated; ConfigError names a bad variable
     template_values(params)                        # {"max_batch_size": "16", "dtype": "auto", ...}
+    LLMParams.from_model_config(model_config)      # in the stage: the same LLMParams again
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cosyvoice_common.constants import LLM_MAX_SEQ_LEN
-from cosyvoice_common.settings import ConfigError, check_knobs, from_env, knob
+from cosyvoice_common.settings import ConfigError, check_knobs, from_env, from_template_values, knob
 from cosyvoice_common.stages import STAGE_NAMES, stage
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -63,6 +66,17 @@ class StageParams:
     def __post_init__(self) -> None:
         check_knobs(self)
 
+    @classmethod
+    def from_model_config(cls, model_config: Mapping[str, Any]):
+        """The settings the stage's config.pbtxt was filled from, read back from Triton's model config: the
+        `parameters` by field name, the batching fields from where the template puts them."""
+        values = {key: value.get("string_value") for key, value in model_config.get("parameters", {}).items()}
+        values["max_batch_size"] = str(model_config.get("max_batch_size"))
+        # JSON leaves out a zero delay (proto3 default)
+        values["max_queue_delay_us"] = str(model_config.get("dynamic_batching", {})
+                                           .get("max_queue_delay_microseconds", 0))
+        return from_template_values(cls, values)
+
 
 @dataclass(frozen=True, slots=True)
 class TokenizerParams(StageParams):
@@ -100,9 +114,11 @@ class PromptStageConfig:
 
 @dataclass(frozen=True, slots=True)
 class LLMParams(StageParams):
+    """The llm stage's settings: the knobs (LLM_* variables, through config.pbtxt), then the engine's bucket
+    geometry, which is no knob: deployments keep its defaults, tests and benchmarks set it directly."""
     dtype: str = knob("DTYPE", AUTO, "LLM weights and KV cache (auto: bfloat16 on CUDA, float32 on CPU)",
                       choices=DTYPES)
-    max_seq_len: int = knob("MAX_SEQ_LEN", LLM_MAX_SEQ_LEN, "positions per slot: prompt + generated tokens", low=1)
+    max_seq_len: int = knob("MAX_SEQ_LEN", LLM_MAX_SEQ_LEN, "positions per slot: prompt + generated tokens", low=2)
     max_batch_slots: str = knob("BATCH_SLOTS", AUTO, "requests decoding at once: auto (sized from GPU memory "
                                 "after warm-up; 8 on CPU) or a number")
     max_auto_batch_slots: int = knob("MAX_AUTO_BATCH_SLOTS", 128, "auto batch slots: at most this many", low=1)
@@ -111,15 +127,42 @@ class LLMParams(StageParams):
                                            low=0.01, high=1.0)
     cuda_graphs: bool = knob("CUDA_GRAPHS", True, "CUDA graphs for decode and prefill (0: eager, for debugging)")
     prefill_graphs: bool = knob("PREFILL_GRAPHS", True, "CUDA graphs for prefill too (0: graphs for decode only)")
-    overlap_host: bool = knob("OVERLAP_HOST", True, "launch the next decode step before reading this one's ids")
     compile_decode: bool = knob("COMPILE_DECODE", False,
                                 "torch.compile the decode step before capturing it (start-up takes minutes)")
     repetition: str = knob("REPETITION", "on", "loop stop: on, off, or max_period=20,min_repeats=4,min_span=100")
+    # Engine geometry (cosyvoice_llm.model_runner): empty = the runner's defaults.
+    batch_buckets: tuple[int, ...] = ()          # decode batch sizes (the slot count is always one)
+    kv_buckets: tuple[int, ...] = ()             # attended cache lengths (max_seq_len is always one)
+    prefill_batch_buckets: tuple[int, ...] = (1, 2, 4, 8)   # rows of one prefill forward; the largest caps a group
+    prefill_len_buckets: tuple[int, ...] = ()    # padded prompt lengths; a longer prompt runs unpadded, eagerly
+    max_prefill_tokens: int = 8192               # padded tokens (rows x length) of one prefill forward; >= 1 request
+    sampling_top_k_cap: int = 64                 # nucleus looked for among this many likeliest ids; 0 = full sort
 
     def __post_init__(self) -> None:
         StageParams.__post_init__(self)
         if self.max_batch_slots != AUTO and not (self.max_batch_slots.isdigit() and int(self.max_batch_slots) > 0):
             raise ConfigError(f"LLM_BATCH_SLOTS={self.max_batch_slots!r}: expected auto or a positive number")
+        if any(b <= 0 for b in self.batch_buckets):
+            raise ValueError(f"batch_buckets {self.batch_buckets} must be positive")
+        if any(b <= 0 or b > self.max_seq_len for b in self.kv_buckets + self.prefill_len_buckets):
+            raise ValueError(f"kv_buckets {self.kv_buckets} and prefill_len_buckets {self.prefill_len_buckets} "
+                             f"must lie in [1, max_seq_len={self.max_seq_len}]")
+        if not self.prefill_batch_buckets or any(b <= 0 for b in self.prefill_batch_buckets):
+            raise ValueError(f"prefill_batch_buckets {self.prefill_batch_buckets} must be positive (and not empty)")
+        if self.max_prefill_tokens <= 0 or self.sampling_top_k_cap < 0:
+            raise ValueError(f"max_prefill_tokens must be positive and sampling_top_k_cap >= 0, got "
+                             f"{self.max_prefill_tokens} and {self.sampling_top_k_cap}")
+
+    @property
+    def batch_slots(self) -> int | None:
+        """The slot count asked for; None = auto (the stage sizes it: cosyvoice_llm.engine.build_engine)."""
+        return None if self.max_batch_slots == AUTO else int(self.max_batch_slots)
+
+    def torch_dtype_name(self, device: str) -> str:
+        """`dtype` with auto resolved: bfloat16 on CUDA, float32 elsewhere."""
+        if self.dtype != AUTO:
+            return self.dtype
+        return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,10 +15,12 @@ BYTES tensors have no DLPack form at all; their callers read them with `as_numpy
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence, Set as AbstractSet
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set as AbstractSet
 from typing import Any, TypeVar
 
 import numpy as np
+
+from cosyvoice_common.errors import InvalidRequestError
 
 try:
     import torch
@@ -46,6 +48,23 @@ def from_triton(tensor) -> np.ndarray:
         _require_numpy_path()
         return np.array(tensor.as_numpy(), copy=True)
     return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy().copy()
+
+
+def unbatched_inputs(request, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """The named inputs of one request to a model with max_batch_size > 0, its batch dimension dropped (a request
+    is one item: [1, ...]); absent inputs are left out. Raises InvalidRequestError for a batch of several."""
+    import triton_python_backend_utils as pb_utils
+
+    arrays = {}
+    for name in names:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            continue
+        array = from_triton(tensor)
+        if array.ndim == 0 or array.shape[0] != 1:
+            raise InvalidRequestError(f"{name}: one item per request, got shape {list(array.shape)}")
+        arrays[name] = array[0]
+    return arrays
 
 
 def to_triton(name: str, value: "np.ndarray | torch.Tensor"):

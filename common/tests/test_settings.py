@@ -90,3 +90,33 @@ def test_a_config_built_directly_is_checked_too():
         STAGE_PARAMS["token2wav"](max_batch_size=0)
     with pytest.raises(ConfigError, match=re.escape("DTYPE='fp8': expected one of")):
         LLMParams(dtype="fp8")
+
+
+def _model_config(params) -> dict:
+    """Triton's model config JSON of a template filled from `params` (the batching fields where the template
+    puts them; a zero queue delay left out, as proto3 JSON does)."""
+    values = template_values(params)
+    batching = {"max_batch_size": int(values.pop("max_batch_size"))}
+    delay = values.pop("max_queue_delay_us")
+    if delay != "0":
+        batching["dynamic_batching"] = {"max_queue_delay_microseconds": delay}
+    parameters = {key: {"string_value": value} for key, value in values.items()}
+    parameters["model_dir"] = {"string_value": "/models/x"}     # placement: not a setting
+    return {**batching, "parameters": parameters}
+
+
+@pytest.mark.parametrize("env", [{}, {"LLM_BATCH_SLOTS": "12", "LLM_CUDA_GRAPHS": "0", "LLM_REPETITION": "off",
+                                      "LLM_MAX_QUEUE_DELAY_US": "300", "LLM_KV_CACHE_MEMORY_FRACTION": "0.35"}])
+def test_a_stage_reads_back_the_settings_its_template_was_filled_from(env):
+    params = stage_params("llm", env)
+    assert LLMParams.from_model_config(_model_config(params)) == params
+
+
+def test_an_unfilled_or_bad_parameter_is_refused_naming_it():
+    config = _model_config(LLMParams())
+    config["parameters"]["dtype"] = {"string_value": "${dtype}"}
+    with pytest.raises(ConfigError, match=re.escape("config.pbtxt parameter 'dtype' is not set")):
+        LLMParams.from_model_config(config)
+    config["parameters"]["dtype"] = {"string_value": "fp8"}
+    with pytest.raises(ConfigError, match=re.escape("dtype='fp8': expected one of")):
+        LLMParams.from_model_config(config)

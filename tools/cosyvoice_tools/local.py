@@ -16,8 +16,10 @@ Each local stage answers the two calls `Pipeline` makes on a `StageClient` with 
   to start, compute_ms = the batch's run time.
 - token2wav: the stage's own `Token2WavEngine` (its loop thread admits calls between Euler steps), requests
   parsed by the stage's own parser. queue_ms = waiting for admission, compute_ms = admission to answer.
-- llm: one `LLMEngine` thread (in-flight batching); its callbacks are bridged into one asyncio
-  queue per request. Closing the stream early cancels the request in the engine.
+- llm: the stage's own engine and request parser (`cosyvoice_llm.engine.build_engine`,
+  `cosyvoice_llm.request.parse_request`) with the stage's settings, but `max_batch` slots (at least 32 on
+  cuda); the engine's callbacks are bridged into one asyncio queue per request. Closing the stream early
+  cancels the request in the engine.
 - prompt cache: an in-memory dict (`MemorySpk2Info`, honours `skip_cache` through the pipeline), or
   the real Redis cache when `redis_url` is given.
 
@@ -33,13 +35,12 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from cosyvoice_common.constants import (
-    LLM_MAX_SEQ_LEN,
     MEL_BINS,
     OUTPUT_SAMPLE_RATE_HZ,
     SPEECH_ID_OFFSET,
@@ -51,7 +52,7 @@ from cosyvoice_common.spk2info import (
     Spk2InfoCache,
     Spk2InfoConfig,
 )
-from cosyvoice_common.stage_params import StageParams
+from cosyvoice_common.stage_params import LLMParams, StageParams
 from cosyvoice_gateway.limits import LLM_CAPACITY_PARAMETER
 from cosyvoice_gateway.pipeline import (
     Pipeline,
@@ -330,61 +331,28 @@ class LocalToken2Wav(LocalStage):
 
 
 class LocalLLM(LocalStage):
-    """LLMEngine in this process; engine callbacks (engine thread) -> per-request asyncio queues."""
+    """The llm stage in this process: its engine (`cosyvoice_llm.engine.build_engine`) and its request parser
+    (`cosyvoice_llm.request`), with the engine's callbacks (engine thread) bridged into one asyncio queue per
+    request. Unlike the Triton model it answers every engine output at once: no grouping at `stream_boundaries`,
+    which saves IPC round trips that do not exist here."""
 
     name = "llm"
 
-    def __init__(self, model_dir: Path, device: str, dtype: torch.dtype, max_batch_slots: int,
-                 max_seq_len: int = LLM_MAX_SEQ_LEN, recorder: _Recorder | None = None) -> None:
-        from cosyvoice_llm.engine import EngineConfig, LLMEngine
-        from cosyvoice_llm.model import load_llm
+    def __init__(self, model_dir: Path, device: str, settings: LLMParams, recorder: _Recorder | None = None) -> None:
+        from cosyvoice_llm.engine import build_engine
 
         super().__init__(recorder)
-        model = load_llm(model_dir, device, dtype)
-        self.engine = LLMEngine(model, EngineConfig(max_batch_slots=max_batch_slots, max_seq_len=max_seq_len,
-                                                    use_cuda_graphs=str(device).startswith("cuda")))
+        self.engine = build_engine(model_dir, device, settings)
         self.engine.start()
         self._ids = itertools.count()
 
     def int_parameter(self, name: str) -> int | None:
-        return self.engine.config.max_seq_len if name == LLM_CAPACITY_PARAMETER else None
-
-    @staticmethod
-    def _scalar(tensors: Mapping[str, np.ndarray], name: str, default=None):
-        if name not in tensors:
-            return default
-        values = np.asarray(tensors[name]).reshape(-1)
-        if values.size != 1:
-            raise InvalidRequestError(f"{name} must hold one value, got {values.size}")
-        return values[0].item()
-
-    def _request(self, tensors: Mapping[str, np.ndarray], request_id: str):
-        """TensorRT-LLM tensor semantics, as the `llm` Triton model reads them."""
-        from cosyvoice_llm.engine import LLMRequest
-        from cosyvoice_llm.sampling import SamplingParams
-
-        ids = np.asarray(tensors["input_ids"]).reshape(-1)
-        length = int(self._scalar(tensors, "input_lengths", ids.shape[0]))
-        if not 0 < length <= ids.shape[0]:
-            raise InvalidRequestError(f"input_lengths={length} outside [1, {ids.shape[0]}]")
-        top_k = int(self._scalar(tensors, "runtime_top_k", 0))
-        top_p = float(self._scalar(tensors, "runtime_top_p", 0.0))
-        temperature = float(self._scalar(tensors, "temperature", 1.0))
-        defaults = SamplingParams()
-        sampling = SamplingParams(top_p=top_p if top_p > 0 else defaults.top_p,
-                                  top_k=top_k if top_k > 0 else defaults.top_k,
-                                  win_size=defaults.win_size, tau_r=defaults.tau_r,
-                                  temperature=temperature if temperature > 0 else 1.0)
-        if top_k == 1:
-            sampling = SamplingParams.greedy()
-        return LLMRequest(request_id=request_id, input_ids=tuple(int(t) for t in ids[:length]),
-                          max_new_tokens=int(self._scalar(tensors, "request_output_len")),
-                          min_new_tokens=int(self._scalar(tensors, "min_length", 0)),
-                          sampling=sampling, seed=int(self._scalar(tensors, "random_seed", 0)))
+        return self.engine.settings.max_seq_len if name == LLM_CAPACITY_PARAMETER else None
 
     async def stream(self, tensors: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str = "",
                      timing: CallTiming | None = None) -> AsyncIterator[dict[str, np.ndarray]]:
-        from cosyvoice_llm.engine import FinishReason
+        from cosyvoice_llm.request import parse_request
+        from cosyvoice_llm.sequence import FinishReason
 
         timing = timing if timing is not None else CallTiming()
         self._record(tensors)
@@ -401,7 +369,7 @@ class LocalLLM(LocalStage):
                     pass
 
             try:
-                self.engine.submit(self._request(tensors, engine_id), deliver)
+                self.engine.submit(parse_request(tensors, engine_id).request, deliver)
             except InvalidRequestError as exc:
                 raise StageError(self.name, f"InvalidRequestError: {exc}", invalid=True) from exc
             while True:
@@ -495,7 +463,9 @@ class LocalPipeline:
         cosyvoice_common.stage_params, which the caller reads once), so both benchmark lines match."""
         from cosyvoice_gateway.model_dir import load_text_encoder, model_revision
 
+        llm_settings = LLMParams()
         if stage_settings is not None:
+            llm_settings = stage_settings["llm"]
             options.setdefault("tokenizer_backend", stage_settings["tokenizer"].backend)
             options.setdefault("speaker_backend", stage_settings["speaker"].backend)
             options.setdefault("llm_dtype", stage_settings["llm"].dtype)
@@ -511,7 +481,8 @@ class LocalPipeline:
         stages = Stages(
             tokenizer=LocalTokenizer(config.model_dir, d, config.tokenizer_backend, config.max_batch, recorder),
             speaker=LocalSpeaker(config.model_dir, d, config.speaker_backend, config.max_batch, recorder),
-            llm=LocalLLM(config.model_dir, d, config.dtype(config.llm_dtype), max_slots, recorder=recorder),
+            llm=LocalLLM(config.model_dir, d, replace(llm_settings, dtype=config.llm_dtype,
+                                                      max_batch_slots=str(max_slots)), recorder),
             token2wav=LocalToken2Wav(config.model_dir, d, config.dtype(config.token2wav_dtype),
                                      config.max_batch, recorder, config.token2wav_stream_cache_gib))
         revision = model_revision(config.model_dir)

@@ -1,29 +1,28 @@
 #!/usr/bin/env python
-"""LLM engine speed, OLD beside NEW in one run, + quality checks.
+"""LLM engine speed per variant in one run, + quality checks.
 
 Self-contained: builds a random Qwen2LM of CosyVoice2-0.5B's shape in memory (no files), then
-  1. checks: per-step log-probs of the fast model path (fused projections, kv-bounded attention, fresh prefill) in
-     fp32 and bf16, and of the plain path (unfused, per-slot prefill and decode_step) in bf16, against a cache-free
-     fp32 forward (teacher forcing, same tokens): max |dlogp|, argmax agreement, NaN count; greedy tokens of each
-     engine variant against the first variant run (agreement % and first divergence);
+  1. checks: per-step log-probs of the engine's model path (fused projections, kv-bounded attention, fresh prefill)
+     in fp32 and bf16, and of the plain path (unfused, per-slot prefill and decode_step) in bf16, against a
+     cache-free fp32 forward (teacher forcing, same tokens): max |dlogp|, argmax agreement, NaN count; greedy tokens
+     of each engine variant against the first variant run (agreement % and first divergence);
   2. per variant: start-up seconds (engine build + CUDA-graph capture, + compile), the decode step at each batch
      with CUDA events (warm-up, median): 'dev ms' = the captured graph's replay (or the eager step), 'eng ms' = a
-     whole engine.step() (host bookkeeping + the D2H copy; with overlap_host the next step runs meanwhile);
+     whole engine.step() (host bookkeeping + the D2H copy, while the step launched ahead runs);
   3. end to end: C concurrent requests (100-token prompt, 150 forced tokens, RAS sampling) through the engine's
      loop thread: time to first token (p50/max) and tokens/s.
-The last lines printed are the tables (a compact OLD/NEW one last). Full results go to $OUT/llm_speed.json when
-$OUT is set.
+The last lines printed are the tables (a compact one last). Full results go to $OUT/llm_speed.json when $OUT is set.
 
-GPU:  python tools/gpu/llm_speed.py                                   (old,new; batches 1,16,32,64; c=1,16,32)
-      python tools/gpu/llm_speed.py --variants old,new,new-compiled   (compile: minutes of start-up)
-CPU:  python tools/gpu/llm_speed.py --device cpu --tiny               (smoke: tiny shapes, no graphs, < 2 min)
+GPU:  python tools/gpu/llm_speed.py                                   (engine; batches 1,16,32,64; c=1,16,32)
+      python tools/gpu/llm_speed.py --variants engine,engine-compiled (compile: minutes of start-up)
+CPU:  python tools/gpu/llm_speed.py --device cpu --tiny --dtype float32   (smoke: tiny shapes, no graphs)
 
-Variants: old (the engine before issue 13: eager prefill of every waiting request at once, full-sort sampling,
-step N's ids read before step N+1 is launched; decode graphs), new (the defaults now plus overlap_host: prefill
-graphs per (rows, length) bucket - padded eagerly on CPU -, one prefill group per step, top-k sampling, overlap),
-new-compiled (new + torch.compile of the decode step, then graphs), plain-graph (every speed feature off: unfused,
-full-cache attention, one-at-a-time prefill), compiled-mat (new + compile mode max-autotune-no-cudagraphs; only
-with --max-autotune).
+Variants: engine (what the llm stage runs: prefill graphs per (rows, length) bucket - the same padded shapes
+eagerly on CPU -, one prefill group per step, top-k sampling, the next step launched before this one's ids are
+read), engine-compiled (the same + torch.compile of the decode step, then graphs).
+Against an earlier commit: check it out beside this tree (`git worktree add /tmp/old <commit>`) and run both
+scripts in one command, each from its own tree, e.g. `python /tmp/old/tools/gpu/llm_speed.py --variants new ...;
+python tools/gpu/llm_speed.py ...` (its variant names are those of its own docstring).
 """
 from __future__ import annotations
 
@@ -45,9 +44,11 @@ for _sub in ("common", "services/llm"):
 
 import torch  # noqa: E402
 from cosyvoice_common.constants import SPEECH_EOS, SPEECH_ID_OFFSET  # noqa: E402
-from cosyvoice_llm import engine as fast_engine  # noqa: E402
+from cosyvoice_common.stage_params import LLMParams  # noqa: E402
+from cosyvoice_llm.engine import LLMEngine  # noqa: E402
 from cosyvoice_llm.model import Qwen2LM, build_prompt_flat_ids  # noqa: E402
 from cosyvoice_llm.sampling import SamplingParams  # noqa: E402
+from cosyvoice_llm.sequence import LLMRequest  # noqa: E402
 
 QWEN2_0_5B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
               "num_attention_heads": 14, "num_key_value_heads": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
@@ -102,24 +103,11 @@ def prompt_ids(n_tokens: int, seed: int, text_vocab: int) -> tuple[int, ...]:
 # --- variants ---------------------------------------------------------------------------------------------------
 
 def variant_specs(args) -> dict[str, dict]:
-    graphs = args.device == "cuda"
-    plain = dict(fuse_projections=False, batched_prefill=False, kv_buckets=(args.max_seq_len,))   # speed work off
-    old = dict(use_cuda_graphs=graphs, prefill_graphs=False, prefill_groups_per_step=0, sampling_top_k_cap=0,
-               overlap_host=False)
-    new = dict(use_cuda_graphs=graphs, overlap_host=True, pad_prefill_to_buckets=not graphs)
-    specs = {
-        "old": dict(mod=fast_engine, model="fast", cfg=old),
-        "new": dict(mod=fast_engine, model="fast", cfg=new),
-        "new-compiled": dict(mod=fast_engine, model="fast", cfg=dict(new, compile_decode=True)),
-        "plain-graph": dict(mod=fast_engine, model="plain", cfg=dict(use_cuda_graphs=graphs, **plain)),
-    }
-    if args.max_autotune:
-        specs["compiled-mat"] = dict(mod=fast_engine, model="fast", cfg=dict(
-            new, compile_decode=True, compile_mode="max-autotune-no-cudagraphs"))
+    """Variant name -> LLMParams fields beyond the run's slots and positions."""
+    engine = dict(cuda_graphs=args.device == "cuda")
     if args.tiny and args.device == "cpu":
-        for spec in specs.values():
-            if spec["model"] == "fast":
-                spec["cfg"]["kv_buckets"] = (16, 32)
+        engine["kv_buckets"] = (16, 32)
+    specs = {"engine": engine, "engine-compiled": dict(engine, compile_decode=True)}
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in specs]
     if unknown:
@@ -127,13 +115,11 @@ def variant_specs(args) -> dict[str, dict]:
     return {k: specs[k] for k in chosen}
 
 
-def make_engine(spec: dict, models: dict, args):
-    mod = spec["mod"]
-    cfg = mod.EngineConfig(max_batch_slots=args.slots, max_seq_len=args.max_seq_len, **spec["cfg"])
+def make_engine(fields: dict, model: Qwen2LM, args) -> tuple[LLMEngine, float]:
     t0 = time.perf_counter()
-    eng = mod.LLMEngine(models[spec["model"]], cfg)
-    if cfg.use_cuda_graphs:
-        eng.capture_graphs()
+    eng = LLMEngine(model, LLMParams(max_seq_len=args.max_seq_len, **fields), batch_slots=args.slots)
+    if eng.runner.use_graphs:
+        eng.runner.capture_graphs()
     return eng, time.perf_counter() - t0
 
 
@@ -142,13 +128,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def device_step_fn(eng, n: int):
-    """A callable running one decode step over slots [0, n) exactly as engine.step() would (graph or eager)."""
-    with eng._lock:
-        running = list(eng._running.values())
-    kv = eng._kv_bucket(running)
-    graph = eng._graphs.get(n, {}).get(kv)
-    return (graph.replay if graph is not None else (lambda: eng._step_fn(n, kv))), kv
+def device_step_fn(eng: LLMEngine):
+    """A callable running one decode step over the running slots exactly as engine.step() would (graph or
+    eager); its batch bucket and kv bucket."""
+    runner = eng.runner
+    n, kv = runner.decode_shape(eng.scheduler.running())
+    graph = runner._decode_graphs.get(n, {}).get(kv)
+    return (graph.replay if graph is not None else (lambda: runner._step_fn(n, kv))), n, kv
 
 
 def time_ms(fn, device: str, warmup: int, repeats: int) -> float:
@@ -172,22 +158,20 @@ def time_ms(fn, device: str, warmup: int, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def time_decode(eng, mod, b: int, args) -> dict:
+def time_decode(eng: LLMEngine, b: int, args) -> dict:
     """b requests with a `context`-token prompt; times the device step and the whole engine step."""
     text_vocab = min(qwen_cfg(args.tiny)["vocab_size"], SPEECH_ID_OFFSET)   # text ids sit below the speech ids
     long = args.warmup * 2 + args.repeats * 2 + 10
     for i in range(b):
-        eng.submit(mod.LLMRequest(f"t{b}-{i}", prompt_ids(args.context, 1000 + i, text_vocab), max_new_tokens=long,
-                                  min_new_tokens=long, sampling=RAS, seed=i))
+        eng.submit(LLMRequest(f"t{b}-{i}", prompt_ids(args.context, 1000 + i, text_vocab), max_new_tokens=long,
+                              min_new_tokens=long, sampling=RAS, seed=i))
     eng.step()
     while eng.num_waiting:
         eng.step()
-    n = eng._bucket()
-    fn, kv = device_step_fn(eng, n)
+    fn, n, kv = device_step_fn(eng)
     dev_ms = time_ms(fn, args.device, args.warmup, args.repeats)
-    with eng._lock:   # the device positions moved without the host loop: keep the engine's mirror in step
-        for seq in eng._running.values():
-            seq.next_position += args.warmup + args.repeats
+    for seq in eng.scheduler.running():   # the device positions moved without the host loop: keep the mirror in step
+        seq.next_position += args.warmup + args.repeats
     eng_ms = time_ms(eng.step, args.device, args.warmup, args.repeats)
     for i in range(b):
         eng.cancel(f"t{b}-{i}")
@@ -197,12 +181,12 @@ def time_decode(eng, mod, b: int, args) -> dict:
             "tok_s": b / eng_ms * 1e3}
 
 
-def run_e2e(eng, mod, concurrency: int, args, sampling=RAS, tag: str = "e") -> dict:
+def run_e2e(eng: LLMEngine, concurrency: int, args, sampling=RAS, tag: str = "e") -> dict:
     """`concurrency` requests submitted at once to the running loop thread; forced length."""
     text_vocab = min(qwen_cfg(args.tiny)["vocab_size"], SPEECH_ID_OFFSET)   # text ids sit below the speech ids
-    reqs = [mod.LLMRequest(f"{tag}{concurrency}-{i}", prompt_ids(args.prompt_tokens, 2000 + i, text_vocab),
-                           max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, sampling=sampling,
-                           seed=i) for i in range(concurrency)]
+    reqs = [LLMRequest(f"{tag}{concurrency}-{i}", prompt_ids(args.prompt_tokens, 2000 + i, text_vocab),
+                       max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, sampling=sampling,
+                       seed=i) for i in range(concurrency)]
     first: dict[str, float] = {}
     done = threading.Event()
     lock = threading.Lock()
@@ -346,8 +330,7 @@ def main() -> None:
     ap.add_argument("--e2e-timeout-s", type=float, default=120)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=40)
-    ap.add_argument("--variants", default="old,new", help="comma list (see above)")
-    ap.add_argument("--max-autotune", action="store_true")
+    ap.add_argument("--variants", default="engine", help="comma list (see above)")
     ap.add_argument("--skip-checks", action="store_true")
     args = ap.parse_args()
     if args.tiny:
@@ -365,10 +348,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     state = build_state(args.tiny)
-    models = {
-        "plain": make_model(Qwen2LM, args.tiny, state, dev, dtype),
-        "fast": make_model(Qwen2LM, args.tiny, state, dev, dtype),
-    }
+    model = make_model(Qwen2LM, args.tiny, state, dev, dtype)
     log(f"models built in {time.perf_counter() - t0:.1f} s")
 
     # 1. logits checks (separate model objects: the engines' caches stay untouched)
@@ -398,25 +378,24 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     report["decode"], report["e2e"], report["setup_s"], report["greedy"] = {}, {}, {}, {}
     greedy_ref = None
-    for name, spec in specs.items():
+    for name, fields in specs.items():
         try:
-            eng, setup_s = make_engine(spec, models, args)
+            eng, setup_s = make_engine(fields, model, args)
             report["setup_s"][name] = setup_s
             log(f"[{name}] engine ready in {setup_s:.1f} s (graphs/compile included)")
-            mod = spec["mod"]
             rows = []
             for b in batches:
-                rows.append(time_decode(eng, mod, b, args))
+                rows.append(time_decode(eng, b, args))
                 log(f"[{name}] batch {b}: dev {rows[-1]['dev_ms']:.3f} ms, engine step {rows[-1]['eng_ms']:.3f} ms")
             report["decode"][name] = rows
             # greedy tokens vs the plain engine (8 requests, forced length)
-            g = run_e2e(eng, mod, 8, args, sampling=GREEDY, tag="g")["tokens_by_request"]
+            g = run_e2e(eng, min(8, args.slots), args, sampling=GREEDY, tag="g")["tokens_by_request"]
             if greedy_ref is None:
                 greedy_ref = (name, g)
             report["greedy"][name] = {"vs": greedy_ref[0], **token_agreement(greedy_ref[1], g)}
             report["e2e"][name] = []
             for c in (int(x) for x in args.e2e.split(",")):
-                e = run_e2e(eng, mod, min(c, args.slots), args)
+                e = run_e2e(eng, min(c, args.slots), args)
                 e.pop("tokens_by_request")
                 report["e2e"][name].append(e)
                 log(f"[{name}] e2e c={e['concurrency']}: {e['tok_s']:.0f} tok/s, ttft p50 {e['ttft_ms_p50']:.1f} ms "

@@ -6,7 +6,7 @@ import torch
 from cosyvoice_common.golden import MISSING_HINT, golden_dir
 from cosyvoice_llm.model import Qwen2LM
 
-# <checkout>/../shared/golden/tiny-seed1, as every other test finds it
+# data/golden/tiny-seed1 (`make golden`), as every other test finds it (cosyvoice_common.golden)
 GOLDEN_DIR = golden_dir()
 
 TINY_QWEN2 = {

@@ -1,102 +1,114 @@
-"""The engine's speed paths (batched and bucketed prefill, kv-length buckets, fused projections, host/device
-overlap, the compiled step) give the same tokens as the plain engine, with requests joining and leaving mid-run."""
+"""The engine's tokens are those the engine gave before it was split into scheduler / slots / model runner / loop,
+for every geometry (kv-length buckets, prefill buckets and budgets, the top-k cap, the compiled step), with requests
+joining and leaving mid-run.
+
+data/engine_tokens_5f4333b.json holds the tokens of the scenarios below as the engine of commit 5f4333b produced
+them with the llm stage's CPU configuration (overlap_host on, exact-shape batched prefill), on the `tiny_model`
+fixture; its one-request-at-a-time prefill, its bucket-padded prefill and its non-overlapped schedule gave the same
+tokens in that run."""
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from cosyvoice_common.constants import FLAT_SOS_ID
-from cosyvoice_llm.engine import EngineConfig, FinishReason, LLMEngine, LLMRequest
+from cosyvoice_common.stage_params import LLMParams
+from cosyvoice_llm.engine import LLMEngine
 from cosyvoice_llm.model import Qwen2LM, build_prompt_flat_ids
+from cosyvoice_llm.model_runner import kv_lengths
 from cosyvoice_llm.sampling import SamplingParams
+from cosyvoice_llm.sequence import FinishReason, LLMRequest
 
-GREEDY = SamplingParams.greedy()
-RAS = SamplingParams(top_p=0.9, top_k=50, win_size=10, tau_r=0.1)
-PLAIN = dict(fuse_projections=False, batched_prefill=False, kv_buckets=(64,))
+SAMPLINGS = {"greedy": SamplingParams.greedy(), "ras": SamplingParams(top_p=0.9, top_k=50, win_size=10, tau_r=0.1)}
+GREEDY, RAS = SAMPLINGS["greedy"], SAMPLINGS["ras"]
+RECORDED = json.loads((Path(__file__).parent / "data" / "engine_tokens_5f4333b.json").read_text())
 
 
-def _prompts(n: int) -> list[tuple[int, ...]]:
-    gen = torch.Generator().manual_seed(5)
+def _prompts(n: int, seed: int, text_len, speech_len) -> list[tuple[int, ...]]:
+    gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
-        text = torch.randint(0, 97, (2 + 3 * i % 11,), generator=gen).tolist()
-        speech = torch.randint(0, 6561, (i % 4 * 3,), generator=gen).tolist()
+        text = torch.randint(0, 97, (text_len(i),), generator=gen).tolist()
+        speech = torch.randint(0, 6561, (speech_len(i),), generator=gen).tolist()
         out.append(tuple(build_prompt_flat_ids(text, [], speech)))
     return out
 
 
-_PLAIN_RESULTS: dict[str, dict] = {}
+SCENARIOS = {
+    # 7 requests over 3 slots: joins at steps 0, 3 and 7; r1 cancelled while running, r6 while waiting
+    "joins": dict(slots=3, max_seq_len=64, prompts=_prompts(7, 5, lambda i: 2 + 3 * i % 11, lambda i: i % 4 * 3),
+                  lengths=[9, 30, 5, 14, 20, 11, 6],
+                  at={0: [("submit", 0), ("submit", 1)], 3: [("submit", 2), ("submit", 3), ("submit", 4)],
+                      5: [("cancel", 1)], 7: [("submit", 5), ("submit", 6), ("cancel", 6)]}),
+    # prompts of 4..75 ids (several prefill length buckets), 12 requests over 5 slots, up to 80 tokens each
+    "long": dict(slots=5, max_seq_len=160, prompts=_prompts(12, 9, lambda i: 2 + 5 * i % 29, lambda i: 6 * i % 45),
+                 lengths=[80, 33, 47, 12, 60, 25, 71, 40, 18, 55, 30, 64],
+                 at={0: [("submit", i) for i in range(7)], 10: [("submit", i) for i in range(7, 10)],
+                     20: [("cancel", 2)], 40: [("submit", 10), ("submit", 11)]}),
+}
 
 
-def _plain_run(model: Qwen2LM, sampling: SamplingParams) -> dict:
-    """The plain engine's results (the tiny model is the same seeded model in every test)."""
-    key = repr(sampling)
-    if key not in _PLAIN_RESULTS:
-        _PLAIN_RESULTS[key] = _scripted_run(model, sampling, **PLAIN)
-    return _PLAIN_RESULTS[key]
-
-
-def _scripted_run(model: Qwen2LM, sampling: SamplingParams, **cfg) -> dict[str, tuple[list[int], FinishReason]]:
-    """6 requests over 3 slots: two join at step 0, three more at step 3, one more at step 7; one cancelled at
-    step 5 (while running) and one cancelled while waiting. Returns tokens and finish reason per request."""
-    engine = LLMEngine(model, EngineConfig(max_batch_slots=3, max_seq_len=64, **cfg))
-    prompts = _prompts(7)
-    lengths = [9, 30, 5, 14, 20, 11, 6]
+def _scripted_run(model: Qwen2LM, scenario: str, sampling: str, **geometry) -> dict[str, list]:
+    """Runs one scenario step by step; {request id: [tokens, finish reason]} as the recording holds them."""
+    sc = SCENARIOS[scenario]
+    engine = LLMEngine(model, LLMParams(max_seq_len=sc["max_seq_len"], **geometry), batch_slots=sc["slots"])
     handles = {}
-
-    def submit(i: int) -> None:
-        handles[f"r{i}"] = engine.submit(LLMRequest(f"r{i}", prompts[i], max_new_tokens=lengths[i],
-                                                    min_new_tokens=lengths[i], sampling=sampling, seed=100 + i))
-
-    for step in range(400):
-        if step == 0:
-            submit(0), submit(1)
-        if step == 3:
-            submit(2), submit(3), submit(4)
-        if step == 5:
-            engine.cancel("r1")
-        if step == 7:
-            submit(5), submit(6)
-            engine.cancel("r6")
-        if step > 7 and not engine.has_work():
+    for step in range(2000):
+        for kind, i in sc["at"].get(step, []):
+            if kind == "submit":
+                handles[f"r{i}"] = engine.submit(LLMRequest(
+                    f"r{i}", sc["prompts"][i], max_new_tokens=sc["lengths"][i], min_new_tokens=sc["lengths"][i],
+                    sampling=SAMPLINGS[sampling], seed=100 + i))
+            else:
+                engine.cancel(f"r{i}")
+        if step > max(sc["at"]) and not engine.has_work():
             break
         engine.step()
-    assert engine.num_free_slots == 3 and not engine.has_work()
-    out = {}
-    for rid, h in handles.items():
-        toks = h.result(timeout_s=0)
-        out[rid] = (toks, h.finish_reason)
-    return out
+    assert engine.num_free_slots == sc["slots"] and not engine.has_work()
+    return {rid: [h.result(timeout_s=0), h.finish_reason.value] for rid, h in handles.items()}
 
 
-@pytest.mark.parametrize("variant", [
-    dict(),                                                   # all defaults: fused, batched prefill, kv buckets
+@pytest.mark.parametrize("geometry", [
+    dict(),                                                   # the defaults
     dict(kv_buckets=(8, 16, 32)),                             # crosses several kv buckets while decoding
     dict(kv_buckets=(16,), max_prefill_tokens=20),            # admission split over several prefill forwards
-    dict(fuse_projections=False, kv_buckets=(8, 24)),
-    dict(batched_prefill=False, kv_buckets=(8, 16, 32)),
-])
-@pytest.mark.parametrize("sampling", [GREEDY, RAS], ids=["greedy", "ras"])
-def test_speed_paths_give_the_plain_engines_tokens_with_joins_and_cancels(tiny_model: Qwen2LM, variant,
-                                                                          sampling):
-    want = _plain_run(tiny_model, sampling)
-    got = _scripted_run(tiny_model, sampling, **variant)
-    assert got == want
-    assert want["r1"][1] is FinishReason.CANCELLED and 0 < len(want["r1"][0]) < 30
-    assert want["r6"] == ([], FinishReason.CANCELLED)
-    assert all(want[f"r{i}"][1] is FinishReason.LENGTH for i in (0, 2, 3, 4, 5))
+    dict(prefill_len_buckets=(8, 16, 32), prefill_batch_buckets=(1, 2, 4)),   # smaller prefill buckets
+    dict(prefill_len_buckets=(8,)),                           # prompts past the last length bucket: unpadded
+    dict(sampling_top_k_cap=0),                               # the full sort always
+], ids=["defaults", "kv-buckets", "prefill-budget", "prefill-buckets", "past-last-bucket", "full-sort"])
+@pytest.mark.parametrize("sampling", ["greedy", "ras"])
+@pytest.mark.parametrize("scenario", ["joins", "long"])
+def test_engine_gives_the_recorded_tokens_with_joins_and_cancels(tiny_model: Qwen2LM, scenario, sampling, geometry):
+    want = RECORDED[f"{scenario}/{sampling}"]
+    got = _scripted_run(tiny_model, scenario, sampling, **geometry)
+    if "max_prefill_tokens" in geometry:
+        # Admission spread over more steps: a request cancelled at a given step has made fewer tokens by then.
+        assert {rid: got[rid] for rid, (_, reason) in want.items() if reason != "cancelled"} == {
+            rid: value for rid, value in want.items() if value[1] != "cancelled"}
+        assert all(got[rid][1] == "cancelled" and tokens[:len(got[rid][0])] == got[rid][0]
+                   for rid, (tokens, reason) in want.items() if reason == "cancelled")
+    else:
+        assert got == want
+    assert any(reason == "cancelled" and 0 < len(tokens) for tokens, reason in want.values())
+    assert all(len(tokens) == SCENARIOS[scenario]["lengths"][int(rid[1:])]
+               for rid, (tokens, reason) in want.items() if reason == "length")
 
 
-def test_cancel_frees_the_slot_for_the_next_batched_admission(tiny_model: Qwen2LM):
-    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=2, max_seq_len=64, kv_buckets=(16,)))
-    prompts = _prompts(3)
+def _prompts_short(n: int) -> list[tuple[int, ...]]:
+    return _prompts(n, 5, lambda i: 2 + 3 * i % 11, lambda i: i % 4 * 3)
+
+
+def test_cancel_frees_the_slot_for_the_next_admission(tiny_model: Qwen2LM):
+    engine = LLMEngine(tiny_model, LLMParams(max_seq_len=64, kv_buckets=(16,)), batch_slots=2)
     hs = [engine.submit(LLMRequest(f"c{i}", p, max_new_tokens=40, min_new_tokens=40, sampling=GREEDY))
-          for i, p in enumerate(prompts)]
+          for i, p in enumerate(_prompts_short(3))]
     engine.step()
     assert engine.num_running == 2 and engine.num_waiting == 1
     engine.cancel("c0")
     engine.step()   # c0's slot is freed, then c2 is prefilled into it in the same step
     assert engine.num_running == 2 and engine.num_waiting == 0
-    assert engine._running[0].request.request_id == "c2"
+    assert engine.slots.running[0].request_id == "c2"
     engine.cancel("c1")
     engine.cancel("c2")
     engine.step()
@@ -105,40 +117,39 @@ def test_cancel_frees_the_slot_for_the_next_batched_admission(tiny_model: Qwen2L
         assert 0 < len(h.result(timeout_s=0)) < 40 and h.finish_reason is FinishReason.CANCELLED
 
 
-def test_kv_bucket_covers_every_running_position(tiny_model: Qwen2LM):
-    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=2, max_seq_len=64, kv_buckets=(8, 16)))
-    assert engine.config.kv_lens == (8, 16, 64)
+def test_kv_bucket_is_the_smallest_covering_every_running_position(tiny_model: Qwen2LM):
+    engine = LLMEngine(tiny_model, LLMParams(max_seq_len=64, kv_buckets=(8, 16)), batch_slots=2)
+    runner = engine.runner
+    assert runner.kv_lens == (8, 16, 64)
     seen = []
-    real = engine._step_fn
+    real = runner._step_fn
 
     def spy(n, kv_len):
-        need = max(s.next_position for s in engine._running.values()) + 1
+        # the positions the step writes at, on the device (a step launched ahead is one past the host's mirror)
+        need = int((runner._positions[:n] * runner._active[:n]).max()) + 1
         seen.append((need, kv_len))
         return real(n, kv_len)
 
-    engine._step_fn = spy
-    h = engine.submit(LLMRequest("k", _prompts(1)[0], max_new_tokens=20, min_new_tokens=20, sampling=GREEDY))
+    runner._step_fn = spy
+    h = engine.submit(LLMRequest("k", _prompts_short(1)[0], max_new_tokens=20, min_new_tokens=20, sampling=GREEDY))
     while engine.has_work():
         engine.step()
     assert len(h.result(timeout_s=0)) == 20
-    assert all(need <= kv for need, kv in seen)
     assert {kv for _, kv in seen} == {8, 16, 64}
     assert all(kv == min(b for b in (8, 16, 64) if b >= need) for need, kv in seen)
 
 
-def test_default_kv_buckets_double_from_128_to_max_seq_len():
-    assert EngineConfig(max_seq_len=1000).kv_lens == (128, 256, 512, 1000)
-    assert EngineConfig(max_seq_len=64).kv_lens == (64,)
+def test_default_buckets_double_from_128_to_max_seq_len():
+    assert kv_lengths(1000) == (128, 256, 512, 1000)
+    assert kv_lengths(64) == (64,)
     with pytest.raises(ValueError, match="kv_buckets"):
-        EngineConfig(max_seq_len=64, kv_buckets=(128,))
-    with pytest.raises(ValueError, match="compile_mode"):
-        EngineConfig(compile_mode="reduce-overhead")
+        LLMParams(max_seq_len=64, kv_buckets=(128,))
 
 
 @torch.inference_mode()
 def test_fused_projections_keep_keys_alias_weights_and_survive_dtype_moves(tiny_model: Qwen2LM):
     keys = {k: tuple(v.shape) for k, v in tiny_model.state_dict().items()}
-    ids = torch.tensor([_prompts(2)[1]])
+    ids = torch.tensor([_prompts_short(2)[1]])
     want = tiny_model.forward_hidden(ids)
     backbone = tiny_model.llm.backbone
     backbone.fuse_projections()
@@ -169,7 +180,7 @@ def test_fused_projections_keep_keys_alias_weights_and_survive_dtype_moves(tiny_
 def test_bounded_kv_decode_and_fresh_prefill_match_the_full_cache_path(tiny_model: Qwen2LM):
     backbone = tiny_model.llm.backbone
     tiny_model.setup_caches(max_batch_slots=3, max_seq_len=48)
-    prompts = _prompts(3)[:2]
+    prompts = _prompts_short(3)[:2]
     slots = torch.tensor([0, 1])
     longest = max(len(p) for p in prompts)
     ids = torch.tensor([list(p) + [0] * (longest - len(p)) for p in prompts])
@@ -187,35 +198,22 @@ def test_bounded_kv_decode_and_fresh_prefill_match_the_full_cache_path(tiny_mode
         backbone(emb, pos[:, None], slice(0, 2), kv_len=49)
 
 
-PADDED = dict(pad_prefill_to_buckets=True, prefill_len_buckets=(8, 16, 32), prefill_batch_buckets=(1, 2, 4))
-
-
-@pytest.mark.parametrize("variant", [
-    PADDED,                                                   # every prefill padded to (rows, length) buckets
-    dict(PADDED, prefill_len_buckets=(8,)),                   # prompts past the last length bucket: unpadded
-    dict(overlap_host=True),                                  # step N+1 launched before step N's bookkeeping
-    dict(PADDED, overlap_host=True, kv_buckets=(8, 16, 32)),
-    dict(overlap_host=True, prefill_groups_per_step=0),       # old admission: every waiting group at once
-    dict(sampling_top_k_cap=0),                               # full sort (the plain run samples with the cap)
-], ids=["padded", "padded-long", "overlap", "padded-overlap-kv", "overlap-all-groups", "full-sort"])
-@pytest.mark.parametrize("sampling", [GREEDY, RAS], ids=["greedy", "ras"])
-def test_padded_prefill_and_overlap_give_the_plain_engines_tokens(tiny_model: Qwen2LM, variant, sampling):
-    assert _scripted_run(tiny_model, sampling, **variant) == _plain_run(tiny_model, sampling)
-
-
 @torch.inference_mode()
 def test_padded_prefill_rows_give_the_unpadded_first_token_logp_and_state(tiny_model: Qwen2LM):
-    """The static-shape prefill (what a graph captures) with padding rows/columns writes the same slot state and
-    draws the same first ids as the exact-shape call; the hidden states it samples from agree to fp32 rounding."""
-    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=3, max_seq_len=64, **PADDED))
-    prompts = _prompts(5)[2:5]
+    """The static-shape prefill with padding rows/columns (what every prefill runs as) writes the same slot state
+    and draws the same first ids as the exact-shape call; the hidden states it samples from agree to fp32
+    rounding."""
+    engine = LLMEngine(tiny_model, LLMParams(max_seq_len=64, prefill_len_buckets=(8, 16, 32),
+                                             prefill_batch_buckets=(1, 2, 4)), batch_slots=3)
+    runner = engine.runner
+    prompts = _prompts_short(5)[2:5]
     lens = [len(p) for p in prompts]
 
     def staged(rows: int, length: int):
         ids = torch.full((rows, length), FLAT_SOS_ID)
         ints = torch.ones(rows, 7, dtype=torch.int64)
         ints[:, 3:5] = 0
-        ints[:, 6] = engine._scratch_slot
+        ints[:, 6] = runner.scratch_slot
         floats = torch.ones(rows, 2)
         for i, p in enumerate(prompts):
             ids[i, :lens[i]] = torch.tensor(p)
@@ -223,13 +221,13 @@ def test_padded_prefill_rows_give_the_unpadded_first_token_logp_and_state(tiny_m
             floats[i] = torch.tensor([RAS.top_p, RAS.temperature])
         return ids, ints, floats
 
-    state = lambda: [t[:3].clone() for t in (engine._tokens, engine._positions, engine._generated,
-                                            engine._active, engine._history, engine._min_new, engine._params.top_k,
-                                            engine._params.top_p, engine._params.seeds)]
-    exact = engine._prefill_rows(*staged(3, max(lens))).clone()
+    state = lambda: [t[:3].clone() for t in (runner._tokens, runner._positions, runner._generated,  # noqa: E731
+                                            runner._active, runner._history, runner._min_new, runner._params.top_k,
+                                            runner._params.top_p, runner._params.seeds)]
+    exact = runner._prefill_rows(*staged(3, max(lens))).clone()
     exact_state = state()
     k_exact = tiny_model.llm.backbone.layers[-1].self_attn.kv_cache.k_cache[:3].clone()
-    padded = engine._prefill_rows(*staged(4, 32))[:3]
+    padded = runner._prefill_rows(*staged(4, 32))[:3]
     assert padded.tolist() == exact.tolist()
     for a, b in zip(state(), exact_state):
         assert torch.equal(a, b)
@@ -247,9 +245,9 @@ def test_padded_prefill_rows_give_the_unpadded_first_token_logp_and_state(tiny_m
 
 
 def test_one_prefill_group_per_step_under_the_rows_cap(tiny_model: Qwen2LM):
-    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=8, max_seq_len=64, prefill_batch_buckets=(1, 2)))
+    engine = LLMEngine(tiny_model, LLMParams(max_seq_len=64, prefill_batch_buckets=(1, 2)), batch_slots=8)
     hs = [engine.submit(LLMRequest(f"g{i}", p, max_new_tokens=6, min_new_tokens=6, sampling=GREEDY))
-          for i, p in enumerate(_prompts(5))]
+          for i, p in enumerate(_prompts_short(5))]
     engine.step()
     assert engine.num_running == 2 and engine.num_waiting == 3
     engine.step()   # the running two got one token each, then two more were admitted
@@ -259,22 +257,21 @@ def test_one_prefill_group_per_step_under_the_rows_cap(tiny_model: Qwen2LM):
     assert all(len(h.result(timeout_s=0)) == 6 for h in hs)
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_request_filling_max_seq_len_finishes_and_its_slot_is_reused(tiny_model: Qwen2LM, overlap: bool):
-    """With overlap the finished row advances once more past its last position: still inside the cache, never
-    emitted, and the next request in that slot gets the tokens it gets alone."""
-    prompts = _prompts(3)
+def test_request_filling_max_seq_len_finishes_and_its_slot_is_reused(tiny_model: Qwen2LM):
+    """The step launched ahead advances the finished row once more past its last position: still inside the cache,
+    never emitted, and the next request in that slot gets the tokens it gets alone."""
+    prompts = _prompts_short(3)
     max_seq = 40
-    cfg = EngineConfig(max_batch_slots=1, max_seq_len=max_seq, kv_buckets=(16, 32), overlap_host=overlap)
+    settings = LLMParams(max_seq_len=max_seq, kv_buckets=(16, 32))
     alone = {}
     for i in (0, 1):
-        e = LLMEngine(tiny_model, EngineConfig(max_batch_slots=1, max_seq_len=max_seq))
+        e = LLMEngine(tiny_model, LLMParams(max_seq_len=max_seq), batch_slots=1)
         n = max_seq - len(prompts[i])
         h = e.submit(LLMRequest(f"a{i}", prompts[i], max_new_tokens=n, min_new_tokens=n, sampling=RAS, seed=i))
         while e.has_work():
             e.step()
         alone[i] = h.result(timeout_s=0)
-    engine = LLMEngine(tiny_model, cfg)
+    engine = LLMEngine(tiny_model, settings, batch_slots=1)
     hs = [engine.submit(LLMRequest(f"a{i}", prompts[i], max_new_tokens=max_seq - len(prompts[i]),
                                    min_new_tokens=max_seq - len(prompts[i]), sampling=RAS, seed=i)) for i in (0, 1)]
     while engine.has_work():
@@ -283,9 +280,9 @@ def test_request_filling_max_seq_len_finishes_and_its_slot_is_reused(tiny_model:
     assert all(h.finish_reason is FinishReason.LENGTH for h in hs)
 
 
-def test_overlap_launches_ahead_only_without_pending_admissions(tiny_model: Qwen2LM):
-    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=2, max_seq_len=64, overlap_host=True))
-    prompts = _prompts(3)
+def test_the_next_step_is_launched_ahead_only_without_pending_admissions(tiny_model: Qwen2LM):
+    engine = LLMEngine(tiny_model, LLMParams(max_seq_len=64), batch_slots=2)
+    prompts = _prompts_short(3)
     engine.submit(LLMRequest("o0", prompts[0], max_new_tokens=30, min_new_tokens=30, sampling=GREEDY))
     engine.step()
     assert engine._inflight is not None          # nothing waits: the next step is already on the device
@@ -307,24 +304,23 @@ def test_requests_wider_than_the_top_k_cap_get_the_full_sorts_draws(tiny_model: 
     wide = SamplingParams(top_p=0.95, top_k=200, win_size=10, tau_r=0.1)
 
     def run(cap: int) -> list[list[int]]:
-        engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=2, max_seq_len=64, sampling_top_k_cap=cap,
-                                                    overlap_host=True))
-        prompts = _prompts(3)
+        engine = LLMEngine(tiny_model, LLMParams(max_seq_len=64, sampling_top_k_cap=cap), batch_slots=2)
+        prompts = _prompts_short(3)
         hs = [engine.submit(LLMRequest("n0", prompts[0], 25, 25, RAS, seed=1))]
         for _ in range(4):
             engine.step()
         hs.append(engine.submit(LLMRequest("w1", prompts[1], 8, 8, wide, seed=2)))
         while engine.has_work():
             engine.step()
-        assert engine._wide_top_k == 0
+        assert engine.slots.num_full_sort == 0
         return [h.result(timeout_s=0) for h in hs]
 
     assert run(16) == run(0)
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_gives_the_plain_engines_tokens(tiny_model: Qwen2LM):
+def test_compiled_decode_step_gives_the_recorded_tokens(tiny_model: Qwen2LM):
     """`compile_decode` (LLM_COMPILE_DECODE): the Inductor-compiled step gives the same tokens, joins and cancels
     included. One kv bucket, so one compilation: about 3 minutes on a loaded 2-core CPU, run in CI."""
-    want = _plain_run(tiny_model, GREEDY)
-    assert _scripted_run(tiny_model, GREEDY, compile_decode=True, kv_buckets=(64,)) == want
+    got = _scripted_run(tiny_model, "joins", "greedy", compile_decode=True, kv_buckets=(64,))
+    assert got == RECORDED["joins/greedy"]

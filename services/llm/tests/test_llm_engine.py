@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from cosyvoice_common.errors import InvalidRequestError
-from cosyvoice_llm.engine import EngineConfig, FinishReason, LLMEngine, LLMOutput, LLMRequest, coalesce_outputs
+from cosyvoice_common.stage_params import LLMParams
+from cosyvoice_llm.engine import LLMEngine
+from cosyvoice_llm.sequence import FinishReason, LLMOutput, LLMRequest, coalesce_outputs
 from cosyvoice_llm.model import Qwen2LM, build_prompt_flat_ids
 from cosyvoice_llm.sampling import SamplingParams
 
@@ -33,16 +35,16 @@ def _run_to_completion(engine: LLMEngine, max_steps: int = 500) -> None:
 def test_concurrent_greedy_requests_match_each_run_alone(tiny_model: Qwen2LM):
     prompts = _prompts(5)
     lengths = [7, 12, 3, 9, 12]
-    cfg = EngineConfig(max_batch_slots=3, max_seq_len=64)
+    cfg = LLMParams(max_seq_len=64)
 
     alone = []
     for i, (p, n) in enumerate(zip(prompts, lengths)):
-        engine = LLMEngine(tiny_model, cfg)
+        engine = LLMEngine(tiny_model, cfg, batch_slots=3)
         h = engine.submit(LLMRequest(f"a{i}", p, max_new_tokens=n, min_new_tokens=n, sampling=GREEDY))
         _run_to_completion(engine)
         alone.append(h.result(timeout_s=0))
 
-    engine = LLMEngine(tiny_model, cfg)
+    engine = LLMEngine(tiny_model, cfg, batch_slots=3)
     handles = [engine.submit(LLMRequest(f"b{i}", p, max_new_tokens=n, min_new_tokens=n, sampling=GREEDY))
                for i, (p, n) in enumerate(zip(prompts, lengths))]
     _run_to_completion(engine)
@@ -56,7 +58,7 @@ def test_concurrent_greedy_requests_match_each_run_alone(tiny_model: Qwen2LM):
 def test_engine_greedy_matches_single_request_inference(tiny_model: Qwen2LM):
     text = [5, 17, 33, 2]
     want = list(tiny_model.inference(text, [9], [100, 200], min_len=10, max_len=10, sampling=GREEDY))
-    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=2, max_seq_len=64))
+    engine = LLMEngine(tiny_model, LLMParams(max_seq_len=64), batch_slots=2)
     h = engine.submit(LLMRequest("r", tuple(build_prompt_flat_ids(text, [9], [100, 200])), max_new_tokens=10,
                                  min_new_tokens=10, sampling=GREEDY))
     _run_to_completion(engine)
@@ -66,12 +68,12 @@ def test_engine_greedy_matches_single_request_inference(tiny_model: Qwen2LM):
 def test_seeded_sampling_is_independent_of_batch_company(tiny_model: Qwen2LM):
     params = SamplingParams(top_p=0.9, top_k=50, win_size=10, tau_r=0.1)
     prompts = _prompts(3)
-    cfg = EngineConfig(max_batch_slots=4, max_seq_len=64)
-    engine = LLMEngine(tiny_model, cfg)
+    cfg = LLMParams(max_seq_len=64)
+    engine = LLMEngine(tiny_model, cfg, batch_slots=4)
     h = engine.submit(LLMRequest("solo", prompts[0], max_new_tokens=15, sampling=params, seed=1234))
     _run_to_completion(engine)
     solo = h.result(timeout_s=0)
-    engine = LLMEngine(tiny_model, cfg)
+    engine = LLMEngine(tiny_model, cfg, batch_slots=4)
     hs = [engine.submit(LLMRequest(f"m{i}", p, max_new_tokens=15, sampling=params, seed=[1234, 5, 6][i]))
           for i, p in enumerate(prompts)]
     _run_to_completion(engine)
@@ -81,7 +83,7 @@ def test_seeded_sampling_is_independent_of_batch_company(tiny_model: Qwen2LM):
 
 def test_cancel_frees_the_slot_for_a_waiting_request(tiny_model: Qwen2LM):
     prompts = _prompts(2)
-    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=1, max_seq_len=64))
+    engine = LLMEngine(tiny_model, LLMParams(max_seq_len=64), batch_slots=1)
     first = engine.submit(LLMRequest("first", prompts[0], max_new_tokens=40, min_new_tokens=40, sampling=GREEDY))
     second = engine.submit(LLMRequest("second", prompts[1], max_new_tokens=4, min_new_tokens=4, sampling=GREEDY))
     engine.step()
@@ -98,7 +100,7 @@ def test_cancel_frees_the_slot_for_a_waiting_request(tiny_model: Qwen2LM):
 
 
 def test_cancel_of_waiting_request_ends_its_stream(tiny_model: Qwen2LM):
-    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=1, max_seq_len=64))
+    engine = LLMEngine(tiny_model, LLMParams(max_seq_len=64), batch_slots=1)
     engine.submit(LLMRequest("busy", _prompts(1)[0], max_new_tokens=5, sampling=GREEDY))
     waiting = engine.submit(LLMRequest("w", _prompts(1)[0], max_new_tokens=5, sampling=GREEDY))
     engine.cancel("w")
@@ -109,7 +111,7 @@ def test_cancel_of_waiting_request_ends_its_stream(tiny_model: Qwen2LM):
 def test_min_len_blocks_eos_and_stop_ends_without_emitting(tiny_model: Qwen2LM):
     with torch.no_grad():
         tiny_model.llm_decoder.bias[6561] = 100.0   # eos dominates whenever it is allowed
-    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=2, max_seq_len=64))
+    engine = LLMEngine(tiny_model, LLMParams(max_seq_len=64), batch_slots=2)
     h = engine.submit(LLMRequest("r", _prompts(1)[0], max_new_tokens=30, min_new_tokens=6, sampling=GREEDY))
     _run_to_completion(engine)
     toks = h.result(timeout_s=0)
@@ -118,7 +120,7 @@ def test_min_len_blocks_eos_and_stop_ends_without_emitting(tiny_model: Qwen2LM):
 
 
 def test_loop_thread_serves_concurrent_submitters(tiny_model: Qwen2LM):
-    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=2, max_seq_len=64, idle_wait_s=0.01))
+    engine = LLMEngine(tiny_model, LLMParams(max_seq_len=64), batch_slots=2)
     engine.start()
     try:
         results = {}
@@ -138,7 +140,7 @@ def test_loop_thread_serves_concurrent_submitters(tiny_model: Qwen2LM):
 
 
 def test_submit_rejects_bad_requests_with_named_fields(tiny_model: Qwen2LM):
-    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=1, max_seq_len=16))
+    engine = LLMEngine(tiny_model, LLMParams(max_seq_len=16), batch_slots=1)
     with pytest.raises(InvalidRequestError, match="max_seq_len"):
         engine.submit(LLMRequest("long", tuple(range(10)), max_new_tokens=10))
     with pytest.raises(InvalidRequestError, match="input_ids"):
@@ -151,19 +153,17 @@ def test_submit_rejects_bad_requests_with_named_fields(tiny_model: Qwen2LM):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("overlap", [False, True])
-def test_cuda_graph_decode_and_prefill_give_the_same_tokens_as_eager(tiny_model: Qwen2LM, overlap: bool):
+def test_cuda_graph_decode_and_prefill_give_the_same_tokens_as_eager(tiny_model: Qwen2LM):
     model = tiny_model.to("cuda")
     params = SamplingParams(top_p=0.9, top_k=50, win_size=10, tau_r=0.1)
     prompts = _prompts(5)
     results = []
     for graphs in (False, True):
-        engine = LLMEngine(model, EngineConfig(max_batch_slots=4, max_seq_len=64, use_cuda_graphs=graphs,
-                                               overlap_host=graphs and overlap))
+        engine = LLMEngine(model, LLMParams(max_seq_len=64, cuda_graphs=graphs), batch_slots=4)
         if graphs:
-            engine.capture_graphs()
-            assert sorted(engine._graphs) == [1, 2, 4]
-            assert sorted(engine._prefill_graphs) == [(r, n) for r in (1, 2, 4, 8) for n in (32, 64)]
+            engine.runner.capture_graphs()
+            assert sorted(engine.runner._decode_graphs) == [1, 2, 4]
+            assert sorted(engine.runner._prefill_graphs) == [(r, n) for r in (1, 2, 4, 8) for n in (32, 64)]
         hs = [engine.submit(LLMRequest(f"g{i}", p, max_new_tokens=12 + i, sampling=params, seed=i))
               for i, p in enumerate(prompts)]
         _run_to_completion(engine)
@@ -192,7 +192,7 @@ def test_coalesce_outputs_merges_per_request_in_order():
 def test_capacity_reports_slots_positions_and_kv_bytes(tiny_model):
     from cosyvoice_llm.capacity import kv_bytes_per_slot, plan_batch_slots
 
-    engine = LLMEngine(tiny_model, EngineConfig(max_batch_slots=3, max_seq_len=64))
+    engine = LLMEngine(tiny_model, LLMParams(max_seq_len=64), batch_slots=3)
     cap = engine.capacity
     assert (cap.batch_slots, cap.max_seq_len) == (3, 64)
     # 2 layers x (k, v) x 2 kv heads x 64 positions x 8 dims x 4 bytes per slot; the scratch slot is one more row.

@@ -7,12 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cosyvoice_llm.engine import EngineConfig, FinishReason, LLMEngine, LLMRequest
+from cosyvoice_common.stage_params import LLMParams
+from cosyvoice_llm.engine import LLMEngine
 from cosyvoice_llm.model import Qwen2LM, build_prompt_flat_ids
 from cosyvoice_llm.repetition import RepetitionConfig, RepetitionDetector, find_loop
 from cosyvoice_llm.sampling import SamplingParams
+from cosyvoice_llm.sequence import FinishReason, LLMRequest
 
-SMALL = RepetitionConfig(max_period_tokens=8, min_repeats=3, min_span_tokens=12)
+SMALL_SPEC = "max_period=8,min_repeats=3,min_span=12"
+SMALL = RepetitionConfig.parse(SMALL_SPEC)
 
 
 def _naive_period(tokens: list[int], cfg: RepetitionConfig) -> int:
@@ -100,18 +103,16 @@ def _drain(engine: LLMEngine, handles, max_steps: int = 400):
 
 
 def test_engine_ends_a_looping_request_with_repetition_and_keeps_forced_lengths(looping_model):
-    cfg = EngineConfig(max_batch_slots=4, max_seq_len=256, repetition=SMALL)
-    engine = LLMEngine(looping_model, cfg)
+    engine = LLMEngine(looping_model, LLMParams(max_seq_len=256, repetition=SMALL_SPEC), batch_slots=4)
     free = engine.submit(_request("free", 200))
     forced = engine.submit(_request("forced", 40, min_new=40))    # benchmark style: min = max
     (free_tokens, free_reason), (forced_tokens, forced_reason) = _drain(engine, [free, forced])
     assert free_reason is FinishReason.REPETITION and free_tokens == [LOOP_CODE] * SMALL.min_span_tokens
     assert forced_reason is FinishReason.LENGTH and len(forced_tokens) == 40
-    assert engine.num_free_slots == cfg.max_batch_slots
+    assert engine.num_free_slots == 4
 
 
 def test_engine_with_detection_off_generates_to_max_length(looping_model):
-    engine = LLMEngine(looping_model, EngineConfig(max_batch_slots=2, max_seq_len=256,
-                                                   repetition=RepetitionConfig(enabled=False)))
+    engine = LLMEngine(looping_model, LLMParams(max_seq_len=256, repetition="off"), batch_slots=2)
     [(tokens, reason)] = _drain(engine, [engine.submit(_request("off", 60))])
     assert reason is FinishReason.LENGTH and tokens == [LOOP_CODE] * 60

@@ -10,9 +10,11 @@ import tritonclient.grpc as grpcclient
 
 from cosyvoice_common.constants import FLAT_SOS_ID, FLAT_TASK_ID, FLAT_EOS1_ID, SPEECH_ID_OFFSET
 from cosyvoice_common.contracts import LLM_MODEL
-from cosyvoice_llm.engine import EngineConfig, LLMEngine, LLMRequest
+from cosyvoice_common.stage_params import LLMParams
+from cosyvoice_llm.engine import LLMEngine
 from cosyvoice_llm.model import load_llm
 from cosyvoice_llm.sampling import SamplingParams
+from cosyvoice_llm.sequence import LLMRequest
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 TEXT_IDS = [11, 12, 13, 14, 15, 16, 17, 18]
@@ -64,7 +66,7 @@ def _stream(url: str, inputs: list, timeout_s: float = 60.0) -> tuple[list[np.nd
 
 
 def _in_process_greedy(model_dir, max_new: int, min_new: int = 0) -> list[int]:
-    engine = LLMEngine(load_llm(model_dir, "cpu"), EngineConfig(max_batch_slots=1, max_seq_len=256))
+    engine = LLMEngine(load_llm(model_dir, "cpu"), LLMParams(max_seq_len=256), batch_slots=1)
     engine.start()
     try:
         handle = engine.submit(LLMRequest("ref", tuple(INPUT_IDS), max_new, min_new, SamplingParams.greedy(), 7))
