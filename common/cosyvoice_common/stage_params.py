@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cosyvoice_common.constants import LLM_MAX_SEQ_LEN
@@ -88,28 +87,6 @@ class TokenizerParams(StageParams):
 class SpeakerParams(StageParams):
     backend: str = knob("BACKEND", "onnx", "speaker embedding runtime: onnx (campplus.onnx) or torch",
                         choices=BACKENDS)
-
-
-@dataclass(frozen=True, slots=True)
-class PromptStageConfig:
-    """What the tokenizer and speaker models read from their config.pbtxt parameters, validated once in
-    initialize()."""
-    model_dir: Path
-    device: str
-    backend: str
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
-
-    @classmethod
-    def from_model_config(cls, model_config: Mapping) -> PromptStageConfig:
-        from cosyvoice_common.triton_io import get_parameter   # here: the launcher reads this module without numpy
-
-        return cls(Path(get_parameter(model_config, "model_dir")), get_parameter(model_config, "device"),
-                   get_parameter(model_config, "backend"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,18 +102,6 @@ def get_dtype(model_config: Mapping[str, Any], name: str, auto: str) -> "torch.d
     return DTYPES[dtype_name]
 
 
-def named_inputs(request) -> dict[str, np.ndarray]:
-    """Every input of a request of a batching model (max_batch_size > 0), Triton's batch dim of 1 removed, as
-    arrays that outlive the request: what a stage's pure request parser takes."""
-    tensors = {}
-    for tensor in request.inputs():
-        array = from_triton(tensor)
-        if array.shape[0] != 1:
-            raise ValueError(f"{tensor.name()}: send one item per request (batch {array.shape[0]})")
-        tensors[tensor.name()] = array[0]
-    return tensors
-
-
 def send_outputs(sender, outputs: Mapping[str, Any], requested: AbstractSet[str] | None = None, flags: int = 0) -> None:
     """Sends one response of a decoupled model holding `outputs`, only those named in `requested` when given
     (the request's `requested_output_names()`; an empty set means every output, as Triton reads it).

@@ -13,13 +13,15 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import MEL_BINS
-from cosyvoice_common.contracts import SPEAKER_OUTPUTS
+from cosyvoice_common.contracts import SPEAKER_INPUTS, SPEAKER_OUTPUTS
 from cosyvoice_common.runtime import install_stack_dumps
-from cosyvoice_common.stage_params import PromptStageConfig
-from cosyvoice_common.triton_io import batch_or_each, error_response, named_inputs, to_triton
+from cosyvoice_common.stage_params import SpeakerParams
+from cosyvoice_common.triton_io import batch_or_each, error_response, get_parameter, to_triton, unbatched_inputs
 from cosyvoice_speaker import SpeakerEncoder
 from cosyvoice_speaker.features import prompt_mel
 from cosyvoice_speaker.request import parse_speaker_request
+
+INPUT_NAMES = tuple(spec.name for spec in SPEAKER_INPUTS)
 
 EMBEDDING, SPEECH_FEAT = (spec.name for spec in SPEAKER_OUTPUTS)
 
@@ -27,8 +29,11 @@ EMBEDDING, SPEECH_FEAT = (spec.name for spec in SPEAKER_OUTPUTS)
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         install_stack_dumps()
-        self.config = PromptStageConfig.from_model_config(json.loads(args["model_config"]))
-        self.encoder = SpeakerEncoder(self.config.model_dir, self.config.backend, self.config.device)
+        model_config = json.loads(args["model_config"])
+        self.settings = SpeakerParams.from_model_config(model_config)
+        self.device = get_parameter(model_config, "device")
+        model_dir = get_parameter(model_config, "model_dir")
+        self.encoder = SpeakerEncoder(model_dir, self.settings.backend, self.device)
 
     def execute(self, requests):
         responses: list = [None] * len(requests)
@@ -36,10 +41,10 @@ class TritonPythonModel:
         mels: dict[int, np.ndarray] = {}
         for i, request in enumerate(requests):
             try:
-                parsed = parse_speaker_request(named_inputs(request))
+                parsed = parse_speaker_request(unbatched_inputs(request, INPUT_NAMES))
                 prompts[i] = parsed.wav_16k
                 mels[i] = (np.zeros((0, MEL_BINS), np.float32) if parsed.wav_24k is None else prompt_mel(
-                    torch.from_numpy(parsed.wav_24k.copy()).to(self.config.device)).float().cpu().numpy())
+                    torch.from_numpy(parsed.wav_24k.copy()).to(self.device)).float().cpu().numpy())
             except Exception as exc:  # noqa: BLE001 - a bad request answers only itself
                 responses[i] = error_response(exc)
                 prompts.pop(i, None)

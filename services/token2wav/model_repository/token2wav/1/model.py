@@ -16,56 +16,28 @@ the stage reports ready.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import MEL_BINS
+from cosyvoice_common.contracts import TOKEN2WAV_INPUTS
 from cosyvoice_common.runtime import install_stack_dumps
-from cosyvoice_common.settings import parse_flag
-from cosyvoice_common.stage_params import stream_cache_bytes
-from cosyvoice_common.triton_io import error_response, get_parameter, named_inputs, send_outputs
+from cosyvoice_common.stage_params import AUTO, Token2WavParams, stream_cache_bytes
+from cosyvoice_common.triton_io import DTYPES, error_response, get_parameter, send_outputs, unbatched_inputs
 from cosyvoice_token2wav.engine import CallStats, Token2WavEngine
 from cosyvoice_token2wav.request import parse_chunk_request
 from cosyvoice_token2wav.sequence import CHUNK_KINDS, ChunkResult
 from cosyvoice_token2wav.token2wav import VocoderCache
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INPUT_NAMES = tuple(spec.name for spec in TOKEN2WAV_INPUTS)
 
 
-@dataclass(frozen=True, slots=True)
-class Token2WavStageConfig:
-    """config.pbtxt parameters (filled from cosyvoice_common.stage_params.Token2WavParams). dtype: auto = bfloat16
-    flow on CUDA (it holds the quality gate against float32, cosyvoice_token2wav.quality), float32 on CPU (the
-    reference's numerics; HiFT is always float32). stream_cache_bytes: the state cache's budget (0 = off)."""
-    model_dir: Path
-    device: str
-    flow_dtype: torch.dtype
-    cuda_graphs: bool
-    padding_budget: float
-    stream_cache_bytes: int
-
-    def __post_init__(self) -> None:
-        if self.cuda_graphs and torch.device(self.device).type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
-        if self.padding_budget < 1.0:
-            raise ValueError(f"padding_budget must be >= 1, got {self.padding_budget}")
-
-    @classmethod
-    def from_model_config(cls, model_config: dict) -> "Token2WavStageConfig":
-        device = get_parameter(model_config, "device")
-        cuda = torch.device(device).type == "cuda"
-        dtype_name = get_parameter(model_config, "dtype")
-        if dtype_name == "auto":
-            dtype_name = "bfloat16" if cuda else "float32"
-        if dtype_name not in _DTYPES:
-            raise ValueError(f"dtype must be auto or one of {list(_DTYPES)}, got {dtype_name!r}")
-        graphs = cuda and get_parameter(model_config, "cuda_graphs", lambda text: parse_flag(text, "cuda_graphs"))
-        cache_bytes = stream_cache_bytes(get_parameter(model_config, "stream_cache_gib"), device)
-        return cls(Path(get_parameter(model_config, "model_dir")), device, _DTYPES[dtype_name], graphs,
-                   get_parameter(model_config, "padding_budget", float), cache_bytes)
+def flow_dtype(settings: Token2WavParams, device: str) -> torch.dtype:
+    """`auto` = bfloat16 flow on CUDA (it holds the quality gate against float32, cosyvoice_token2wav.quality),
+    float32 on CPU (the reference's numerics; HiFT is always float32)."""
+    name = settings.dtype if settings.dtype != AUTO else ("bfloat16" if device.startswith("cuda") else "float32")
+    return DTYPES[name]
 
 
 def chunk_outputs(wav: torch.Tensor, cache: VocoderCache | None) -> dict[str, torch.Tensor]:
@@ -119,13 +91,16 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         install_stack_dumps()
         model_config = json.loads(args["model_config"])
-        self.config = cfg = Token2WavStageConfig.from_model_config(model_config)
-        self.engine = Token2WavEngine(cfg.model_dir, torch.device(cfg.device), cfg.flow_dtype,
-                                      cache_bytes=cfg.stream_cache_bytes,
-                                      max_batch=max(1, int(model_config.get("max_batch_size", 0) or 1)),
-                                      padding_budget=cfg.padding_budget, use_cuda_graphs=cfg.cuda_graphs)
+        self.settings = settings = Token2WavParams.from_model_config(model_config)
+        device = get_parameter(model_config, "device")
+        dtype = flow_dtype(settings, device)
+        self.engine = Token2WavEngine(get_parameter(model_config, "model_dir"), torch.device(device), dtype,
+                                      cache_bytes=stream_cache_bytes(settings.stream_cache_gib, device),
+                                      max_batch=settings.max_batch_size, padding_budget=settings.padding_budget,
+                                      use_cuda_graphs=settings.cuda_graphs and device.startswith("cuda"))
+        pb_utils.Logger.log_info(f"token2wav: {settings}")
         # every graph bucket captured now: the stage is ready only after this
-        self.engine.capture_graphs(log_line=lambda msg: pb_utils.Logger.log_info(f"{msg}; flow {cfg.flow_dtype}"))
+        self.engine.capture_graphs(log_line=lambda msg: pb_utils.Logger.log_info(f"{msg}; flow {dtype}"))
         self.metrics = _Metrics({"model": args["model_name"], "version": args["model_version"]})
         self.engine.start()
 
@@ -136,7 +111,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 wanted = frozenset(request.requested_output_names())
-                call = parse_chunk_request(named_inputs(request))
+                call = parse_chunk_request(unbatched_inputs(request, INPUT_NAMES))
             except Exception as exc:  # noqa: BLE001 - a malformed request answers only itself
                 sender.send(error_response(exc), flags=final)
                 continue
