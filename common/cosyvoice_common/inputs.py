@@ -13,6 +13,23 @@ import numpy as np
 from cosyvoice_common.errors import InvalidRequestError
 
 
+_REQUIRED = object()
+
+
+def one_value(tensors: Mapping[str, np.ndarray], name: str, default: object = _REQUIRED):
+    """The one value of a scalar input (any shape of one element) as a Python number; `default` when absent
+    (without a default the input is required)."""
+    value = tensors.get(name)
+    if value is None:
+        if default is _REQUIRED:
+            raise InvalidRequestError(f"{name} is required")
+        return default
+    flat = np.asarray(value).reshape(-1)
+    if flat.size != 1:
+        raise InvalidRequestError(f"{name} must hold one value, got {flat.size}")
+    return flat[0].item()
+
+
 def trimmed_wav(tensors: Mapping[str, np.ndarray], wav_name: str, len_name: str) -> np.ndarray | None:
     """A mono prompt cut to its length input (the client may zero-pad); None when `wav_name` is absent. Without
     the length input the whole array is the prompt."""
@@ -20,14 +37,7 @@ def trimmed_wav(tensors: Mapping[str, np.ndarray], wav_name: str, len_name: str)
     if wav is None:
         return None
     samples = np.asarray(wav, np.float32).reshape(-1)
-    length = tensors.get(len_name)
-    if length is None:
-        n = samples.shape[0]
-    else:
-        flat = np.asarray(length).reshape(-1)
-        if flat.size != 1:
-            raise InvalidRequestError(f"{len_name} must hold one value, got {flat.size}")
-        n = int(flat[0])
+    n = int(one_value(tensors, len_name, samples.shape[0]))
     if not 0 < n <= samples.shape[0]:
         raise InvalidRequestError(f"{len_name}={n} outside [1, {samples.shape[0]}]")
     return samples[:n]

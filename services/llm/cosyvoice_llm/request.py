@@ -15,6 +15,7 @@ import numpy as np
 
 from cosyvoice_common.contracts import LLM_STREAM_BOUNDARIES
 from cosyvoice_common.errors import InvalidRequestError
+from cosyvoice_common.inputs import one_value
 
 from .delivery import validate_boundaries
 from .sampling import SamplingParams
@@ -28,22 +29,10 @@ class StageRequest:
     stream_boundaries: tuple[int, ...] | None   # streaming with boundaries: hold tokens to each (delivery.py)
 
 
-def _scalar(tensors: Mapping[str, np.ndarray], name: str, default: object = None):
-    value = tensors.get(name)
-    if value is None:
-        if default is None:
-            raise InvalidRequestError(f"{name} is required")
-        return default
-    values = np.asarray(value).reshape(-1)
-    if values.size != 1:
-        raise InvalidRequestError(f"{name} must hold one value, got {values.size}")
-    return values[0].item()
-
-
 def _sampling(tensors: Mapping[str, np.ndarray]) -> SamplingParams:
-    top_k = int(_scalar(tensors, "runtime_top_k", 0))
-    top_p = float(_scalar(tensors, "runtime_top_p", 0.0))
-    temperature = float(_scalar(tensors, "temperature", 1.0))
+    top_k = int(one_value(tensors, "runtime_top_k", 0))
+    top_p = float(one_value(tensors, "runtime_top_p", 0.0))
+    temperature = float(one_value(tensors, "temperature", 1.0))
     if top_k == 1:
         return SamplingParams.greedy()
     defaults = SamplingParams()
@@ -63,17 +52,17 @@ def parse_request(tensors: Mapping[str, np.ndarray], request_id: str) -> StageRe
     ids = np.asarray(tensors["input_ids"])
     if ids.ndim != 1:
         raise InvalidRequestError(f"input_ids must be one sequence [L], got shape {list(ids.shape)}")
-    length = int(_scalar(tensors, "input_lengths"))
+    length = int(one_value(tensors, "input_lengths"))
     if not 0 < length <= ids.shape[0]:
         raise InvalidRequestError(f"input_lengths={length} outside [1, {ids.shape[0]}]")
     request = LLMRequest(
         request_id=request_id,
         input_ids=tuple(ids[:length].tolist()),
-        max_new_tokens=int(_scalar(tensors, "request_output_len")),
-        min_new_tokens=int(_scalar(tensors, "min_length", 0)),
+        max_new_tokens=int(one_value(tensors, "request_output_len")),
+        min_new_tokens=int(one_value(tensors, "min_length", 0)),
         sampling=_sampling(tensors),
-        seed=int(_scalar(tensors, "random_seed", 0)))
-    streaming = bool(_scalar(tensors, "streaming", False))
+        seed=int(one_value(tensors, "random_seed", 0)))
+    streaming = bool(one_value(tensors, "streaming", False))
     boundaries = tensors.get(LLM_STREAM_BOUNDARIES.name)
     if not streaming or boundaries is None:
         return StageRequest(request, streaming, None)

@@ -136,19 +136,26 @@ def flow_cases(golden_dir: Path, t2w: Token2Wav) -> list[ParityResult]:
     recorder = _RecordingFlow(t2w.flow)
     t2w = Token2Wav(recorder, t2w.hift, t2w.config)
     out: list[ParityResult] = []
+    cache: VocoderCache | None = None
+    for mode, c, plan, gen in _recorded_chunks(z):
+        p = f"{mode}__chunk{c}__"
+        wav, cache = t2w.chunk(tokens[:, :plan.flow_token_len], prompt, prompt_feat, embedding,
+                               token_offset=plan.token_offset, finalize=plan.finalize, streaming=plan.streaming,
+                               cache=cache if c else None, generator=gen)
+        out.append(compare(f"token2wav.{mode}.chunk{c}.flow_mel", recorder.last_mel, z[p + "flow_mel"],
+                           FLOW_MEL_ATOL))
+        out.append(compare(f"token2wav.{mode}.chunk{c}.chunk_out_speech[seeded]", wav, z[p + "out_speech"],
+                           INJECTED_SPEECH_ATOL))
+    return out
+
+
+def _recorded_chunks(z: Any):
+    """(mode, chunk index, plan, source generator) of every recorded chunk in order; one generator per mode,
+    seeded as the reference's run was, so that each chunk draws what the reference drew."""
     for mode in MODES:
-        cache: VocoderCache | None = None
         gen = torch.Generator().manual_seed(int(z["torch_seed"]))
         for c, plan in enumerate(_stored_plan(z, mode)):
-            p = f"{mode}__chunk{c}__"
-            wav, cache = t2w.chunk(tokens[:, :plan.flow_token_len], prompt, prompt_feat, embedding,
-                                   token_offset=plan.token_offset, finalize=plan.finalize, streaming=plan.streaming,
-                                   cache=cache, generator=gen)
-            out.append(compare(f"token2wav.{mode}.chunk{c}.flow_mel", recorder.last_mel, z[p + "flow_mel"],
-                               FLOW_MEL_ATOL))
-            out.append(compare(f"token2wav.{mode}.chunk{c}.chunk_out_speech[seeded]", wav, z[p + "out_speech"],
-                               INJECTED_SPEECH_ATOL))
-    return out
+            yield mode, c, plan, gen
 
 
 def engine_cases(golden_dir: Path, flow: torch.nn.Module, hift: HiFTGenerator) -> list[ParityResult]:
@@ -164,22 +171,20 @@ def engine_cases(golden_dir: Path, flow: torch.nn.Module, hift: HiFTGenerator) -
     engine = Token2WavEngine((flow, hift), "cpu", torch.float32, cache_bytes=ENGINE_CACHE_BYTES)
     engine.run_chunks([ChunkRequest(tokens=tokens[:, :0], prefill=True, finalize=False, streaming=True, **voice)])
     out: list[ParityResult] = []
-    for mode in MODES:
-        cache: VocoderCache | None = None
-        gen = torch.Generator().manual_seed(int(z["torch_seed"]))
-        for c, plan in enumerate(_stored_plan(z, mode)):
-            p = f"{mode}__chunk{c}__"
-            (result,) = engine.run_chunks([ChunkRequest(
-                tokens=tokens[:, :plan.flow_token_len], token_offset=plan.token_offset, finalize=plan.finalize,
-                streaming=plan.streaming, cache=cache, generator=gen, **voice)], keep_mel=True)
-            if result.error is not None:
-                return out + [_failed(f"token2wav.engine.{mode}.chunk{c}[{result.error}]", FLOW_MEL_ATOL)]
-            cache = result.cache
-            ratio = engine.config.token_mel_ratio
-            out.append(compare(f"token2wav.engine.{mode}.chunk{c}.flow_mel", result.mel,
-                               z[p + "flow_mel"][:, :, plan.token_offset * ratio:], FLOW_MEL_ATOL))
-            out.append(compare(f"token2wav.engine.{mode}.chunk{c}.out_speech[seeded]", result.waveform,
-                               z[p + "out_speech"], INJECTED_SPEECH_ATOL))
+    cache: VocoderCache | None = None
+    for mode, c, plan, gen in _recorded_chunks(z):
+        p = f"{mode}__chunk{c}__"
+        (result,) = engine.run_chunks([ChunkRequest(
+            tokens=tokens[:, :plan.flow_token_len], token_offset=plan.token_offset, finalize=plan.finalize,
+            streaming=plan.streaming, cache=cache if c else None, generator=gen, **voice)], keep_mel=True)
+        if result.error is not None:
+            return out + [_failed(f"token2wav.engine.{mode}.chunk{c}[{result.error}]", FLOW_MEL_ATOL)]
+        cache = result.cache
+        ratio = engine.config.token_mel_ratio
+        out.append(compare(f"token2wav.engine.{mode}.chunk{c}.flow_mel", result.mel,
+                           z[p + "flow_mel"][:, :, plan.token_offset * ratio:], FLOW_MEL_ATOL))
+        out.append(compare(f"token2wav.engine.{mode}.chunk{c}.out_speech[seeded]", result.waveform,
+                           z[p + "out_speech"], INJECTED_SPEECH_ATOL))
     return out
 
 

@@ -19,19 +19,10 @@ import torch
 
 from cosyvoice_common.constants import MEL_BINS, SPEECH_ID_OFFSET, SPEED_NEUTRAL
 from cosyvoice_common.errors import InvalidRequestError
+from cosyvoice_common.inputs import one_value
 
 from .sequence import ChunkRequest, chunk_seed
 from .token2wav import VocoderCache
-
-
-def _scalar(tensors: Mapping[str, np.ndarray], name: str) -> np.generic | None:
-    value = tensors.get(name)
-    if value is None:
-        return None
-    flat = np.asarray(value).reshape(-1)
-    if flat.size != 1:
-        raise InvalidRequestError(f"{name} must hold one value, got {flat.size}")
-    return flat[0]
 
 
 def _codes(tensors: Mapping[str, np.ndarray], name: str) -> np.ndarray:
@@ -51,7 +42,7 @@ def _float_tensor(value: np.ndarray | torch.Tensor, shape: tuple[int, ...]) -> t
 
 def parse_chunk_request(tensors: Mapping[str, np.ndarray | torch.Tensor]) -> ChunkRequest:
     """One call's tensors -> ChunkRequest; InvalidRequestError names what is wrong."""
-    prefill = bool(_scalar(tensors, "prefill") or False)
+    prefill = bool(one_value(tensors, "prefill", False))
     codes = _codes(tensors, "target_speech_tokens") if not prefill or "target_speech_tokens" in tensors \
         else np.zeros(0, np.int64)
     prompt_codes = _codes(tensors, "prompt_speech_tokens")
@@ -59,8 +50,8 @@ def parse_chunk_request(tensors: Mapping[str, np.ndarray | torch.Tensor]) -> Chu
         raise InvalidRequestError("a prefill call carries the prompt only (target_speech_tokens must be empty)")
     if not prefill and codes.size == 0:
         raise InvalidRequestError("target_speech_tokens is empty")
-    offset = _scalar(tensors, "token_offset")
-    finalize = _scalar(tensors, "finalize")
+    offset = one_value(tensors, "token_offset", None)
+    finalize = one_value(tensors, "finalize", None)
     if prefill:
         token_offset, is_final, streaming = 0, False, True
     elif offset is None:   # offline: one flow pass, one vocoder pass
@@ -77,8 +68,8 @@ def parse_chunk_request(tensors: Mapping[str, np.ndarray | torch.Tensor]) -> Chu
                                       "cache_speech")
         cache = VocoderCache(mel=_float_tensor(mel, (1, MEL_BINS, -1)), source=_float_tensor(source, (1, 1, -1)),
                              speech=_float_tensor(speech, (1, -1)))
-    seed = _scalar(tensors, "seed")
-    speed = _scalar(tensors, "speed")
+    seed = one_value(tensors, "seed", None)
+    speed = one_value(tensors, "speed", None)
     speed = SPEED_NEUTRAL if speed is None else float(speed)
     if speed != SPEED_NEUTRAL and offset is not None:
         raise InvalidRequestError("speed applies to offline calls only (without token_offset), as in the reference")
