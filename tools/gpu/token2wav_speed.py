@@ -160,7 +160,7 @@ def scenario_streams(args, models, device, dtype) -> dict:
     bar = tqdm(total=len(configs) * args.streams, desc=f"streams ({API})", unit="stream", file=sys.stderr)
     for name, cache_gib, prefill, warm_voice in configs:
         backend = Backend(models, device, dtype, int(cache_gib * (1 << 30)), args.max_batch, args.graphs)
-        per_stream, prefill_ms, first_ms, audio_frames, not_counted = [], [], [], 0, 0
+        per_stream, prefill_ms, first_ms, audio_frames, not_counted, cpu_s = [], [], [], 0, 0, []
         for s in range(args.streams):
             voice = make_voice(s, args.prompt_tokens)
             if warm_voice:     # an earlier stream of this voice left its prompt blocks: not this stream's work
@@ -170,13 +170,17 @@ def scenario_streams(args, models, device, dtype) -> dict:
             if prefill and not warm_voice:
                 _, (ms,) = backend.run([prefill_request(voice)])
                 prefill_ms.append(ms)
+            cpu0 = time.process_time()
             times, frames = run_stream(backend, voice, make_tokens(s, args.tokens), 1000 * s)
+            cpu_s.append(time.process_time() - cpu0)
             per_stream.append(sum(times))
             first_ms.append(times[0])
             audio_frames += frames
             bar.update()
         computed, reused = backend.frames
+        # CPU seconds of the process (all threads) per stream: on a shared machine, what the work costs
         row = {"ms_per_stream": statistics.median(per_stream), "first_chunk_ms": statistics.median(first_ms),
+               "cpu_s_per_stream": statistics.median(cpu_s),
                "prefill_ms": statistics.median(prefill_ms) if prefill_ms else None, "audio_frames": audio_frames}
         if computed is not None:
             computed -= not_counted
@@ -249,15 +253,16 @@ def measure(args) -> dict:
 def table(new: dict, base: dict | None) -> str:
     lines = []
     if "streams" in new:
-        lines += ["| tree | configuration | flow frames / audio frame | ms per stream | first chunk ms | prefill ms |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| tree | configuration | flow frames / audio frame | ms per stream | CPU s per stream | first chunk ms "
+                  "| prefill ms |", "|---|---|---|---|---|---|---|"]
         for label, result in (("baseline", base), ("this tree", new)):
             if not result or "streams" not in result:
                 continue
             for name, row in result["streams"].items():
                 prefill = f"{row['prefill_ms']:.0f}" if row.get("prefill_ms") else ""
+                cpu = f"{row['cpu_s_per_stream']:.1f}" if "cpu_s_per_stream" in row else ""
                 lines.append(f"| {label} ({result['api']}) | {name} | {row['computed_per_audio_frame']:.2f} | "
-                             f"{row['ms_per_stream']:.0f} | {row['first_chunk_ms']:.0f} | {prefill} |")
+                             f"{row['ms_per_stream']:.0f} | {cpu} | {row['first_chunk_ms']:.0f} | {prefill} |")
     if "mix" in new:
         lines += ["", "| tree | first chunk alone ms | first chunks in the mix ms | all calls ms |", "|---|---|---|---|"]
         for label, result in (("baseline", base), ("this tree", new)):
