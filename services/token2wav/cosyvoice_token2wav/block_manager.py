@@ -13,8 +13,9 @@ Pages are content-addressed, as vLLM's prefix cache: a block's key hashes everyt
 speaker embedding, every token up to its end plus the look-ahead, and the prompt mel inside it) chained over the
 blocks before it. So a stream's next call finds its earlier blocks, a registered voice's prompt blocks serve
 every request with that voice, and two requests can never read each other's state unless they are the same
-computation. A page is pending while the call that writes it runs and valid once it is done; a valid page no
-call reads sits in an LRU list and is evicted when a new page is needed. Page 0 is all zeros (the left padding
+computation. A page is pending while the call that writes it runs and valid once it is done (a call may read a
+pending page only one Euler step behind its writer: `scheduler`); a valid page no call reads sits in an LRU list
+and is evicted when a new page is needed. Page 0 is all zeros (the left padding
 of a batch, and "nothing before the first block"); the last page takes the writes of blocks not kept.
 """
 from __future__ import annotations
@@ -142,6 +143,7 @@ class StateCache:
         self._valid: dict[bytes, int] = {}         # key -> page, computed
         self._pending: dict[bytes, int] = {}       # key -> page, being computed by a running call
         self._key_of: dict[int, bytes] = {}
+        self._owner: dict[int, object] = {}        # pending page -> the call writing it
         self._refs = [0] * (self.n_pages + 2)
         self._free = list(range(self.n_pages, 0, -1))   # pages 1..n_pages; pop() gives the lowest
         self._lru: OrderedDict[int, None] = OrderedDict()   # valid pages no call holds, oldest first
@@ -156,25 +158,31 @@ class StateCache:
         """Device bytes of the pages that hold a block (valid or being written)."""
         return (len(self._valid) + len(self._pending)) * self.page_bytes
 
-    def match(self, keys: list[bytes]) -> tuple[list[int], bool]:
-        """The pages of the longest prefix of `keys` that is valid, and whether the next key is being computed
-        (then the caller should wait for it rather than compute it again)."""
-        pages = []
+    def match(self, keys: list[bytes]) -> tuple[list[int], list[object]]:
+        """The pages of the longest prefix of `keys` that is valid or being computed, and the writers (the `owner`s
+        given to `allocate`) of those being computed, in order of appearance without repeats."""
+        pages: list[int] = []
+        writers: list[object] = []
         for key in keys:
             page = self._valid.get(key)
             if page is None:
-                return pages, key in self._pending
+                page = self._pending.get(key)
+                if page is None:
+                    break
+                owner = self._owner[page]
+                if all(owner is not w for w in writers):
+                    writers.append(owner)
             pages.append(page)
-        return pages, False
+        return pages, writers
 
     def acquire(self, pages: list[int]) -> None:
         for page in pages:
             self._refs[page] += 1
             self._lru.pop(page, None)
 
-    def allocate(self, keys: list[bytes]) -> list[int]:
-        """Pages for blocks `keys` (in order), pending until `commit`; fewer when the pool is held by running
-        calls (the blocks after the last page given are computed but not kept)."""
+    def allocate(self, keys: list[bytes], owner: object) -> list[int]:
+        """Pages for blocks `keys` (in order), pending until `commit`, written by `owner`; fewer when the pool is
+        held by running calls (the blocks after the last page given are computed but not kept)."""
         pages = []
         for key in keys:
             if key in self._valid or key in self._pending:
@@ -190,6 +198,7 @@ class StateCache:
             self._refs[page] = 1
             self._pending[key] = page
             self._key_of[page] = key
+            self._owner[page] = owner
             pages.append(page)
         return pages
 
@@ -198,13 +207,15 @@ class StateCache:
         for page in written:
             key = self._key_of[page]
             del self._pending[key]
+            del self._owner[page]
             self._valid[key] = page
         self._release([*read, *written])
 
     def abort(self, read: list[int], written: list[int]) -> None:
-        """A call failed: its written pages are freed unseen."""
+        """A call failed: its written pages are freed unseen (calls reading them were aborted first)."""
         for page in written:
             del self._pending[self._key_of.pop(page)]
+            del self._owner[page]
             self._refs[page] = 0
             self._free.append(page)
         self._release(read)

@@ -235,6 +235,9 @@ class Token2WavEngine:
             if s.status is not SequenceStatus.RUNNING:
                 continue   # answered with an error above
             self.cache.commit(s.cached_pages, s.write_pages)
+            for follower in s.followers:     # its blocks are valid now: every step of them is written
+                follower.leader = None
+            s.followers = []
             self.scheduler.finish([s])
             result = results.get(id(s)) or ChunkResult(empty, None)
             self._answer(s, result)
@@ -258,6 +261,13 @@ class Token2WavEngine:
             log.exception("token2wav engine: answering a %s call failed", s.kind)
 
     def _answer_error(self, s: Sequence, exc: BaseException) -> None:
+        for follower in s.followers:     # they read blocks this call will never finish writing
+            if follower.status is SequenceStatus.RUNNING:
+                self._answer_error(follower, exc)
+        s.followers = []
+        if s.leader is not None:
+            s.leader.followers = [f for f in s.leader.followers if f is not s]
+            s.leader = None
         if s.status is SequenceStatus.RUNNING:
             self.cache.abort(s.cached_pages, s.write_pages)
             self.scheduler.finish([s])

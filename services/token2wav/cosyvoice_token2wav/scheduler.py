@@ -3,8 +3,10 @@
 Two queues, first in first out: urgent (a prompt prefill or a stream's first chunk: the path to a stream's
 first audio) and the rest (later chunks, final chunks, offline calls). Each iteration of the engine admits
 waiting calls while the running set has room, urgent ones first. Admission asks the state cache for the call's
-cached prefix and pages for the blocks it will complete; a call whose next block another running call is
-computing waits for it instead of computing it twice (a stream's first chunk behind its own prompt prefill).
+cached prefix and pages for the blocks it will complete. A call whose next blocks another running call is still
+computing does not compute them twice: an urgent call follows an urgent writer one Euler step behind, reading
+each step's keys and values once the writer has written them (a stream's first chunk behind its own prompt
+prefill joins at once); any other call waits until the writer is done.
 
 Each iteration then runs one Euler step of the running calls, in groups of at most `max_batch` calls whose
 padded window stays within `padding_budget` times their real frames (so a long final chunk or offline call never
@@ -91,13 +93,26 @@ class Scheduler:
             plan = seq.plan
             seq.block_hashes = block_hashes(plan.ids, plan.flow_frames // self.block_frames, seq.request.embedding,
                                             seq.request.prompt_feat, self.cache.layout)
-        pages, pending = self.cache.match(seq.block_hashes)
-        if pending:
-            return False
+        pages, writers = self.cache.match(seq.block_hashes)
+        if writers:
+            if not self._can_follow(seq, writers, len(pages)):
+                return False
+            seq.leader = writers[0]
+            seq.leader.followers.append(seq)
         self.cache.acquire(pages)
         seq.cached_pages = pages
-        seq.write_pages = self.cache.allocate(seq.block_hashes[len(pages):])
+        seq.write_pages = self.cache.allocate(seq.block_hashes[len(pages):], seq)
         return True
+
+    def _can_follow(self, seq: Sequence, writers: list, n_blocks: int) -> bool:
+        """Whether `seq` may read blocks another running call is still computing, one Euler step behind it: one
+        writer, whose encoder has run (its encoder pages are written), both urgent (urgent groups run every
+        iteration, so the writer stays ahead), and `seq` needs none of those blocks' final mel (its audio starts
+        after them; a first chunk behind its own prompt's prefill)."""
+        (leader,) = writers if len(writers) == 1 else (None,)
+        return (leader is not None and leader.status is SequenceStatus.RUNNING and leader.x is not None
+                and leader.urgent and seq.urgent and leader.leader is None
+                and seq.plan.start_frame >= n_blocks * self.block_frames)
 
     # --- grouping -----------------------------------------------------------------------------------
     def groups(self, seqs: Iterable[Sequence]) -> list[list[Sequence]]:
@@ -129,7 +144,9 @@ class Scheduler:
                                                                                    for s in group)
 
     def step_groups(self, steppable: list[Sequence]) -> list[list[Sequence]]:
-        """The groups that run one Euler step this iteration."""
+        """The groups that run one Euler step this iteration. A follower steps only behind its leader (it reads
+        the keys and values the leader wrote at that step)."""
+        steppable = [s for s in steppable if s.leader is None or s.leader.step > s.step]
         groups = self.groups(steppable)
         if not any(any(s.urgent for s in g) for g in groups):
             chosen = groups

@@ -189,6 +189,8 @@ class Sequence:
     cond: torch.Tensor | None = None   # [80, window] prompt mel where the window overlaps the prompt
     spks: torch.Tensor | None = None   # [80] projected speaker embedding
     skipped_steps: int = 0             # iterations this sequence's group sat out (scheduler fairness)
+    leader: "Sequence | None" = None   # the running call computing blocks this one reads (until it is done)
+    followers: list["Sequence"] = field(default_factory=list)   # calls reading blocks this one computes
 
     @property
     def kind(self) -> str:

@@ -208,3 +208,47 @@ def test_a_wrong_state_is_not_subtle(models):
     engine.scheduler._reserve = reserve_with_the_other_voice
     (r,) = engine.run_chunks([stream.request()], keep_mel=True)
     assert seq_hashes and (r.mel - want.results[0].mel).abs().max() > 0.1
+
+
+def test_a_first_chunk_follows_its_running_prefill_one_step_behind(models):
+    """The first chunk arrives while its prompt's prefill is still running: it joins at once, reads each Euler
+    step's keys and values of the prompt blocks after the prefill wrote them, and computes none of them again."""
+    n_prompt = 61
+    voice, tokens = _voice(51, n_prompt), _tokens(51, 60)
+    want = recomputed(models, voice, tokens)
+    engine = Token2WavEngine(models, "cpu", torch.float32, cache_bytes=CACHE_BYTES)
+    answered = {}
+    engine.submit(prefill(voice), lambda r, s: answered.setdefault("prefill", (r, s)))
+    engine.step()
+    engine.step()                                    # the prefill is two steps in
+    stream = Stream(voice, tokens)
+    engine.submit(stream.request(), lambda r, s: answered.setdefault("first", (r, s)), keep_mel=True)
+    engine.step()                                    # admitted: following, not waiting
+    (first,) = [s for s in engine.scheduler.running if s.kind == "first"]
+    assert first.leader is not None and first.leader.kind == "prefill" and first.cached_blocks == 2
+    while "first" not in answered:
+        engine.step()
+        assert first.leader is None or first.leader.step > first.step
+    assert "prefill" in answered and answered["prefill"][1].frames_computed == 100
+    result, stats = answered["first"]
+    assert stats.frames_reused == 100 and stats.frames_computed == 2 * (n_prompt + 15) - 100
+    stream.take(result)
+    run_streams(engine, [stream])
+    assert_same_audio(stream, want)
+    engine.cache.check()
+
+
+def test_a_failed_writer_fails_its_followers_and_frees_its_pages(models):
+    voice, tokens = _voice(52, 61), _tokens(52, 40)
+    engine = Token2WavEngine(models, "cpu", torch.float32, cache_bytes=CACHE_BYTES)
+    answered = {}
+    engine.submit(prefill(voice), lambda r, s: answered.setdefault("prefill", r))
+    engine.step()
+    engine.submit(Stream(voice, tokens).request(), lambda r, s: answered.setdefault("first", r))
+    engine.step()
+    (leader,) = [s for s in engine.scheduler.running if s.kind == "prefill"]
+    assert leader.followers
+    engine._answer_error(leader, RuntimeError("a device fault"))
+    assert "a device fault" in str(answered["prefill"].error) and "a device fault" in str(answered["first"].error)
+    assert engine.scheduler.is_idle() and engine.cache.bytes_held == 0
+    engine.cache.check()
