@@ -33,7 +33,7 @@ def read_input(name: str, tensor) -> np.ndarray:
     if name in _TEXT_INPUTS:
         # BYTES (TYPE_STRING) have no DLPack form, so triton_io cannot carry them: as_numpy() is the only
         # way, and it is exact only because the stub runs with numpy<2 (`make up`:
-        # cosyvoice_tools.seed_repo.ensure_stub_python; the gateway image pins numpy<2). Object array of bytes.
+        # cosyvoice_launcher.seed_repo.ensure_stub_python; the gateway image pins numpy<2). Object array of bytes.
         return tensor.as_numpy()
     return from_triton(tensor)
 

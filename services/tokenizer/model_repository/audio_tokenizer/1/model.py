@@ -12,14 +12,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import SPEECH_ID_OFFSET
-from cosyvoice_common.contracts import TOKENIZER_OUTPUTS
+from cosyvoice_common.contracts import TokenizerOut
 from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.stage_params import PromptStageConfig
 from cosyvoice_common.triton_io import batch_or_each, error_response, named_inputs, to_triton
 from cosyvoice_tokenizer import SpeechTokenizer
 from cosyvoice_tokenizer.request import parse_prompt
-
-(CODES,) = (spec.name for spec in TOKENIZER_OUTPUTS)
 
 
 class TritonPythonModel:
@@ -39,5 +37,5 @@ class TritonPythonModel:
         # One batched call; if it fails, each prompt alone, so one bad prompt fails only its request.
         for i, codes in batch_or_each(self.tokenizer.tokenize, prompts).items():
             responses[i] = error_response(codes) if isinstance(codes, Exception) else \
-                pb_utils.InferenceResponse([to_triton(CODES, (codes.astype(np.int32) + SPEECH_ID_OFFSET)[None])])
+                pb_utils.InferenceResponse([to_triton(TokenizerOut.PROMPT_SPEECH_TOKENS, (codes.astype(np.int32) + SPEECH_ID_OFFSET)[None])])
         return responses
