@@ -42,7 +42,7 @@ from cosyvoice_common.stages import (
     SEED_OFFLINE_PORTS,
     SEED_STREAMING_PORTS,
 )
-from cosyvoice_common.stages import STAGES, Stage, stage
+from cosyvoice_common.stages import STAGE_NAMES, STAGES, Stage, stage
 from cosyvoice_gateway.seed import SeedFrontSettings
 
 from cosyvoice_launcher import mps, seed_repo
@@ -104,7 +104,8 @@ class StageSettings:
     triton_kind: str = ""                   # "" = the placement's; KIND_CPU: see StageLaunchEnv.triton_kind
 
     def __post_init__(self) -> None:
-        stage(self.name)     # an unknown name raises, listing the stages
+        if self.name not in STAGE_NAMES:
+            raise ValueError(f"unknown stage {self.name!r}; stages: {list(STAGE_NAMES)}")
         if self.replicas < 0 or self.instance_count < 1 or not self.devices:
             raise ValueError(f"bad settings for stage {self.name}: {self}")
         if self.params is None:
@@ -120,13 +121,14 @@ class StageSettings:
         self.stage_placement()   # validates devices against replicas (the placement's rules)
 
     @property
-    def stage(self) -> Stage:
+    def spec(self) -> Stage:
+        """What the registry says of the stage (its Triton model, env names, port base)."""
         return stage(self.name)
 
     @property
     def template_dir(self) -> Path:
         """The stage's config.pbtxt templates (its Triton model repository in the source tree)."""
-        return REPO_ROOT / self.stage.model_repository_dir
+        return REPO_ROOT / self.spec.model_repository_dir
 
     @property
     def devices_per_replica(self) -> tuple[tuple[str, ...], ...]:
