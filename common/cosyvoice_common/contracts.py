@@ -171,6 +171,28 @@ TOKEN2WAV_OUTPUTS = (
 )
 
 
+# --- the seed recipe's model `cosyvoice2` (the gateway's seed fronts): what its clients send and read ---------
+SEED_MODEL = "cosyvoice2"                       # the only name the seed's clients accept for CosyVoice2
+
+
+class SeedIn:
+    REFERENCE_WAV = "reference_wav"              # [1, N] 16 kHz, zero-padded to whole seconds by the seed's client
+    REFERENCE_WAV_LEN = "reference_wav_len"
+    REFERENCE_TEXT = "reference_text"            # BYTES
+    TARGET_TEXT = "target_text"                  # BYTES
+    MIN_SPEECH_TOKENS = "min_speech_tokens"      # ours, optional: exact lengths (benchmarks)
+    MAX_SPEECH_TOKENS = "max_speech_tokens"
+
+
+class SeedOut:
+    WAVEFORM = "waveform"                        # 24 kHz
+
+
+SEED_TEXT_INPUTS = (SeedIn.REFERENCE_TEXT, SeedIn.TARGET_TEXT)
+SEED_INPUTS = (SeedIn.REFERENCE_WAV, SeedIn.REFERENCE_WAV_LEN, *SEED_TEXT_INPUTS, SeedIn.MIN_SPEECH_TOKENS,
+               SeedIn.MAX_SPEECH_TOKENS)
+
+
 # --- metrics: exported by one process, read by Prometheus, the profiler (cosyvoice_tools.profile) and tests ------
 class GatewayMetric:
     """The gateway's Prometheus metrics (its HTTP /metrics, or METRICS_PORT)."""

@@ -28,7 +28,14 @@ def test_the_token2wav_cache_goes_back_under_the_names_it_came_out_with():
 
 
 def test_the_registry_gives_each_stage_its_own_contract():
-    by_model = {contracts.TOKENIZER_MODEL: contracts.TOKENIZER_INPUTS, contracts.SPEAKER_MODEL: contracts.SPEAKER_INPUTS,
-                contracts.LLM_MODEL: contracts.LLM_INPUTS, contracts.TOKEN2WAV_MODEL: contracts.TOKEN2WAV_INPUTS}
+    by_model = {contracts.TOKENIZER_MODEL: contracts.TOKENIZER_INPUTS,
+                contracts.SPEAKER_MODEL: contracts.SPEAKER_INPUTS,
+                contracts.LLM_MODEL: contracts.LLM_INPUTS,
+                contracts.TOKEN2WAV_MODEL: contracts.TOKEN2WAV_INPUTS}
     assert {s.triton_model: s.inputs for s in STAGES} == by_model
     assert stage("token2wav").outputs == contracts.TOKEN2WAV_OUTPUTS
+
+
+def test_the_seed_model_inputs_are_its_namespace():
+    assert _names(contracts.SeedIn) == set(contracts.SEED_INPUTS)
+    assert set(contracts.SEED_TEXT_INPUTS) <= set(contracts.SEED_INPUTS)

@@ -12,9 +12,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from cosyvoice_common.contracts import SEED_MODEL
 from cosyvoice_common.settings import from_env
 from cosyvoice_common.stages import DEFAULT_REDIS_URL, STAGES
-from cosyvoice_gateway.seed import SEED_MODEL_NAME, SeedFrontSettings, template_params
+from cosyvoice_gateway.seed import SeedFrontSettings, template_params
 
 from cosyvoice_launcher.placement import SEED_FRONTS
 from cosyvoice_launcher.triton import PACKAGE_ROOTS, REPO_ROOT, render_model_repository
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     repos = render_repositories(args.out, Path(model_dir).resolve(), urls, env.get("REDIS_URL", DEFAULT_REDIS_URL),
                                 from_env(SeedFrontSettings, env))
     for name, path in repos.items():
-        print(f"{name}: {path / SEED_MODEL_NAME / 'config.pbtxt'}")
+        print(f"{name}: {path / SEED_MODEL / 'config.pbtxt'}")
     return 0
 
 

@@ -40,10 +40,10 @@ from typing import Protocol
 
 import numpy as np
 from cosyvoice_common.constants import MAX_SPEECH_TOKENS, PROMPT_16K_SAMPLE_RATE_HZ
+from cosyvoice_common.contracts import SeedIn
 from cosyvoice_common.settings import check_knobs, knob, template_values
 from cosyvoice_common.stages import DEFAULT_SPEAKER_ID, STAGE_NAMES, STAGES
 
-SEED_MODEL_NAME = "cosyvoice2"          # the only name the seed's clients accept for CosyVoice2
 DEFAULT_SPEAKER = DEFAULT_SPEAKER_ID      # the seed's spk2info.pt key
 CANCEL_POLL_S = 0.02
 READINESS_INTERVAL_S = 2.0
@@ -53,8 +53,6 @@ LENGTH_MODES = ("off", "ratio")
 # (~3.2 Qwen2 tokens/s), so ~7.5 speech tokens per text token with the real tokenizer.
 DEFAULT_LENGTH_K = 7.5
 
-INPUT_NAMES = ("reference_wav", "reference_wav_len", "reference_text", "target_text",
-               "min_speech_tokens", "max_speech_tokens")
 log = logging.getLogger("cosyvoice_gateway.seed")
 
 
@@ -98,27 +96,27 @@ def _int(tensors: Mapping[str, np.ndarray], name: str) -> int | None:
 
 def parse_seed_inputs(tensors: Mapping[str, np.ndarray]) -> SeedInputs:
     """Seed tensors (batch dim of 1 included or not) -> SeedInputs. Raises SeedRequestError."""
-    target_text = _text(tensors, "target_text")
+    target_text = _text(tensors, SeedIn.TARGET_TEXT)
     if target_text is None or not target_text.strip():
         raise SeedRequestError("target_text is missing or empty")
-    reference_text = _text(tensors, "reference_text") or ""
-    wav = tensors.get("reference_wav")
+    reference_text = _text(tensors, SeedIn.REFERENCE_TEXT) or ""
+    wav = tensors.get(SeedIn.REFERENCE_WAV)
     if wav is not None:
         wav = np.asarray(wav, dtype=np.float32)
         if wav.ndim == 2 and wav.shape[0] == 1:
             wav = wav[0]
         if wav.ndim != 1:
-            raise SeedRequestError(f"reference_wav must be [1, N], got {list(np.shape(tensors['reference_wav']))}")
-        length = _int(tensors, "reference_wav_len")
+            raise SeedRequestError(f"reference_wav must be [1, N], got {list(np.shape(tensors[SeedIn.REFERENCE_WAV]))}")
+        length = _int(tensors, SeedIn.REFERENCE_WAV_LEN)
         if length is not None:
             if not 0 < length <= wav.shape[0]:
                 raise SeedRequestError(f"reference_wav_len {length} outside [1, {wav.shape[0]}]")
             wav = wav[:length]            # the seed's client zero-pads to whole seconds
         if wav.size == 0:
             wav = None
-    elif tensors.get("reference_wav_len") is not None:
+    elif tensors.get(SeedIn.REFERENCE_WAV_LEN) is not None:
         raise SeedRequestError("reference_wav_len without reference_wav")
-    lo, hi = _int(tensors, "min_speech_tokens") or 0, _int(tensors, "max_speech_tokens") or 0
+    lo, hi = _int(tensors, SeedIn.MIN_SPEECH_TOKENS) or 0, _int(tensors, SeedIn.MAX_SPEECH_TOKENS) or 0
     return SeedInputs(target_text, None if wav is None else np.ascontiguousarray(wav), reference_text, lo, hi)
 
 

@@ -74,8 +74,8 @@ def chunk_outputs(wav: torch.Tensor, cache: VocoderCache | None) -> dict[str, to
         mel, source, speech = torch.zeros(1, MEL_BINS, 0), torch.zeros(1, 0), torch.zeros(1, 0)
     else:
         mel, source, speech = cache.mel, cache.source.reshape(1, -1), cache.speech.reshape(1, -1)
-    outputs = {Token2WavOut.WAVEFORM: wav.reshape(1, -1), Token2WavOut.CACHE_MEL: mel, Token2WavOut.CACHE_SOURCE: source,
-               Token2WavOut.CACHE_SPEECH: speech}
+    outputs = {Token2WavOut.WAVEFORM: wav.reshape(1, -1), Token2WavOut.CACHE_MEL: mel,
+               Token2WavOut.CACHE_SOURCE: source, Token2WavOut.CACHE_SPEECH: speech}
     return {name: t.float() for name, t in outputs.items()}   # all float32
 
 
