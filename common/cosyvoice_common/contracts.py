@@ -111,6 +111,9 @@ LLM_OUTPUTS = (
     TensorSpec(LLMOut.OUTPUT_IDS, "INT32", (-1, -1)),
     TensorSpec(LLMOut.SEQUENCE_LENGTH, "INT32", (-1,)),
 )
+# A parameter of the served llm model's config (services/llm/model_repository/llm/config.pbtxt): positions per
+# request (prompt + generated), which the gateway reads to fit a request's text into the stage.
+LLM_CAPACITY_PARAMETER = "max_seq_len"
 
 # --- token2wav stage: stateless chunk calls; the vocoder overlap cache travels with the request ------
 TOKEN2WAV_MODEL = "token2wav"

@@ -43,10 +43,10 @@ from cosyvoice_common.constants import (
     MEL_BINS,
     SPEECH_ID_OFFSET,
 )
+from cosyvoice_common.contracts import LLM_CAPACITY_PARAMETER
 from cosyvoice_common.errors import InvalidRequestError
 from cosyvoice_common.stage_params import StageParams
 from cosyvoice_common.stages import LLM, SPEAKER, TOKEN2WAV, TOKENIZER
-from cosyvoice_gateway.limits import LLM_CAPACITY_PARAMETER
 from cosyvoice_gateway.pipeline import (
     Pipeline,
     PipelineConfig,

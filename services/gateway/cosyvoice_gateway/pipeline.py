@@ -59,6 +59,7 @@ from cosyvoice_common.constants import (
     TOKEN_MEL_RATIO,
 )
 from cosyvoice_common.contracts import (
+    LLM_CAPACITY_PARAMETER,
     TOKEN2WAV_CACHE,
     LLMIn,
     LLMOut,
@@ -316,7 +317,7 @@ class Pipeline:
 
     def llm_capacity(self) -> int:
         """Positions per llm slot: the served llm model's `max_seq_len` parameter, else the config default."""
-        return self.stages[LLM].int_parameter(limits.LLM_CAPACITY_PARAMETER) or self.config.llm_max_seq_len
+        return self.stages[LLM].int_parameter(LLM_CAPACITY_PARAMETER) or self.config.llm_max_seq_len
 
     async def close(self) -> None:
         if self._background:
