@@ -4,8 +4,9 @@ PY_SYS ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp
-# Package roots: each stage's importable package lives in its own service folder.
-PKG_DIRS := common services/tokenizer services/speaker services/llm services/token2wav services/gateway tools protos/gen
+# Package roots: each stage's importable package lives in its own service folder; the launcher (`make up`) and the
+# developer tools each have their own.
+PKG_DIRS := common services/tokenizer services/speaker services/llm services/token2wav services/gateway launcher tools protos/gen
 MODEL_SIZE ?= tiny
 MODEL_DIR  ?= models/cosyvoice2-$(MODEL_SIZE)
 GOLDEN     ?= data/golden/tiny-seed1
@@ -61,7 +62,7 @@ download: $(STAMP) ## fetch + verify the released model into MODEL_DIR (default 
 	$(PY) -m cosyvoice_tools.download --model-dir $(DOWNLOAD_DIR) --source $(DOWNLOAD_SOURCE) $(if $(VERIFY_ONLY),--verify-only,)
 
 # --- stack ---
-# Where stages run: cosyvoice_tools.placement (deploy/README.md), read by the launcher from the environment.
+# Where stages run: cosyvoice_launcher.placement (deploy/README.md), read by the launcher from the environment.
 # Empty = unset: PLACEMENT_FILE (e.g. deploy/placement.example.yaml), then these override it; devices default
 # to PLACEMENT_DEFAULT_DEVICE, else cuda:0 when torch sees a GPU, else cpu.
 PLACEMENT_VARS = PLACEMENT_FILE PLACEMENT_DEFAULT_DEVICE \
@@ -72,19 +73,19 @@ USER_MODEL_DIR = $(if $(filter command line environment,$(origin MODEL_DIR)),$(M
 STACK_ENV = MODEL_SIZE=$(MODEL_SIZE) MODEL_DIR="$(USER_MODEL_DIR)" $(foreach v,$(PLACEMENT_VARS),$(v)="$($(v))")
 
 up: $(STAMP) ## start redis + stage servers + gateway (generates the default tiny model if missing; MODEL_DIR=... must exist unless MODEL_GENERATE=1)
-	$(STACK_ENV) $(PY) -m cosyvoice_tools.stack up
+	$(STACK_ENV) $(PY) -m cosyvoice_launcher.stack up
 
 down: ## stop everything `make up` started
-	$(PY) -m cosyvoice_tools.stack down
+	$(PY) -m cosyvoice_launcher.stack down
 
 ps: ## each stack process: pid, ports, alive, ready, device
-	$(PY) -m cosyvoice_tools.stack ps
+	$(PY) -m cosyvoice_launcher.stack ps
 
 plan: $(STAMP) ## the stage processes `make up` would start (devices, CUDA_VISIBLE_DEVICES, instances, ports)
-	$(STACK_ENV) $(PY) -m cosyvoice_tools.stack plan
+	$(STACK_ENV) $(PY) -m cosyvoice_launcher.stack plan
 
 logs: ## tail the stack's logs (make logs FOLLOW=1 to follow)
-	$(PY) -m cosyvoice_tools.stack logs $(if $(FOLLOW),--follow,)
+	$(PY) -m cosyvoice_launcher.stack logs $(if $(FOLLOW),--follow,)
 
 config-docs: $(STAMP) ## regenerate docs/CONFIGURATION.md from the configuration classes (a test checks it)
 	$(PY) -m cosyvoice_tools.config_docs
@@ -196,14 +197,14 @@ seed-download: $(STAMP) ## run.sh stage 0 (download): model dir (random weights 
 	$(MAKE) seed-stub-env
 
 seed-stub-env: $(STAMP) ## numpy<2 interpreter env for the cosyvoice2 fronts' Python stub (build/seed-stub-python; wheels from .whl/ or the index)
-	$(PY) -m cosyvoice_tools.seed_repo stub-env --target build/seed-stub-python --wheels .whl
+	$(PY) -m cosyvoice_launcher.seed_repo stub-env --target build/seed-stub-python --wheels .whl
 
 seed-build: $(STAMP) ## run.sh stage 1 (convert/build): LLM_BACKEND=trtllm builds the TensorRT-LLM engine into ENGINE_DIR; our PyTorch engine needs none
 	@if [ "$(LLM_BACKEND)" = "trtllm" ]; then services/llm/trtllm/build_engine.sh --model-dir $(MODEL_DIR) --engine-dir $(ENGINE_DIR); \
 	else echo "seed stage 1: nothing to convert for the PyTorch LLM engine (LLM_BACKEND=trtllm to build a TensorRT-LLM engine)"; fi
 
 seed-repo: $(STAMP) ## run.sh stage 2 (model repository): render the streaming + offline cosyvoice2 repos into SEED_REPOS (make up renders its own)
-	MODEL_DIR=$(MODEL_DIR) $(PY) -m cosyvoice_tools.seed_repo render --out $(SEED_REPOS)
+	MODEL_DIR=$(MODEL_DIR) $(PY) -m cosyvoice_launcher.seed_repo render --out $(SEED_REPOS)
 
 seed-launch: up ## run.sh stage 3 (launch): the whole stack incl. cosyvoice2 streaming 8000-8002 and offline 8010-8012
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 from cosyvoice_common.settings import ConfigError
-from cosyvoice_tools import stack as stack_mod
-from cosyvoice_tools.placement import (
+from cosyvoice_launcher import stack as stack_mod
+from cosyvoice_launcher.placement import (
     PlacementError,
     compose_service_names,
     load_placement,
     to_compose,
 )
-from cosyvoice_tools.stack import StackConfig, StageSettings, process_plan
-from cosyvoice_tools.triton import render_model_repository
+from cosyvoice_launcher.stack import StackConfig, StageSettings, process_plan
+from cosyvoice_launcher.triton import render_model_repository
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "deploy" / "placement.example.yaml"
@@ -60,7 +60,7 @@ def test_each_process_sees_its_gpus_renumbered_from_zero_in_env_and_config(no_gp
     params = settings.template_params(config.model_dir, slot)
     assert (params["device"], params["device_kind"], params["gpu_ids"], params["instance_count"]) == \
         ("cuda:0", "KIND_GPU", "0", "2")
-    repo = render_model_repository(settings.spec.template_dir, tmp_path / "repo", params)
+    repo = render_model_repository(settings.template_dir, tmp_path / "repo", params)
     pbtxt = (repo / "token2wav" / "config.pbtxt").read_text()
     assert "instance_group [ { count: 2 kind: KIND_GPU gpus: [ 0 ] } ]" in pbtxt
     assert 'string_value: "cuda:0"' in pbtxt
@@ -72,7 +72,7 @@ def test_a_gpu_replica_can_run_a_cpu_kind_triton_instance_on_its_gpu(no_gpu, tmp
     (slot,) = [s for s in process_plan(config) if s.stage == "llm"]
     params = config.stage("llm").template_params(config.model_dir, slot)
     assert (params["device"], params["device_kind"], params["gpu_ids"]) == ("cuda:0", "KIND_CPU", "")
-    pbtxt = (render_model_repository(config.stage("llm").spec.template_dir, tmp_path / "repo", params)
+    pbtxt = (render_model_repository(config.stage("llm").template_dir, tmp_path / "repo", params)
              / "llm" / "config.pbtxt").read_text()
     assert "kind: KIND_CPU gpus: [  ]" in pbtxt and 'string_value: "cuda:0"' in pbtxt
     (t2w,) = [s for s in process_plan(config) if s.stage == "token2wav"]   # other stages keep KIND_GPU
@@ -170,13 +170,13 @@ def test_compose_runs_what_the_launcher_runs(no_gpu, env):
 
 def test_plan_command_prints_devices_without_starting_anything(tmp_path):
     env = dict(os.environ, PLACEMENT_FILE=str(EXAMPLE), STACK_RUN_DIR=str(tmp_path / "run"))
-    out = subprocess.run([sys.executable, "-m", "cosyvoice_tools.stack", "plan", "--json"], env=env, text=True,
+    out = subprocess.run([sys.executable, "-m", "cosyvoice_launcher.stack", "plan", "--json"], env=env, text=True,
                          capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr
     procs = json.loads(out.stdout)
     assert [(p["stage"], p["device"], p["env"]["CUDA_VISIBLE_DEVICES"]) for p in procs][-2:] == \
         [("token2wav", "cuda:1", "1"), ("token2wav", "cuda:2", "2")]
     assert not (tmp_path / "run").exists()
-    bad = subprocess.run([sys.executable, "-m", "cosyvoice_tools.stack", "plan"], text=True, capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "cosyvoice_launcher.stack", "plan"], text=True, capture_output=True,
                          env=dict(env, LLM_DEVICES="tpu:0"), timeout=60)
     assert bad.returncode == 2 and "LLM_DEVICES" in bad.stderr

@@ -11,6 +11,7 @@ import urllib.request
 import grpc
 import pytest
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
+from cosyvoice_common.contracts import LLMMetric
 from cosyvoice_gateway.testing import prompt_wav_bytes
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -27,11 +28,11 @@ def _metric(metrics_url: str, name: str) -> float:
 
 
 def _active(metrics_url: str) -> float:
-    return _metric(metrics_url, "llm_active_requests")
+    return _metric(metrics_url, LLMMetric.ACTIVE_REQUESTS)
 
 
 def _generated(metrics_url: str) -> float:
-    return _metric(metrics_url, "llm_generated_tokens")
+    return _metric(metrics_url, LLMMetric.GENERATED_TOKENS)
 
 
 def _wait_for(condition, failure: str, timeout_s: float = EVENT_BOUND_S) -> None:

@@ -22,11 +22,13 @@ from dataclasses import replace
 import grpc
 import pytest
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
+from cosyvoice_common.contracts import LLMMetric
+from cosyvoice_common.stages import LLM, TOKEN2WAV
 from cosyvoice_gateway.server import Gateway, GatewayConfig
 from cosyvoice_gateway.testing import RedisProcess, free_port, prompt_wav_bytes
-from cosyvoice_tools.stack import Stack
+from cosyvoice_launcher.stack import Stack
+from cosyvoice_launcher.triton import free_port_block
 from cosyvoice_tools.testing import make_stack_config
-from cosyvoice_tools.triton import free_port_block
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -61,8 +63,8 @@ def _llm_active(record) -> float:
     """Requests an llm replica holds now (its `llm_active_requests` gauge)."""
     url = f"http://127.0.0.1:{record.ports['metrics']}/metrics"
     text = urllib.request.urlopen(url, timeout=5).read().decode()
-    values = [float(v) for v in re.findall(r"^llm_active_requests\{[^}]*\} (\S+)$", text, re.M)]
-    assert values, f"llm_active_requests is not exported at {url}"
+    values = [float(v) for v in re.findall(rf"^{LLMMetric.ACTIVE_REQUESTS}\{{[^}}]*\}} (\S+)$", text, re.M)]
+    assert values, f"{LLMMetric.ACTIVE_REQUESTS} is not exported at {url}"
     return sum(values)
 
 
@@ -117,7 +119,7 @@ def test_slow_start_replica_kill_and_redis_restart(stage_servers, tiny_model_dir
                     await asyncio.sleep(0.5)
                 # the gateway's readiness loop sees every replica ready (else both streams below go to one)
                 deadline = time.monotonic() + 60
-                while not all(r.ready for s in (gateway.stages.llm, gateway.stages.token2wav) for r in s._replicas):
+                while not all(r.ready for s in (gateway.stages[LLM], gateway.stages[TOKEN2WAV]) for r in s._replicas):
                     assert time.monotonic() < deadline, "the gateway never saw every replica ready"
                     await asyncio.sleep(0.2)
 

@@ -6,14 +6,14 @@ import sys
 import time
 
 import pytest
-from cosyvoice_tools.stack import StackConfig
-from cosyvoice_tools.triton import pid_alive
+from cosyvoice_launcher.stack import StackConfig
+from cosyvoice_launcher.triton import pid_alive
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
 def _cli(command: str, env: dict, timeout_s: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cosyvoice_tools.stack", command], env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "cosyvoice_launcher.stack", command], env=env, text=True,
                           capture_output=True, timeout=timeout_s)
 
 

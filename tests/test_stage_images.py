@@ -29,7 +29,7 @@ import tritonclient.grpc as triton_grpc
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.stages import STAGE_NAMES, stage
 from cosyvoice_gateway.testing import TEST_STAGE_TIMEOUT_S, free_port, prompt_wav_bytes
-from cosyvoice_tools.triton import free_ports, http_ready
+from cosyvoice_launcher.triton import free_ports, http_ready
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]

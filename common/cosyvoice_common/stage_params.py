@@ -2,7 +2,7 @@
 
 Each field is an environment variable `{STAGE}_{NAME}` (prefix from the stage registry) and, under the
 field's own name, a `${name}` of that stage's config.pbtxt template. Both fillers read them from here:
-the launcher (`make up`, cosyvoice_tools.stack) and the container entrypoint (deploy/docker/triton_stage.py).
+the launcher (`make up`, cosyvoice_launcher.stack) and the container entrypoint (deploy/docker/triton_stage.py).
 The stage's model.py then reads the filled config.pbtxt back into the same class (`from_model_config`; no
 environment reads there).
 

@@ -4,10 +4,14 @@ Tools (launcher, placement, bench, profiler, stage load), the compose generator,
 Helm chart against it), the gateway and the container entrypoints all read it; none keeps its own stage list,
 port base or `${...}` filler.
 
-    from cosyvoice_common.stages import STAGES, STAGE_NAMES, stage
-    stage("llm").triton_model          # "llm"
-    stage("llm").ports(replica=1)      # StagePorts(http=8310, grpc=8311, metrics=8312)
-    stage("llm").env("URLS")           # "LLM_URLS"
+    from cosyvoice_common.stages import LLM, STAGES, STAGE_NAMES, stage
+    stage(LLM).triton_model            # "llm"
+    stage(LLM).inputs                  # contracts.LLM_INPUTS: what the gateway may send it
+    stage(LLM).ports(replica=1)        # StagePorts(http=8310, grpc=8311, metrics=8312)
+    stage(LLM).urls_env                # "LLM_URLS"
+
+Whatever is kept per stage elsewhere (the gateway's stage clients and timings, the launcher's processes, the
+Helm values) is keyed by these names and built by iterating STAGES, never by a list of its own.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cosyvoice_common import contracts
+from cosyvoice_common.contracts import TensorSpec
 
 # Stage tritonservers: HTTP on the base, gRPC base+1, metrics base+2; replica r adds r * stride.
 # Bases 100 apart leave room for 10 replicas per stage on one host before ports collide (placement checks).
@@ -49,6 +54,8 @@ class StagePorts:
 class Stage:
     name: str                 # "tokenizer": compose service, Helm component, CLI and metrics label
     triton_model: str         # the model it serves (contracts.*_MODEL)
+    inputs: tuple[TensorSpec, ...]    # what a caller may send it (contracts.*_INPUTS)
+    outputs: tuple[TensorSpec, ...]
     http_port_base: int       # replica 0's Triton HTTP port on a shared host
     package: str              # its Python package under services/<name>/
     uses_gpu: bool            # placed on a GPU by default (the tokenizer's ONNX path runs on the CPU too)
@@ -62,19 +69,37 @@ class Stage:
         return f"{self.env_prefix}_{suffix}"
 
     @property
+    def urls_env(self) -> str:
+        """Where the gateway and the seed fronts read the stage's replicas: a comma list of host:grpc_port; a host
+        may resolve to several addresses (compose --scale, a Kubernetes headless Service), re-resolved."""
+        return self.env("URLS")
+
+    @property
     def service_dir(self) -> str:
         return f"services/{self.name}"
+
+    @property
+    def model_repository_dir(self) -> str:
+        """Its Triton model repository of config.pbtxt templates, relative to the repository root."""
+        return f"{self.service_dir}/model_repository"
 
     def ports(self, replica: int = 0, http_port_base: int | None = None) -> StagePorts:
         http = (self.http_port_base if http_port_base is None else http_port_base) + replica * REPLICA_PORT_STRIDE
         return StagePorts(http=http, grpc=http + GRPC_PORT_DELTA, metrics=http + METRICS_PORT_DELTA)
 
 
+# The stage names, for code that addresses one stage (the gateway's pipeline calls each by name).
+TOKENIZER, SPEAKER, LLM, TOKEN2WAV = "tokenizer", "speaker", "llm", "token2wav"
+
 STAGES: tuple[Stage, ...] = (
-    Stage("tokenizer", contracts.TOKENIZER_MODEL, 8100, "cosyvoice_tokenizer", uses_gpu=True),
-    Stage("speaker", contracts.SPEAKER_MODEL, 8200, "cosyvoice_speaker", uses_gpu=True),
-    Stage("llm", contracts.LLM_MODEL, 8300, "cosyvoice_llm", uses_gpu=True),
-    Stage("token2wav", contracts.TOKEN2WAV_MODEL, 8400, "cosyvoice_token2wav", uses_gpu=True),
+    Stage(TOKENIZER, contracts.TOKENIZER_MODEL, contracts.TOKENIZER_INPUTS, contracts.TOKENIZER_OUTPUTS, 8100,
+          "cosyvoice_tokenizer", uses_gpu=True),
+    Stage(SPEAKER, contracts.SPEAKER_MODEL, contracts.SPEAKER_INPUTS, contracts.SPEAKER_OUTPUTS, 8200,
+          "cosyvoice_speaker", uses_gpu=True),
+    Stage(LLM, contracts.LLM_MODEL, contracts.LLM_INPUTS, contracts.LLM_OUTPUTS, 8300, "cosyvoice_llm",
+          uses_gpu=True),
+    Stage(TOKEN2WAV, contracts.TOKEN2WAV_MODEL, contracts.TOKEN2WAV_INPUTS, contracts.TOKEN2WAV_OUTPUTS, 8400,
+          "cosyvoice_token2wav", uses_gpu=True),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)   # pipeline order
 _BY_NAME = {s.name: s for s in STAGES}

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from cosyvoice_tools.triton import REPO_ROOT, TritonInstall, free_ports, http_ready, stop_pid
+from cosyvoice_launcher.triton import REPO_ROOT, TritonInstall, free_ports, http_ready, stop_pid
 
 STUB_PYTHONS = ("3.12", "3.13")
 

@@ -2,7 +2,7 @@
 """Container entrypoint of a seed-compatible front: render the `cosyvoice2` repository, exec tritonserver.
 
 Runs in the gateway image (which holds services/gateway/model_repository and tritonserver). One template,
-two variants, as `make up` renders them (cosyvoice_tools.stack): SEED_DECOUPLED=true is the streaming front
+two variants, as `make up` renders them (cosyvoice_launcher.stack): SEED_DECOUPLED=true is the streaming front
 (compose service `seed-stream`, 8000/8001/8002), false the offline one (`seed-offline`, 8010/8011/8012).
 Filled with the one filler (cosyvoice_common.stages.fill_template) from SeedContainerEnv below (what
 compose/Helm set: MODEL_DIR, REDIS_URL, {STAGE}_URLS, SEED_DECOUPLED, TRITON_*_PORT) and the front settings
@@ -19,12 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cosyvoice_common.settings import ConfigError, from_env, knob
-from cosyvoice_common.stages import DEFAULT_REDIS_URL, fill_template, stage
+from cosyvoice_common.stages import (
+    DEFAULT_REDIS_URL,
+    LLM,
+    SPEAKER,
+    STAGES,
+    TOKEN2WAV,
+    TOKENIZER,
+    fill_template,
+    stage,
+)
 from cosyvoice_gateway.seed import SeedFrontSettings, template_params
 
 
 def _urls(name: str):
-    return knob(stage(name).env("URLS"), "", f"gRPC host:port of the {name} stage (comma-separated replicas)",
+    return knob(stage(name).urls_env, "", f"gRPC host:port of the {name} stage (comma-separated replicas)",
                 required=True)
 
 
@@ -34,10 +43,11 @@ class SeedContainerEnv:
                            required=True)
     model_dir: str = knob("MODEL_DIR", "", "model directory inside the container", required=True)
     redis_url: str = knob("REDIS_URL", DEFAULT_REDIS_URL, "spk2info cache and speaker registry")
-    tokenizer_urls: str = _urls("tokenizer")
-    speaker_urls: str = _urls("speaker")
-    llm_urls: str = _urls("llm")
-    token2wav_urls: str = _urls("token2wav")
+    # one `{stage}_urls` per stage of the registry (stage_urls() reads them by name)
+    tokenizer_urls: str = _urls(TOKENIZER)
+    speaker_urls: str = _urls(SPEAKER)
+    llm_urls: str = _urls(LLM)
+    token2wav_urls: str = _urls(TOKEN2WAV)
     http_port: int = knob("TRITON_HTTP_PORT", 0, "tritonserver HTTP port", low=1, high=65535, required=True)
     grpc_port: int = knob("TRITON_GRPC_PORT", 0, "tritonserver gRPC port", low=1, high=65535, required=True)
     metrics_port: int = knob("TRITON_METRICS_PORT", 0, "tritonserver metrics port", low=1, high=65535,
@@ -47,7 +57,7 @@ class SeedContainerEnv:
                                  "where the filled repository goes")
 
     def stage_urls(self) -> dict[str, str]:
-        return {stage(n).env("URLS"): getattr(self, f"{n}_urls") for n in ("tokenizer", "speaker", "llm", "token2wav")}
+        return {s.urls_env: getattr(self, f"{s.name}_urls") for s in STAGES}
 
 
 def template_values(env: Mapping[str, str]) -> tuple[SeedContainerEnv, dict[str, str]]:

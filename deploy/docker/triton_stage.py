@@ -2,7 +2,7 @@
 """Container entrypoint of a stage image: fill the stage's config.pbtxt templates, exec tritonserver.
 
 The image holds one stage's model repository under $COSYVOICE_ROOT/services/$STAGE/model_repository. It is
-copied to a writable place and filled, as `make up` fills it (cosyvoice_tools.stack), with the one filler
+copied to a writable place and filled, as `make up` fills it (cosyvoice_launcher.stack), with the one filler
 (cosyvoice_common.stages.fill_template) from three typed sources, each validated before anything starts:
   - StageContainerEnv below: which stage, MODEL_DIR, ports, and the placement compose/Helm set
     (TRITON_INSTANCE_KIND/COUNT, TRITON_GPU_COUNT: the container's GPUs, numbered from 0);

@@ -18,7 +18,7 @@ from cosyvoice_common.stages import (
     SEED_STREAMING_PORTS,
     STAGE_NAMES,
 )
-from cosyvoice_tools.placement import (
+from cosyvoice_launcher.placement import (
     SEED_FRONTS,
     STAGE_DOCKERFILE,
     compose_service_names,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import render
 from cosyvoice_common.stages import STAGE_NAMES
-from cosyvoice_tools.placement import GATEWAY_DOCKERFILE, STAGE_DOCKERFILE
+from cosyvoice_launcher.placement import GATEWAY_DOCKERFILE, STAGE_DOCKERFILE
 
 REPO = Path(render.REPO_ROOT)
 STAGES = STAGE_NAMES

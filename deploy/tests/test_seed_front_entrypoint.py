@@ -10,7 +10,7 @@ import pytest
 import render
 from cosyvoice_common.settings import ConfigError
 from cosyvoice_common.stages import template_names
-from cosyvoice_tools.placement import (
+from cosyvoice_launcher.placement import (
     SEED_FRONTS,
     load_placement,
     to_compose,

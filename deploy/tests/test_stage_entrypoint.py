@@ -10,7 +10,7 @@ import pytest
 import render
 from cosyvoice_common.settings import ConfigError
 from cosyvoice_common.stages import STAGES, TemplateError, fill_template, template_names
-from cosyvoice_tools.placement import load_placement, to_compose
+from cosyvoice_launcher.placement import load_placement, to_compose
 
 spec = importlib.util.spec_from_file_location("triton_stage", Path(render.DEPLOY_DIR) / "docker" / "triton_stage.py")
 triton_stage = importlib.util.module_from_spec(spec)

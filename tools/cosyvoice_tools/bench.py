@@ -178,7 +178,8 @@ class GrpcDriver:
 
 
 class EngineDriver:
-    """Runs the gateway pipeline in-process against in-process stages (no servers, no gRPC)."""
+    """Runs the gateway pipeline in-process against in-process stages (no servers, no gRPC): the same
+    RequestResult fields as GrpcDriver."""
 
     def __init__(self, model_dir: str, device: str, stage_settings: Mapping[str, StageParams] | None = None):
         from cosyvoice_tools.local import (
@@ -189,7 +190,43 @@ class EngineDriver:
         self._pipeline = LocalPipeline.create(model_dir, device, stage_settings=stage_settings)
 
     async def run(self, item: WorkItem, mode: str) -> RequestResult:
-        return await self._pipeline.bench_request(item, mode)
+        from cosyvoice_gateway.pipeline import StageTimings, SynthesisRequest
+
+        pipeline = self._pipeline.pipeline
+        result = RequestResult(item.item_id, ok=False)
+        request = SynthesisRequest(text=item.target_text, prompt_audio=item.prompt_audio,
+                                   prompt_text=item.prompt_text, request_id=f"bench-{item.item_id}",
+                                   min_speech_tokens=item.speech_tokens, max_speech_tokens=item.speech_tokens,
+                                   skip_cache=(mode == "stream"))
+        start = time.perf_counter()
+        timings = StageTimings()
+        samples = 0
+        try:
+            prepared = await pipeline.prepare(request, timings)
+            if mode == "offline":
+                wav = await pipeline.synthesize(prepared, timings)
+                result.total_s = result.first_chunk_s = time.perf_counter() - start
+                samples = result.first_chunk_samples = wav.shape[0]
+                result.chunks = 1
+            else:
+                async for wav in pipeline.stream(prepared, timings):
+                    if result.chunks == 0:
+                        result.first_chunk_s = time.perf_counter() - start
+                        result.first_chunk_samples = wav.shape[0]
+                    result.chunks += 1
+                    samples += wav.shape[0]
+                result.total_s = time.perf_counter() - start
+            result.audio_s = samples / OUTPUT_SAMPLE_RATE_HZ
+            result.ok = samples > 0
+            result.error = "" if result.ok else "no audio"
+        except Exception as exc:  # noqa: BLE001 - a failed request is a row in the table
+            result.error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+        result.cache_hit = timings.cache_hit
+        for stage in STAGES:
+            t = timings.per_stage[stage]
+            result.stage_ms[f"{stage}.queue"] = t.queue_ms
+            result.stage_ms[f"{stage}.compute"] = t.compute_ms
+        return result
 
     async def close(self):
         await self._pipeline.close()

@@ -19,7 +19,7 @@ from cosyvoice_common.settings import KnobDoc, document
 from cosyvoice_common.stage_params import STAGE_PARAMS, StageParams
 from cosyvoice_common.stages import STAGE_NAMES, stage
 
-from cosyvoice_tools.triton import REPO_ROOT
+from cosyvoice_launcher.triton import REPO_ROOT
 
 DOC_PATH = REPO_ROOT / "docs" / "CONFIGURATION.md"
 STAGE_PLACEHOLDER = "{STAGE}_"
@@ -47,7 +47,7 @@ def sources() -> list[Source]:
     from cosyvoice_gateway.seed import SeedFrontSettings
     from cosyvoice_gateway.server import GatewayConfig
 
-    from cosyvoice_tools.stack import StackEnv, StageLaunchEnv
+    from cosyvoice_launcher.stack import StackEnv, StageLaunchEnv
 
     stage_entry = _entrypoint("triton_stage").StageContainerEnv
     seed_entry = _entrypoint("seed_front").SeedContainerEnv
@@ -94,7 +94,7 @@ def render() -> str:
         "- **stage container**: deploy/docker/triton_stage.py, the stage images' entrypoint (compose, Helm).",
         "- **seed fronts**: the two seed-compatible `cosyvoice2` tritonservers; filled into their config.pbtxt by",
         "  the launcher or deploy/docker/seed_front.py (**seed front container**, in the gateway image).",
-        "- **launcher**: `make up` / `python -m cosyvoice_tools.stack`; it also reads the stage servers' and seed",
+        "- **launcher**: `make up` / `python -m cosyvoice_launcher.stack`; it also reads the stage servers' and seed",
         "  fronts' variables, and passes its environment on to the gateway it starts. The placement variables",
         "  (`PLACEMENT_FILE`, `{STAGE}_REPLICAS`, `_DEVICES`, `_INSTANCES`, `_BASE_PORT`) are also what",
         "  docker compose and the Helm values are rendered from (deploy/README.md).",

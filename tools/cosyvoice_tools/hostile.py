@@ -47,8 +47,8 @@ from cosyvoice_common.audio import PROMPT_MAX_BYTES
 from cosyvoice_gateway.testing import prompt_wav_bytes, silent_flac
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cosyvoice_tools.stack import recorded_processes
-from cosyvoice_tools.triton import pid_alive
+from cosyvoice_launcher.stack import recorded_processes
+from cosyvoice_launcher.triton import pid_alive
 
 MS_PER_S = 1000.0
 REFUSAL_TARGET_MS = 50.0

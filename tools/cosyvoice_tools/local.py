@@ -4,7 +4,7 @@ No tritonserver, no gRPC, no Redis needed: the second line of the benchmark (`be
 and the recorder of real stage inputs for `cosyvoice_tools.stage_load`.
 
     local = LocalPipeline.create("models/cosyvoice2-tiny", "cpu")      # or "cuda"
-    result = await local.bench_request(item, "stream")                  # cosyvoice_tools.bench.RequestResult
+    chunks, timings = await local.synthesize(SynthesisRequest(...))     # cosyvoice_tools.bench.EngineDriver
     await local.close()
 
 Each local stage answers the two calls `Pipeline` makes on a `StageClient` with the same tensors:
@@ -42,23 +42,23 @@ import numpy as np
 import torch
 from cosyvoice_common.constants import (
     MEL_BINS,
-    OUTPUT_SAMPLE_RATE_HZ,
     SPEECH_ID_OFFSET,
 )
+from cosyvoice_common.contracts import LLM_CAPACITY_PARAMETER
 from cosyvoice_common.errors import InvalidRequestError
-from cosyvoice_common.spk2info import (
-    PromptFeatures,
-    SpeakerInfo,
-    Spk2InfoCache,
-    Spk2InfoConfig,
-)
 from cosyvoice_common.stage_params import LLMParams, StageParams
-from cosyvoice_gateway.limits import LLM_CAPACITY_PARAMETER
+from cosyvoice_common.stages import LLM, SPEAKER, TOKEN2WAV, TOKENIZER
 from cosyvoice_gateway.pipeline import (
     Pipeline,
     PipelineConfig,
     StageTimings,
     SynthesisRequest,
+)
+from cosyvoice_gateway.spk2info import (
+    PromptFeatures,
+    SpeakerInfo,
+    Spk2InfoCache,
+    Spk2InfoConfig,
 )
 from cosyvoice_gateway.stage_client import MS_PER_S, CallTiming, StageError, Stages
 
@@ -478,13 +478,13 @@ class LocalPipeline:
         max_slots = max(config.max_batch, 32 if config.device.startswith("cuda") else config.max_batch)
         recorder = _Recorder(config.record_dir) if config.record_dir else None
         d = config.device
-        stages = Stages(
-            tokenizer=LocalTokenizer(config.model_dir, d, config.tokenizer_backend, config.max_batch, recorder),
-            speaker=LocalSpeaker(config.model_dir, d, config.speaker_backend, config.max_batch, recorder),
-            llm=LocalLLM(config.model_dir, d, replace(llm_settings, dtype=config.llm_dtype,
-                                                      max_batch_slots=str(max_slots)), recorder),
-            token2wav=LocalToken2Wav(config.model_dir, d, config.dtype(config.token2wav_dtype),
-                                     config.max_batch, recorder, config.token2wav_stream_cache_gib))
+        stages = Stages({
+            TOKENIZER: LocalTokenizer(config.model_dir, d, config.tokenizer_backend, config.max_batch, recorder),
+            SPEAKER: LocalSpeaker(config.model_dir, d, config.speaker_backend, config.max_batch, recorder),
+            LLM: LocalLLM(config.model_dir, d, replace(llm_settings, dtype=config.llm_dtype,
+                                                       max_batch_slots=str(max_slots)), recorder),
+            TOKEN2WAV: LocalToken2Wav(config.model_dir, d, config.dtype(config.token2wav_dtype),
+                                      config.max_batch, recorder, config.token2wav_stream_cache_gib)})
         revision = model_revision(config.model_dir)
         cache = (Spk2InfoCache(Spk2InfoConfig(url=config.redis_url, model_revision=revision))
                  if config.redis_url else MemorySpk2Info(revision))
@@ -501,45 +501,6 @@ class LocalPipeline:
         else:
             chunks = [await self.pipeline.synthesize(prepared, timings)]
         return chunks, timings
-
-    async def bench_request(self, item, mode: str):
-        """`cosyvoice_tools.bench` driver call: the same RequestResult fields as its gRPC driver."""
-        from cosyvoice_tools.bench import STAGES, RequestResult
-
-        result = RequestResult(item.item_id, ok=False)
-        request = SynthesisRequest(text=item.target_text, prompt_audio=item.prompt_audio,
-                                   prompt_text=item.prompt_text, request_id=f"bench-{item.item_id}",
-                                   min_speech_tokens=item.speech_tokens, max_speech_tokens=item.speech_tokens,
-                                   skip_cache=(mode == "stream"))
-        start = time.perf_counter()
-        timings = StageTimings()
-        samples = 0
-        try:
-            prepared = await self.pipeline.prepare(request, timings)
-            if mode == "offline":
-                wav = await self.pipeline.synthesize(prepared, timings)
-                result.total_s = result.first_chunk_s = time.perf_counter() - start
-                samples = result.first_chunk_samples = wav.shape[0]
-                result.chunks = 1
-            else:
-                async for wav in self.pipeline.stream(prepared, timings):
-                    if result.chunks == 0:
-                        result.first_chunk_s = time.perf_counter() - start
-                        result.first_chunk_samples = wav.shape[0]
-                    result.chunks += 1
-                    samples += wav.shape[0]
-                result.total_s = time.perf_counter() - start
-            result.audio_s = samples / OUTPUT_SAMPLE_RATE_HZ
-            result.ok = samples > 0
-            result.error = "" if result.ok else "no audio"
-        except Exception as exc:  # noqa: BLE001 - a failed request is a row in the table
-            result.error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
-        result.cache_hit = timings.cache_hit
-        for stage in STAGES:
-            t = getattr(timings, stage)
-            result.stage_ms[f"{stage}.queue"] = t.queue_ms
-            result.stage_ms[f"{stage}.compute"] = t.compute_ms
-        return result
 
     async def close(self) -> None:
         await self.pipeline.close()

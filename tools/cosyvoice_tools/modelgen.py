@@ -52,7 +52,7 @@ from cosyvoice_common.constants import (
     TOKEN_HOP_TOKENS,
     TOKEN_MEL_RATIO,
 )
-from cosyvoice_common.seed_speakers import (
+from cosyvoice_gateway.seed_speakers import (
     SPK2INFO_NAME,  # read into the registry at start
 )
 

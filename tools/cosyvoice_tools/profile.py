@@ -27,14 +27,12 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+from cosyvoice_common.contracts import GatewayMetric
 from cosyvoice_common.stages import STAGE_NAMES
 from cosyvoice_common.stages import STAGES as STAGE_REGISTRY
 
 STAGES = STAGE_NAMES
 STAGE_OF_MODEL = {s.triton_model: s.name for s in STAGE_REGISTRY}
-STAGE_METRIC = "cosyvoice_gateway_stage_seconds"
-FIRST_CHUNK_METRIC = "cosyvoice_gateway_first_chunk_seconds"
-REQUEST_METRIC = "cosyvoice_gateway_request_seconds"
 HTTP_TIMEOUT_S = 5.0
 MS_PER_S = 1000.0
 NS_PER_MS = 1e6
@@ -109,18 +107,20 @@ class Histogram:
 
 
 def parse_gateway_metrics(text: str) -> dict[tuple[str, ...], Histogram]:
-    """Histograms by key: (STAGE_METRIC, stage, part), (FIRST_CHUNK_METRIC,), (REQUEST_METRIC, rpc)."""
+    """Histograms by key: (STAGE_SECONDS, stage, part), (FIRST_CHUNK_SECONDS,), (REQUEST_SECONDS, rpc), names of
+    GatewayMetric."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[tuple[str, ...], Histogram] = {}
     for family in text_string_to_metric_families(text):
-        if family.name not in (STAGE_METRIC, FIRST_CHUNK_METRIC, REQUEST_METRIC):
+        if family.name not in (GatewayMetric.STAGE_SECONDS, GatewayMetric.FIRST_CHUNK_SECONDS,
+                               GatewayMetric.REQUEST_SECONDS):
             continue
         for sample in family.samples:
             labels = sample.labels
-            if family.name == STAGE_METRIC:
+            if family.name == GatewayMetric.STAGE_SECONDS:
                 key = (family.name, labels.get("stage", ""), labels.get("part", ""))
-            elif family.name == REQUEST_METRIC:
+            elif family.name == GatewayMetric.REQUEST_SECONDS:
                 key = (family.name, labels.get("rpc", ""))
             else:
                 key = (family.name,)
@@ -234,8 +234,8 @@ def _ms(value: float) -> str:
 def stage_rows(snap: Snapshot) -> list[dict]:
     rows = []
     for stage in STAGES:
-        q = snap.gateway.get((STAGE_METRIC, stage, "queue"), Histogram())
-        c = snap.gateway.get((STAGE_METRIC, stage, "compute"), Histogram())
+        q = snap.gateway.get((GatewayMetric.STAGE_SECONDS, stage, "queue"), Histogram())
+        c = snap.gateway.get((GatewayMetric.STAGE_SECONDS, stage, "compute"), Histogram())
         t = snap.triton.get(stage, ModelStats())
         rows.append({
             "stage": stage,
@@ -266,12 +266,12 @@ def format_table(snap: Snapshot, title: str) -> str:
     lines.append("")
     lines.append("(ms per call; gw = seen by the gateway incl. transport, triton = inside the stage server; "
                  "llm triton compute = enqueue only)")
-    first = snap.gateway.get((FIRST_CHUNK_METRIC,))
+    first = snap.gateway.get((GatewayMetric.FIRST_CHUNK_SECONDS,))
     if first is not None and first.count:
         lines.append(f"first chunk: {int(first.count)} requests, avg {_ms(first.avg_ms)} ms, "
                      f"~p50 {_ms(first.quantile_ms(0.5))}, ~p90 {_ms(first.quantile_ms(0.9))}")
     for key, hist in sorted(snap.gateway.items()):
-        if key[0] == REQUEST_METRIC and hist.count:
+        if key[0] == GatewayMetric.REQUEST_SECONDS and hist.count:
             lines.append(f"{key[1]}: {int(hist.count)} requests, avg {_ms(hist.avg_ms)} ms, "
                          f"~p50 {_ms(hist.quantile_ms(0.5))}, ~p90 {_ms(hist.quantile_ms(0.9))}")
     return "\n".join(lines)

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ, PROMPT_16K_SAMPLE_RATE_HZ
+from cosyvoice_common.contracts import SEED_MODEL, SeedIn, SeedOut
 
-MODEL_NAME = "cosyvoice2"
 FINAL_PARAM = "triton_final_response"
 STREAM_PADDING_S = 10       # the seed's client: streaming pads the prompt to 10 s multiples, offline to 1 s
 OFFLINE_PADDING_S = 1
@@ -113,14 +113,14 @@ def seed_inputs(protocol_module, wav_16k: np.ndarray | None, prompt_text: str, t
 
     if wav_16k is not None:
         samples = padded_prompt(wav_16k, prompt_text, target_text, padding_s)
-        add("reference_wav", samples, "FP32")
-        add("reference_wav_len", np.array([[wav_16k.shape[0]]], np.int32), "INT32")
-        add("reference_text", np.array([[prompt_text]], dtype=object), "BYTES")
-    add("target_text", np.array([[target_text]], dtype=object), "BYTES")
+        add(SeedIn.REFERENCE_WAV, samples, "FP32")
+        add(SeedIn.REFERENCE_WAV_LEN, np.array([[wav_16k.shape[0]]], np.int32), "INT32")
+        add(SeedIn.REFERENCE_TEXT, np.array([[prompt_text]], dtype=object), "BYTES")
+    add(SeedIn.TARGET_TEXT, np.array([[target_text]], dtype=object), "BYTES")
     if min_speech_tokens:
-        add("min_speech_tokens", np.array([[min_speech_tokens]], np.int32), "INT32")
+        add(SeedIn.MIN_SPEECH_TOKENS, np.array([[min_speech_tokens]], np.int32), "INT32")
     if max_speech_tokens:
-        add("max_speech_tokens", np.array([[max_speech_tokens]], np.int32), "INT32")
+        add(SeedIn.MAX_SPEECH_TOKENS, np.array([[max_speech_tokens]], np.int32), "INT32")
     return inputs
 
 
@@ -145,7 +145,7 @@ class SeedError(RuntimeError):
 class SeedStreamClient:
     """One gRPC stream (`start_stream`), shared by requests told apart by request id (thread-safe)."""
 
-    def __init__(self, url: str, model: str = MODEL_NAME) -> None:
+    def __init__(self, url: str, model: str = SEED_MODEL) -> None:
         import tritonclient.grpc as grpcclient
 
         self.model = model
@@ -180,7 +180,7 @@ class SeedStreamClient:
         start = time.perf_counter()
         try:
             self.client.async_stream_infer(self.model, inputs, request_id=request_id,
-                                           outputs=[grpcclient.InferRequestedOutput("waveform")],
+                                           outputs=[grpcclient.InferRequestedOutput(SeedOut.WAVEFORM)],
                                            enable_empty_final_response=True)
             while True:
                 try:
@@ -191,7 +191,7 @@ class SeedStreamClient:
                     raise SeedError(f"request {request_id}: {error}")
                 response = result.get_response()
                 if response.outputs:
-                    wav = result.as_numpy("waveform").reshape(-1)
+                    wav = result.as_numpy(SeedOut.WAVEFORM).reshape(-1)
                     if wav.size:
                         chunks.append(wav)
                         arrivals.append(arrived)
@@ -217,7 +217,7 @@ class SeedStreamClient:
 class SeedOfflineClient:
     """`infer` over gRPC or HTTP against the offline (non-decoupled) model."""
 
-    def __init__(self, url: str, protocol: str = "grpc", model: str = MODEL_NAME) -> None:
+    def __init__(self, url: str, protocol: str = "grpc", model: str = SEED_MODEL) -> None:
         self.module = module = _module(protocol)
         self.model = model
         self.client = module.InferenceServerClient(url)
@@ -229,11 +229,11 @@ class SeedOfflineClient:
         try:
             kwargs = {"client_timeout": timeout_s} if self.module.__name__.endswith("grpc") else {}
             result = self.client.infer(self.model, inputs, request_id=request_id or uuid.uuid4().hex,
-                                       outputs=[self.module.InferRequestedOutput("waveform")], **kwargs)
+                                       outputs=[self.module.InferRequestedOutput(SeedOut.WAVEFORM)], **kwargs)
         except InferenceServerException as exc:
             raise SeedError(str(exc)) from exc
         total_s = time.perf_counter() - start
-        return SeedResult(result.as_numpy("waveform").reshape(-1).astype(np.float32), total_s, total_s)
+        return SeedResult(result.as_numpy(SeedOut.WAVEFORM).reshape(-1).astype(np.float32), total_s, total_s)
 
     def close(self) -> None:
         self.client.close()
@@ -247,7 +247,7 @@ class SeedSession:
                                                           max_speech_tokens=150)   # blocking; wav None = cache
     """
 
-    def __init__(self, url: str, mode: str = "streaming", protocol: str = "grpc", model: str = MODEL_NAME) -> None:
+    def __init__(self, url: str, mode: str = "streaming", protocol: str = "grpc", model: str = SEED_MODEL) -> None:
         if mode not in ("streaming", "offline"):
             raise ValueError(f"mode must be streaming or offline, got {mode!r}")
         if mode == "streaming" and protocol != "grpc":
@@ -326,7 +326,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--server-addr", default="127.0.0.1")
     p.add_argument("--server-port", type=int, default=8001, help="gRPC 8001 streaming / 8011 offline; HTTP 8000 / 8010")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    p.add_argument("--model-name", default=MODEL_NAME)
+    p.add_argument("--model-name", default=SEED_MODEL)
     p.add_argument("--mode", choices=("offline", "streaming"), default="offline")
     p.add_argument("--manifest-path", type=Path, help="utt|prompt_text|prompt_wav|target_text per line")
     p.add_argument("--reference-audio", type=Path, help="one request instead of a manifest")

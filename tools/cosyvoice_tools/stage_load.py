@@ -36,17 +36,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ
-from cosyvoice_common.stages import STAGE_NAMES
+from cosyvoice_common.contracts import TOKEN2WAV_CACHE, LLMOut, SpeakerOut, Token2WavIn, Token2WavOut, TokenizerOut
+from cosyvoice_common.stages import LLM, SPEAKER, STAGE_NAMES, TOKEN2WAV, TOKENIZER
 
 from cosyvoice_tools.bench import settled
 from cosyvoice_tools.profile import ModelStats, stack_addresses, triton_stage_stats
 
 STAGES = STAGE_NAMES
 STAGE_OUTPUTS = {
-    "tokenizer": ["prompt_speech_tokens"],
-    "speaker": ["prompt_spk_embedding", "prompt_speech_feat"],
-    "llm": ["output_ids"],
-    "token2wav": ["waveform", "cache_mel", "cache_source", "cache_speech"],
+    TOKENIZER: [TokenizerOut.PROMPT_SPEECH_TOKENS],
+    SPEAKER: [SpeakerOut.PROMPT_SPK_EMBEDDING, SpeakerOut.PROMPT_SPEECH_FEAT],
+    LLM: [LLMOut.OUTPUT_IDS],
+    TOKEN2WAV: [Token2WavOut.WAVEFORM, *TOKEN2WAV_CACHE],
 }
 MS_PER_S = 1000.0
 
@@ -141,17 +142,18 @@ class LoadResult:
 async def one_call(client, stage: str, tensors: dict[str, np.ndarray], index: int) -> Sample:
     request_id = f"stage-load-{index}"
     start = time.perf_counter()
-    if stage == "llm":
+    if stage == LLM:
         first, tokens = 0.0, 0
         async for out in client.stream(tensors, STAGE_OUTPUTS[stage], request_id):
             if not first:
                 first = time.perf_counter() - start
-            tokens += int(out["output_ids"].size)
+            tokens += int(out[LLMOut.OUTPUT_IDS].size)
         return Sample(time.perf_counter() - start, first, tokens)
-    outputs = STAGE_OUTPUTS[stage] if stage != "token2wav" or "token_offset" in tensors else ["waveform"]
+    streaming_chunk = stage != TOKEN2WAV or Token2WavIn.TOKEN_OFFSET in tensors
+    outputs = STAGE_OUTPUTS[stage] if streaming_chunk else [Token2WavOut.WAVEFORM]
     out, _ = await client.infer(tensors, outputs, request_id)
     latency = time.perf_counter() - start
-    audio_s = out["waveform"].size / OUTPUT_SAMPLE_RATE_HZ if stage == "token2wav" else 0.0
+    audio_s = out[Token2WavOut.WAVEFORM].size / OUTPUT_SAMPLE_RATE_HZ if stage == TOKEN2WAV else 0.0
     return Sample(latency, audio_s=audio_s)
 
 

@@ -19,18 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cosyvoice_gateway.testing import TEST_STAGE_TIMEOUT_S
 from cosyvoice_common.stage_params import STAGE_PARAMS
-
-from cosyvoice_tools.stack import (
-    STAGES,
+from cosyvoice_common.stages import STAGES
+from cosyvoice_gateway.testing import TEST_STAGE_TIMEOUT_S
+from cosyvoice_launcher.stack import (
     Stack,
     StackConfig,
     StageSettings,
     redis_server_binary,
     stop_records,
 )
-from cosyvoice_tools.triton import REPO_ROOT, free_ports, stop_pid
+from cosyvoice_launcher.triton import REPO_ROOT, free_ports, stop_pid
 
 TINY_MODEL_ENV = "COSYVOICE_TINY_MODEL_DIR"
 

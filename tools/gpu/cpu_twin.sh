@@ -40,7 +40,7 @@ if [ ! -f protos/gen/cosyvoice/v1/tts_pb2_grpc.py ]; then
   touch protos/gen/cosyvoice/__init__.py protos/gen/cosyvoice/v1/__init__.py
 fi
 site=$("$TWIN/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-for d in common services/tokenizer services/speaker services/llm services/token2wav services/gateway tools protos/gen; do
+for d in common services/tokenizer services/speaker services/llm services/token2wav services/gateway launcher tools protos/gen; do
   echo "$PWD/$d"
 done > "$site/cosyvoice-stack.pth"
 

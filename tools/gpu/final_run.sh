@@ -18,7 +18,7 @@
 #               streaming at $BASELINE_CONC on the same model (BASELINE_MPS=on: under CUDA MPS, like this tree): the
 #               before/after pair of one call; BASELINE_AFTER=1 runs it after this tree's stack phase instead of
 #               before (does running first or second matter?)
-# STACK_CUDA_MPS (off | on | auto) is passed to the launcher for this tree's stack (cosyvoice_tools.mps).
+# STACK_CUDA_MPS (off | on | auto) is passed to the launcher for this tree's stack (cosyvoice_launcher.mps).
 # Usage on a GPU machine (repo root): DEADLINE_S=560 RESULTS_DIR=bench_results bash tools/gpu/final_run.sh
 # DEADLINE_S bounds the whole run (each phase gets a share of what is left). Every phase copies its results to
 # RESULTS_DIR as soon as it ends (tables, JSON, and logs.tgz with every log and diagnostic), so a run that is
@@ -54,7 +54,7 @@ export STACK_READY_TIMEOUT_S=${STACK_READY_TIMEOUT_S:-570}
 LABEL="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo cpu), $(date -u +%F)"
 
 stack_up() {  # $1 = tag
-  timeout "${STACK_UP_TIMEOUT_S:-600}" python3 -m cosyvoice_tools.stack up > "$OUTDIR/stack_up_$1.txt" 2>&1 || { tail -5 "$OUTDIR/stack_up_$1.txt"; return 1; }
+  timeout "${STACK_UP_TIMEOUT_S:-600}" python3 -m cosyvoice_launcher.stack up > "$OUTDIR/stack_up_$1.txt" 2>&1 || { tail -5 "$OUTDIR/stack_up_$1.txt"; return 1; }
   STATS=$(python3 -c "import json; s=json.load(open('/tmp/run/stack.json')); print(','.join(f\"127.0.0.1:{p['ports']['http']}\" for p in s['processes'] if p['kind'] == 'triton'))")
 }
 smoke() {  # one short streaming request through the whole stack
@@ -82,18 +82,18 @@ try_stack() {  # $1 = tag: up + smoke; on failure record why and take the stack 
   echo "-- stack config $1 ($(left) s left)"
   if stack_up "$1" && smoke "$1"; then tail -3 "$OUTDIR/smoke_$1.txt"; return 0; fi
   echo "   config $1 failed the smoke request: $(grep -h -m2 -i "error\|warm-up" "$OUTDIR/smoke_$1.txt" | cut -c1-200)"
-  diagnose "$1"; python3 -m cosyvoice_tools.stack down >/dev/null 2>&1
+  diagnose "$1"; python3 -m cosyvoice_launcher.stack down >/dev/null 2>&1
   mkdir -p "$OUTDIR/logs_$1"; cp /tmp/run/logs/*.log "$OUTDIR/logs_$1/" 2>/dev/null; return 1
 }
 llm_alone() {  # $1 = tag: the llm stage by itself, a few concurrent streams: does its stub survive here?
   local tag=${1:-default}
   ( export TOKENIZER_REPLICAS=0 SPEAKER_REPLICAS=0 TOKEN2WAV_REPLICAS=0 STACK_GATEWAY=0
-    timeout 200 python3 -m cosyvoice_tools.stack up > "$OUTDIR/llm_alone_up_$tag.txt" 2>&1 &&
+    timeout 200 python3 -m cosyvoice_launcher.stack up > "$OUTDIR/llm_alone_up_$tag.txt" 2>&1 &&
     timeout "${LLM_ALONE_S:-60}" python3 tools/gpu/llm_stage_probe.py --url 127.0.0.1:8301 --timeout-s 30 \
       > "$OUTDIR/llm_alone_$tag.txt" 2>&1 )
   local rc=$?
   [ $rc = 0 ] || diagnose "llm_alone_$tag"
-  python3 -m cosyvoice_tools.stack down >/dev/null 2>&1
+  python3 -m cosyvoice_launcher.stack down >/dev/null 2>&1
   mkdir -p "$OUTDIR/logs_llm_alone_$tag"; cp /tmp/run/logs/llm-0.log "$OUTDIR/logs_llm_alone_$tag/" 2>/dev/null
   echo "   llm stage alone ($tag): $(tail -1 "$OUTDIR/llm_alone_$tag.txt" 2>/dev/null)"; return $rc
 }
@@ -103,7 +103,7 @@ stack_bench() {  # $1 = label suffix, $2 = out name, $3 = concurrencies, $4 = mo
     --out "$OUTDIR/$2.json" 2>"$OUTDIR/$2_bench.err" > "$OUTDIR/$2_tables.md"
 }
 stack_down() {  # $1 = tag: take the stack down and keep its logs
-  python3 -m cosyvoice_tools.stack down >/dev/null 2>&1
+  python3 -m cosyvoice_launcher.stack down >/dev/null 2>&1
   mkdir -p "$OUTDIR/logs_$1"; cp /tmp/run/logs/*.log "$OUTDIR/logs_$1/" 2>/dev/null
 }
 hostile() {  # the hostile-load suite against the running stack (its gateway admits $MAX_INFLIGHT_REQUESTS), once per
@@ -121,13 +121,15 @@ hostile() {  # the hostile-load suite against the running stack (its gateway adm
 baseline_phase() {  # the other checkout's whole stack (BASELINE_DIR), streaming at BASELINE_CONC
   echo "== baseline stack: $BASELINE_DIR ($(left) s left)"
   ( cd "$BASELINE_DIR" && source tools/gpu/setup.sh > /dev/null &&
-    STACK_CUDA_MPS=${BASELINE_MPS:-off} timeout 300 python3 -m cosyvoice_tools.stack up > "$OUTDIR/baseline_up.txt" 2>&1 &&
+    # a checkout from before the launcher left the tools package has it as cosyvoice_tools.stack
+    launcher=$( [ -d launcher/cosyvoice_launcher ] && echo cosyvoice_launcher || echo cosyvoice_tools ) &&
+    STACK_CUDA_MPS=${BASELINE_MPS:-off} timeout 300 python3 -m "$launcher.stack" up > "$OUTDIR/baseline_up.txt" 2>&1 &&
     STATS=$(python3 -c "import json; s=json.load(open('/tmp/run/stack.json')); print(','.join(f\"127.0.0.1:{p['ports']['http']}\" for p in s['processes'] if p['kind'] == 'triton'))") &&
     timeout "$(share "${BASELINE_SHARE:-30}")" python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" \
       --concurrency "${BASELINE_CONC:-1,4,16}" --modes "${BASELINE_MODES:-stream}" --limit "$LIMIT" --triton-stats "$STATS" \
       --label "baseline ${BASELINE_LABEL:-$(basename "$BASELINE_DIR")}, $LABEL" \
       --out "$OUTDIR/baseline.json" 2>"$OUTDIR/baseline_bench.err" > "$OUTDIR/baseline_tables.md"
-    python3 -m cosyvoice_tools.stack down > /dev/null 2>&1
+    python3 -m "$launcher.stack" down > /dev/null 2>&1
     mkdir -p "$OUTDIR/logs_baseline"; cp /tmp/run/logs/*.log "$OUTDIR/logs_baseline/" 2>/dev/null )
   source tools/gpu/setup.sh > /dev/null   # this tree's import path again (setup.sh rewrites the stub's .pth)
   publish

@@ -13,7 +13,7 @@ if [ ! -f "$SITE/.done" ]; then
   touch "$SITE/.done"
 fi
 ROOT=$(pwd)
-export PYTHONPATH="$SITE:$ROOT/common:$ROOT/services/tokenizer:$ROOT/services/speaker:$ROOT/services/llm:$ROOT/services/token2wav:$ROOT/services/gateway:$ROOT/tools:$ROOT/protos/gen"
+export PYTHONPATH="$SITE:$ROOT/common:$ROOT/services/tokenizer:$ROOT/services/speaker:$ROOT/services/llm:$ROOT/services/token2wav:$ROOT/services/gateway:$ROOT/launcher:$ROOT/tools:$ROOT/protos/gen"
 export PATH="$SITE/bin:$PATH"
 # tritonserver's Python-backend stub embeds the interpreter found first on PATH and reads that
 # interpreter's site-packages, but not PYTHONPATH: a .pth file there gives it the same import path.

@@ -2,7 +2,7 @@
 """token2wav alone: the work and the time of streams, this tree beside a baseline tree, in one run.
 
 Self-contained: a random flow + HiFT built in memory (cosyvoice_tools.modelgen's builder, same seed in both
-trees), requests made here; no servers. Streams are chunked as the gateway chunks them (cosyvoice_common.schedule:
+trees), requests made here; no servers. Streams are chunked as the gateway chunks them (cosyvoice_gateway.schedule:
 15 + 3 tokens, then hops of 25, 50, 100, ...), each chunk call made when the previous one answered.
 
 Scenarios:
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parents[2]
-_PACKAGES = ("common", "services/token2wav", "tools")
+_PACKAGES = ("common", "services/token2wav", "services/gateway", "tools")
 
 
 def _use_tree(root: Path) -> None:
@@ -56,7 +56,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from cosyvoice_common.constants import MEL_BINS, SPEAKER_EMBEDDING_DIM, SPEECH_CODEBOOK_SIZE  # noqa: E402
-from cosyvoice_common.schedule import plan  # noqa: E402
+from cosyvoice_gateway.schedule import plan  # noqa: E402
 from cosyvoice_tools.modelgen import random_flow_and_hift  # noqa: E402
 
 try:

@@ -99,7 +99,7 @@ def test_stack_bench_fills_the_triton_stage_table(stack, stage_servers, tmp_path
     assert "Per-stage Triton statistics" in printed
     for r in report["rows"]:
         t2w = r["triton"]["token2wav"]
-        calls = 1 if r["mode"] == "offline" else 2          # streaming: first chunk + final chunk
+        calls = 1 if r["mode"] == "offline" else 3          # streaming: the prompt's prefill, first and final chunk
         assert t2w["requests"] == calls * r["requests"]      # bench waits for the servers' counts to settle
         assert t2w["avg_compute_ms"] > 0 and t2w["avg_batch"] >= 1
         assert r["triton"]["llm"]["requests"] == r["requests"]

@@ -12,7 +12,7 @@ import torch
 from cosyvoice_common import modelconfig as mc
 from cosyvoice_common.golden import golden_dir
 from cosyvoice_tools import download, modelgen
-from cosyvoice_tools.triton import free_ports
+from cosyvoice_launcher.triton import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,9 @@ from cosyvoice_common.constants import (
     OUTPUT_SAMPLE_RATE_HZ,
     TOKEN_MEL_RATIO,
 )
+from cosyvoice_common.stages import LLM, SPEAKER
 from cosyvoice_gateway.pipeline import StageTimings, SynthesisRequest
+from cosyvoice_gateway.stage_client import Stages
 from cosyvoice_gateway.testing import prompt_wav_bytes
 from cosyvoice_tools.local import LocalPipeline
 
@@ -64,8 +66,8 @@ def test_llm_starts_before_the_speaker_stage_answers(local):
     async def run():
         gate = asyncio.Event()
         stages = local.pipeline.stages
-        speaker = _GatedSpeaker(stages.speaker, gate)
-        stages.speaker, stages.llm = speaker, _TokenWatch(stages.llm, gate)
+        speaker = _GatedSpeaker(stages[SPEAKER], gate)
+        local.pipeline.stages = Stages({**stages, SPEAKER: speaker, LLM: _TokenWatch(stages[LLM], gate)})
         request = SynthesisRequest(text="Hello there.", prompt_audio=prompt_wav_bytes(seconds=2.0, seed=3),
                                    prompt_text="a prompt", min_speech_tokens=40, max_speech_tokens=40, seed=7,
                                    skip_cache=True)
@@ -73,7 +75,7 @@ def test_llm_starts_before_the_speaker_stage_answers(local):
         prepared = await asyncio.wait_for(local.pipeline.prepare(request, timings), 60)
         assert not prepared.voice.done(), "prepare() waited for the speaker stage"
         chunks = await asyncio.wait_for(_collect(local.pipeline.stream(prepared, timings)), 120)
-        assert speaker.calls == 1 and timings.speaker.calls == 1 and timings.llm.calls == 1
+        assert speaker.calls == 1 and timings.per_stage[SPEAKER].calls == 1 and timings.per_stage[LLM].calls == 1
         assert sum(c.shape[0] for c in chunks) == 40 * TOKEN_MEL_RATIO * MEL_HOP_SAMPLES
         return prepared
     prepared = asyncio.run(run())

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+from cosyvoice_common.contracts import GatewayMetric
 from cosyvoice_gateway.testing import prompt_wav_bytes
 from cosyvoice_tools import profile
 from cosyvoice_tools.bench import STAGES, GrpcDriver, WorkItem
@@ -23,7 +24,7 @@ cosyvoice_gateway_stage_seconds_sum{part="compute",stage="token2wav"} 5.0
 
 
 def test_gateway_histograms_give_average_and_bucket_quantiles():
-    hist = profile.parse_gateway_metrics(HIST_TEXT)[(profile.STAGE_METRIC, "token2wav", "compute")]
+    hist = profile.parse_gateway_metrics(HIST_TEXT)[(GatewayMetric.STAGE_SECONDS, "token2wav", "compute")]
     assert hist.count == 20 and hist.avg_ms == pytest.approx(250.0)
     assert hist.quantile_ms(0.5) == pytest.approx(100.0)          # the 10th observation closes the 0.1 s bucket
     assert hist.quantile_ms(0.75) == pytest.approx(550.0)         # halfway through (0.1, 1.0]

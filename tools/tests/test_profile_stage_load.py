@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
-from cosyvoice_common.contracts import LLM_MODEL, TOKEN2WAV_MODEL
+from cosyvoice_common.contracts import LLM_MODEL, TOKEN2WAV_MODEL, Token2WavIn
 from cosyvoice_tools import stage_load
 
 
@@ -29,9 +29,13 @@ def recorded(tiny_model_dir, tmp_path_factory):
 @pytest.mark.stack
 def test_recorded_inputs_are_each_stages_triton_tensors(recorded):
     out, counts = recorded
-    # one streaming (first + final chunk) and one offline request, each computing its prompt features
-    assert counts == {"tokenizer": 2, "speaker": 2, "llm": 2, "token2wav": 3}
-    chunks = stage_load.load_inputs(out / "token2wav")
+    # one streaming (a prefill of its prompt, first + final chunk) and one offline request, each computing its
+    # prompt features
+    assert counts == {"tokenizer": 2, "speaker": 2, "llm": 2, "token2wav": 4}
+    calls = stage_load.load_inputs(out / "token2wav")
+    prefills = [c for c in calls if Token2WavIn.PREFILL in c]
+    assert len(prefills) == 1 and prefills[0][Token2WavIn.TARGET_SPEECH_TOKENS].size == 0
+    chunks = [c for c in calls if Token2WavIn.PREFILL not in c]
     assert int(chunks[0]["token_offset"][0]) == 0 and "cache_mel" not in chunks[0]
     assert int(chunks[1]["token_offset"][0]) == 15 and chunks[1]["cache_mel"].shape == (80, 8)
     assert "token_offset" not in chunks[2]                       # offline: one pass

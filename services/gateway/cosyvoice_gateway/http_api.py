@@ -42,8 +42,7 @@ import grpc
 import numpy as np
 from cosyvoice_common.audio import PROMPT_MAX_BYTES
 from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ, SUPPORTED_OUTPUT_RATES_HZ
-from cosyvoice_common.spk2info import RegistryUnavailableError, SpeakerInfo
-from cosyvoice_common.stages import DEFAULT_SPEAKER_ID, STAGE_NAMES
+from cosyvoice_common.stages import DEFAULT_SPEAKER_ID
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -67,6 +66,7 @@ from cosyvoice_gateway.pipeline import (
     stage_error_to_request_error,
     validate_speed,
 )
+from cosyvoice_gateway.spk2info import RegistryUnavailableError, SpeakerInfo
 from cosyvoice_gateway.stage_client import MS_PER_S, StageError
 
 log = logging.getLogger("cosyvoice_gateway.http")
@@ -518,8 +518,8 @@ class _Usage:
 
 def timings_json(t: StageTimings) -> dict[str, Any]:
     """The request's StageTimings (the gRPC message's fields) as JSON."""
-    stages = {name: {"queue_ms": getattr(t, name).queue_ms, "compute_ms": getattr(t, name).compute_ms,
-                     "calls": getattr(t, name).calls} for name in STAGE_NAMES}
+    stages = {name: {"queue_ms": s.queue_ms, "compute_ms": s.compute_ms, "calls": s.calls}
+              for name, s in t.per_stage.items()}
     return {**stages, "cache_hit": t.cache_hit, "first_chunk_ms": t.first_chunk_ms, "total_ms": t.total_ms,
             "speech_tokens": t.speech_tokens, "audio_seconds": t.audio_seconds}
 

@@ -15,9 +15,9 @@ import re
 from collections.abc import Callable
 
 from cosyvoice_common.constants import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO
-from cosyvoice_common.textnorm import SplitConfig, has_markup, is_zh, split_paragraph
 
-LLM_CAPACITY_PARAMETER = "max_seq_len"     # services/llm/model_repository/llm/config.pbtxt
+from cosyvoice_gateway.textnorm import SplitConfig, has_markup, is_zh, split_paragraph
+
 LLM_FRAME_POSITIONS = 2                    # <|sos|> and <|task_id|> around the texts
 _WORD = re.compile(r"\S+\s*")
 

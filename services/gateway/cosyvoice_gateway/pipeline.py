@@ -7,14 +7,14 @@ first byte is sent, on streaming and offline RPCs alike:
     prepared = await pipeline.prepare(request, timings)      # validate, prompt features (cache)
     async for wav in pipeline.stream(prepared, timings): ...  # or: await pipeline.synthesize(...)
 
-Text (spec 2.2, `cosyvoice_common.textnorm`): with `text_frontend` the target text is normalised and split
+Text (spec 2.2, `cosyvoice_gateway.textnorm`): with `text_frontend` the target text is normalised and split
 into segments (lengths in characters for zh, text-tokenizer tokens otherwise) and a zero-shot prompt
 transcript is normalised (not split); without it the text is taken as given, and only a text longer than
 `token_max_n` is cut after terminators (unnormalised) so that no segment runs into the per-segment
 speech-token cap. Explicit min/max speech-token bounds keep the (normalised) text as one segment.
 
 Streaming per segment: an LLM reader task appends speech tokens as the llm stage streams them; the
-chunk schedule (`cosyvoice_common.schedule`) decides when token2wav runs on the whole prefix with the
+chunk schedule (`cosyvoice_gateway.schedule`) decides when token2wav runs on the whole prefix with the
 token offset, and each chunk's audio is yielded as soon as it exists. token2wav calls are self-contained: the
 vocoder overlap cache it returns travels with the next chunk. A stream's token2wav calls share an affinity key,
 so they reach the replica whose state cache holds the stream's earlier blocks; as soon as the prompt's features
@@ -58,15 +58,31 @@ from cosyvoice_common.constants import (
     SUPPORTED_OUTPUT_RATES_HZ,
     TOKEN_MEL_RATIO,
 )
-from cosyvoice_common.schedule import ChunkSchedule, ScheduleConfig, chunk_ends
-from cosyvoice_common.spk2info import (
+from cosyvoice_common.contracts import (
+    LLM_CAPACITY_PARAMETER,
+    TOKEN2WAV_CACHE,
+    LLMIn,
+    LLMOut,
+    SpeakerIn,
+    SpeakerOut,
+    Token2WavIn,
+    Token2WavOut,
+    TokenizerIn,
+    TokenizerOut,
+)
+from cosyvoice_common.stages import LLM, SPEAKER, STAGE_NAMES, TOKEN2WAV, TOKENIZER
+
+from cosyvoice_gateway import limits, metrics
+from cosyvoice_gateway.schedule import ChunkSchedule, ScheduleConfig, chunk_ends
+from cosyvoice_gateway.spk2info import (
     PromptFeatures,
     RegistryUnavailableError,
     SpeakerExistsError,
     SpeakerLimitError,
     Spk2InfoCache,
 )
-from cosyvoice_common.textnorm import (
+from cosyvoice_gateway.stage_client import MS_PER_S, CallTiming, StageError, Stages
+from cosyvoice_gateway.textnorm import (
     DEFAULT_SPLIT,
     SplitConfig,
     has_markup,
@@ -75,9 +91,6 @@ from cosyvoice_common.textnorm import (
     split_paragraph,
     text_normalize,
 )
-
-from cosyvoice_gateway import limits, metrics
-from cosyvoice_gateway.stage_client import MS_PER_S, CallTiming, StageError, Stages
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +101,6 @@ _SEED_MODULUS = 1 << 63                  # the llm stage takes seeds in [0, 2^63
 # Triton priority of a stream's first token2wav chunk (1 = highest; the model's config.pbtxt declares the
 # levels, and a server without them ignores the value): time to first audio never waits behind long chunks.
 FIRST_CHUNK_PRIORITY = 1
-STREAM_BOUNDARIES_INPUT = "stream_boundaries"   # optional llm input: send tokens only at these counts
-SPEED_INPUT = "speed"                            # optional token2wav input: offline calls only
-PREFILL_INPUT = "prefill"                        # optional token2wav input: the prompt into the state cache
 
 
 class RequestError(Exception):
@@ -173,10 +183,8 @@ class StageTiming:
 @dataclass(slots=True)
 class StageTimings:
     start_s: float = field(default_factory=time.perf_counter)   # request arrival
-    tokenizer: StageTiming = field(default_factory=StageTiming)
-    speaker: StageTiming = field(default_factory=StageTiming)
-    llm: StageTiming = field(default_factory=StageTiming)
-    token2wav: StageTiming = field(default_factory=StageTiming)
+    # by stage name (cosyvoice_common.stages); the gRPC message has one field per stage under the same name
+    per_stage: dict[str, StageTiming] = field(default_factory=lambda: {name: StageTiming() for name in STAGE_NAMES})
     cache_hit: bool = False
     first_chunk_ms: float = 0.0
     total_ms: float = 0.0
@@ -188,7 +196,7 @@ class StageTimings:
         return (time.perf_counter() - self.start_s) * MS_PER_S
 
     def record(self, stage: str, call: CallTiming) -> None:
-        getattr(self, stage).add(call)
+        self.per_stage[stage].add(call)
         metrics.observe_stage(stage, call.queue_ms, call.compute_ms)
 
 
@@ -240,7 +248,7 @@ def _consume_exception(task: asyncio.Future) -> None:
 # --- text ----------------------------------------------------------------------------------------------
 def target_segments(text: str, count_tokens: Callable[[str], int], text_frontend: bool, split: bool,
                     config: SplitConfig = DEFAULT_SPLIT) -> list[str]:
-    """The target text as the segments the LLM speaks one by one (spec 2.2, `cosyvoice_common.textnorm`).
+    """The target text as the segments the LLM speaks one by one (spec 2.2, `cosyvoice_gateway.textnorm`).
 
     `text_frontend`: `text_normalize` (normalise, then split unless `split` is false). Off: the text as
     given (stripped), one segment unless it is longer than `config.token_max_n` (characters for zh,
@@ -309,7 +317,7 @@ class Pipeline:
 
     def llm_capacity(self) -> int:
         """Positions per llm slot: the served llm model's `max_seq_len` parameter, else the config default."""
-        return self.stages.llm.int_parameter(limits.LLM_CAPACITY_PARAMETER) or self.config.llm_max_seq_len
+        return self.stages[LLM].int_parameter(LLM_CAPACITY_PARAMETER) or self.config.llm_max_seq_len
 
     async def close(self) -> None:
         if self._background:
@@ -397,19 +405,20 @@ class Pipeline:
                 return PromptTokens(cached.speech_codes, cached.text_ids, cached.prompt_text, _resolved(cached))
         wav_len = np.array([prompt.wav_16k.shape[0]], np.int32)
         wav_24k_len = np.array([prompt.wav_24k.shape[0]], np.int32)
-        speaker = asyncio.ensure_future(self.stages.speaker.infer(
-            {"reference_wav": prompt.wav_16k, "reference_wav_len": wav_len,
-             "reference_wav_24k": prompt.wav_24k, "reference_wav_24k_len": wav_24k_len},
-            ["prompt_spk_embedding", "prompt_speech_feat"], request_id))
+        speaker = asyncio.ensure_future(self.stages[SPEAKER].infer(
+            {SpeakerIn.REFERENCE_WAV: prompt.wav_16k, SpeakerIn.REFERENCE_WAV_LEN: wav_len,
+             SpeakerIn.REFERENCE_WAV_24K: prompt.wav_24k, SpeakerIn.REFERENCE_WAV_24K_LEN: wav_24k_len},
+            [SpeakerOut.PROMPT_SPK_EMBEDDING, SpeakerOut.PROMPT_SPEECH_FEAT], request_id))
         try:
-            tok_out, tok_timing = await self.stages.tokenizer.infer(
-                {"reference_wav": prompt.wav_16k, "reference_wav_len": wav_len}, ["prompt_speech_tokens"], request_id)
+            tok_out, tok_timing = await self.stages[TOKENIZER].infer(
+                {TokenizerIn.REFERENCE_WAV: prompt.wav_16k, TokenizerIn.REFERENCE_WAV_LEN: wav_len},
+                [TokenizerOut.PROMPT_SPEECH_TOKENS], request_id)
         except BaseException:
             speaker.cancel()
             speaker.add_done_callback(_consume_exception)
             raise
-        timings.record("tokenizer", tok_timing)
-        codes = align_prompt(tok_out["prompt_speech_tokens"], prompt.wav_24k.shape[0] // MEL_HOP_SAMPLES)
+        timings.record(TOKENIZER, tok_timing)
+        codes = align_prompt(tok_out[TokenizerOut.PROMPT_SPEECH_TOKENS], prompt.wav_24k.shape[0] // MEL_HOP_SAMPLES)
         if codes.shape[0] == 0:
             speaker.cancel()
             speaker.add_done_callback(_consume_exception)
@@ -418,8 +427,8 @@ class Pipeline:
 
         async def finish() -> PromptFeatures:
             spk_out, spk_timing = await speaker
-            timings.record("speaker", spk_timing)
-            mel = np.asarray(spk_out["prompt_speech_feat"], np.float32)
+            timings.record(SPEAKER, spk_timing)
+            mel = np.asarray(spk_out[SpeakerOut.PROMPT_SPEECH_FEAT], np.float32)
             need = TOKEN_MEL_RATIO * codes.shape[0]
             if mel.shape[0] < need:
                 raise RequestError(grpc.StatusCode.INTERNAL,
@@ -427,7 +436,7 @@ class Pipeline:
                                    f"{prompt.wav_24k.shape[0]} samples at 24 kHz")
             features = PromptFeatures(
                 speech_codes=codes, speech_feat=np.ascontiguousarray(mel[:need]),
-                spk_embedding=np.ascontiguousarray(spk_out["prompt_spk_embedding"], np.float32).reshape(-1),
+                spk_embedding=np.ascontiguousarray(spk_out[SpeakerOut.PROMPT_SPK_EMBEDDING], np.float32).reshape(-1),
                 text_ids=text_ids, prompt_text=prompt_text, prompt_seconds=prompt.duration_s)
             if key is not None:
                 task = asyncio.create_task(self.cache.put(key, features))
@@ -529,31 +538,31 @@ class Pipeline:
     def _llm_tensors(self, prepared: PreparedRequest, segment: Segment, streaming: bool) -> dict[str, np.ndarray]:
         one = lambda value, dtype: np.array([value], dtype)  # noqa: E731 - every scalar is a [1] tensor
         tensors = {
-            "input_ids": segment.input_ids,
-            "input_lengths": one(segment.input_ids.shape[0], np.int32),
-            "request_output_len": one(segment.max_tokens, np.int32),
-            "end_id": one(FLAT_EOS1_ID, np.int32),
-            "pad_id": one(FLAT_EOS1_ID, np.int32),
-            "streaming": one(streaming, np.bool_),
-            "min_length": one(segment.min_tokens, np.int32),
-            "runtime_top_k": one(prepared.top_k, np.int32),
-            "runtime_top_p": one(prepared.top_p, np.float32),
-            "temperature": one(prepared.temperature, np.float32),
-            "random_seed": one(segment.seed, np.uint64),
+            LLMIn.INPUT_IDS: segment.input_ids,
+            LLMIn.INPUT_LENGTHS: one(segment.input_ids.shape[0], np.int32),
+            LLMIn.REQUEST_OUTPUT_LEN: one(segment.max_tokens, np.int32),
+            LLMIn.END_ID: one(FLAT_EOS1_ID, np.int32),
+            LLMIn.PAD_ID: one(FLAT_EOS1_ID, np.int32),
+            LLMIn.STREAMING: one(streaming, np.bool_),
+            LLMIn.MIN_LENGTH: one(segment.min_tokens, np.int32),
+            LLMIn.RUNTIME_TOP_K: one(prepared.top_k, np.int32),
+            LLMIn.RUNTIME_TOP_P: one(prepared.top_p, np.float32),
+            LLMIn.TEMPERATURE: one(prepared.temperature, np.float32),
+            LLMIn.RANDOM_SEED: one(segment.seed, np.uint64),
         }
         # Our llm stage can hold tokens back until the chunk schedule needs them (one response per chunk instead
         # of one per token); the stage client leaves it out for a model that does not declare it (TensorRT-LLM).
         if streaming:
-            tensors[STREAM_BOUNDARIES_INPUT] = np.asarray(chunk_ends(segment.max_tokens, self.config.schedule),
+            tensors[LLMIn.STREAM_BOUNDARIES] = np.asarray(chunk_ends(segment.max_tokens, self.config.schedule),
                                                           np.int32)
         return tensors
 
     async def _prompt_tensors(self, prepared: PreparedRequest) -> dict[str, np.ndarray]:
         features = await prepared.voice   # the speaker stage may still be running beside the LLM
         return {
-            "prompt_speech_tokens": prepared.prompt_tokens_flat,
-            "prompt_speech_feat": features.speech_feat,
-            "prompt_spk_embedding": features.spk_embedding,
+            Token2WavIn.PROMPT_SPEECH_TOKENS: prepared.prompt_tokens_flat,
+            Token2WavIn.PROMPT_SPEECH_FEAT: features.speech_feat,
+            Token2WavIn.PROMPT_SPK_EMBEDDING: features.spk_embedding,
         }
 
     async def _token2wav(self, prepared: PreparedRequest, segment: Segment, tokens: np.ndarray,
@@ -562,13 +571,13 @@ class Pipeline:
         """One token2wav call; `seed` = the segment's seed (the stage mixes in each chunk's token_offset), so
         a seeded request's audio repeats exactly. A stream's first chunk goes ahead of queued later chunks
         (Triton priority levels of the token2wav model). Streaming calls carry the request's affinity key."""
-        streaming = "token_offset" in extra
-        outputs = ["waveform", "cache_mel", "cache_source", "cache_speech"] if streaming else ["waveform"]
-        out, call = await self.stages.token2wav.infer(
-            {"target_speech_tokens": tokens, **await self._prompt_tensors(prepared),
-             "seed": np.array([segment.seed], np.uint64), **extra}, outputs, prepared.request_id,
+        streaming = Token2WavIn.TOKEN_OFFSET in extra
+        outputs = [Token2WavOut.WAVEFORM, *(TOKEN2WAV_CACHE if streaming else ())]
+        out, call = await self.stages[TOKEN2WAV].infer(
+            {Token2WavIn.TARGET_SPEECH_TOKENS: tokens, **await self._prompt_tensors(prepared),
+             Token2WavIn.SEED: np.array([segment.seed], np.uint64), **extra}, outputs, prepared.request_id,
             priority=FIRST_CHUNK_PRIORITY if first else 0, affinity=prepared.stream_key if streaming else None)
-        timings.record("token2wav", call)
+        timings.record(TOKEN2WAV, call)
         return out
 
     async def _prefill(self, prepared: PreparedRequest) -> None:
@@ -577,11 +586,11 @@ class Pipeline:
         the path to audio, so it is in the stage metrics but not in the request's timings (which add up the
         calls its audio waited for)."""
         try:
-            _, call = await self.stages.token2wav.infer(
-                {"target_speech_tokens": np.zeros(0, np.int32), **await self._prompt_tensors(prepared),
-                 PREFILL_INPUT: np.array([True])}, ["waveform"], prepared.request_id, priority=FIRST_CHUNK_PRIORITY,
-                affinity=prepared.stream_key)
-            metrics.observe_stage("token2wav", call.queue_ms, call.compute_ms)
+            _, call = await self.stages[TOKEN2WAV].infer(
+                {Token2WavIn.TARGET_SPEECH_TOKENS: np.zeros(0, np.int32), **await self._prompt_tensors(prepared),
+                 Token2WavIn.PREFILL: np.array([True])}, [Token2WavOut.WAVEFORM], prepared.request_id,
+                priority=FIRST_CHUNK_PRIORITY, affinity=prepared.stream_key)
+            metrics.observe_stage(TOKEN2WAV, call.queue_ms, call.compute_ms)
         except Exception as exc:  # noqa: BLE001 - only saves work; the stream's own calls report real failures
             log.debug("request %s: token2wav prefill skipped: %s", prepared.request_id, exc)
 
@@ -590,15 +599,15 @@ class Pipeline:
         """Append the LLM's speech ids to `tokens` as they stream in; set `arrived` after each response."""
         call = CallTiming()
         try:
-            async for out in self.stages.llm.stream(self._llm_tensors(prepared, segment, streaming),
-                                                    ["output_ids"], prepared.request_id, call):
-                ids, stopped = speech_ids_from_llm(out["output_ids"])
+            async for out in self.stages[LLM].stream(self._llm_tensors(prepared, segment, streaming),
+                                                     [LLMOut.OUTPUT_IDS], prepared.request_id, call):
+                ids, stopped = speech_ids_from_llm(out[LLMOut.OUTPUT_IDS])
                 tokens.extend(ids)
                 arrived.set()
                 if stopped:
                     break
         finally:
-            timings.record("llm", call)
+            timings.record(LLM, call)
             arrived.set()
 
     async def _segment_stream(self, prepared: PreparedRequest, segment: Segment, timings: StageTimings
@@ -617,11 +626,11 @@ class Pipeline:
                 while (chunk := schedule.next_chunk(len(tokens), reader.done())) is not None:
                     out = await self._token2wav(
                         prepared, segment, np.asarray(tokens[: chunk.end], np.int32), timings,
-                        {"token_offset": np.array([chunk.token_offset], np.int32),
-                         "finalize": np.array([chunk.finalize], np.bool_), **cache},
+                        {Token2WavIn.TOKEN_OFFSET: np.array([chunk.token_offset], np.int32),
+                         Token2WavIn.FINALIZE: np.array([chunk.finalize], np.bool_), **cache},
                         first=chunk.index == 0 and not chunk.finalize)
-                    cache = {name: out[name] for name in ("cache_mel", "cache_source", "cache_speech")}
-                    yield out["waveform"]
+                    cache = {name: out[name] for name in TOKEN2WAV_CACHE}   # sent back under the same names
+                    yield out[Token2WavOut.WAVEFORM]
             timings.speech_tokens += len(tokens)
         finally:
             if not reader.done():            # consumer left early: stop generating in the llm stage
@@ -647,7 +656,7 @@ class Pipeline:
             if not prefill.done():      # its stage call is left to finish (stage_client); stop waiting for it
                 prefill.cancel()
             await asyncio.gather(prefill, return_exceptions=True)
-            self.stages.token2wav.forget(prepared.stream_key)
+            self.stages[TOKEN2WAV].forget(prepared.stream_key)
         timings.total_ms = timings.elapsed_ms()
 
     async def synthesize(self, prepared: PreparedRequest, timings: StageTimings) -> np.ndarray:
@@ -659,9 +668,10 @@ class Pipeline:
             timings.speech_tokens += len(tokens)
             if tokens:
                 # sent only when not 1: the stage client refuses it to a token2wav replica that cannot apply it
-                speed = {} if prepared.speed == SPEED_NEUTRAL else {SPEED_INPUT: np.array([prepared.speed], np.float32)}
+                speed = ({} if prepared.speed == SPEED_NEUTRAL
+                         else {Token2WavIn.SPEED: np.array([prepared.speed], np.float32)})
                 out = await self._token2wav(prepared, segment, np.asarray(tokens, np.int32), timings, speed)
-                pieces.append(out["waveform"].astype(np.float32, copy=False))
+                pieces.append(out[Token2WavOut.WAVEFORM].astype(np.float32, copy=False))
         wav = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         timings.total_ms = timings.first_chunk_ms = timings.elapsed_ms()
         timings.audio_seconds = wav.shape[0] / OUTPUT_SAMPLE_RATE_HZ

@@ -40,10 +40,10 @@ from typing import Protocol
 
 import numpy as np
 from cosyvoice_common.constants import MAX_SPEECH_TOKENS, PROMPT_16K_SAMPLE_RATE_HZ
+from cosyvoice_common.contracts import SeedIn
 from cosyvoice_common.settings import check_knobs, knob, template_values
-from cosyvoice_common.stages import DEFAULT_SPEAKER_ID
+from cosyvoice_common.stages import DEFAULT_SPEAKER_ID, STAGE_NAMES, STAGES
 
-SEED_MODEL_NAME = "cosyvoice2"          # the only name the seed's clients accept for CosyVoice2
 DEFAULT_SPEAKER = DEFAULT_SPEAKER_ID      # the seed's spk2info.pt key
 CANCEL_POLL_S = 0.02
 READINESS_INTERVAL_S = 2.0
@@ -53,8 +53,6 @@ LENGTH_MODES = ("off", "ratio")
 # (~3.2 Qwen2 tokens/s), so ~7.5 speech tokens per text token with the real tokenizer.
 DEFAULT_LENGTH_K = 7.5
 
-INPUT_NAMES = ("reference_wav", "reference_wav_len", "reference_text", "target_text",
-               "min_speech_tokens", "max_speech_tokens")
 log = logging.getLogger("cosyvoice_gateway.seed")
 
 
@@ -98,27 +96,27 @@ def _int(tensors: Mapping[str, np.ndarray], name: str) -> int | None:
 
 def parse_seed_inputs(tensors: Mapping[str, np.ndarray]) -> SeedInputs:
     """Seed tensors (batch dim of 1 included or not) -> SeedInputs. Raises SeedRequestError."""
-    target_text = _text(tensors, "target_text")
+    target_text = _text(tensors, SeedIn.TARGET_TEXT)
     if target_text is None or not target_text.strip():
         raise SeedRequestError("target_text is missing or empty")
-    reference_text = _text(tensors, "reference_text") or ""
-    wav = tensors.get("reference_wav")
+    reference_text = _text(tensors, SeedIn.REFERENCE_TEXT) or ""
+    wav = tensors.get(SeedIn.REFERENCE_WAV)
     if wav is not None:
         wav = np.asarray(wav, dtype=np.float32)
         if wav.ndim == 2 and wav.shape[0] == 1:
             wav = wav[0]
         if wav.ndim != 1:
-            raise SeedRequestError(f"reference_wav must be [1, N], got {list(np.shape(tensors['reference_wav']))}")
-        length = _int(tensors, "reference_wav_len")
+            raise SeedRequestError(f"reference_wav must be [1, N], got {list(np.shape(tensors[SeedIn.REFERENCE_WAV]))}")
+        length = _int(tensors, SeedIn.REFERENCE_WAV_LEN)
         if length is not None:
             if not 0 < length <= wav.shape[0]:
                 raise SeedRequestError(f"reference_wav_len {length} outside [1, {wav.shape[0]}]")
             wav = wav[:length]            # the seed's client zero-pads to whole seconds
         if wav.size == 0:
             wav = None
-    elif tensors.get("reference_wav_len") is not None:
+    elif tensors.get(SeedIn.REFERENCE_WAV_LEN) is not None:
         raise SeedRequestError("reference_wav_len without reference_wav")
-    lo, hi = _int(tensors, "min_speech_tokens") or 0, _int(tensors, "max_speech_tokens") or 0
+    lo, hi = _int(tensors, SeedIn.MIN_SPEECH_TOKENS) or 0, _int(tensors, SeedIn.MAX_SPEECH_TOKENS) or 0
     return SeedInputs(target_text, None if wav is None else np.ascontiguousarray(wav), reference_text, lo, hi)
 
 
@@ -166,13 +164,15 @@ def to_synthesis_request(inputs: SeedInputs, semantics: SeedSemantics, encode_te
 
 
 # --- front configuration ---------------------------------------------------------------------------------
+def _urls_parameter(stage_name: str) -> str:
+    """The config.pbtxt parameter holding a stage's replica addresses (`${llm_urls}` in the template)."""
+    return f"{stage_name}_urls"
+
+
 @dataclass(frozen=True, slots=True)
 class SeedFrontConfig:
     model_dir: Path
-    tokenizer_urls: str
-    speaker_urls: str
-    llm_urls: str
-    token2wav_urls: str
+    stage_urls: Mapping[str, str]          # stage name -> its replicas' gRPC host:port, comma-separated
     redis_url: str
     model_revision: str = ""               # "" = computed from the model files (as the gateway does)
     semantics: SeedSemantics = SeedSemantics()
@@ -182,9 +182,9 @@ class SeedFrontConfig:
     llm_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        for name in ("tokenizer_urls", "speaker_urls", "llm_urls", "token2wav_urls"):
-            if not getattr(self, name):
-                raise ValueError(f"seed front: {name} is empty")
+        for name in STAGE_NAMES:
+            if not self.stage_urls.get(name):
+                raise ValueError(f"seed front: {_urls_parameter(name)} is empty")
         if self.stage_timeout_s <= 0 or self.llm_timeout_s <= 0:
             raise ValueError(f"bad seed front timeouts: {self}")
 
@@ -200,9 +200,8 @@ class SeedFrontConfig:
         semantics = SeedSemantics(default_speaker=get("default_speaker", DEFAULT_SPEAKER),
                                   length_from_text=get("length_from_text", "off"),
                                   length_k=float(get("length_k", str(DEFAULT_LENGTH_K))))
-        return cls(model_dir=Path(get("model_dir")), tokenizer_urls=get("tokenizer_urls"),
-                   speaker_urls=get("speaker_urls"), llm_urls=get("llm_urls"),
-                   token2wav_urls=get("token2wav_urls"), redis_url=get("redis_url"),
+        return cls(model_dir=Path(get("model_dir")),
+                   stage_urls={name: get(_urls_parameter(name)) for name in STAGE_NAMES}, redis_url=get("redis_url"),
                    model_revision=get("model_revision"), semantics=semantics,
                    prompt_wav=get("prompt_wav"), prompt_text=get("prompt_text"),
                    stage_timeout_s=float(get("stage_timeout_s", "30")),
@@ -240,9 +239,7 @@ def template_params(decoupled: bool, model_dir: Path, stage_urls: Mapping[str, s
     """Everything `model_repository/cosyvoice2/config.pbtxt` needs, for one of the two variants."""
     pbtxt_text = {k: str(v).replace("\\", "\\\\").replace('"', '\\"') for k, v in template_values(settings).items()}
     return {**pbtxt_text, "decoupled": "true" if decoupled else "false", "model_dir": str(model_dir),
-            "redis_url": redis_url, "tokenizer_urls": stage_urls["TOKENIZER_URLS"],
-            "speaker_urls": stage_urls["SPEAKER_URLS"], "llm_urls": stage_urls["LLM_URLS"],
-            "token2wav_urls": stage_urls["TOKEN2WAV_URLS"]}
+            "redis_url": redis_url, **{_urls_parameter(s.name): stage_urls[s.urls_env] for s in STAGES}}
 
 
 # --- the front: an asyncio loop on its own thread ---------------------------------------------------------
@@ -296,11 +293,10 @@ class SeedFront:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
     def start(self) -> "SeedFront":
-        from cosyvoice_common.spk2info import Spk2InfoCache, Spk2InfoConfig
-
         from cosyvoice_gateway.model_dir import load_text_encoder, model_revision
         from cosyvoice_gateway.pipeline import Pipeline, PipelineConfig
-        from cosyvoice_gateway.stage_client import StageClient, Stages, stage_config
+        from cosyvoice_gateway.spk2info import Spk2InfoCache, Spk2InfoConfig
+        from cosyvoice_gateway.stage_client import Stages
 
         cfg = self.config
         encode_text = self._encode_text or load_text_encoder(cfg.model_dir)
@@ -308,10 +304,7 @@ class SeedFront:
         self._thread.start()
 
         async def build():
-            stages = Stages(*(StageClient(stage_config(name, urls, cfg.llm_timeout_s if name == "llm"
-                                                       else cfg.stage_timeout_s))
-                              for name, urls in (("tokenizer", cfg.tokenizer_urls), ("speaker", cfg.speaker_urls),
-                                                 ("llm", cfg.llm_urls), ("token2wav", cfg.token2wav_urls))))
+            stages = Stages.connect(cfg.stage_urls, cfg.stage_timeout_s, cfg.llm_timeout_s)
             cache = Spk2InfoCache(Spk2InfoConfig(url=cfg.redis_url, model_revision=revision))
             pipeline = Pipeline(PipelineConfig(max_speech_tokens=cfg.semantics.max_speech_tokens), stages, cache,
                                 encode_text)
@@ -322,7 +315,7 @@ class SeedFront:
         self.pipeline = self._call(build(), 60)
         self.encode_text = encode_text
         self._canceller.start()
-        from cosyvoice_common.seed_speakers import (
+        from cosyvoice_gateway.seed_speakers import (
             import_model_speakers,  # <model_dir>/spk2info.pt, if any
         )
 
@@ -330,7 +323,7 @@ class SeedFront:
         if cfg.prompt_wav:
             self.register_default_speaker(Path(cfg.prompt_wav).read_bytes(), cfg.prompt_text)
         log.info("seed front: stages %s, speaker %r, length_from_text=%s (k=%.2f), revision %s",
-                 cfg.llm_urls, cfg.semantics.default_speaker, cfg.semantics.length_from_text,
+                 dict(cfg.stage_urls), cfg.semantics.default_speaker, cfg.semantics.length_from_text,
                  cfg.semantics.length_k, revision)
         return self
 

@@ -22,27 +22,24 @@ from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.audio import PROMPT_MAX_BYTES, encode_audio
 from cosyvoice_common.constants import MAX_NAMED_SPEAKERS, SPEED_NEUTRAL
 from cosyvoice_common.modelconfig import random_weights_notice
-from cosyvoice_common.seed_speakers import import_model_speakers
 from cosyvoice_common.settings import ConfigError, check_knobs, from_env, knob
-from cosyvoice_common.spk2info import (
-    REDIS_SOCKET_TIMEOUT_S,
-    RegistryUnavailableError,
-    Spk2InfoCache,
-    Spk2InfoConfig,
-)
 from cosyvoice_common.stages import (
     DEFAULT_REDIS_URL,
     DEFAULT_SPEAKER_ID,
     GATEWAY_GRPC_PORT,
     GATEWAY_HTTP_PORT,
+    LLM,
     RELEASED_MODEL_DIR,
+    SPEAKER,
+    STAGE_NAMES,
+    TOKEN2WAV,
+    TOKENIZER,
     stage,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from cosyvoice_common.textnorm import load_engines as load_text_engines
 from cosyvoice_gateway import metrics
 from cosyvoice_gateway.admission import Admission, AdmissionInterceptor
 from cosyvoice_gateway.auth import API_KEY_ENV, ApiKeyInterceptor
@@ -58,7 +55,15 @@ from cosyvoice_gateway.pipeline import (
     invalid,
     stage_error_to_request_error,
 )
-from cosyvoice_gateway.stage_client import StageClient, StageError, Stages, stage_config
+from cosyvoice_gateway.seed_speakers import import_model_speakers
+from cosyvoice_gateway.spk2info import (
+    REDIS_SOCKET_TIMEOUT_S,
+    RegistryUnavailableError,
+    Spk2InfoCache,
+    Spk2InfoConfig,
+)
+from cosyvoice_gateway.stage_client import StageError, Stages
+from cosyvoice_gateway.textnorm import load_engines as load_text_engines
 
 if TYPE_CHECKING:
     import uvicorn
@@ -77,7 +82,7 @@ _ENCODING_NAMES = {
 
 
 def _stage_urls(name: str):
-    return knob(stage(name).env("URLS"), "", f"gRPC host:port of the {name} stage; several replicas "
+    return knob(stage(name).urls_env, "", f"gRPC host:port of the {name} stage; several replicas "
                 "comma-separated, or dns:///name:port to spread over what a name resolves to", required=True)
 
 
@@ -85,10 +90,11 @@ def _stage_urls(name: str):
 class GatewayConfig:
     """Everything one gateway process is configured with: read once in main() (`from_env(GatewayConfig,
     os.environ)`), validated here, handed to what needs it (docs/CONFIGURATION.md is generated from these)."""
-    tokenizer_urls: str = _stage_urls("tokenizer")
-    speaker_urls: str = _stage_urls("speaker")
-    llm_urls: str = _stage_urls("llm")
-    token2wav_urls: str = _stage_urls("token2wav")
+    # one `{stage}_urls` per stage of the registry (stage_urls() reads them by name)
+    tokenizer_urls: str = _stage_urls(TOKENIZER)
+    speaker_urls: str = _stage_urls(SPEAKER)
+    llm_urls: str = _stage_urls(LLM)
+    token2wav_urls: str = _stage_urls(TOKEN2WAV)
     model_dir: Path = knob("MODEL_DIR", Path(RELEASED_MODEL_DIR), "model directory (the text tokenizer under "
                            "CosyVoice-BlankEN, spk2info.pt voices, the revision hash)")
     redis_url: str = knob("REDIS_URL", DEFAULT_REDIS_URL, "spk2info cache and speaker registry (empty cache: "
@@ -140,9 +146,9 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         check_knobs(self)
-        for name in ("tokenizer_urls", "speaker_urls", "llm_urls", "token2wav_urls"):
-            if not getattr(self, name):
-                raise ValueError(f"{stage(name.removesuffix('_urls')).env('URLS')} is empty")
+        for name, urls in self.stage_urls().items():
+            if not urls:
+                raise ValueError(f"{stage(name).urls_env} is empty")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("TLS needs both TLS_CERT_FILE and TLS_KEY_FILE (PEM certificate chain and its private "
                              "key), or neither for plaintext")
@@ -151,6 +157,10 @@ class GatewayConfig:
                 raise ValueError(f"{name} {path} is not a readable file")
         if not self.model_revision:
             object.__setattr__(self, "model_revision", model_revision(self.model_dir))
+
+    def stage_urls(self) -> dict[str, str]:
+        """Each stage's replica addresses, by stage name."""
+        return {name: getattr(self, f"{name}_urls") for name in STAGE_NAMES}
 
     @property
     def tls(self) -> bool:
@@ -193,10 +203,11 @@ def encoding_name(encoding: int) -> str:
 
 
 def timings_proto(t: StageTimings) -> tts_pb2.StageTimings:
-    stage = lambda s: tts_pb2.StageTiming(queue_ms=s.queue_ms, compute_ms=s.compute_ms, calls=s.calls)  # noqa: E731
+    """The message has one StageTiming field per stage, named as the stage (a test holds the two together)."""
+    per_stage = {name: tts_pb2.StageTiming(queue_ms=s.queue_ms, compute_ms=s.compute_ms, calls=s.calls)
+                 for name, s in t.per_stage.items()}
     return tts_pb2.StageTimings(
-        tokenizer=stage(t.tokenizer), speaker=stage(t.speaker), llm=stage(t.llm), token2wav=stage(t.token2wav),
-        cache_hit=t.cache_hit, first_chunk_ms=t.first_chunk_ms, total_ms=t.total_ms,
+        **per_stage, cache_hit=t.cache_hit, first_chunk_ms=t.first_chunk_ms, total_ms=t.total_ms,
         speech_tokens=t.speech_tokens, audio_seconds=t.audio_seconds)
 
 
@@ -223,7 +234,8 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServicer):
         log.info("rpc=%s request_id=%s status=OK tokens=%d audio_s=%.2f first_chunk_ms=%.1f total_ms=%.1f "
                  "cache_hit=%s llm_ms=%.1f token2wav_ms=%.1f/%d calls", rpc, request_id, timings.speech_tokens,
                  timings.audio_seconds, timings.first_chunk_ms, timings.total_ms, timings.cache_hit,
-                 timings.llm.compute_ms, timings.token2wav.compute_ms, timings.token2wav.calls)
+                 timings.per_stage[LLM].compute_ms, timings.per_stage[TOKEN2WAV].compute_ms,
+                 timings.per_stage[TOKEN2WAV].calls)
 
     async def Synthesize(self, request, context):
         timings = StageTimings()
@@ -310,11 +322,8 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig, encode_text=None) -> None:
         self.config = config
-        self.stages = Stages(*(
-            StageClient(stage_config(name, urls, config.llm_timeout_s if name == "llm" else config.stage_timeout_s,
-                                     config.max_inflight_per_replica))
-            for name, urls in (("tokenizer", config.tokenizer_urls), ("speaker", config.speaker_urls),
-                               ("llm", config.llm_urls), ("token2wav", config.token2wav_urls))))
+        self.stages = Stages.connect(config.stage_urls(), config.stage_timeout_s, config.llm_timeout_s,
+                                     config.max_inflight_per_replica)
         self.cache = Spk2InfoCache(config.spk2info_config())
         self.pipeline = Pipeline(PipelineConfig(), self.stages, self.cache,
                                  encode_text or load_text_encoder(config.model_dir))

@@ -37,17 +37,8 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
-from cosyvoice_common.contracts import (
-    LLM_INPUTS,
-    LLM_MODEL,
-    SPEAKER_INPUTS,
-    SPEAKER_MODEL,
-    TOKEN2WAV_INPUTS,
-    TOKEN2WAV_MODEL,
-    TOKENIZER_INPUTS,
-    TOKENIZER_MODEL,
-    TensorSpec,
-)
+from cosyvoice_common.contracts import TensorSpec
+from cosyvoice_common.stages import LLM, STAGE_NAMES, stage
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
@@ -147,17 +138,10 @@ def expand_url(url: str, addresses: Sequence[str]) -> tuple[str, ...]:
     return tuple(join_host_port(a, port) for a in chosen)
 
 
-STAGE_INPUTS = {
-    "tokenizer": (TOKENIZER_MODEL, TOKENIZER_INPUTS),
-    "speaker": (SPEAKER_MODEL, SPEAKER_INPUTS),
-    "llm": (LLM_MODEL, LLM_INPUTS),
-    "token2wav": (TOKEN2WAV_MODEL, TOKEN2WAV_INPUTS),
-}
-
-
 def stage_config(name: str, urls: str, timeout_s: float, max_inflight_per_replica: int = 0) -> StageConfig:
-    model, inputs = STAGE_INPUTS[name]
-    return StageConfig(name, model, parse_urls(urls), timeout_s, inputs, max_inflight_per_replica)
+    """The client settings of a registered stage (its Triton model and input contract) at `urls`."""
+    spec = stage(name)
+    return StageConfig(name, spec.triton_model, parse_urls(urls), timeout_s, spec.inputs, max_inflight_per_replica)
 
 
 @dataclass(slots=True)
@@ -559,19 +543,34 @@ def _channel_args() -> list[tuple[str, int]]:
             ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
 
 
-@dataclass(slots=True)
-class Stages:
-    tokenizer: StageClient
-    speaker: StageClient
-    llm: StageClient
-    token2wav: StageClient
+class Stages(Mapping[str, StageClient]):
+    """A client for every stage of the registry (cosyvoice_common.stages), by stage name: `stages[LLM]`."""
 
-    def all(self) -> tuple[StageClient, ...]:
-        return (self.tokenizer, self.speaker, self.llm, self.token2wav)
+    def __init__(self, clients: Mapping[str, StageClient]) -> None:
+        if set(clients) != set(STAGE_NAMES):
+            raise ValueError(f"one client per stage {list(STAGE_NAMES)}, got {sorted(clients)}")
+        self._clients = {name: clients[name] for name in STAGE_NAMES}
+
+    @classmethod
+    def connect(cls, urls: Mapping[str, str], stage_timeout_s: float, llm_timeout_s: float,
+                max_inflight_per_replica: int = 0) -> "Stages":
+        """Clients at `urls[stage]` (host:port, comma-separated replicas); the LLM's timeout bounds a whole stream."""
+        return cls({name: StageClient(stage_config(name, urls[name], llm_timeout_s if name == LLM else stage_timeout_s,
+                                                   max_inflight_per_replica))
+                    for name in STAGE_NAMES})
+
+    def __getitem__(self, name: str) -> StageClient:
+        return self._clients[name]
+
+    def __iter__(self):
+        return iter(self._clients)
+
+    def __len__(self) -> int:
+        return len(self._clients)
 
     async def check_ready(self) -> bool:
-        results = await asyncio.gather(*(s.check_ready() for s in self.all()))
+        results = await asyncio.gather(*(s.check_ready() for s in self.values()))
         return all(results)
 
     async def close(self) -> None:
-        await asyncio.gather(*(s.close() for s in self.all()))
+        await asyncio.gather(*(s.close() for s in self.values()))

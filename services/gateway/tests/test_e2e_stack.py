@@ -132,7 +132,7 @@ def test_streaming_chunks_concatenate_to_960_samples_per_token_with_one_wav_head
     assert timings.speech_tokens == N_TOKENS and timings.token2wav.calls == 2 and 0 < timings.first_chunk_ms <= timings.total_ms
 
 
-# The chunk schedule of spec 7, written out here rather than taken from `cosyvoice_common.schedule`, for
+# The chunk schedule of spec 7, written out here rather than taken from `cosyvoice_gateway.schedule`, for
 # N_TOKENS = 20: (token_offset, end, finalize). Chunk 0 emits the first 15 tokens once 15 + 3 lookahead exist;
 # the final chunk emits the rest from the whole sequence.
 SPEC_SCHEDULE = ((0, 18, False), (15, 20, True))

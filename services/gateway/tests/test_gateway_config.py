@@ -38,9 +38,9 @@ def _start(**env: str) -> subprocess.CompletedProcess:
 
 
 def test_gateway_process_refuses_a_bad_variable_naming_it_and_the_allowed_values():
-    done = _start(**URLS, MODEL_REVISION="r", HTTP_DEFAULT_RESPONSE_FORMAT="aac")
+    done = _start(**URLS, MODEL_REVISION="r", HTTP_DEFAULT_RESPONSE_FORMAT="ogg")
     assert done.returncode != 0
-    assert "HTTP_DEFAULT_RESPONSE_FORMAT='aac': expected one of (empty), wav, pcm, flac, mp3, opus" in done.stderr
+    assert "HTTP_DEFAULT_RESPONSE_FORMAT='ogg': expected one of (empty), wav, pcm, flac, mp3, opus, aac" in done.stderr
 
 
 def test_gateway_process_refuses_to_start_without_a_stage_url():

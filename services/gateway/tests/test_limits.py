@@ -5,10 +5,11 @@ import grpc
 import pytest
 
 from cosyvoice_common.constants import LLM_MAX_SEQ_LEN, MAX_SPEECH_TOKENS, MAX_TOKEN_TEXT_RATIO, PROMPT_MAX_SPEECH_TOKENS
-from cosyvoice_common.spk2info import Spk2InfoCache, Spk2InfoConfig
+from cosyvoice_common.stages import LLM, STAGE_NAMES
 from cosyvoice_gateway import limits
 from cosyvoice_gateway.pipeline import Pipeline, PipelineConfig, RequestError, StageTimings, SynthesisRequest
-from cosyvoice_gateway.stage_client import StageClient, Stages, stage_config
+from cosyvoice_gateway.spk2info import Spk2InfoCache, Spk2InfoConfig
+from cosyvoice_gateway.stage_client import Stages
 from cosyvoice_gateway.testing import char_encoder, prompt_wav_bytes
 
 
@@ -50,9 +51,9 @@ def test_zh_text_without_terminators_is_cut_by_characters():
 
 
 def _pipeline(capacity: int | None) -> Pipeline:
-    stages = Stages(*(StageClient(stage_config(n, "127.0.0.1:1", 1.0)) for n in ("tokenizer", "speaker", "llm", "token2wav")))
+    stages = Stages.connect({name: "127.0.0.1:1" for name in STAGE_NAMES}, stage_timeout_s=1.0, llm_timeout_s=1.0)
     if capacity is not None:
-        stages.llm._replicas[0].parameters = {"max_seq_len": str(capacity)}
+        stages[LLM]._replicas[0].parameters = {"max_seq_len": str(capacity)}
     return Pipeline(PipelineConfig(), stages, Spk2InfoCache(Spk2InfoConfig(url="", model_revision="t")), char_encoder)
 
 

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from cosyvoice_common.constants import FLAT_EOS1_ID, SPEECH_ID_OFFSET
-from cosyvoice_common.spk2info import Spk2InfoCache, Spk2InfoConfig
-from cosyvoice_gateway.pipeline import Pipeline, PipelineConfig, RequestError, StageTimings, SynthesisRequest
+from cosyvoice_common.stages import LLM
 from cosyvoice_gateway.model_dir import load_text_encoder
-from cosyvoice_gateway.stage_client import StageClient, StageError, Stages, stage_config
+from cosyvoice_gateway.pipeline import Pipeline, PipelineConfig, RequestError, StageTimings, SynthesisRequest
+from cosyvoice_gateway.spk2info import Spk2InfoCache, Spk2InfoConfig
+from cosyvoice_gateway.stage_client import StageError, Stages
 from cosyvoice_gateway.testing import prompt_wav_bytes
-from cosyvoice_tools.stack import Stack
+from cosyvoice_launcher.stack import Stack
 from cosyvoice_tools.testing import make_stack_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -45,7 +46,7 @@ def make_pipeline(stage_servers, small_llm, tiny_model_dir):
     encode = load_text_encoder(tiny_model_dir)
 
     def make() -> Pipeline:
-        stages = Stages(*(StageClient(stage_config(n, urls[n], 60.0)) for n in ("tokenizer", "speaker", "llm", "token2wav")))
+        stages = Stages.connect(urls, stage_timeout_s=60.0, llm_timeout_s=60.0)
         cache = Spk2InfoCache(Spk2InfoConfig(url="", model_revision="limits-test"))
         return Pipeline(PipelineConfig(), stages, cache, encode)
     return make
@@ -75,7 +76,7 @@ def test_the_capacity_is_real_the_llm_stage_refuses_more(make_pipeline):
                    "streaming": np.array([False])}
         try:
             with pytest.raises(StageError) as info:
-                async for _ in pipeline.stages.llm.stream(tensors, ["output_ids"], "too-long"):
+                async for _ in pipeline.stages[LLM].stream(tensors, ["output_ids"], "too-long"):
                     pass
             return info.value
         finally:

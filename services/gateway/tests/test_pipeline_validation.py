@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cosyvoice_common.constants import FLAT_EOS1_ID, SPEECH_ID_OFFSET
-from cosyvoice_common.spk2info import Spk2InfoCache, Spk2InfoConfig
+from cosyvoice_common.stages import STAGE_NAMES
 from cosyvoice_gateway.pipeline import (
     Pipeline,
     PipelineConfig,
@@ -18,7 +18,8 @@ from cosyvoice_gateway.pipeline import (
     speech_token_bounds,
     target_segments,
 )
-from cosyvoice_gateway.stage_client import StageClient, Stages, stage_config
+from cosyvoice_gateway.spk2info import Spk2InfoCache, Spk2InfoConfig
+from cosyvoice_gateway.stage_client import Stages
 
 from cosyvoice_gateway.testing import char_encoder, prompt_wav_bytes
 
@@ -26,7 +27,7 @@ UNREACHABLE = "127.0.0.1:1"
 
 
 def _pipeline(redis_url: str = "") -> Pipeline:
-    stages = Stages(*(StageClient(stage_config(n, UNREACHABLE, 1.0)) for n in ("tokenizer", "speaker", "llm", "token2wav")))
+    stages = Stages.connect({name: UNREACHABLE for name in STAGE_NAMES}, stage_timeout_s=1.0, llm_timeout_s=1.0)
     cache = Spk2InfoCache(Spk2InfoConfig(url=redis_url, model_revision="test"))
     return Pipeline(PipelineConfig(), stages, cache, char_encoder)
 

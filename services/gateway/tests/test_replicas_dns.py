@@ -17,7 +17,7 @@ from cosyvoice_gateway.stage_client import (
     StageClient, expand_url, resolve_addresses, split_host_port, stage_config,
 )
 from cosyvoice_gateway.testing import STANDIN_TOKENIZER_CONFIG
-from cosyvoice_tools.triton import TritonServer, TritonServerConfig, free_ports
+from cosyvoice_launcher.triton import TritonServer, TritonServerConfig, free_ports
 
 
 # --- expansion rules -----------------------------------------------------------------------------------

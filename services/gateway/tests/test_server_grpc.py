@@ -9,7 +9,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
-from cosyvoice_gateway.server import SERVICE_NAME, Gateway, GatewayConfig
+from cosyvoice_common.stages import STAGE_NAMES, TOKEN2WAV
+from cosyvoice_gateway.pipeline import StageTimings
+from cosyvoice_gateway.server import SERVICE_NAME, Gateway, GatewayConfig, timings_proto
+from cosyvoice_gateway.stage_client import CallTiming
 from cosyvoice_gateway.testing import char_encoder, free_port, prompt_wav_bytes
 
 UNREACHABLE = "127.0.0.1:1"
@@ -114,3 +117,13 @@ def test_speaker_registry_rpcs_and_unavailable_registry(gateway_redis):
             await stub.ListSpeakers(tts_pb2.ListSpeakersRequest())
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     run_with_gateway(gateway_redis.url, body)
+
+
+def test_each_registered_stage_has_its_timing_field_in_the_reply_under_its_name():
+    """The message's field names are a public contract; timings_proto fills them by stage name."""
+    timings = StageTimings()
+    timings.record(TOKEN2WAV, CallTiming(queue_ms=1.0, compute_ms=2.0))
+    message = timings_proto(timings)
+    stage_fields = {f.name for f in tts_pb2.StageTimings.DESCRIPTOR.fields if f.message_type is not None}
+    assert stage_fields == set(STAGE_NAMES)
+    assert message.token2wav.calls == 1 and message.token2wav.compute_ms == 2.0 and message.llm.calls == 0

@@ -13,7 +13,7 @@ import pytest
 from cosyvoice_gateway.admission import DEADLINE_S
 from cosyvoice_gateway.stage_client import StageClient, StageError, stage_config
 from cosyvoice_gateway.testing import STANDIN_TOKENIZER_CONFIG
-from cosyvoice_tools.triton import TritonServer, TritonServerConfig, free_ports
+from cosyvoice_launcher.triton import TritonServer, TritonServerConfig, free_ports
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 SLOW_S = 2.0

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from cosyvoice_gateway.stage_client import MAX_RECONNECT_BACKOFF_MS, StageClient, stage_config
-from cosyvoice_tools.triton import TritonServer, TritonServerConfig, free_ports
+from cosyvoice_launcher.triton import TritonServer, TritonServerConfig, free_ports
 
 DOWN_FOR_S = 20.0        # long enough for gRPC's default backoff to reach ~10 s
 MIN_ATTEMPTS = int(0.7 * DOWN_FOR_S * 1000 / MAX_RECONNECT_BACKOFF_MS)   # ~one per capped backoff, less 30 %

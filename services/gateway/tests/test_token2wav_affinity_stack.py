@@ -19,7 +19,7 @@ import pytest
 from cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from cosyvoice_common.constants import SAMPLES_PER_TOKEN
 from cosyvoice_gateway.testing import prompt_wav_bytes
-from cosyvoice_tools.stack import Stack
+from cosyvoice_launcher.stack import Stack
 from cosyvoice_tools.testing import make_stack_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cosyvoice_common.stage_params import stage_params
-from cosyvoice_tools.stack import Stack
+from cosyvoice_launcher.stack import Stack
 from cosyvoice_tools.testing import make_stack_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

@@ -50,9 +50,9 @@ def _theirs(specs):
 
 def test_gateway_sends_only_contract_inputs(trtllm_config):
     from cosyvoice_gateway import stage_client
-    model, inputs = stage_client.STAGE_INPUTS["llm"]
-    assert model == trtllm_config.name
-    _assert_serves_contract(trtllm_config.input, _theirs(inputs))
+    sent = stage_client.stage_config("llm", "127.0.0.1:1", 1.0)
+    assert sent.model == trtllm_config.name
+    _assert_serves_contract(trtllm_config.input, _theirs(sent.inputs))
 
 
 def test_stage_client_leaves_out_inputs_the_model_does_not_declare(trtllm_config):

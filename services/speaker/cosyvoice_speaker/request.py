@@ -6,11 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cosyvoice_common.contracts import SPEAKER_INPUTS
+from cosyvoice_common.contracts import SpeakerIn
 from cosyvoice_common.errors import InvalidRequestError
 from cosyvoice_common.inputs import trimmed_wav
-
-WAV, WAV_LEN, WAV_24K, WAV_24K_LEN = (spec.name for spec in SPEAKER_INPUTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +19,7 @@ class SpeakerRequest:
 
 def parse_speaker_request(tensors: Mapping[str, np.ndarray]) -> SpeakerRequest:
     """InvalidRequestError names what is wrong."""
-    wav = trimmed_wav(tensors, WAV, WAV_LEN)
+    wav = trimmed_wav(tensors, SpeakerIn.REFERENCE_WAV, SpeakerIn.REFERENCE_WAV_LEN)
     if wav is None:
-        raise InvalidRequestError(f"{WAV} is required")
-    return SpeakerRequest(wav, trimmed_wav(tensors, WAV_24K, WAV_24K_LEN))
+        raise InvalidRequestError(f"{SpeakerIn.REFERENCE_WAV} is required")
+    return SpeakerRequest(wav, trimmed_wav(tensors, SpeakerIn.REFERENCE_WAV_24K, SpeakerIn.REFERENCE_WAV_24K_LEN))

@@ -11,7 +11,7 @@ import torch
 from cosyvoice_tools.modelgen import random_flow_and_hift
 
 from cosyvoice_common.constants import MEL_BINS, SPEAKER_EMBEDDING_DIM
-from cosyvoice_common.schedule import ScheduleConfig, plan
+from cosyvoice_gateway.schedule import ScheduleConfig, plan
 from cosyvoice_token2wav.engine import Token2WavEngine
 from cosyvoice_token2wav.sequence import ChunkRequest
 

@@ -5,16 +5,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from cosyvoice_common.contracts import TOKENIZER_INPUTS
+from cosyvoice_common.contracts import TokenizerIn
 from cosyvoice_common.errors import InvalidRequestError
 from cosyvoice_common.inputs import trimmed_wav
-
-WAV, WAV_LEN = (spec.name for spec in TOKENIZER_INPUTS)
 
 
 def parse_prompt(tensors: Mapping[str, np.ndarray]) -> np.ndarray:
     """The 16 kHz prompt to tokenize; InvalidRequestError names what is wrong."""
-    wav = trimmed_wav(tensors, WAV, WAV_LEN)
+    wav = trimmed_wav(tensors, TokenizerIn.REFERENCE_WAV, TokenizerIn.REFERENCE_WAV_LEN)
     if wav is None:
-        raise InvalidRequestError(f"{WAV} is required")
+        raise InvalidRequestError(f"{TokenizerIn.REFERENCE_WAV} is required")
     return wav

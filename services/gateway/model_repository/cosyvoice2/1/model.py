@@ -13,10 +13,10 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from cosyvoice_common.contracts import SEED_INPUTS, SEED_TEXT_INPUTS, SeedOut
 from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.triton_io import from_triton, send_outputs
 from cosyvoice_gateway.seed import (
-    INPUT_NAMES,
     SeedFront,
     SeedFrontConfig,
     SeedRequestError,
@@ -24,16 +24,15 @@ from cosyvoice_gateway.seed import (
 )
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-_TEXT_INPUTS = frozenset({"reference_text", "target_text"})
 
 
 def read_input(name: str, tensor) -> np.ndarray:
     """One request input as numpy. Numeric tensors go through cosyvoice_common.triton_io (DLPack where torch
     is installed, the numpy path in the torch-free gateway image)."""
-    if name in _TEXT_INPUTS:
+    if name in SEED_TEXT_INPUTS:
         # BYTES (TYPE_STRING) have no DLPack form, so triton_io cannot carry them: as_numpy() is the only
         # way, and it is exact only because the stub runs with numpy<2 (`make up`:
-        # cosyvoice_tools.seed_repo.ensure_stub_python; the gateway image pins numpy<2). Object array of bytes.
+        # cosyvoice_launcher.seed_repo.ensure_stub_python; the gateway image pins numpy<2). Object array of bytes.
         return tensor.as_numpy()
     return from_triton(tensor)
 
@@ -56,7 +55,7 @@ class TritonResponder:
                 self.closed = True
             flags = _FINAL if final else 0
             if audio is not None:
-                send_outputs(self.sender, {"waveform": audio}, self.requested_outputs, flags)
+                send_outputs(self.sender, {SeedOut.WAVEFORM: audio}, self.requested_outputs, flags)
             elif error is not None:
                 self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)), flags=flags)
             else:
@@ -92,7 +91,7 @@ class TritonPythonModel:
             responder = TritonResponder(request, request.get_response_sender())
             try:
                 tensors = {}
-                for name in INPUT_NAMES:
+                for name in SEED_INPUTS:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     if tensor is not None:
                         tensors[name] = read_input(name, tensor)

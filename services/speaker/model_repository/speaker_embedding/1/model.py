@@ -13,7 +13,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import MEL_BINS
-from cosyvoice_common.contracts import SPEAKER_INPUTS, SPEAKER_OUTPUTS
+from cosyvoice_common.contracts import SPEAKER_INPUTS, SpeakerOut
 from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.stage_params import SpeakerParams
 from cosyvoice_common.triton_io import batch_or_each, error_response, get_parameter, to_triton, unbatched_inputs
@@ -22,8 +22,6 @@ from cosyvoice_speaker.features import prompt_mel
 from cosyvoice_speaker.request import parse_speaker_request
 
 INPUT_NAMES = tuple(spec.name for spec in SPEAKER_INPUTS)
-
-EMBEDDING, SPEECH_FEAT = (spec.name for spec in SPEAKER_OUTPUTS)
 
 
 class TritonPythonModel:
@@ -51,8 +49,9 @@ class TritonPythonModel:
         # One call for the list; if it fails, each prompt alone, so one bad prompt fails only its request.
         for i, embedding in batch_or_each(self._embed, prompts).items():
             responses[i] = error_response(embedding) if isinstance(embedding, Exception) else \
-                pb_utils.InferenceResponse([to_triton(EMBEDDING, np.asarray(embedding, np.float32).reshape(1, -1)),
-                                            to_triton(SPEECH_FEAT, mels[i][None].astype(np.float32))])
+                pb_utils.InferenceResponse([
+                    to_triton(SpeakerOut.PROMPT_SPK_EMBEDDING, np.asarray(embedding, np.float32).reshape(1, -1)),
+                    to_triton(SpeakerOut.PROMPT_SPEECH_FEAT, mels[i][None].astype(np.float32))])
         return responses
 
     def _embed(self, prompts: list[np.ndarray]) -> np.ndarray:

@@ -21,7 +21,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import MEL_BINS
-from cosyvoice_common.contracts import TOKEN2WAV_INPUTS
+from cosyvoice_common.contracts import TOKEN2WAV_INPUTS, Token2WavMetric, Token2WavOut
 from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.stage_params import AUTO, Token2WavParams, stream_cache_bytes
 from cosyvoice_common.triton_io import DTYPES, error_response, get_parameter, send_outputs, unbatched_inputs
@@ -45,7 +45,8 @@ def chunk_outputs(wav: torch.Tensor, cache: VocoderCache | None) -> dict[str, to
         mel, source, speech = torch.zeros(1, MEL_BINS, 0), torch.zeros(1, 0), torch.zeros(1, 0)
     else:
         mel, source, speech = cache.mel, cache.source.reshape(1, -1), cache.speech.reshape(1, -1)
-    outputs = {"waveform": wav.reshape(1, -1), "cache_mel": mel, "cache_source": source, "cache_speech": speech}
+    outputs = {Token2WavOut.WAVEFORM: wav.reshape(1, -1), Token2WavOut.CACHE_MEL: mel,
+               Token2WavOut.CACHE_SOURCE: source, Token2WavOut.CACHE_SPEECH: speech}
     return {name: t.float() for name, t in outputs.items()}   # all float32
 
 
@@ -57,20 +58,20 @@ class _Metrics:
     def __init__(self, labels: dict[str, str]) -> None:
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         self.families = families = {   # held: a family that is garbage collected takes its metrics along
-            "chunks": pb_utils.MetricFamily(name="token2wav_chunks", description="token2wav calls answered",
+            "chunks": pb_utils.MetricFamily(name=Token2WavMetric.CHUNKS, description="token2wav calls answered",
                                             kind=counter),
-            "wait": pb_utils.MetricFamily(name="token2wav_chunk_wait_ms",
+            "wait": pb_utils.MetricFamily(name=Token2WavMetric.CHUNK_WAIT_MS,
                                           description="ms a call waited in the engine before its encoder ran",
                                           kind=counter),
-            "compute": pb_utils.MetricFamily(name="token2wav_chunk_compute_ms",
+            "compute": pb_utils.MetricFamily(name=Token2WavMetric.CHUNK_COMPUTE_MS,
                                              description="ms from a call's admission to its answer", kind=counter),
-            "computed": pb_utils.MetricFamily(name="token2wav_flow_frames_computed",
+            "computed": pb_utils.MetricFamily(name=Token2WavMetric.FLOW_FRAMES_COMPUTED,
                                               description="mel frames the flow computed (each through every "
                                                           "Euler step)", kind=counter),
-            "reused": pb_utils.MetricFamily(name="token2wav_flow_frames_reused",
+            "reused": pb_utils.MetricFamily(name=Token2WavMetric.FLOW_FRAMES_REUSED,
                                             description="mel frames read from the state cache instead of computed",
                                             kind=counter),
-            "held": pb_utils.MetricFamily(name="token2wav_stream_state_bytes",
+            "held": pb_utils.MetricFamily(name=Token2WavMetric.STREAM_STATE_BYTES,
                                           description="device bytes held by the state cache's blocks", kind=gauge)}
         self.kinds = {(name, kind): families[name].Metric(labels={**labels, "kind": kind})
                       for name in ("chunks", "wait", "compute") for kind in CHUNK_KINDS}

@@ -12,7 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice_common.constants import SPEECH_ID_OFFSET
-from cosyvoice_common.contracts import TOKENIZER_INPUTS, TOKENIZER_OUTPUTS
+from cosyvoice_common.contracts import TOKENIZER_INPUTS, TokenizerOut
 from cosyvoice_common.runtime import install_stack_dumps
 from cosyvoice_common.stage_params import TokenizerParams
 from cosyvoice_common.triton_io import batch_or_each, error_response, get_parameter, to_triton, unbatched_inputs
@@ -20,8 +20,6 @@ from cosyvoice_tokenizer import SpeechTokenizer
 from cosyvoice_tokenizer.request import parse_prompt
 
 INPUT_NAMES = tuple(spec.name for spec in TOKENIZER_INPUTS)
-
-(CODES,) = (spec.name for spec in TOKENIZER_OUTPUTS)
 
 
 class TritonPythonModel:
@@ -44,5 +42,5 @@ class TritonPythonModel:
         # One batched call; if it fails, each prompt alone, so one bad prompt fails only its request.
         for i, codes in batch_or_each(self.tokenizer.tokenize, prompts).items():
             responses[i] = error_response(codes) if isinstance(codes, Exception) else \
-                pb_utils.InferenceResponse([to_triton(CODES, (codes.astype(np.int32) + SPEECH_ID_OFFSET)[None])])
+                pb_utils.InferenceResponse([to_triton(TokenizerOut.PROMPT_SPEECH_TOKENS, (codes.astype(np.int32) + SPEECH_ID_OFFSET)[None])])
         return responses

@@ -1,8 +1,8 @@
 """CUDA MPS switch of the launcher (the daemon itself needs a GPU machine: tools/gpu/final_run.sh runs it)."""
 import pytest
-from cosyvoice_tools import mps
-from cosyvoice_tools.mps import MpsDaemon, MpsError
-from cosyvoice_tools.stack import StackConfig
+from cosyvoice_launcher import mps
+from cosyvoice_launcher.mps import MpsDaemon, MpsError
+from cosyvoice_launcher.stack import StackConfig
 
 
 def test_mps_mode_is_read_from_the_environment_and_validated():

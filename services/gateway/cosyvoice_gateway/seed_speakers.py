@@ -1,6 +1,6 @@
 """Seed drop-in: the speakers of a seed-format `spk2info.pt` (spec 1.6) as named speakers of the registry.
 
-Two layouts are read (torch-free, `cosyvoice_common.torchfile`):
+Two layouts are read (torch-free, `cosyvoice_gateway.torchfile`):
 
 - the Triton recipe's (third-party async_cosyvoice): `{"001": {prompt_text: str, prompt_text_token,
   speech_token: int32[1,T], speech_feat: f32[1,2T,80], embedding: f32[1,192], ...}}`;
@@ -19,9 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from cosyvoice_common import torchfile
 from cosyvoice_common.constants import MEL_BINS, SPEAKER_EMBEDDING_DIM, SPEECH_CODEBOOK_SIZE, TOKEN_FRAME_RATE_HZ, TOKEN_MEL_RATIO
-from cosyvoice_common.spk2info import PromptFeatures, SpeakerExistsError, SpeakerLimitError, Spk2InfoCache
+
+from cosyvoice_gateway import torchfile
+from cosyvoice_gateway.spk2info import (
+    PromptFeatures,
+    RegistryUnavailableError,
+    SpeakerExistsError,
+    SpeakerLimitError,
+    Spk2InfoCache,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +125,6 @@ async def import_model_speakers(cache: Spk2InfoCache, model_dir: str | Path,
                                 encode_text: Callable[[str], Sequence[int]] | None = None) -> bool:
     """Import `<model_dir>/spk2info.pt` when there is one. True when settled (no file, imported, or a file that
     cannot be read, logged); False when the registry was unreachable, so the caller tries again later."""
-    from cosyvoice_common.spk2info import RegistryUnavailableError
-
     path = Path(model_dir) / SPK2INFO_NAME
     if not path.is_file():
         return True

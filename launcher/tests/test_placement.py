@@ -2,8 +2,8 @@
 from pathlib import Path
 
 import pytest
-from cosyvoice_common.stages import PUBLIC_PORTS, STAGE_NAMES
-from cosyvoice_tools.placement import (
+from cosyvoice_common.stages import PUBLIC_PORTS, STAGE_NAMES, STAGES
+from cosyvoice_launcher.placement import (
     Placement,
     PlacementError,
     StagePlacement,
@@ -11,7 +11,6 @@ from cosyvoice_tools.placement import (
     default_placement,
     load_placement,
     parse_device,
-    stage_url_env,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,9 +106,7 @@ def test_slot_env_and_instance_group_carry_the_placement():
 
 
 def test_stage_url_variable_names():
-    assert [stage_url_env(s) for s in STAGE_NAMES] == ["TOKENIZER_URLS", "SPEAKER_URLS", "LLM_URLS", "TOKEN2WAV_URLS"]
-    with pytest.raises(PlacementError, match="unknown stage"):
-        stage_url_env("vocoder")
+    assert [s.urls_env for s in STAGES] == ["TOKENIZER_URLS", "SPEAKER_URLS", "LLM_URLS", "TOKEN2WAV_URLS"]
 
 
 def test_round_robin_with_fewer_devices_reuses_them():

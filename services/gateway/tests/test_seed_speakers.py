@@ -1,4 +1,4 @@
-"""Seed drop-in: a seed-format spk2info.pt read without torch (cosyvoice_common.torchfile) into the registry."""
+"""Seed drop-in: a seed-format spk2info.pt read without torch (cosyvoice_gateway.torchfile) into the registry."""
 import asyncio
 import pickle
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cosyvoice_common import torchfile
-from cosyvoice_common.seed_speakers import features_from_entry, import_spk2info, read_spk2info
-from cosyvoice_common.spk2info import Spk2InfoCache, Spk2InfoConfig
+from cosyvoice_gateway import torchfile
+from cosyvoice_gateway.seed_speakers import features_from_entry, import_spk2info, read_spk2info
+from cosyvoice_gateway.spk2info import Spk2InfoCache, Spk2InfoConfig
 
 
 def test_torchfile_reads_what_torch_saved(tmp_path):

@@ -11,9 +11,9 @@ import pytest
 import redis
 
 from cosyvoice_common.constants import REDIS_BOUND_ARGS, REDIS_EVICTION_POLICY
-from cosyvoice_common.spk2info import PromptFeatures, SpeakerLimitError, Spk2InfoCache, Spk2InfoConfig
-from cosyvoice_tools.stack import redis_server_binary
-from cosyvoice_tools.triton import free_ports
+from cosyvoice_gateway.spk2info import PromptFeatures, SpeakerLimitError, Spk2InfoCache, Spk2InfoConfig
+from cosyvoice_launcher.stack import redis_server_binary
+from cosyvoice_launcher.triton import free_ports
 
 SMALL_MAXMEMORY = "4mb"
 

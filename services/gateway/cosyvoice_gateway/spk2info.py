@@ -30,11 +30,12 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from cosyvoice_common.constants import MAX_NAMED_SPEAKERS, MEL_BINS, SPEAKER_EMBEDDING_DIM, TOKEN_MEL_RATIO
+from cosyvoice_common.contracts import GatewayMetric
 
 log = logging.getLogger(__name__)
 
-SPK2INFO_LOOKUPS = Counter("cosyvoice_spk2info_lookups_total", "prompt-feature cache lookups", ["result"])
-SPK2INFO_ERRORS = Counter("cosyvoice_spk2info_errors_total", "Redis failures (served as misses)", ["op"])
+SPK2INFO_LOOKUPS = Counter(GatewayMetric.SPK2INFO_LOOKUPS, "prompt-feature cache lookups", ["result"])
+SPK2INFO_ERRORS = Counter(GatewayMetric.SPK2INFO_ERRORS, "Redis failures (served as misses)", ["op"])
 
 _FORMAT_VERSION = 1
 _ARRAY_FIELDS = ("speech_codes", "speech_feat", "spk_embedding", "text_ids")

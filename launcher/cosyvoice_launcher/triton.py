@@ -22,16 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from cosyvoice_common.stages import fill_template
+from cosyvoice_common.stages import STAGES, fill_template
 
-# Repository root: tools/cosyvoice_tools/triton.py -> parents[2]. The stage models import these package
-# roots; they go on the stub's PYTHONPATH so model.py imports the same code with or without the venv.
+# Repository root: launcher/cosyvoice_launcher/triton.py -> parents[2]. What the processes the launcher starts
+# import (stage models, the seed fronts, the gateway): they go on the stub's PYTHONPATH so model.py imports the
+# same code with or without the venv. Neither the launcher nor the developer tools are among them.
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PACKAGE_ROOTS = tuple(
-    REPO_ROOT / p
-    for p in ("common", "services/tokenizer", "services/speaker", "services/llm", "services/token2wav",
-              "services/gateway", "tools", "protos/gen")
-)
+PACKAGE_ROOTS = tuple(REPO_ROOT / p for p in ("common", *(s.service_dir for s in STAGES), "services/gateway",
+                                               "protos/gen"))
 _TEMPLATE_SUFFIXES = (".pbtxt",)
 
 

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from cosyvoice_common.constants import FIRST_CHUNK_TOKENS, PRE_LOOKAHEAD_TOKENS
-from cosyvoice_common.schedule import Chunk, ChunkSchedule, ScheduleConfig, plan
+from cosyvoice_gateway.schedule import Chunk, ChunkSchedule, ScheduleConfig, plan
 
 
 def test_first_chunk_waits_for_15_plus_3_lookahead_tokens():

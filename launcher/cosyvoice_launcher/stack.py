@@ -1,6 +1,6 @@
 """Stack launcher: Redis, one tritonserver per stage replica, then the gateway.
 
-    python -m cosyvoice_tools.stack up | down | ps | logs [--follow]
+    python -m cosyvoice_launcher.stack up | down | ps | logs [--follow]
 
 Python API: `Stack(StackConfig.from_env()).start()` / `.health()` / `.stop()`. `up` records every
 process it started in `<run_dir>/stack.json` (pids, ports, log paths); `down` stops exactly those.
@@ -8,7 +8,7 @@ Configuration is read once from the environment (`StackConfig.from_env`): the la
 and `StageLaunchEnv`, each stage's settings (`cosyvoice_common.stage_params`, filled into its config.pbtxt) and
 the seed fronts' `SeedFrontSettings`; docs/CONFIGURATION.md lists every variable. Where stages run
 (replicas, devices per replica, Triton instances per device, ports) is the placement of
-`cosyvoice_tools.placement.load_placement()`, the one docker compose is rendered from (deploy/README.md):
+`cosyvoice_launcher.placement.load_placement()`, the one docker compose is rendered from (deploy/README.md):
 defaults < PLACEMENT_FILE (YAML) < variables.
 Replica i of a stage listens on base + 10 i (HTTP), + 1 (gRPC), + 2 (metrics); base 0 = free ports.
 A replica's tritonserver gets CUDA_VISIBLE_DEVICES = its host GPUs, so it sees them as cuda:0, cuda:1, ...
@@ -42,15 +42,16 @@ from cosyvoice_common.stages import (
     SEED_OFFLINE_PORTS,
     SEED_STREAMING_PORTS,
 )
-from cosyvoice_common.stages import STAGES as STAGE_REGISTRY
+from cosyvoice_common.stages import STAGE_NAMES, STAGES, Stage, stage
 from cosyvoice_gateway.seed import SeedFrontSettings
 
-from cosyvoice_tools import mps
-from cosyvoice_tools.mps import MpsDaemon
-from cosyvoice_tools.placement import (
+from cosyvoice_launcher import mps, seed_repo
+from cosyvoice_launcher.mps import MpsDaemon
+from cosyvoice_launcher.placement import (
     CPU_DEVICE,
     DEFAULT_DEVICE,
     REPLICA_PORT_STRIDE,
+    SEED_FRONTS,
     Placement,
     PlacementError,
     ProcessSlot,
@@ -59,7 +60,7 @@ from cosyvoice_tools.placement import (
     load_placement,
     parse_device,
 )
-from cosyvoice_tools.triton import (
+from cosyvoice_launcher.triton import (
     PACKAGE_ROOTS,
     REPO_ROOT,
     TritonInstall,
@@ -80,23 +81,10 @@ PORTS_PER_REPLICA = REPLICA_PORT_STRIDE   # http, grpc, metrics at +0, +1, +2 of
 _STANDIN_BASE_PORT = 40000
 _STANDIN_BASE_SPAN = 2000
 STATE_FILE = "stack.json"
+# Random weights for a first `make up` come from the developer tools' generator, run as a command from the
+# checkout: the launcher never imports the tools package, and a deployment (images, compose, Helm) never runs it.
+MODEL_GENERATOR = "cosyvoice_tools.modelgen"
 STOP_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class StageSpec:
-    """What is fixed about a stage: its Triton model, its template repository, its gateway env var."""
-    name: str
-    model: str
-    template_dir: Path
-    urls_env: str
-    default_base_port: int
-
-
-STAGES: tuple[StageSpec, ...] = tuple(
-    StageSpec(s.name, s.triton_model, REPO_ROOT / s.service_dir / "model_repository", s.env("URLS"), s.http_port_base)
-    for s in STAGE_REGISTRY)
-STAGE_BY_NAME = {s.name: s for s in STAGES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +93,7 @@ class StageSettings:
 
     Devices are host names of devices (`cpu`, `cuda:N`): `replica_devices` lists them per replica (a
     replica may hold several GPUs); without it replica i runs on `devices[i mod len]`. Either way the
-    stage's `StagePlacement` (cosyvoice_tools.placement) decides CUDA_VISIBLE_DEVICES and instances."""
+    stage's `StagePlacement` (cosyvoice_launcher.placement) decides CUDA_VISIBLE_DEVICES and instances."""
     name: str
     replicas: int = 1                       # 0 = not started here (its URLs come from stage_urls)
     devices: tuple[str, ...] = (CPU_DEVICE,)
@@ -116,8 +104,8 @@ class StageSettings:
     triton_kind: str = ""                   # "" = the placement's; KIND_CPU: see StageLaunchEnv.triton_kind
 
     def __post_init__(self) -> None:
-        if self.name not in STAGE_BY_NAME:
-            raise ValueError(f"unknown stage {self.name!r}; stages: {list(STAGE_BY_NAME)}")
+        if self.name not in STAGE_NAMES:
+            raise ValueError(f"unknown stage {self.name!r}; stages: {list(STAGE_NAMES)}")
         if self.replicas < 0 or self.instance_count < 1 or not self.devices:
             raise ValueError(f"bad settings for stage {self.name}: {self}")
         if self.params is None:
@@ -133,8 +121,14 @@ class StageSettings:
         self.stage_placement()   # validates devices against replicas (the placement's rules)
 
     @property
-    def spec(self) -> StageSpec:
-        return STAGE_BY_NAME[self.name]
+    def spec(self) -> Stage:
+        """What the registry says of the stage (its Triton model, env names, port base)."""
+        return stage(self.name)
+
+    @property
+    def template_dir(self) -> Path:
+        """The stage's config.pbtxt templates (its Triton model repository in the source tree)."""
+        return REPO_ROOT / self.spec.model_repository_dir
 
     @property
     def devices_per_replica(self) -> tuple[tuple[str, ...], ...]:
@@ -178,7 +172,7 @@ TRITON_KINDS = ("KIND_GPU", "KIND_CPU")
 class StageLaunchEnv:
     """Where `make up` runs one stage: `{STAGE}_*` for STAGE in TOKENIZER SPEAKER LLM TOKEN2WAV.
 
-    REPLICAS, DEVICES, INSTANCES and BASE_PORT are the placement's (cosyvoice_tools.placement.load_placement
+    REPLICAS, DEVICES, INSTANCES and BASE_PORT are the placement's (cosyvoice_launcher.placement.load_placement
     reads and checks them, as compose and Helm are rendered from the same placement); declared here so the
     table documents them and the launcher checks their form before placing."""
     replicas: int = knob("REPLICAS", 1, "tritonserver processes of this stage (0 = not started by `make up`)",
@@ -195,7 +189,7 @@ class StageLaunchEnv:
 
 @dataclass(frozen=True, slots=True)
 class StackEnv:
-    """What `make up` / `python -m cosyvoice_tools.stack` reads (besides each stage's settings and placement)."""
+    """What `make up` / `python -m cosyvoice_launcher.stack` reads (besides each stage's settings and placement)."""
     model_dir: str = knob("MODEL_DIR", "", "model directory (empty = models/cosyvoice2-$MODEL_SIZE, generated with "
                           "random weights when missing); one that does not exist is an error unless MODEL_GENERATE")
     model_generate: bool = knob("MODEL_GENERATE", False, "generate random weights into a MODEL_DIR that does not "
@@ -233,7 +227,7 @@ class StackEnv:
 class StackConfig:
     model_dir: Path = REPO_ROOT / "models/cosyvoice2-tiny"
     run_dir: Path = REPO_ROOT / "run"
-    stages: tuple[StageSettings, ...] = tuple(StageSettings(s.name, base_port=s.default_base_port) for s in STAGES)
+    stages: tuple[StageSettings, ...] = tuple(StageSettings(s.name, base_port=s.http_port_base) for s in STAGES)
     redis_port: int = 6379                  # 0 = a free port
     start_redis: bool = True
     gateway: bool = True                    # start cosyvoice_gateway.server if that module exists
@@ -243,7 +237,7 @@ class StackConfig:
     # <STAGE>_URLS of stage servers started elsewhere (stages with 0 replicas here), e.g. by a test fixture.
     stage_urls: Mapping[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 300.0
-    generate_model: bool = True             # run cosyvoice_tools.modelgen if model_dir is missing
+    generate_model: bool = True             # generate random weights (MODEL_GENERATOR) if model_dir is missing
     model_size: str = "tiny"
     quiet: bool = False
     # Seed-compatible Triton front `cosyvoice2` (services/gateway/model_repository): a streaming and an
@@ -253,7 +247,7 @@ class StackConfig:
     seed_offline_base_port: int = 8010
     seed: SeedFrontSettings = SeedFrontSettings()
     seed_stub_python_dir: Path = REPO_ROOT / "build/seed-stub-python"
-    cuda_mps: str = "off"                   # off | on | auto (cosyvoice_tools.mps)
+    cuda_mps: str = "off"                   # off | on | auto (cosyvoice_launcher.mps)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "StackConfig":
@@ -336,19 +330,18 @@ def placement_from_env(env: Mapping[str, str]) -> tuple[Placement, frozenset[str
     env = {k: v for k, v in env.items() if isinstance(v, str)}
     not_here, free = set(), set()
     for spec in STAGES:
-        key = spec.name.upper()
-        if env.get(f"{key}_REPLICAS", "").strip() == "0":
+        if env.get(spec.env("REPLICAS"), "").strip() == "0":
             not_here.add(spec.name)
-            del env[f"{key}_REPLICAS"]
-        if env.get(f"{key}_BASE_PORT", "").strip() == "0":
+            del env[spec.env("REPLICAS")]
+        if env.get(spec.env("BASE_PORT"), "").strip() == "0":
             free.add(spec.name)
-            del env[f"{key}_BASE_PORT"]
+            del env[spec.env("BASE_PORT")]
     if not env.get("PLACEMENT_DEFAULT_DEVICE", "").strip() and not _file_names_default_device(
             env.get("PLACEMENT_FILE", "").strip()):
         env["PLACEMENT_DEFAULT_DEVICE"] = detect_default_device()
     for name in not_here:   # no devices to check for a stage that is not started here
-        for suffix in ("_DEVICES", "_INSTANCES"):
-            env.pop(f"{name.upper()}{suffix}", None)
+        for suffix in ("DEVICES", "INSTANCES"):
+            env.pop(stage(name).env(suffix), None)
     return load_placement(env), frozenset(not_here), frozenset(free)
 
 
@@ -486,9 +479,9 @@ class Stack:
         self._mps: MpsDaemon | None = None
 
     # addresses ---------------------------------------------------------------------------------------
-    def stage_grpc_urls(self, stage: str) -> list[str]:
-        urls = [f"{HOST}:{r.ports['grpc']}" for r in self.records if r.stage == stage]
-        external = self.config.stage_urls.get(STAGE_BY_NAME[stage].urls_env, "")
+    def stage_grpc_urls(self, name: str) -> list[str]:
+        urls = [f"{HOST}:{r.ports['grpc']}" for r in self.records if r.stage == name]
+        external = self.config.stage_urls.get(stage(name).urls_env, "")
         return urls or [u for u in external.split(",") if u]
 
     def stage_records(self, stage: str) -> list[ProcessRecord]:
@@ -580,7 +573,7 @@ class Stack:
                 slot = replace(slot, http_port=next(free), grpc_port=next(free), metrics_port=next(free))
             settings = by_name[slot.stage]
             name = f"{slot.stage}-{slot.replica_index}"
-            repo = render_model_repository(settings.spec.template_dir, cfg.run_dir / "repos" / name,
+            repo = render_model_repository(settings.template_dir, cfg.run_dir / "repos" / name,
                                            settings.template_params(cfg.model_dir, slot))
             log = cfg.run_dir / "logs" / f"{name}.log"
             log.unlink(missing_ok=True)
@@ -629,7 +622,7 @@ class Stack:
                                 {"grpc": grpc_port, "http": http_port},
                                 health_url=f"http://{HOST}:{http_port}/healthz"), popen)
 
-    SEED_VARIANTS = (("seed-stream", True), ("seed-offline", False))
+    SEED_VARIANTS = tuple((name, decoupled) for name, decoupled, _ in SEED_FRONTS)
 
     def seed_ports(self, variant: str) -> dict[str, int]:
         """{"http", "grpc", "metrics"} of `seed-stream` or `seed-offline` (the `cosyvoice2` fronts)."""
@@ -639,8 +632,6 @@ class Stack:
     def _start_seed_fronts(self) -> None:
         """Two tritonservers serving `cosyvoice2` (decoupled and offline) over this stack's stages."""
         from cosyvoice_gateway import seed
-
-        from cosyvoice_tools import seed_repo
 
         cfg = self.config
         stub_bin = seed_repo.ensure_stub_python(cfg.seed_stub_python_dir, wheel_dirs=(REPO_ROOT / ".whl",))
@@ -718,7 +709,7 @@ class Stack:
             urls = self.stage_grpc_urls(spec.name)
             if urls:
                 devices = " | ".join(r.device for r in self.stage_records(spec.name))
-                lines.append(f"  {spec.name:<9} {spec.model:<18} grpc {','.join(urls)}"
+                lines.append(f"  {spec.name:<9} {spec.triton_model:<18} grpc {','.join(urls)}"
                              + (f"   on {devices}" if devices else ""))
         for variant, _ in self.SEED_VARIANTS:
             ports = self.seed_ports(variant)
@@ -788,7 +779,7 @@ def ensure_model_dir(model_dir: Path, size: str, generate: bool, say=print) -> P
     # Generate beside and rename: a half-written model dir never looks complete to a parallel run.
     tmp = model_dir.with_name(f".{model_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "cosyvoice_tools.modelgen", "--size", size, "--out", str(tmp)],
+    subprocess.run([sys.executable, "-m", MODEL_GENERATOR, "--size", size, "--out", str(tmp)],
                    check=True, cwd=str(REPO_ROOT))
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -833,7 +824,7 @@ def _logs(config: StackConfig, follow: bool, lines: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cosyvoice_tools.stack", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cosyvoice_launcher.stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="start redis, every stage replica and the gateway; wait until ready")
@@ -867,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - a CLI reports, start() already stopped what it began
             print(f"stack up failed: {exc}", file=sys.stderr)
             return 1
-        print("stop with: make down  (or python -m cosyvoice_tools.stack down)")
+        print("stop with: make down  (or python -m cosyvoice_launcher.stack down)")
         return 0
     if args.command == "down":
         stack = Stack.attach(config)

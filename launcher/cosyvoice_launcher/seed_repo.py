@@ -1,8 +1,8 @@
 """Launcher side of the seed-compatible fronts: the numpy<2 interpreter their Python stub embeds, and the two
 `cosyvoice2` model repositories rendered from the one template (the seed recipe's run.sh stage 2).
 
-    python -m cosyvoice_tools.seed_repo render --out DIR      # both repositories, from the environment
-    python -m cosyvoice_tools.seed_repo stub-env [--wheels .whl]
+    python -m cosyvoice_launcher.seed_repo render --out DIR      # both repositories, from the environment
+    python -m cosyvoice_launcher.seed_repo stub-env [--wheels .whl]
 """
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from cosyvoice_common.contracts import SEED_MODEL
 from cosyvoice_common.settings import from_env
-from cosyvoice_common.stages import DEFAULT_REDIS_URL, stage
-from cosyvoice_gateway.seed import SEED_MODEL_NAME, SeedFrontSettings, template_params
+from cosyvoice_common.stages import DEFAULT_REDIS_URL, STAGES
+from cosyvoice_gateway.seed import SeedFrontSettings, template_params
 
-from cosyvoice_tools.triton import PACKAGE_ROOTS, REPO_ROOT, render_model_repository
+from cosyvoice_launcher.placement import SEED_FRONTS
+from cosyvoice_launcher.triton import PACKAGE_ROOTS, REPO_ROOT, render_model_repository
 
 # --- the stub's interpreter environment (numpy < 2) ---------------------------------------------------------
 # numpy<2 for BYTES; async-timeout for redis.asyncio when the stub's libpython is older than 3.11.3.
@@ -83,13 +85,13 @@ def render_repositories(out_dir: Path, model_dir: Path, stage_urls: Mapping[str,
     template = REPO_ROOT / "services/gateway/model_repository"
     return {name: render_model_repository(template, Path(out_dir) / name,
                                           template_params(decoupled, model_dir, stage_urls, redis_url, settings))
-            for name, decoupled in (("seed-stream", True), ("seed-offline", False))}
+            for name, decoupled, _ in SEED_FRONTS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m cosyvoice_tools.seed_repo")
+    parser = argparse.ArgumentParser(prog="python -m cosyvoice_launcher.seed_repo")
     sub = parser.add_subparsers(dest="command", required=True)
     render = sub.add_parser("render", help="render the streaming and offline cosyvoice2 repositories")
     render.add_argument("--out", type=Path, required=True)
@@ -101,15 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(ensure_stub_python(args.target, args.wheels))
         return 0
     env = os.environ
-    urls = {s.env("URLS"): env.get(s.env("URLS"), f"127.0.0.1:{s.ports().grpc}")
-            for s in map(stage, ("tokenizer", "speaker", "llm", "token2wav"))}
+    urls = {s.urls_env: env.get(s.urls_env, f"127.0.0.1:{s.ports().grpc}") for s in STAGES}
     model_dir = env.get("MODEL_DIR")
     if not model_dir:
         raise SystemExit("set MODEL_DIR (the model directory the fronts load the tokenizer and spk2info.pt from)")
     repos = render_repositories(args.out, Path(model_dir).resolve(), urls, env.get("REDIS_URL", DEFAULT_REDIS_URL),
                                 from_env(SeedFrontSettings, env))
     for name, path in repos.items():
-        print(f"{name}: {path / SEED_MODEL_NAME / 'config.pbtxt'}")
+        print(f"{name}: {path / SEED_MODEL / 'config.pbtxt'}")
     return 0
 
 

@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cosyvoice_common import textnorm
-from cosyvoice_common.textnorm import SplitConfig, split_paragraph, text_normalize
+from cosyvoice_gateway import textnorm
+from cosyvoice_gateway.textnorm import SplitConfig, split_paragraph, text_normalize
 
 
 def check_split_rules(text, segments, length, config, terminator):
