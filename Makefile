@@ -148,6 +148,7 @@ else
 	$(PY) -m cosyvoice_tools.bench \
 		--addr $$($(PY) -m cosyvoice_tools.profile --run-dir $(STACK_RUN_DIR) --print-addresses gateway-grpc) \
 		--triton-stats $$($(PY) -m cosyvoice_tools.profile --run-dir $(STACK_RUN_DIR) --print-addresses stage-http) \
+		--stage-metrics $$($(PY) -m cosyvoice_tools.profile --run-dir $(STACK_RUN_DIR) --print-addresses stage-metrics) \
 		--manifest $(BENCH_MANIFEST) --concurrency $(BENCH_CONCURRENCY) --modes $(BENCH_MODES) \
 		--label "$(BENCH_LABEL)" --out $(BENCH_OUT) $(if $(CLIENT),--client $(CLIENT),) $(BENCH_ARGS)
 endif

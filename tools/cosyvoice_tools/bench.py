@@ -38,7 +38,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from cosyvoice_common.constants import OUTPUT_SAMPLE_RATE_HZ
+from cosyvoice_common.constants import MEL_HOP_SAMPLES, OUTPUT_SAMPLE_RATE_HZ
+from cosyvoice_common.contracts import Token2WavMetric
 from cosyvoice_common.stage_params import StageParams, stage_params
 from cosyvoice_common.stages import STAGE_NAMES
 
@@ -397,6 +398,56 @@ def stats_delta(before: dict, after: dict) -> dict:
     return rows
 
 
+MEL_FRAMES_PER_S = OUTPUT_SAMPLE_RATE_HZ // MEL_HOP_SAMPLES
+_T2W_KIND_METRICS = {Token2WavMetric.CHUNKS: "calls", Token2WavMetric.CHUNK_WAIT_MS: "wait_ms",
+                     Token2WavMetric.CHUNK_COMPUTE_MS: "compute_ms"}
+_T2W_TOTALS = {Token2WavMetric.FLOW_FRAMES_COMPUTED: "frames_computed",
+               Token2WavMetric.FLOW_FRAMES_REUSED: "frames_reused", Token2WavMetric.STREAM_STATE_BYTES: "state_bytes"}
+
+
+def token2wav_metrics(urls: list[str]) -> dict:
+    """The token2wav engine's counters from each stage server's metrics port (Prometheus text), summed over
+    replicas: per chunk kind calls / wait / compute ms, flow frames computed and reused, state-cache bytes."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict = {"kinds": {}, **{name: 0.0 for name in _T2W_TOTALS.values()}}
+    for url in urls:        # host:port, or the whole http://host:port/metrics
+        if "://" not in url:
+            url = f"http://{url}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue
+        for family in text_string_to_metric_families(text):   # by family: the parser adds _total to counters
+            for sample in family.samples:
+                if family.name in _T2W_KIND_METRICS and "kind" in sample.labels:
+                    kind = out["kinds"].setdefault(sample.labels["kind"], {"calls": 0.0, "wait_ms": 0.0,
+                                                                          "compute_ms": 0.0})
+                    kind[_T2W_KIND_METRICS[family.name]] += sample.value
+                elif family.name in _T2W_TOTALS:
+                    out[_T2W_TOTALS[family.name]] += sample.value
+    return out
+
+
+def token2wav_delta(before: dict, after: dict, audio_s: float) -> dict:
+    """One level's token2wav work: flow frames computed per frame of audio (50 mel frames a second), frames read
+    from the state cache, the state cache's bytes at the end, and per chunk kind the average wait and compute."""
+    if not after.get("kinds"):
+        return {}
+    computed = after["frames_computed"] - before.get("frames_computed", 0.0)
+    kinds = {}
+    for kind, a in after["kinds"].items():
+        b = before.get("kinds", {}).get(kind, {"calls": 0.0, "wait_ms": 0.0, "compute_ms": 0.0})
+        n = a["calls"] - b["calls"]
+        if n > 0:
+            kinds[kind] = {"calls": n, "avg_wait_ms": (a["wait_ms"] - b["wait_ms"]) / n,
+                           "avg_compute_ms": (a["compute_ms"] - b["compute_ms"]) / n}
+    return {"frames_computed": computed, "frames_reused": after["frames_reused"] - before.get("frames_reused", 0.0),
+            "frames_per_audio_frame": computed / (audio_s * MEL_FRAMES_PER_S) if audio_s else float("nan"),
+            "state_bytes": after["state_bytes"], "kinds": kinds}
+
+
 def format_tables(rows: list[dict], title: str) -> str:
     lines = [f"## {title}", ""]
     for mode in MODES:
@@ -428,6 +479,21 @@ def format_tables(rows: list[dict], title: str) -> str:
                     lines.append(f"| {r['concurrency']} | {name} | {t['requests']} | {t['avg_queue_ms']:.1f} | "
                                  f"{t.get('avg_input_ms', 0):.1f} + {t['avg_compute_ms']:.1f} + "
                                  f"{t.get('avg_output_ms', 0):.1f} | {t['avg_batch']:.2f} |")
+            lines.append("")
+        if any(r.get("token2wav") for r in mode_rows):
+            kinds = ("prefill", "first", "middle", "final", "offline")
+            lines += ["token2wav engine (stage metrics: flow frames computed per frame of audio, state cache held at the "
+                      "end; per chunk kind: calls, wait + compute ms):", "",
+                      "| c | frames / audio frame | state GiB | " + " | ".join(kinds) + " |",
+                      "|---|---|---|" + "---|" * len(kinds)]
+            for r in mode_rows:
+                t = r.get("token2wav") or {}
+                if not t:
+                    continue
+                cells = [(f"{k['calls']:.0f}: {k['avg_wait_ms']:.0f} + {k['avg_compute_ms']:.0f}"
+                          if (k := t["kinds"].get(kind)) else "") for kind in kinds]
+                lines.append(f"| {r['concurrency']} | {t['frames_per_audio_frame']:.2f} | {t['state_bytes'] / 2**30:.2f} | "
+                             + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
 
@@ -512,6 +578,7 @@ async def main_async(args) -> int:
     else:
         driver = GrpcDriver(args.addr, args.timeout_s)
     stage_urls = [u for u in args.triton_stats.split(",") if u]
+    metrics_urls = [u for u in args.stage_metrics.split(",") if u]
     rows = []
     try:
         if isinstance(driver, SeedDriver) and "stream-cached" in modes:
@@ -535,9 +602,11 @@ async def main_async(args) -> int:
                         for err in await warm_level(driver, items, mode, c):
                             print(f"level warm-up c={c} {mode}: {err}", file=sys.stderr)
                     before = await settled_triton_stats(stage_urls)
+                    t2w_before = token2wav_metrics(metrics_urls)
                     row = await run_level(driver, items, mode, c, progress)
                     row["warmup_requests"] = warmed
                     row["triton"] = stats_delta(before, await settled_triton_stats(stage_urls))
+                    row["token2wav"] = token2wav_delta(t2w_before, token2wav_metrics(metrics_urls), row["audio_s"])
                     rows.append(row)
                     write_report(args, rows)   # after every level: a run cut short keeps what it measured
     finally:
@@ -564,6 +633,9 @@ def main(argv=None) -> int:
                         help="before each level with c > 1, one unmeasured wave of c concurrent requests")
     parser.add_argument("--timeout-s", type=float, default=300.0)
     parser.add_argument("--triton-stats", default="", help="comma list of stage servers' HTTP host:port")
+    parser.add_argument("--stage-metrics", default="",
+                        help="comma list of stage servers' metrics host:port or http://host:port/metrics "
+                             "(the token2wav engine's counters)")
     parser.add_argument("--engine-only", action="store_true")
     parser.add_argument("--client", choices=("ours", "seed"), default="ours",
                         help="seed: the seed's Triton contract against our cosyvoice2 fronts")

@@ -45,6 +45,7 @@ class StackAddresses:
     gateway_http: str = ""                                   # host:port
     stage_http: dict[str, list[str]] = field(default_factory=dict)   # stage -> [host:port per replica]
     stage_grpc: dict[str, list[str]] = field(default_factory=dict)
+    stage_metrics: dict[str, list[str]] = field(default_factory=dict)   # Triton's metrics port per replica
 
     def all_stage_http(self) -> list[str]:
         return [u for urls in self.stage_http.values() for u in urls]
@@ -58,14 +59,17 @@ def stack_addresses(run_dir: pathlib.Path) -> StackAddresses:
     processes = json.loads(path.read_text())["processes"]
     stage_http: dict[str, list[str]] = {}
     stage_grpc: dict[str, list[str]] = {}
+    stage_metrics: dict[str, list[str]] = {}
     grpc = http = ""
     for p in processes:
         if p["kind"] == "triton":
             stage_http.setdefault(p["stage"], []).append(f"127.0.0.1:{p['ports']['http']}")
             stage_grpc.setdefault(p["stage"], []).append(f"127.0.0.1:{p['ports']['grpc']}")
+            if "metrics" in p["ports"]:
+                stage_metrics.setdefault(p["stage"], []).append(f"127.0.0.1:{p['ports']['metrics']}")
         elif p["kind"] == "gateway":
             grpc, http = f"127.0.0.1:{p['ports']['grpc']}", f"127.0.0.1:{p['ports']['http']}"
-    return StackAddresses(grpc, http, stage_http, stage_grpc)
+    return StackAddresses(grpc, http, stage_http, stage_grpc, stage_metrics)
 
 
 def _get(url: str) -> bytes:
@@ -292,12 +296,14 @@ def main(argv=None) -> int:
     parser.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds (interval numbers)")
     parser.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    parser.add_argument("--print-addresses", choices=("stage-http", "gateway-grpc", "gateway-http"),
+    parser.add_argument("--print-addresses", choices=("stage-http", "stage-metrics", "gateway-grpc", "gateway-http"),
                         help="print one address list from stack.json and exit")
     args = parser.parse_args(argv)
     addresses = resolve_addresses(args)
     if args.print_addresses:
-        print({"stage-http": ",".join(addresses.all_stage_http()), "gateway-grpc": addresses.gateway_grpc,
+        print({"stage-http": ",".join(addresses.all_stage_http()),
+               "stage-metrics": ",".join(u for urls in addresses.stage_metrics.values() for u in urls),
+               "gateway-grpc": addresses.gateway_grpc,
                "gateway-http": addresses.gateway_http}[args.print_addresses])
         return 0
 

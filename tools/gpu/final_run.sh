@@ -56,6 +56,7 @@ LABEL="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo c
 stack_up() {  # $1 = tag
   timeout "${STACK_UP_TIMEOUT_S:-600}" python3 -m cosyvoice_launcher.stack up > "$OUTDIR/stack_up_$1.txt" 2>&1 || { tail -5 "$OUTDIR/stack_up_$1.txt"; return 1; }
   STATS=$(python3 -c "import json; s=json.load(open('/tmp/run/stack.json')); print(','.join(f\"127.0.0.1:{p['ports']['http']}\" for p in s['processes'] if p['kind'] == 'triton'))")
+  METRICS=$(python3 -m cosyvoice_tools.profile --run-dir /tmp/run --print-addresses stage-metrics)
 }
 smoke() {  # one short streaming request through the whole stack
   timeout "${SMOKE_S:-75}" python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" --concurrency 1 --modes stream --limit 1 \
@@ -99,7 +100,7 @@ llm_alone() {  # $1 = tag: the llm stage by itself, a few concurrent streams: do
 }
 stack_bench() {  # $1 = label suffix, $2 = out name, $3 = concurrencies, $4 = modes, $5 = share of time left (%)
   timeout "$(share "$5")" python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" --concurrency "$3" \
-    --modes "$4" --limit "$LIMIT" --triton-stats "$STATS" --label "$1, $LABEL" \
+    --modes "$4" --limit "$LIMIT" --triton-stats "$STATS" --stage-metrics "$METRICS" --label "$1, $LABEL" \
     --out "$OUTDIR/$2.json" 2>"$OUTDIR/$2_bench.err" > "$OUTDIR/$2_tables.md"
 }
 stack_down() {  # $1 = tag: take the stack down and keep its logs

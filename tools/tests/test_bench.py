@@ -92,7 +92,7 @@ def test_engine_only_bench_prints_tables_and_json(tiny_model_dir, tmp_path, caps
 def test_stack_bench_fills_the_triton_stage_table(stack, stage_servers, tmp_path, capsys):
     stage_http = ",".join(stage_servers.http_url(s) for s in bench.STAGES)
     report, printed = run_bench(tmp_path, capsys, "--addr", stack.gateway_grpc_url, "--triton-stats", stage_http,
-                                "--label", "tiny-stack")
+                                "--stage-metrics", stage_servers.metrics_url("token2wav"), "--label", "tiny-stack")
     assert report["engine_only"] is False
     check_report(report, printed)
     assert "## whole stack: tiny-stack" in printed
@@ -104,6 +104,12 @@ def test_stack_bench_fills_the_triton_stage_table(stack, stage_servers, tmp_path
         assert t2w["avg_compute_ms"] > 0 and t2w["avg_batch"] >= 1
         assert r["triton"]["llm"]["requests"] == r["requests"]
         assert ("audio_tokenizer" in r["triton"]) == (r["mode"] == "stream")
+        engine = r["token2wav"]            # the engine's own counters: work per frame of audio, calls by kind
+        kinds = {"offline"} if r["mode"] == "offline" else {"prefill", "first", "final"}
+        assert set(engine["kinds"]) == kinds and all(k["calls"] == r["requests"] for k in engine["kinds"].values())
+        # 20 tokens on a 1 s prompt: no block completes before the final chunk, so every call computes its prefix
+        assert engine["frames_per_audio_frame"] > 1 and engine["state_bytes"] >= 0
+    assert "token2wav engine (stage metrics" in printed
 
 
 @pytest.mark.stack
