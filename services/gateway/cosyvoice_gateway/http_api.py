@@ -64,7 +64,6 @@ from cosyvoice_gateway.pipeline import (
     StageTimings,
     SynthesisRequest,
     stage_error_to_request_error,
-    validate_speed,
 )
 from cosyvoice_gateway.spk2info import RegistryUnavailableError, SpeakerInfo
 from cosyvoice_gateway.stage_client import MS_PER_S, StageError
@@ -376,10 +375,6 @@ def build_app(pipeline: Pipeline, is_ready: Callable[[], bool], config: HttpConf
         if fmt not in config.formats:
             raise ApiError(400, f"response_format {fmt!r} is not supported; use one of {list(config.formats)}",
                            param="response_format")
-        try:
-            validate_speed(body.speed, streaming=False)
-        except RequestError as exc:
-            raise ApiError(400, exc.message, param="speed") from exc
         if body.stream_format not in STREAM_FORMATS:
             raise ApiError(400, f"stream_format {body.stream_format!r} is not supported; use one of "
                            f"{list(STREAM_FORMATS)}", param="stream_format")
