@@ -137,7 +137,9 @@ def test_streaming_chunks_concatenate_to_960_samples_per_token_with_one_wav_head
 # the final chunk emits the rest from the whole sequence.
 SPEC_SCHEDULE = ((0, 18, False), (15, 20, True))
 SAME_AUDIO = dict(rtol=1e-4, atol=1e-4)   # a served call may run padded in a batch bucket
-SEEDED_REPEAT = dict(rtol=0, atol=2e-3)   # tts.proto's bound for a seeded request served again (SamplingParams.seed)
+# tts.proto's bound for a seeded request served again (SamplingParams.seed), and the state cache's against a full
+# recompute (services/token2wav/tests/test_engine_state_cache.py): HiFT's phase drift, not a different computation
+SEEDED_REPEAT = dict(rtol=0, atol=2e-3)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +205,8 @@ def test_served_stream_is_the_in_process_token2wav_chunk_by_chunk(gateway, stage
     assert [c.size for c in served] == [c.size for c in reference]
     assert sum(c.size for c in served) == N_TOKENS * SAMPLES_PER_TOKEN
     for index, (got, want) in enumerate(zip(served, reference)):
-        np.testing.assert_allclose(got, want, **SAME_AUDIO, err_msg=f"chunk {index}")
+        # the served stream read its prompt's blocks from the state cache (the prefill): the state cache's bound
+        np.testing.assert_allclose(got, want, **SEEDED_REPEAT, err_msg=f"chunk {index}")
     again = _audio_chunks(asyncio.run(_stream(gateway.addr, request)))
     for a, b in zip(again, served, strict=True):   # the proto's bound: the state cache now holds this stream
         np.testing.assert_allclose(a, b, **SEEDED_REPEAT)
