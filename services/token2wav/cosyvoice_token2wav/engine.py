@@ -141,6 +141,9 @@ class Token2WavEngine:
         except ChunkRequestError as exc:
             on_done(ChunkResult(None, None, error=exc), CallStats(request.kind, 0.0, 0.0, 0, 0))
             return
+        if plan.prefill and not self.cache.enabled:     # nothing would keep what it computes
+            on_done(ChunkResult(torch.zeros(1, 0), None), CallStats(request.kind, 0.0, 0.0, 0, 0))
+            return
         self._inbox.put(Sequence(request, plan, on_done, keep_mel))
 
     def run_chunks(self, requests: list[ChunkRequest], keep_mel: bool = False) -> list[ChunkResult]:

@@ -129,6 +129,12 @@ def test_a_prefill_computes_the_prompt_blocks_and_the_first_chunk_only_its_own_f
     assert again.error is None and engine.frames_computed == computed
 
 
+def test_a_prefill_with_the_state_cache_off_is_answered_at_once_and_computes_nothing(models):
+    engine = Token2WavEngine(models, "cpu", torch.float32)
+    (r,) = engine.run_chunks([prefill(_voice(4, 61))])
+    assert r.error is None and r.waveform.numel() == 0 and engine.frames_computed == 0
+
+
 def test_a_voice_s_prompt_blocks_serve_every_stream_with_that_voice_and_no_other(models):
     voice, other = _voice(5, 75), _voice(6, 75)
     engine = Token2WavEngine(models, "cpu", torch.float32, cache_bytes=CACHE_BYTES)
