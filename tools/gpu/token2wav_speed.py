@@ -56,7 +56,10 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from cosyvoice_common.constants import MEL_BINS, SPEAKER_EMBEDDING_DIM, SPEECH_CODEBOOK_SIZE  # noqa: E402
-from cosyvoice_gateway.schedule import plan  # noqa: E402
+try:
+    from cosyvoice_gateway.schedule import plan  # noqa: E402
+except ImportError:        # a tree from before the chunk schedule moved to the gateway
+    from cosyvoice_common.schedule import plan  # noqa: E402
 from cosyvoice_tools.modelgen import random_flow_and_hift  # noqa: E402
 
 try:
@@ -82,14 +85,21 @@ class Backend:
     def __init__(self, models, device: torch.device, dtype: torch.dtype, cache_bytes: int, max_batch: int,
                  graphs: bool) -> None:
         self.device = device
+        sync(device)
+        t0 = time.perf_counter()
         if API == "engine":
             self.impl = Token2WavEngine(models, device, dtype, cache_bytes=cache_bytes, max_batch=max_batch,
                                         use_cuda_graphs=graphs)
             self.impl.capture_graphs()
         else:
+            # no Inductor compile: the baseline stack ran with TOKEN2WAV_COMPILE=off, and it costs minutes of start-up
             self.impl = Token2WavRunner(models, device, dtype, use_cuda_graphs=graphs, max_batch=max_batch,
-                                        compile_estimator=graphs, capture_on_demand=False)
+                                        compile_estimator=False, capture_on_demand=False)
             self.impl.capture_all()
+        sync(device)
+        self.startup_s = time.perf_counter() - t0
+        print(f"{API}: start-up (graph capture) {self.startup_s:.1f} s, cache {cache_bytes / (1 << 30):.1f} GiB, "
+              f"graphs {graphs}", file=sys.stderr)
 
     @property
     def frames(self) -> tuple[int, int]:
@@ -152,16 +162,31 @@ def run_stream(backend: Backend, voice: dict, tokens: torch.Tensor, seed: int) -
     return times, frames
 
 
+_BACKENDS: dict = {}
+
+
+def backend_for(models, device, dtype, cache_gib: float, max_batch: int, graphs: bool) -> Backend:
+    """One engine per (cache budget, batch): graph capture costs start-up time, so configurations that differ only
+    in their voices share it (each configuration draws its own voices and tokens: no content is shared)."""
+    key = (cache_gib, max_batch)
+    if key not in _BACKENDS:
+        _BACKENDS[key] = Backend(models, device, dtype, int(cache_gib * (1 << 30)), max_batch, graphs)
+    return _BACKENDS[key]
+
+
 def scenario_streams(args, models, device, dtype) -> dict:
     configs = [("recompute", 0, False, False)]
     if API == "engine":
         configs += [("new voice", args.cache_gib, True, False), ("cached voice", args.cache_gib, True, True)]
     out = {}
     bar = tqdm(total=len(configs) * args.streams, desc=f"streams ({API})", unit="stream", file=sys.stderr)
-    for name, cache_gib, prefill, warm_voice in configs:
-        backend = Backend(models, device, dtype, int(cache_gib * (1 << 30)), args.max_batch, args.graphs)
+    for n_config, (name, cache_gib, prefill, warm_voice) in enumerate(configs):
+        backend = backend_for(models, device, dtype, cache_gib, max(16, args.max_batch), args.graphs)
+        first_computed = backend.frames[0]
+        first_reused = backend.frames[1]
         per_stream, prefill_ms, first_ms, audio_frames, not_counted, cpu_s = [], [], [], 0, 0, []
         for s in range(args.streams):
+            s += 1000 * n_config     # this configuration's own voices and tokens
             voice = make_voice(s, args.prompt_tokens)
             if warm_voice:     # an earlier stream of this voice left its prompt blocks: not this stream's work
                 before = backend.frames[0]
@@ -178,6 +203,8 @@ def scenario_streams(args, models, device, dtype) -> dict:
             audio_frames += frames
             bar.update()
         computed, reused = backend.frames
+        if computed is not None:
+            computed, reused = computed - first_computed, reused - first_reused
         # CPU seconds of the process (all threads) per stream: on a shared machine, what the work costs
         row = {"ms_per_stream": statistics.median(per_stream), "first_chunk_ms": statistics.median(first_ms),
                "cpu_s_per_stream": statistics.median(cpu_s),
@@ -203,7 +230,8 @@ def scenario_mix(args, models, device, dtype) -> dict:
     """16 calls at once: 4 first chunks, 8 middle chunks (second chunk, 25 + 3 tokens), 4 final chunks (the rest of
     a T-token stream); every stream's earlier chunks ran first, so the state cache holds what it would."""
     n = args.mix_streams
-    backend = Backend(models, device, dtype, int(args.cache_gib * (1 << 30)), max(16, n), args.graphs)
+    backend = backend_for(models, device, dtype, args.cache_gib if API == "engine" else 0, max(16, n, args.max_batch),
+                          args.graphs)
     kinds = ["first"] * (n // 4) + ["middle"] * (n // 2) + ["final"] * (n - n // 4 - n // 2)
     requests = []
     for i, kind in enumerate(kinds):
@@ -243,10 +271,12 @@ def measure(args) -> dict:
     flow, hift = random_flow_and_hift(args.size, seed=1)
     models = (flow, hift)
     out = {"api": API, "tree": str(Path(sys.path[0]).parent)}
+    _BACKENDS.clear()
     if "streams" in args.scenarios:
         out["streams"] = scenario_streams(args, models, device, dtype)
     if "mix" in args.scenarios:
         out["mix"] = scenario_mix(args, models, device, dtype)
+    out["startup_s"] = {f"cache {k[0]:g} GiB": round(b.startup_s, 1) for k, b in _BACKENDS.items()}
     return out
 
 
