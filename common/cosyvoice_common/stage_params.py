@@ -149,6 +149,10 @@ class Token2WavParams(StageParams):
     cuda_graphs: bool = knob("CUDA_GRAPHS", True, "CUDA graphs per batch bucket on a GPU (0: eager)")
     padding_budget: float = knob("PADDING_BUDGET", 2.0,
                                  "batch grouping: padded length may be at most this times the real length", low=1.0)
+    later_max_wait_ms: float = knob("LATER_MAX_WAIT_MS", 100.0,
+                                    "while first chunks and prefills run, later chunks and offline calls sit out "
+                                    "Euler steps for at most this long at a time (0: every call steps every "
+                                    "iteration)", low=0.0)
     stream_cache_gib: str = knob("STREAM_CACHE_GIB", AUTO,
                                  "state cache of streaming calls (keys/values of completed blocks, so a chunk "
                                  f"computes only its new frames): GiB, 0 = off (every call recomputes its whole "

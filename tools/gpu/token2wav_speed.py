@@ -27,6 +27,7 @@ GPU:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -253,13 +254,25 @@ def scenario_mix(args, models, device, dtype) -> dict:
     for _ in range(args.repeats):
         _, (ms,) = backend.run([requests[0]])
         first_alone.append(ms)
-    firsts, alls = [], []
-    for _ in tqdm(range(args.repeats), desc=f"mix ({API})", unit="run", file=sys.stderr):
-        _, done = backend.run(requests)
-        firsts.append(max(ms for ms, k in zip(done, kinds) if k == "first"))
-        alls.append(max(done))
-    return {"first_chunk_alone_ms": statistics.median(first_alone), "first_chunks_in_mix_ms": statistics.median(firsts),
-            "all_in_mix_ms": statistics.median(alls), "calls": dict((k, kinds.count(k)) for k in set(kinds))}
+
+    def mix(label: str) -> tuple[float, float]:
+        firsts, alls = [], []
+        for _ in tqdm(range(args.repeats), desc=f"mix ({API}{label})", unit="run", file=sys.stderr):
+            _, done = backend.run(requests)
+            firsts.append(max(ms for ms, k in zip(done, kinds) if k == "first"))
+            alls.append(max(done))
+        return statistics.median(firsts), statistics.median(alls)
+    firsts, alls = mix("")
+    out = {"first_chunk_alone_ms": statistics.median(first_alone), "first_chunks_in_mix_ms": firsts,
+           "all_in_mix_ms": alls, "calls": dict((k, kinds.count(k)) for k in set(kinds))}
+    if API == "engine" and hasattr(backend.impl.scheduler.config, "later_max_wait_s"):
+        # the same mix with no priority: every running call steps every iteration (TOKEN2WAV_LATER_MAX_WAIT_MS=0)
+        sched = backend.impl.scheduler
+        default = sched.config
+        sched.config = dataclasses.replace(default, later_max_wait_s=0.0)
+        out["no_priority"] = dict(zip(("first_chunks_in_mix_ms", "all_in_mix_ms"), mix(", no priority")))
+        sched.config = default
+    return out
 
 
 def measure(args) -> dict:
@@ -300,6 +313,10 @@ def table(new: dict, base: dict | None) -> str:
                 m = result["mix"]
                 lines.append(f"| {label} ({result['api']}) | {m['first_chunk_alone_ms']:.0f} | "
                              f"{m['first_chunks_in_mix_ms']:.0f} | {m['all_in_mix_ms']:.0f} |")
+                if "no_priority" in m:
+                    lines.append(f"| {label} ({result['api']}), no priority | | "
+                                 f"{m['no_priority']['first_chunks_in_mix_ms']:.0f} | "
+                                 f"{m['no_priority']['all_in_mix_ms']:.0f} |")
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ from .block_manager import PageLayout, StateCache
 from .flow import CausalMaskedDiffWithXvec
 from .hift import HiFTGenerator
 from .model_runner import ModelRunner
-from .scheduler import DEFAULT_PADDING_BUDGET, Scheduler, SchedulerConfig
+from .scheduler import DEFAULT_LATER_MAX_WAIT_S, DEFAULT_PADDING_BUDGET, Scheduler, SchedulerConfig
 from .sequence import (
     ChunkRequest,
     ChunkRequestError,
@@ -66,7 +66,7 @@ class Token2WavEngine:
                  hift_dtype: torch.dtype = torch.float32, cache_bytes: int = 0, max_batch: int = 16,
                  max_running: int | None = None, max_waiting: int = 1024,
                  padding_budget: float = DEFAULT_PADDING_BUDGET, urgent_apart: bool = True,
-                 use_cuda_graphs: bool = False, config: Token2WavConfig = Token2WavConfig()) -> None:
+                 later_max_wait_s: float = DEFAULT_LATER_MAX_WAIT_S, use_cuda_graphs: bool = False, config: Token2WavConfig = Token2WavConfig()) -> None:
         """model: a model directory or (flow, HiFT) modules (copied when they must change device or dtype).
         cache_bytes: the state cache's budget (0 = off). max_running: calls between admission and their last
         step (default 2 x max_batch)."""
@@ -87,7 +87,7 @@ class Token2WavEngine:
         self.runner = ModelRunner(flow, hift, owned, self.device, dtype, hift_dtype, self.cache, config,
                                   use_cuda_graphs, max_batch)
         self.scheduler = Scheduler(SchedulerConfig(max_batch, max_running or 2 * max_batch, max_waiting,
-                                                   padding_budget, urgent_apart),
+                                                   padding_budget, urgent_apart, later_max_wait_s),
                                    self.cache, self.runner.block_frames, self._cacheable)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -199,14 +199,17 @@ class Token2WavEngine:
         admitted = sched.admit()
         now = time.perf_counter()
         for s in admitted:
-            s.admitted_s = now
+            s.admitted_s = s.last_step_s = now
         to_encode = [s for s in admitted if s.window_frames(bf) > 0]
         for group in sched.groups(to_encode):
             self._guarded(group, runner.encode)
         steppable = [s for s in sched.running if s.x is not None and s.step < runner.n_steps
                      and s.status is SequenceStatus.RUNNING]
-        for group in sched.step_groups(steppable):
+        for group in sched.step_groups(steppable, time.perf_counter()):
             self._guarded(group, runner.step)
+            stepped = time.perf_counter()
+            for s in group:
+                s.last_step_s = stepped
         finished = [s for s in sched.running if s.status is SequenceStatus.RUNNING
                     and (s.window_frames(bf) == 0 or (s.x is not None and s.step == runner.n_steps))]
         if finished:
@@ -221,29 +224,34 @@ class Token2WavEngine:
                 self._answer_error(s, exc)
 
     def _finish(self, seqs: list[Sequence]) -> None:
+        """Answer the calls that ran their last step: prefills at once, audio calls group by group, urgent groups
+        first, each group as soon as its vocoder batch is done (a first chunk does not wait for a final chunk's
+        HiFT)."""
         self.runner.store_block_mels(seqs)
-        audio = [s for s in seqs if not s.plan.prefill]
-        results: dict[int, ChunkResult] = {}
-        for group in self.scheduler.groups(audio):
+        self._complete([s for s in seqs if s.plan.prefill], {})
+        for group in self.scheduler.groups(s for s in seqs if not s.plan.prefill):
             keep_mel = any(s.keep_mel for s in group)
             try:
-                for s, res in zip(group, self.runner.vocode(group, keep_mel, torch.device("cpu"))):
-                    results[id(s)] = res
+                results = {id(s): res for s, res in
+                           zip(group, self.runner.vocode(group, keep_mel, torch.device("cpu")))}
             except Exception as exc:  # noqa: BLE001 - a failed vocoder batch answers only its own calls
                 log.exception("token2wav engine: HiFT for %d calls failed", len(group))
                 for s in group:
                     self._answer_error(s, exc)
+                continue
+            self._complete(group, results)
+
+    def _complete(self, seqs: list[Sequence], results: dict[int, ChunkResult]) -> None:
         empty = torch.zeros(1, 0)
         for s in seqs:
             if s.status is not SequenceStatus.RUNNING:
-                continue   # answered with an error above
+                continue   # answered with an error already
             self.cache.commit(s.cached_pages, s.write_pages)
             for follower in s.followers:     # its blocks are valid now: every step of them is written
                 follower.leader = None
             s.followers = []
             self.scheduler.finish([s])
-            result = results.get(id(s)) or ChunkResult(empty, None)
-            self._answer(s, result)
+            self._answer(s, results.get(id(s)) or ChunkResult(empty, None))
 
     def _stats(self, s: Sequence) -> CallStats:
         bf = self.runner.block_frames

@@ -10,8 +10,10 @@ prefill joins at once); any other call waits until the writer is done.
 
 Each iteration then runs one Euler step of the running calls, in groups of at most `max_batch` calls whose
 padded window stays within `padding_budget` times their real frames (so a long final chunk or offline call never
-pads short chunks to its size). Urgent groups run every iteration; the other groups sit out an iteration while
-urgent work runs, but never two in a row, so later chunks keep flowing under a burst of new streams.
+pads short chunks to its size). Urgent groups run every iteration. The other groups sit out while urgent work
+runs, so a first chunk waits for at most the one step already under way, but a group sits out for at most
+`later_max_wait_s` at a time: under a long burst of new streams, later chunks still step at least that often
+(their audio has the previous chunk's playback as slack; a first chunk has none).
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from .block_manager import StateCache, block_hashes
 from .sequence import Sequence, SequenceStatus
 
 DEFAULT_PADDING_BUDGET = 2.0
-# Iterations a non-urgent group may sit out in a row while urgent groups run.
-NORMAL_MAX_SKIPS = 1
+# How long a non-urgent call may sit out Euler steps while urgent ones run (0: every call steps every iteration).
+DEFAULT_LATER_MAX_WAIT_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,12 +36,15 @@ class SchedulerConfig:
     max_waiting: int = 1024         # calls queued before admission; more are refused
     padding_budget: float = DEFAULT_PADDING_BUDGET
     urgent_apart: bool = True       # urgent calls never share a group with the rest
+    later_max_wait_s: float = DEFAULT_LATER_MAX_WAIT_S
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_running < self.max_batch or self.max_waiting < 1:
             raise ValueError(f"bad scheduler sizes: {self}")
         if self.padding_budget < 1.0:
             raise ValueError("padding_budget must be >= 1")
+        if not self.later_max_wait_s >= 0.0:
+            raise ValueError("later_max_wait_s must be >= 0")
 
 
 class Scheduler:
@@ -143,20 +148,15 @@ class Scheduler:
         return len(group) * self._padded(group) <= self.config.padding_budget * sum(s.window_frames(bf)
                                                                                    for s in group)
 
-    def step_groups(self, steppable: list[Sequence]) -> list[list[Sequence]]:
-        """The groups that run one Euler step this iteration. A follower steps only behind its leader (it reads
-        the keys and values the leader wrote at that step)."""
+    def step_groups(self, steppable: list[Sequence], now: float) -> list[list[Sequence]]:
+        """The groups that run one Euler step this iteration (`now`: the engine's clock, time.perf_counter). A
+        follower steps only behind its leader (it reads the keys and values the leader wrote at that step)."""
         steppable = [s for s in steppable if s.leader is None or s.leader.step > s.step]
         groups = self.groups(steppable)
         if not any(any(s.urgent for s in g) for g in groups):
-            chosen = groups
-        else:
-            chosen = [g for g in groups if any(s.urgent for s in g)
-                      or max(s.skipped_steps for s in g) >= NORMAL_MAX_SKIPS]
-        ran = {id(s) for g in chosen for s in g}
-        for s in steppable:
-            s.skipped_steps = 0 if id(s) in ran else s.skipped_steps + 1
-        return chosen
+            return groups
+        limit = self.config.later_max_wait_s
+        return [g for g in groups if any(s.urgent for s in g) or now - min(s.last_step_s for s in g) >= limit]
 
     def finish(self, seqs: Iterable[Sequence]) -> None:
         done = {id(s) for s in seqs}

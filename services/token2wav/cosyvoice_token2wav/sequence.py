@@ -188,7 +188,7 @@ class Sequence:
     mu: torch.Tensor | None = None     # [80, window] encoder output (compute dtype)
     cond: torch.Tensor | None = None   # [80, window] prompt mel where the window overlaps the prompt
     spks: torch.Tensor | None = None   # [80] projected speaker embedding
-    skipped_steps: int = 0             # iterations this sequence's group sat out (scheduler fairness)
+    last_step_s: float = 0.0           # when it last ran an Euler step (or was admitted): how long it has sat out
     leader: "Sequence | None" = None   # the running call computing blocks this one reads (until it is done)
     followers: list["Sequence"] = field(default_factory=list)   # calls reading blocks this one computes
 

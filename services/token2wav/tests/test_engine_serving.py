@@ -108,11 +108,14 @@ def test_first_chunks_are_answered_before_a_long_offline_call_with_the_same_resu
         torch.testing.assert_close(g.waveform, w.waveform, atol=WAVE_ATOL, rtol=0)
 
 
-def test_a_first_chunk_arriving_during_a_long_call_waits_for_at_most_one_step(models, load):
+@pytest.mark.parametrize("later_max_wait_s", [float("inf"), 0.0])
+def test_a_first_chunk_arriving_during_a_long_call_waits_for_at_most_one_step(models, load, later_max_wait_s):
     """Iteration-level batching: the first chunk joins between Euler steps and finishes in its own n_steps
-    iterations, while the offline call that was already running is still running."""
+    iterations, while the offline call that was already running is still running. The offline call sits out those
+    steps for at most `later_max_wait_s` at a time: with no bound it waits for the first chunk, with 0 it steps
+    beside it every iteration."""
     flow, hift = models
-    engine = Token2WavEngine((flow, hift), "cpu", torch.float32, max_batch=8)
+    engine = Token2WavEngine((flow, hift), "cpu", torch.float32, max_batch=8, later_max_wait_s=later_max_wait_s)
     answered = {}
     engine.submit(load[0], lambda r, s: answered.setdefault("offline", (r, s)))
     engine.step()                     # admitted, encoded, first step
@@ -124,13 +127,36 @@ def test_a_first_chunk_arriving_during_a_long_call_waits_for_at_most_one_step(mo
         engine.step()
         iterations += 1
     assert iterations == engine.runner.n_steps      # admitted at once, one step per iteration
-    assert "offline" not in answered               # the long call is still running: the first chunk did not wait
-    assert engine.scheduler.running[0].step > steps_before   # ... and it was not starved either
+    if later_max_wait_s == float("inf"):           # the long call is still running and sat out every step
+        assert "offline" not in answered and engine.scheduler.running[0].step == steps_before
+    else:                                          # it stepped beside the first chunk and finished its steps
+        assert "offline" in answered
     result, stats = answered["first"]
     assert result.error is None and stats.kind == "first" and stats.frames_computed > 0
     while "offline" not in answered:
         engine.step()
     assert answered["offline"][0].error is None
+
+
+def test_later_calls_sit_out_urgent_steps_for_at_most_the_bound(models, load):
+    """step_groups: with urgent work running, a later call's group steps only once it has sat out
+    `later_max_wait_s` since its last step; with no urgent work, every group steps."""
+    flow, hift = models
+    engine = Token2WavEngine((flow, hift), "cpu")
+    runner = engine.runner
+    seqs = [Sequence(r, plan_sequence(r, runner.lookahead, runner.ratio, runner.flow.cfg.vocab_size, engine.config,
+                                      runner.block_tokens), None) for r in load]
+    for s in seqs:
+        s.last_step_s = 10.0
+    sched = Scheduler(SchedulerConfig(max_batch=8, padding_budget=100.0, later_max_wait_s=0.1), engine.cache,
+                      runner.block_frames, engine._cacheable)
+    kinds = lambda groups: sorted(s.kind for g in groups for s in g)    # noqa: E731
+    assert kinds(sched.step_groups(seqs, now=10.05)) == ["first"] * 3
+    assert kinds(sched.step_groups(seqs, now=10.2)) == sorted(s.kind for s in seqs)
+    later = [s for s in seqs if not s.urgent]
+    assert kinds(sched.step_groups(later, now=10.0)) == sorted(s.kind for s in later)
+    with pytest.raises(ValueError):
+        SchedulerConfig(later_max_wait_s=-1.0)
 
 
 def test_requests_that_fail_validation_are_answered_at_once_and_alone(models, load):

@@ -98,6 +98,7 @@ class TritonPythonModel:
         self.engine = Token2WavEngine(get_parameter(model_config, "model_dir"), torch.device(device), dtype,
                                       cache_bytes=stream_cache_bytes(settings.stream_cache_gib, device),
                                       max_batch=settings.max_batch_size, padding_budget=settings.padding_budget,
+                                      later_max_wait_s=settings.later_max_wait_ms / 1000.0,
                                       use_cuda_graphs=settings.cuda_graphs and device.startswith("cuda"))
         pb_utils.Logger.log_info(f"token2wav: {settings}")
         # every graph bucket captured now: the stage is ready only after this
