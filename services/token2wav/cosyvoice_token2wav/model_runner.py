@@ -42,9 +42,12 @@ MEL_FRAME_BUCKETS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 _BUCKET_TAIL_STEP = 128
 MAX_GRAPH_MEL_ROWS = 16 * 512        # rows x frames: larger HiFT calls are compute-bound and run eagerly
 # Euler-step graphs: per batch bucket x window blocks x cached blocks (padded up to the bucket: the padding rows
-# and blocks are masked). First and middle chunks have windows of 2-4 blocks over 3-30 s prompts (4-30 blocks);
-# a longer window (final chunks, offline calls) is compute-bound and runs eagerly.
-WINDOW_BLOCK_BUCKETS = (1, 2, 3, 4, 6, 8)
+# and blocks are masked). First and middle chunks have windows of 2-4 blocks over 3-30 s prompts (4-30 blocks).
+# Final chunks and offline calls read no cached blocks; their windows (the whole utterance with its prompt, up to
+# 32 blocks = 32 s) get graphs too: at a few rows a step is still ~1.5k short kernels, launch-bound when eager (an
+# H100 stack run of the eager path: 455 ms for a final chunk at c=1). Longer windows run eagerly.
+STREAM_WINDOW_BLOCK_BUCKETS = (1, 2, 3, 4, 6, 8)            # with cached blocks
+WINDOW_BLOCK_BUCKETS = (*STREAM_WINDOW_BLOCK_BUCKETS, 12, 16, 24, 32)   # without
 PAST_BLOCK_BUCKETS = (2, 4, 8, 12, 16, 24, 32)
 MAX_GRAPH_STEP_ROW_FRAMES = 16 * 1600   # rows x (window + cached) frames
 
@@ -342,16 +345,22 @@ class ModelRunner:
 
     def step_graph_key(self, b: int, window_blocks: int, past_blocks: int) -> tuple[int, int, int] | None:
         """The graph bucket a step of this size runs in, or None (eager: past the buckets)."""
-        if window_blocks > WINDOW_BLOCK_BUCKETS[-1] or past_blocks > PAST_BLOCK_BUCKETS[-1] or b > self.max_batch:
+        windows = STREAM_WINDOW_BLOCK_BUCKETS if past_blocks else WINDOW_BLOCK_BUCKETS
+        if window_blocks > windows[-1] or past_blocks > PAST_BLOCK_BUCKETS[-1] or b > self.max_batch:
             return None
-        return (batch_bucket(b, self.max_batch), bucket(window_blocks, WINDOW_BLOCK_BUCKETS),
-                bucket(past_blocks, PAST_BLOCK_BUCKETS) if past_blocks else 0)
+        key = (batch_bucket(b, self.max_batch), bucket(window_blocks, windows),
+               bucket(past_blocks, PAST_BLOCK_BUCKETS) if past_blocks else 0)
+        return key if self._fits(*key) else None
+
+    def _fits(self, b: int, w: int, p: int) -> bool:
+        return b * (w + p) * self.block_frames <= MAX_GRAPH_STEP_ROW_FRAMES
 
     def step_graph_keys(self) -> list[tuple[int, int, int]]:
         batches = sorted({batch_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
-        pasts = PAST_BLOCK_BUCKETS if self.cache.enabled else (0,)
-        return [(b, w, p) for b in batches for w in WINDOW_BLOCK_BUCKETS for p in (0, *pasts)
-                if b * (w + p) * self.block_frames <= MAX_GRAPH_STEP_ROW_FRAMES and (p == 0 or p in pasts)]
+        pasts = PAST_BLOCK_BUCKETS if self.cache.enabled else ()
+        keys = [(b, w, 0) for b in batches for w in WINDOW_BLOCK_BUCKETS]
+        keys += [(b, w, p) for b in batches for w in STREAM_WINDOW_BLOCK_BUCKETS for p in pasts]
+        return [k for k in keys if self._fits(*k)]
 
     def capture_step_graphs(self) -> int:
         """Capture every Euler-step graph bucket now, largest first (the pool is sized by the first capture)."""

@@ -241,13 +241,17 @@ def test_euler_step_graph_buckets_cover_streaming_chunks_within_the_pool_bound(m
     keys = set(runner.step_graph_keys())
     assert {b for b, _, _ in keys} == {1, 2, 4, 8, 16}
     assert all(b * (w + p) * runner.block_frames <= MAX_GRAPH_STEP_ROW_FRAMES for b, w, p in keys)
-    assert len(keys) <= 240
+    assert len(keys) <= 260
     # first chunks (window 2-3 blocks) over a 3-10 s prompt (4-15 blocks cached) at B=1..16, and a 30 s prompt at B=1
     for b in (1, 5, 16):
         for window, cached in ((2, 4), (3, 15), (4, 6)):
             assert runner.step_graph_key(b, window, cached) in keys
     assert runner.step_graph_key(1, 3, 30) in keys
-    assert runner.step_graph_key(1, 14, 0) is None          # a final chunk's full window: eager
+    # a final chunk's or offline call's whole window (no cached blocks), up to 32 blocks, at the batches that fit
+    assert runner.step_graph_key(1, 14, 0) == (1, 16, 0) and runner.step_graph_key(4, 30, 0) == (4, 32, 0)
+    assert runner.step_graph_key(16, 32, 0) == (16, 32, 0) and runner.step_graph_key(1, 33, 0) is None
+    assert runner.step_graph_key(1, 12, 4) is None          # a long window over cached blocks: eager
+    assert all(runner.step_graph_key(*k) == k for k in keys)
     no_cache = Token2WavEngine((flow, hift), "cpu", max_batch=16).runner
     assert {p for _, _, p in no_cache.step_graph_keys()} == {0}
 
@@ -263,6 +267,11 @@ def test_cuda_graphs_of_steps_and_hift_give_the_eager_results(models, load):
     graphed.capture_graphs()
     eager = Token2WavEngine((flow, hift), "cuda", torch.float32, max_batch=8, cache_bytes=1 << 30)
     assert len(graphed.runner._step_graphs) > 0 and len(graphed.runner._hift_graphs) > 0
-    for got, want in zip(graphed.run_chunks(load, keep_mel=True), eager.run_chunks(load, keep_mel=True)):
+    g = torch.Generator().manual_seed(23)   # + an offline call of 13 blocks: a no-cache window past the stream buckets
+    long_call = ChunkRequest(tokens=torch.randint(0, 6561, (1, 300), generator=g), token_offset=0, finalize=True,
+                             streaming=False, seed=61, **_prompt(g, 20))
+    assert graphed.runner.step_graph_key(1, 13, 0) == (1, 16, 0)
+    calls = [*load, long_call]
+    for got, want in zip(graphed.run_chunks(calls, keep_mel=True), eager.run_chunks(calls, keep_mel=True)):
         torch.testing.assert_close(got.mel, want.mel, atol=ATOL, rtol=0)
         torch.testing.assert_close(got.waveform, want.waveform, atol=WAVE_ATOL, rtol=0)
