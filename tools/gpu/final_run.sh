@@ -7,6 +7,8 @@
 #               stacks via SIGUSR1) and the next configuration is tried: Triton instances KIND_CPU (the model
 #               still on the GPU), then also no CUDA graphs; the tables say which one served.
 #   nomps       the same stack with STACK_CUDA_MPS=off, streaming at $NOMPS_CONC (what MPS buys)
+#   variant     the same stack again with the variables of VARIANT_ENV set (e.g. "TOKEN2WAV_STREAM_CACHE_GIB=0"),
+#               streaming at $VARIANT_CONC (default $CONC): one setting's effect, measured in the same call
 #   replicas    the same stack with TOKEN2WAV_REPLICAS=2 on this one GPU, streaming at $REPLICA_CONC
 #   hostile     after the stack phase's bench, on the same stack: the hostile-load suite (cosyvoice_tools.hostile)
 #               at MAX_INFLIGHT_REQUESTS workers (set it: the gateway admits that many) and 10x that, once per
@@ -42,7 +44,7 @@ OUTDIR=/tmp/results; mkdir -p "$OUTDIR"   # scratch; results and a logs archive 
 RESULTS=${RESULTS_DIR:-bench_results}; mkdir -p "$RESULTS"
 publish() {  # copy what exists so far; a call cut short still returns it
   cp "$OUTDIR"/stack_tables.md "$OUTDIR"/replicas_tables.md "$OUTDIR"/engine_tables.md "$OUTDIR"/stack.json \
-     "$OUTDIR"/baseline_tables.md "$OUTDIR"/nomps_tables.md "$OUTDIR"/offline_tables.md "$OUTDIR"/seed_tables.md \
+     "$OUTDIR"/baseline_tables.md "$OUTDIR"/nomps_tables.md "$OUTDIR"/variant_tables.md "$OUTDIR"/offline_tables.md "$OUTDIR"/seed_tables.md \
      "$OUTDIR"/cudatests.txt "$OUTDIR"/token2wav_speed.txt "$OUTDIR"/llm_speed.txt \
      "$OUTDIR"/hostile_p*.json "$OUTDIR"/hostile_tables.md "$RESULTS/" 2>/dev/null
   tar -czf "$RESULTS/logs.tgz" -C "$OUTDIR" . 2>/dev/null
@@ -51,7 +53,7 @@ export MODEL_DIR=${MODEL_DIR:-/tmp/models/cosyvoice2-full}
 MANIFEST=$(realpath "${MANIFEST:-bench/seedtts-like/manifest.jsonl}")   # absolute: the baseline phase runs from another folder
 CONC=${CONC:-1,2,4,8,16,32}
 # the components build their models in memory: the model directory only for phases that serve it
-if has stack || has baseline || has engine || has nomps || has replicas; then
+if has stack || has baseline || has engine || has nomps || has replicas || has variant; then
   python3 -m cosyvoice_tools.modelgen --size "${SIZE:-full}" --out "$MODEL_DIR" 2>&1 | grep -v "random weights" | tail -2
 fi
 DEVICE=${DEVICE:-cuda:0}; LIMIT=${LIMIT:-0}
@@ -113,7 +115,11 @@ stack_bench() {  # $1 = label suffix, $2 = out name, $3 = concurrencies, $4 = mo
   local label=$1 name=$2 conc=$3 modes=$4 pct=$5; shift 5
   timeout "$(share "$pct")" python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" --concurrency "$conc" \
     --modes "$modes" --limit "$LIMIT" --triton-stats "$STATS" --stage-metrics "$METRICS" --label "$label, $LABEL" \
-    --out "$OUTDIR/$name.json" "$@" 2>"$OUTDIR/${name}_bench.err" > "$OUTDIR/${name}_tables.md"
+    --out "$OUTDIR/$name.json" "$@" 2>"$OUTDIR/${name}_bench.err" > "$OUTDIR/${name}_bench.out"
+  tables "$name"
+}
+tables() {  # $1 = out name: the bench's tables (it writes them beside its JSON; an older tree's bench printed them)
+  if [ -s "$OUTDIR/$1.md" ]; then cp "$OUTDIR/$1.md" "$OUTDIR/$1_tables.md"; else cp "$OUTDIR/$1_bench.out" "$OUTDIR/$1_tables.md"; fi
 }
 stack_down() {  # $1 = tag: take the stack down and keep its logs
   python3 -m cosyvoice_launcher.stack down >/dev/null 2>&1
@@ -141,7 +147,8 @@ baseline_phase() {  # the other checkout's whole stack (BASELINE_DIR), streaming
     timeout "$(share "${BASELINE_SHARE:-30}")" python3 -m cosyvoice_tools.bench --manifest "$MANIFEST" \
       --concurrency "${BASELINE_CONC:-1,4,16}" --modes "${BASELINE_MODES:-stream}" --limit "$LIMIT" --triton-stats "$STATS" \
       --label "baseline ${BASELINE_LABEL:-$(basename "$BASELINE_DIR")}, $LABEL" \
-      --out "$OUTDIR/baseline.json" 2>"$OUTDIR/baseline_bench.err" > "$OUTDIR/baseline_tables.md"
+      --out "$OUTDIR/baseline.json" 2>"$OUTDIR/baseline_bench.err" > "$OUTDIR/baseline_bench.out"
+    tables baseline
     python3 -m "$launcher.stack" down > /dev/null 2>&1
     mkdir -p "$OUTDIR/logs_baseline"; cp /tmp/run/logs/*.log "$OUTDIR/logs_baseline/" 2>/dev/null )
   source tools/gpu/setup.sh > /dev/null   # this tree's import path again (setup.sh rewrites the stub's .pth)
@@ -191,6 +198,17 @@ if has stack && [ "$MODE" != none ]; then
   publish
 fi
 has baseline && [ -n "${BASELINE_DIR:-}" ] && [ "${BASELINE_AFTER:-0}" = 1 ] && baseline_phase   # order check
+if has variant && [ "$MODE" != none ]; then
+  echo "== the same stack with ${VARIANT_ENV:?the variant phase needs VARIANT_ENV} ($(left) s left)"
+  if (export ${VARIANT_ENV}; stack_up variant); then
+    STATS=$(python3 -c "import json; s=json.load(open('/tmp/run/stack.json')); print(','.join(f\"127.0.0.1:{p['ports']['http']}\" for p in s['processes'] if p['kind'] == 'triton'))")
+    METRICS=$(python3 -m cosyvoice_tools.profile --run-dir /tmp/run --print-addresses stage-metrics)
+    stack_bench "whole stack ($MODE), $VARIANT_ENV" variant "${VARIANT_CONC:-$CONC}" "${VARIANT_MODES:-stream}" \
+      "${VARIANT_SHARE:-80}"
+    stack_down variant
+  fi
+  publish
+fi
 if has nomps && [ "$MODE" != none ]; then
   echo "== the same stack without CUDA MPS ($(left) s left)"
   if STACK_CUDA_MPS=off stack_up nomps; then
@@ -212,7 +230,8 @@ if has engine; then
   echo "== engine only ($(left) s left)"
   timeout "$(share "${ENGINE_SHARE:-45}")" python3 -m cosyvoice_tools.bench --engine-only --model-dir "$MODEL_DIR" \
     --device "${DEVICE%%:*}" --manifest "$MANIFEST" --concurrency "$CONC" --modes stream,offline --limit "$LIMIT" \
-    --label "engine only, $LABEL" --out "$OUTDIR/engine.json" 2>"$OUTDIR/engine_bench.err" > "$OUTDIR/engine_tables.md"
+    --label "engine only, $LABEL" --out "$OUTDIR/engine.json" 2>"$OUTDIR/engine_bench.err" > "$OUTDIR/engine_bench.out"
+  tables engine
   publish
 fi
 
@@ -229,7 +248,7 @@ if has components; then
 fi
 echo "== done ($(left) s left; stack config: $MODE)"
 [ -f "$OUTDIR/cudatests.txt" ] && grep -E "passed|failed|error" "$OUTDIR/cudatests.txt" | tail -5
-for f in baseline_tables.md stack_tables.md offline_tables.md seed_tables.md hostile_tables.md nomps_tables.md replicas_tables.md engine_tables.md; do
+for f in baseline_tables.md stack_tables.md offline_tables.md seed_tables.md variant_tables.md hostile_tables.md nomps_tables.md replicas_tables.md engine_tables.md; do
   [ -f "$OUTDIR/$f" ] && { echo "#### $f"; grep -E "^\||^#" "$OUTDIR/$f" | head -60; }
 done
 [ -f "$OUTDIR/llm_speed.txt" ] && tail -15 "$OUTDIR/llm_speed.txt"
