@@ -155,34 +155,40 @@ class _EstimatorCache:
 
     def __init__(self, pool: PagePool, layout: PageLayout, pages: _Pages, steps: torch.Tensor) -> None:
         self.pool, self.layout, self.pages = pool, layout, pages
-        self.steps = steps                                                          # [B]
-        self.write_steps = steps.repeat_interleave(pages.write.size(1))             # [B * window blocks]
+        self.row_steps = steps                              # [B]
+        self.steps = steps[:, None]                         # [B, 1]: broadcasts against the [B, blocks] page tables
 
+    # Each attention layer and convolution of each Euler step runs these, so they are written for the fewest kernels
+    # (a step at a few rows is launch-bound on a GPU): the writes take strided views as they are, and the reads
+    # are concatenated in the layout attention wants, with no copy in between.
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pages, unit = self.pages, self.layout.block_frames
         rows, h, n, d = k.shape
-        b = rows // 2
-        if pages.writes:
-            kv = torch.stack([k, v], 0).view(2, 2, b, h, n // unit, unit, d).permute(2, 4, 0, 1, 3, 5, 6)
-            self.pool.est_kv[pages.write.reshape(-1), layer, self.write_steps] = kv.reshape(-1, 2, 2, h, unit, d)
+        b, blocks = rows // 2, n // unit
         past_blocks = pages.read.size(1)
+        if not pages.writes and past_blocks == 0:
+            return k, v
+        kv = torch.stack([k, v], 0).view(2, 2, b, h, blocks, unit, d)      # [k|v, cfg, B, H, blocks, unit, d]
+        if pages.writes:   # pool [page, layer, step, k|v, cfg, H, unit, d] <- [B, blocks, k|v, cfg, H, unit, d]
+            self.pool.est_kv[pages.write, layer, self.steps] = kv.permute(2, 4, 0, 1, 3, 5, 6)
         if past_blocks == 0:
             return k, v
-        # [B, past, k|v, cfg, H, unit, d] -> [k|v, cfg * B, H, past * unit, d]
-        past = self.pool.est_kv[pages.read, layer, self.steps[:, None]]
-        past = past.permute(2, 3, 0, 4, 1, 5, 6).reshape(2, rows, h, past_blocks * unit, d)
-        return torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        past = self.pool.est_kv[pages.read, layer, self.steps]          # [B, past, k|v, cfg, H, unit, d]
+        both = torch.cat([past.permute(2, 3, 0, 4, 1, 5, 6), kv], dim=4)   # [k|v, cfg, B, H, past + blocks, ...]
+        both = both.view(2, rows, h, (past_blocks + blocks) * unit, d)
+        return both[0], both[1]
 
     def left_context(self, conv: int, x: torch.Tensor, width: int) -> torch.Tensor:
         pages, unit = self.pages, self.layout.block_frames
         rows, c, n = x.shape
         b = rows // 2
-        store = self.pool.est_tail
-        if pages.writes:
-            tails = x.view(2, b, c, n // unit, unit)[..., unit - width:].permute(1, 3, 0, 2, 4)
-            store[pages.write.reshape(-1), conv, self.write_steps, :, :c] = tails.reshape(-1, 2, c, width)
-        tail = store[pages.last, conv, self.steps][:, :, :c, store.size(-1) - width:]          # [B, cfg, c, width]
-        return torch.cat([tail.transpose(0, 1).reshape(rows, c, width), x], dim=2)
+        store = self.pool.est_tail                                   # [page, conv, step, cfg, channels, context]
+        by_cfg = x.view(2, b, c, n)
+        if pages.writes:   # each window block's last `width` frames, [B, blocks, cfg, c, width]
+            tails = by_cfg.view(2, b, c, n // unit, unit)[..., unit - width:].permute(1, 3, 0, 2, 4)
+            store[pages.write, conv, self.steps, :, :c] = tails
+        tail = store[pages.last, conv, self.row_steps][:, :, :c, store.size(-1) - width:]        # [B, cfg, c, width]
+        return torch.cat([tail.transpose(0, 1), by_cfg], dim=3).view(rows, c, width + n)
 
 
 class _NoCache:
