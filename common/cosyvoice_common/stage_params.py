@@ -28,6 +28,8 @@ AUTO = "auto"
 STREAM_CACHE_AUTO_CUDA_GIB = 16.0
 STREAM_CACHE_AUTO_CUDA_FREE_FRACTION = 0.4
 STREAM_CACHE_AUTO_CPU_GIB = 0.5
+# token2wav scheduling: how long later chunks may sit out Euler steps while urgent ones run (the engine's default too)
+LATER_MAX_WAIT_MS = 100.0
 _GIB = 1 << 30
 
 
@@ -149,7 +151,7 @@ class Token2WavParams(StageParams):
     cuda_graphs: bool = knob("CUDA_GRAPHS", True, "CUDA graphs per batch bucket on a GPU (0: eager)")
     padding_budget: float = knob("PADDING_BUDGET", 2.0,
                                  "batch grouping: padded length may be at most this times the real length", low=1.0)
-    later_max_wait_ms: float = knob("LATER_MAX_WAIT_MS", 100.0,
+    later_max_wait_ms: float = knob("LATER_MAX_WAIT_MS", LATER_MAX_WAIT_MS,
                                     "while first chunks and prefills run, later chunks and offline calls sit out "
                                     "Euler steps for at most this long at a time (0: every call steps every "
                                     "iteration)", low=0.0)

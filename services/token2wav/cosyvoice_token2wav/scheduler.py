@@ -21,12 +21,14 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from cosyvoice_common.stage_params import LATER_MAX_WAIT_MS
+
 from .block_manager import StateCache, block_hashes
 from .sequence import Sequence, SequenceStatus
 
 DEFAULT_PADDING_BUDGET = 2.0
 # How long a non-urgent call may sit out Euler steps while urgent ones run (0: every call steps every iteration).
-DEFAULT_LATER_MAX_WAIT_S = 0.1
+DEFAULT_LATER_MAX_WAIT_S = LATER_MAX_WAIT_MS / 1000.0
 
 
 @dataclass(frozen=True, slots=True)
