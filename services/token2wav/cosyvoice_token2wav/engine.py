@@ -66,10 +66,12 @@ class Token2WavEngine:
                  hift_dtype: torch.dtype = torch.float32, cache_bytes: int = 0, max_batch: int = 16,
                  max_running: int | None = None, max_waiting: int = 1024,
                  padding_budget: float = DEFAULT_PADDING_BUDGET, urgent_apart: bool = True,
-                 later_max_wait_s: float = DEFAULT_LATER_MAX_WAIT_S, use_cuda_graphs: bool = False, config: Token2WavConfig = Token2WavConfig()) -> None:
+                 later_max_wait_s: float = DEFAULT_LATER_MAX_WAIT_S, use_cuda_graphs: bool = False,
+                 config: Token2WavConfig = Token2WavConfig()) -> None:
         """model: a model directory or (flow, HiFT) modules (copied when they must change device or dtype).
         cache_bytes: the state cache's budget (0 = off). max_running: calls between admission and their last
-        step (default 2 x max_batch)."""
+        step (default 2 x max_batch). later_max_wait_s: how long a later chunk or offline call may sit out Euler steps
+        while urgent calls run (0: every call steps every iteration)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
