@@ -68,6 +68,9 @@ LABEL="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo c
 
 stack_up() {  # $1 = tag
   timeout "${STACK_UP_TIMEOUT_S:-600}" python3 -m cosyvoice_launcher.stack up > "$OUTDIR/stack_up_$1.txt" 2>&1 || { tail -5 "$OUTDIR/stack_up_$1.txt"; return 1; }
+  stack_addresses
+}
+stack_addresses() {  # the running stack's stage servers: Triton statistics and token2wav engine metrics
   STATS=$(python3 -c "import json; s=json.load(open('/tmp/run/stack.json')); print(','.join(f\"127.0.0.1:{p['ports']['http']}\" for p in s['processes'] if p['kind'] == 'triton'))")
   METRICS=$(python3 -m cosyvoice_tools.profile --run-dir /tmp/run --print-addresses stage-metrics)
 }
@@ -200,9 +203,8 @@ fi
 has baseline && [ -n "${BASELINE_DIR:-}" ] && [ "${BASELINE_AFTER:-0}" = 1 ] && baseline_phase   # order check
 if has variant && [ "$MODE" != none ]; then
   echo "== the same stack with ${VARIANT_ENV:?the variant phase needs VARIANT_ENV} ($(left) s left)"
-  if (export ${VARIANT_ENV}; stack_up variant); then
-    STATS=$(python3 -c "import json; s=json.load(open('/tmp/run/stack.json')); print(','.join(f\"127.0.0.1:{p['ports']['http']}\" for p in s['processes'] if p['kind'] == 'triton'))")
-    METRICS=$(python3 -m cosyvoice_tools.profile --run-dir /tmp/run --print-addresses stage-metrics)
+  if (export ${VARIANT_ENV}; stack_up variant); then   # the setting reaches the launcher only
+    stack_addresses
     stack_bench "whole stack ($MODE), $VARIANT_ENV" variant "${VARIANT_CONC:-$CONC}" "${VARIANT_MODES:-stream}" \
       "${VARIANT_SHARE:-80}"
     stack_down variant
